@@ -1,0 +1,204 @@
+"""Finding and reading pre-trained weights, with or without network.
+
+Order of lookup for a backbone's pre-trained weights:
+
+1. ``--weights FILE`` (``.safetensors``, ``.pth``/``.pt``/``.bin`` read with
+   ``torch.load(weights_only=True)``, or Google's BiT ``.npz``);
+2. the local weights folder (``MEDBENCH_WEIGHTS``, default
+   ``~/.cache/medbench/weights``): ``<backbone-name>.<suffix>``;
+3. the Hugging Face cache (files downloaded earlier), without network;
+4. a hub download, only after a network probe of at most a few seconds.
+
+When none works the error says, in one line, which file to get and where to
+put it, or to use ``--init random``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from medbench.errors import BackboneError
+from medbench.paths import cache_dir, weights_dir
+from medbench.utils import atomic_write_json, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from medbench.backbones.registry import Backbone
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+NETWORK_PROBE_SECONDS = 3.0
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("MEDBENCH_OFFLINE"))
+
+
+def network_reachable(timeout: float = NETWORK_PROBE_SECONDS) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds (DNS included)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme != "http" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)  # getaddrinfo has no timeout of its own
+    return bool(result and result[0])
+
+
+def _cached_hub_file(hub_id: str) -> Path | None:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return None
+    for filename in HUB_FILENAMES:
+        try:
+            return Path(hf_hub_download(hub_id, filename, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+            continue
+        except Exception:  # an unexpected cache state is not worth a crash: try the next source
+            continue
+    return None
+
+
+def _download_hub_file(hub_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    last: Exception | None = None
+    for filename in HUB_FILENAMES:
+        try:
+            return Path(hf_hub_download(hub_id, filename))
+        except Exception as err:  # EntryNotFound for the first name is expected for some repos
+            last = err
+    raise BackboneError(f"download from the Hugging Face hub failed: {last}", where=f"hf-hub:{hub_id}")
+
+
+def resolve_weights_file(backbone: "Backbone", explicit: Path | None) -> tuple[Path, str]:
+    """The weights file for ``backbone`` and where it was found."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise BackboneError("weights file not found", where=path, field="--weights")
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise BackboneError(f"unsupported weights file type {path.suffix!r}; expected one of "
+                                f"{', '.join(WEIGHT_SUFFIXES)}", where=path, field="--weights")
+        return path, "file"
+    folder = weights_dir()
+    for suffix in WEIGHT_SUFFIXES:
+        candidate = folder / f"{backbone.name}{suffix}"
+        if candidate.is_file():
+            return candidate, "local weights folder"
+    help_line = (backbone.weights_help or "get the weights file and pass --weights FILE, or save it as "
+                 "{weights_dir}/" + backbone.name + ".safetensors").replace("{weights_dir}", str(folder))
+    if backbone.hub_id:
+        cached = _cached_hub_file(backbone.hub_id)
+        if cached is not None:
+            return cached, "hub cache"
+        if hub_offline():
+            raise BackboneError(f"offline (HF_HUB_OFFLINE/MEDBENCH_OFFLINE set) and hf-hub:{backbone.hub_id} is not in "
+                                f"the local cache; {help_line}; or use --init random", field=backbone.name)
+        if not network_reachable():
+            raise BackboneError(f"no network: cannot download hf-hub:{backbone.hub_id}; {help_line}; "
+                                "or use --init random", field=backbone.name)
+        return _download_hub_file(backbone.hub_id), "hub download"
+    raise BackboneError(f"no pre-trained weights found; {help_line}; or use --init random", field=backbone.name)
+
+
+def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
+    """A state dict from ``.safetensors`` or a PyTorch file (never unpickling arbitrary objects)."""
+    import torch
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                obj = obj["state_dict"]
+            if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+                obj = obj["model"]
+            sd = obj
+    except Exception as err:
+        raise BackboneError(f"cannot read weights: {str(err).splitlines()[0]}", where=path, field="--weights") from err
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise BackboneError("file holds no state dict (name -> tensor)", where=path, field="--weights")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_state_dict_into(model: "nn.Module", path: Path, *, classifier: str) -> None:
+    """Load every non-head tensor of ``path`` into ``model``; refuse a partial match.
+
+    The head (``classifier`` prefix) is skipped: the task has its own. A
+    first conv with another number of input channels is adapted (timm's
+    ``adapt_input_conv``: summed for one channel, repeated for more).
+    """
+    import torch
+    from timm.models import adapt_input_conv
+
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith(classifier + "."):
+            continue
+        if key not in own:
+            continue
+        target = own[key]
+        if value.shape != target.shape and value.ndim == 4 and target.ndim == 4 and value.shape[0] == target.shape[0] \
+                and value.shape[2:] == target.shape[2:]:
+            value = adapt_input_conv(target.shape[1], value)
+        if value.shape != target.shape:
+            raise BackboneError(f"tensor {key!r} has shape {tuple(value.shape)}, the network expects "
+                                f"{tuple(target.shape)}", where=path, field="--weights")
+        loaded[key] = value
+    expected = [k for k in own if not k.startswith(classifier + ".") and not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        raise BackboneError(f"weights do not match the architecture: {len(missing)} of {len(expected)} tensors missing "
+                            f"(e.g. {missing[0]!r})", where=path, field="--weights")
+    model.load_state_dict(loaded, strict=False)
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, memoised by (path, size, mtime) in the cache folder."""
+    stat = path.stat()
+    memo_path = cache_dir() / "weights-sha256.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo: dict[str, str] = {}
+    if memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    if key not in memo:
+        memo[key] = sha256_file(path)
+        try:
+            atomic_write_json(memo_path, memo)
+        except OSError:
+            pass  # a read-only cache only costs a recomputation
+    return memo[key]

@@ -1,0 +1,155 @@
+"""Finding tasks and suites: built-in, ``--tasks-dir`` folders, and installed packages.
+
+Sources, in order (a later source may replace an earlier one's task of the same
+name, and the listing says where each comes from):
+
+1. the YAML files shipped with medbench (``tasks/``);
+2. packages exposing the entry point group ``medbench.tasks``: the entry point
+   loads to a folder path, a callable returning one, or a module whose folder
+   holds the YAML files;
+3. every ``--tasks-dir`` folder (``MEDBENCH_TASKS_DIRS``, ``os.pathsep``-separated, too).
+
+Within one folder every ``*.yaml`` below it is read; files whose name starts
+with ``_`` are include-only bases. A file with ``task:`` is a task, one with
+``suite:`` a suite.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+
+from medbench.errors import SpecError
+from medbench.resources import builtin_tasks_dir
+from medbench.specs import ResolvedTask, SuiteSpec, parse_suite_file, parse_task_file
+from medbench.utils import did_you_mean
+
+TASK_ENTRY_POINT_GROUP = "medbench.tasks"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    kind: str  # "task" | "suite"
+    path: Path
+    source: str  # "builtin" | "entry point <pkg>" | "dir <path>"
+
+
+def _entry_point_dirs() -> list[tuple[Path, str]]:
+    out = []
+    for ep in entry_points(group=TASK_ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as err:  # a broken plug-in must not hide the rest
+            raise SpecError(f"cannot load entry point {ep.value!r}: {err}", where=f"entry point {ep.name}",
+                            field=TASK_ENTRY_POINT_GROUP) from err
+        if isinstance(obj, ModuleType):
+            path = Path(obj.__file__).parent if getattr(obj, "__file__", None) else Path(list(obj.__path__)[0])
+        elif callable(obj):
+            path = Path(obj())
+        else:
+            path = Path(obj)
+        dist = ep.dist.name if ep.dist else ep.name
+        out.append((path, f"entry point {dist}"))
+    return out
+
+
+def _env_dirs() -> list[Path]:
+    raw = os.environ.get("MEDBENCH_TASKS_DIRS", "")
+    return [Path(p) for p in raw.split(os.pathsep) if p]
+
+
+class Catalog:
+    """Every task and suite medbench can see in this invocation."""
+
+    def __init__(self, tasks_dirs: list[Path] | None = None, *, entry_points_enabled: bool = True):
+        self._entries: dict[tuple[str, str], CatalogEntry] = {}
+        self._parsed: dict[str, ResolvedTask] = {}
+        self._scan(builtin_tasks_dir(), "builtin")
+        if entry_points_enabled:
+            for path, source in _entry_point_dirs():
+                self._scan(path, source)
+        for d in [*_env_dirs(), *(tasks_dirs or [])]:
+            if not Path(d).is_dir():
+                raise SpecError("tasks folder not found", where=d, field="--tasks-dir")
+            self._scan(Path(d), f"dir {d}")
+
+    def _scan(self, folder: Path, source: str) -> None:
+        if not folder.is_dir():
+            raise SpecError("tasks folder not found", where=folder, field=source)
+        for path in sorted(folder.rglob("*.yaml")):
+            if path.name.startswith("_"):
+                continue
+            try:
+                head = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise SpecError(f"invalid YAML: {getattr(err, 'problem', err)}", where=path) from err
+            if not isinstance(head, dict):
+                raise SpecError("expected a mapping with 'task:' or 'suite:'", where=path)
+            if "task" in head:
+                kind, name = "task", head["task"]
+            elif "suite" in head:
+                kind, name = "suite", head["suite"]
+            else:
+                raise SpecError("neither 'task:' nor 'suite:' is set (include-only files start with '_')",
+                                where=path, field="task")
+            if not isinstance(name, str):
+                raise SpecError(f"expected a name (string), got {name!r}", where=path, field=kind)
+            key = (kind, name)
+            prev = self._entries.get(key)
+            if prev is not None and prev.source == source:
+                raise SpecError(f"{kind} {name!r} is also defined in {prev.path}", where=path, field=kind)
+            self._entries[key] = CatalogEntry(name, kind, path, source)
+
+    # ------------------------------------------------------------------ queries
+    def entries(self, kind: str) -> list[CatalogEntry]:
+        return sorted((e for (k, _), e in self._entries.items() if k == kind), key=lambda e: e.name)
+
+    def task_names(self) -> list[str]:
+        return [e.name for e in self.entries("task")]
+
+    def suite_names(self) -> list[str]:
+        return [e.name for e in self.entries("suite")]
+
+    def task(self, name: str) -> ResolvedTask:
+        if name not in self._parsed:
+            entry = self._entries.get(("task", name))
+            if entry is None:
+                names = self.task_names()
+                raise SpecError(f"unknown task {name!r}{did_you_mean(name, names)}; "
+                                "see 'medbench list tasks'", field="--task")
+            resolved = parse_task_file(entry.path, entry.source)
+            if resolved.name != name:  # pragma: no cover - guarded by _scan
+                raise SpecError(f"file declares task {resolved.name!r}", where=entry.path, field="task")
+            self._parsed[name] = resolved
+        return self._parsed[name]
+
+    def suite(self, name: str) -> SuiteSpec:
+        entry = self._entries.get(("suite", name))
+        if entry is None:
+            raise SpecError(f"unknown suite {name!r}{did_you_mean(name, self.suite_names())}; "
+                            "see 'medbench list suites'", field="--suite")
+        return parse_suite_file(entry.path)
+
+    def suite_tasks(self, name: str, _stack: tuple[str, ...] = ()) -> list[str]:
+        """The suite's tasks in order, nested suites expanded, duplicates removed."""
+        if name in _stack:
+            raise SpecError(f"suite cycle: {' -> '.join((*_stack, name))}", field="suites")
+        suite = self.suite(name)
+        path = self._entries[("suite", name)].path
+        out: list[str] = []
+        for sub in suite.suites:
+            if ("suite", sub) not in self._entries:
+                raise SpecError(f"unknown suite {sub!r}{did_you_mean(sub, self.suite_names())}",
+                                where=path, field="suites")
+            out.extend(self.suite_tasks(sub, (*_stack, name)))
+        for t in suite.tasks:
+            if ("task", t) not in self._entries:
+                raise SpecError(f"unknown task {t!r}{did_you_mean(t, self.task_names())}", where=path, field="tasks")
+            out.append(t)
+        return list(dict.fromkeys(out))

@@ -1,0 +1,112 @@
+"""Decoding one image file into a numpy array, whatever the format.
+
+PNG (8 and 16 bit), JPEG and other Pillow formats; DICOM through pydicom and
+its pixel-data handlers (compressed transfer syntaxes need the matching
+handler package: pylibjpeg, gdcm; the error says which). Every failure is a
+:class:`~medbench.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medbench.errors import DataError
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """``[H, W]`` (grey) or ``[H, W, 3]`` (colour) array; dtype uint8, uint16 or float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("image file not found", where=path)
+    if path.stat().st_size == 0:
+        raise DataError("image file is empty (0 bytes)", where=path)
+    if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
+        return _read_dicom(path)
+    return _read_pillow(path)
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                arr = np.asarray(im, dtype=np.uint16)
+            elif im.mode == "I":
+                arr = np.asarray(im, dtype=np.int32)
+                arr = np.clip(arr, 0, 65535).astype(np.uint16)
+            elif im.mode == "F":
+                arr = np.asarray(im, dtype=np.float32)
+            elif im.mode in ("L", "RGB"):
+                arr = np.asarray(im)
+            elif im.mode in ("LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "1"):
+                target = "L" if im.mode in ("LA", "1") else "RGB"
+                arr = np.asarray(im.convert(target))
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError as err:
+        raise DataError("not a readable image (unknown or corrupt format)", where=path) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"corrupt or truncated image: {err}", where=path) from err
+    return np.ascontiguousarray(arr)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as err:  # pragma: no cover - pydicom is a dependency
+        raise DataError("reading DICOM needs pydicom (pip install pydicom)", where=path) from err
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        raise DataError("not a valid DICOM file", where=path) from err
+    except Exception as err:
+        raise DataError(f"corrupt DICOM file: {err}", where=path) from err
+    if "PixelData" not in ds:
+        raise DataError("DICOM file holds no image (no PixelData element)", where=path, field="PixelData")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise DataError(
+            f"cannot decode DICOM pixel data (transfer syntax {name}): {err}; "
+            "install a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle",
+            where=path,
+            field="PixelData",
+        ) from err
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        arr = arr[0]  # multi-frame: first frame
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if slope != 1 or intercept != 0:
+        arr = arr.astype(np.float32) * slope + intercept
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = arr.max() - arr  # display convention: bright = dense
+    if arr.dtype not in (np.uint8, np.uint16, np.float32):
+        arr = arr.astype(np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale any image to uint8: 8-bit passes through, wider types are min-max scaled per image."""
+    if arr.dtype == np.uint8:
+        return arr
+    a = arr.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)

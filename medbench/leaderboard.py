@@ -1,0 +1,110 @@
+"""Aggregating completed runs into leaderboard JSON.
+
+One entry per (task, backbone, init): every test metric as mean, sample
+standard deviation (ddof=1) and the per-seed values; the headline metric
+named; OOD scores likewise; provenance of the entry. Numbers are stored
+unrounded; rounding happens only when rendered.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from medbench.provenance import code_provenance, now_utc
+from medbench.results import RunDir
+from medbench.utils import atomic_write_json
+
+SCHEMA_NAME = "medbench-leaderboard"
+SCHEMA_VERSION = 1
+
+
+def summarize(values: list[float | None]) -> dict[str, Any]:
+    """mean, std (ddof=1; None for one value), n and the values; undefined values are counted, not averaged."""
+    defined = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(defined)
+    mean = sum(defined) / n if n else None
+    std = (math.sqrt(sum((v - mean) ** 2 for v in defined) / (n - 1)) if n > 1 else None) if mean is not None else None
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def _rows(runs: list[RunDir]) -> pl.DataFrame:
+    records = []
+    for run in runs:
+        r = run.result()
+        if not r:
+            continue
+        scopes = {"test": r["metrics"].get("test", {})}
+        for name, scores in r["metrics"].get("ood", {}).items():
+            scopes[f"ood:{name}"] = scores
+        for scope, scores in scopes.items():
+            for metric, value in scores.items():
+                records.append({
+                    "task": r["task"], "backbone": r["backbone"], "init": r["init"], "seed": r["seed"],
+                    "scope": scope, "metric": metric, "value": value, "run": str(run.path),
+                })
+    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "seed": pl.Int64, "scope": pl.Utf8,
+              "metric": pl.Utf8, "value": pl.Float64, "run": pl.Utf8}
+    return pl.DataFrame(records, schema=schema)
+
+
+def build_leaderboard(runs: list[RunDir]) -> dict[str, Any]:
+    rows = _rows(runs)
+    results = {str(run.path): run.result() for run in runs}
+    entries = []
+    if rows.height:
+        keys = rows.select("task", "backbone", "init").unique(maintain_order=True).sort("task", "backbone", "init")
+        for task, backbone, init in keys.iter_rows():
+            sub = rows.filter((pl.col("task") == task) & (pl.col("backbone") == backbone) & (pl.col("init") == init))
+            seeds = sorted(sub["seed"].unique().to_list())
+            run_paths = sorted(sub["run"].unique().to_list())
+            first = results[run_paths[0]]
+            metrics: dict[str, Any] = {}
+            ood: dict[str, Any] = {}
+            for (scope, metric), grp in sub.sort("seed").group_by(["scope", "metric"], maintain_order=True):
+                summary = summarize(grp["value"].to_list())
+                summary["seeds"] = grp["seed"].to_list()
+                if scope == "test":
+                    metrics[metric] = summary
+                else:
+                    ood.setdefault(scope.removeprefix("ood:"), {})[metric] = summary
+            headline_metric = first["headline"]["metric"]
+            prov = first["provenance"]
+            entries.append({
+                "task": task,
+                "backbone": backbone,
+                "init": init,
+                "headline": {"metric": headline_metric, **metrics.get(headline_metric, summarize([]))},
+                "metrics": metrics,
+                "ood": ood,
+                "seeds": seeds,
+                "runs": run_paths,
+                "provenance": {
+                    "task_version": prov["task_version"],
+                    "task_hash": prov["task_hash"],
+                    "data_fingerprint": prov["data_fingerprint"],
+                    "model": prov["model"],
+                    "device": prov["device"],
+                    "engine": prov["engine"],
+                    "medbench_version": prov["medbench_version"],
+                    "git_sha": prov["git_sha"],
+                    "libraries": prov["libraries"],
+                    "finished": max(results[p]["finished"] for p in run_paths),
+                },
+            })
+    return {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "created": now_utc(),
+        "provenance": code_provenance(),
+        "entries": entries,
+    }
+
+
+def write_leaderboard(runs: list[RunDir], path: Path) -> dict[str, Any]:
+    board = build_leaderboard(runs)
+    atomic_write_json(path, board)
+    return board

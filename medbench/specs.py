@@ -1,0 +1,330 @@
+"""Task and suite specs: YAML files validated by pydantic.
+
+A task lives in one YAML file. ``include:`` names one or more files (relative
+to the including file) whose content is deep-merged underneath: mappings merge
+key by key, everything else (lists included) is replaced. Files whose name
+starts with ``_`` are include-only bases, never tasks themselves.
+
+Every error names the file and the dotted field, e.g.
+``tasks/nih.yaml: splits.fractions.val: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medbench.errors import SpecError
+from medbench.utils import did_you_mean, sha256_json
+
+TaskType = Literal["binary", "multiclass", "multilabel"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DatasetSpec(_Strict):
+    #: data-location key: ``--data NAME=PATH`` / ``MEDBENCH_DATA_<NAME>`` / ``<data-root>/<NAME>``
+    name: str
+    #: the layout reader, a module of ``medbench.data.adapters``
+    adapter: str
+    #: adapter-specific options, validated by the adapter
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: a corrupt or missing image: stop (``fail``) or leave it out and count it (``skip``)
+    on_bad_image: Literal["fail", "skip"] = "fail"
+
+
+class SplitSpec(_Strict):
+    #: ``official``: the publisher's split column (val carved from train by group when absent);
+    #: ``grouped``: every group (patient / lesion) assigned to one split, by seeded hash order
+    method: Literal["official", "grouped"] = "grouped"
+    group_by: str = "patient_id"
+    fractions: dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2}
+    )
+    #: with ``official``: fraction of the official train groups held out as validation when the
+    #: publisher ships no validation split
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    #: with ``official``: what the publisher calls each split, e.g. ``{valid: test}``
+    rename: dict[str, Literal["train", "val", "test", "drop"]] = Field(default_factory=dict)
+    #: the split seed is part of the task, never of the run: reruns and other backbones see the same split
+    seed: int = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(x < 0 for x in v.values()):
+            raise ValueError("fractions must be >= 0")
+        total = sum(v.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1 (they sum to {total:g})")
+        if v.get("train", 0) <= 0 or v.get("test", 0) <= 0:
+            raise ValueError("fractions need train > 0 and test > 0")
+        return v
+
+
+class InputSpec(_Strict):
+    #: images are resized (squashed) to ``resize`` x ``resize`` once, into the cache; null: BiT-HyperRule
+    #: by native size (area < 96x96: 160, else 512)
+    resize: int | None = Field(None, ge=8)
+    #: training random crop / evaluation size; null: BiT-HyperRule (128 or 480)
+    crop: int | None = Field(None, ge=8)
+    channels: Literal[1, 3] = 3
+    hflip: bool = True
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "InputSpec":
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        return self
+
+
+class HyperRuleSpec(_Strict):
+    """Overrides of BiT-HyperRule (see :mod:`medbench.train.hyperrule`); null keeps the rule."""
+
+    batch_size: int = Field(512, ge=1)
+    #: learning rate at batch 512; scaled linearly with ``batch_size``
+    base_lr: float = Field(0.003, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    #: explicit [warm-up end, decay, decay, decay, end] in steps, instead of the rule's choice by size
+    schedule: list[int] | None = None
+    #: multiply the rule's step boundaries (e.g. 0.1 for a quick variant)
+    schedule_scale: float = Field(1.0, gt=0)
+    mixup_alpha: float | None = Field(None, ge=0)
+    #: adaptive gradient clipping factor (CJ21); null: off
+    agc_clip: float | None = Field(None, gt=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_increasing(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if len(v) != 5 or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 0:
+            raise ValueError("schedule must be 5 increasing step counts [warm-up, decay, decay, decay, end]")
+        return v
+
+
+class AttributeSpec(_Strict):
+    """A subgroup attribute: a table column, optionally binned (e.g. age)."""
+
+    name: str
+    column: str | None = None
+    #: bin edges for a numeric column; a value v falls in [edge_i, edge_i+1)
+    bins: list[float] | None = None
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @field_validator("bins")
+    @classmethod
+    def _increasing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) < 2 or any(b <= a for a, b in zip(v, v[1:]))):
+            raise ValueError("bins must be at least two increasing edges")
+        return v
+
+
+class OODTargetSpec(_Strict):
+    """Another task whose test split scores this task's model (distribution shift)."""
+
+    task: str
+    #: this task's label -> the target's label (harmonization); labels absent on both sides are skipped
+    label_map: dict[str, str] = Field(default_factory=dict)
+    name: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.task
+
+
+class TaskSpec(_Strict):
+    task: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: Union[int, str]
+    family: str
+    description: str = ""
+    citation: str | None = None
+    dataset: DatasetSpec
+    type: TaskType
+    labels: list[str] = Field(min_length=1)
+    splits: SplitSpec = Field(default_factory=SplitSpec)
+    input: InputSpec = Field(default_factory=InputSpec)
+    #: scores computed on the test split; names from :mod:`medbench.scoring`
+    metrics: list[str] = Field(default_factory=lambda: ["auc", "accuracy"])
+    #: the metric that ranks backbones on the leaderboard
+    headline: str = "auc"
+    attributes: list[AttributeSpec] = Field(default_factory=list)
+    ood: list[OODTargetSpec] = Field(default_factory=list)
+    hyperrule: HyperRuleSpec = Field(default_factory=HyperRuleSpec)
+    #: training sampler: ``balanced`` oversamples minority classes (COVIDx)
+    sampler: Literal["uniform", "balanced"] = "uniform"
+    #: seeds run when ``--seeds`` is not given (the protocol's 5; fewer for quick suites)
+    default_seeds: int = Field(5, ge=1)
+    #: training images in the publisher's release, for ``--dry-run`` planning without the data
+    expected_train_size: int | None = Field(None, ge=1)
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _short_attributes(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": a} if isinstance(a, str) else a for a in v]
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskSpec":
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        if self.type == "binary" and len(self.labels) != 1:
+            raise ValueError("a binary task has exactly one label (the positive class)")
+        if self.type == "multiclass" and len(self.labels) < 2:
+            raise ValueError("a multiclass task needs at least two labels")
+        if self.headline not in self.metrics:
+            raise ValueError(f"headline {self.headline!r} must be one of metrics {self.metrics}")
+        return self
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.type == "binary" else len(self.labels)
+
+
+class SuiteSpec(_Strict):
+    suite: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    tasks: list[str] = Field(default_factory=list)
+    #: other suites whose tasks are included, in order
+    suites: list[str] = Field(default_factory=list)
+
+
+class ResolvedTask:
+    """A validated task with where it came from and its content hash."""
+
+    def __init__(self, spec: TaskSpec, path: Path | None, source: str):
+        self.spec = spec
+        self.path = path
+        self.source = source
+        self.hash = sha256_json(spec.model_dump(mode="json"))
+
+    @property
+    def name(self) -> str:
+        return self.spec.task
+
+    def __repr__(self) -> str:
+        return f"ResolvedTask({self.name!r}, hash={self.hash[:12]}, source={self.source!r})"
+
+
+# --------------------------------------------------------------------------- YAML loading
+
+
+def _read_yaml(path: Path, *, included_from: Path | None = None) -> dict[str, Any]:
+    if not path.is_file():
+        where = included_from if included_from else path
+        raise SpecError(f"included file not found: {path}" if included_from else "file not found", where=where,
+                        field="include" if included_from else None)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        line = f"line {mark.line + 1}" if mark is not None else None
+        raise SpecError(f"invalid YAML: {err.problem}", where=path, field=line) from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SpecError(f"invalid YAML: {err}", where=path) from err
+    if data is None:
+        raise SpecError("file is empty; expected a mapping with 'task:' or 'suite:'", where=path)
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", where=path)
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge recursively, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_with_includes(path: Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping with its ``include:`` chain merged underneath."""
+    path = path.resolve()
+    if path in _stack:
+        chain = " -> ".join(p.name for p in (*_stack, path))
+        raise SpecError(f"include cycle: {chain}", where=_stack[0], field="include")
+    data = _read_yaml(path, included_from=_stack[-1] if _stack else None)
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise SpecError("expected a file name or a list of file names", where=path, field="include")
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = deep_merge(merged, load_with_includes(path.parent / inc, (*_stack, path)))
+    return deep_merge(merged, data)
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> tuple[str, str]:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(model, first["loc"][:-1])
+        if parent is not None:
+            allowed = sorted(parent.model_fields)
+            msg = f"unknown field{did_you_mean(str(first['loc'][-1]), allowed)}; expected one of: {', '.join(allowed)}"
+        else:
+            msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return loc, msg
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        fld = current.model_fields.get(str(part))
+        if fld is None:
+            return None
+        ann = fld.annotation
+        candidates = [ann, *typing.get_args(ann)]
+        for c in list(candidates):
+            candidates.extend(typing.get_args(c))
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def parse_task_file(path: Path, source: str = "file") -> ResolvedTask:
+    data = load_with_includes(Path(path))
+    if "task" not in data:
+        raise SpecError("not a task spec: no 'task:' field", where=path, field="task")
+    try:
+        spec = TaskSpec.model_validate(data)
+    except ValidationError as err:
+        field, msg = _format_validation_error(err, TaskSpec)
+        raise SpecError(msg, where=path, field=field) from None
+    return ResolvedTask(spec, Path(path), source)
+
+
+def parse_suite_file(path: Path) -> SuiteSpec:
+    data = _read_yaml(Path(path))
+    try:
+        return SuiteSpec.model_validate(data)
+    except ValidationError as err:
+        field, msg = _format_validation_error(err, SuiteSpec)
+        raise SpecError(msg, where=path, field=field) from None

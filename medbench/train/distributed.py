@@ -1,0 +1,102 @@
+"""Process-group setup for DeepSpeed: launched (deepspeed/torchrun) or a single process.
+
+A launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; without
+one, medbench sets them for a single process on a free local port (two runs on
+one port would collide). On a machine without CUDA, DeepSpeed's CPU
+accelerator (``DS_ACCELERATOR=cpu``) and the gloo backend are used; with CUDA,
+NCCL. The environment must be set before deepspeed is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str  # "cpu" | "cuda:N"
+    backend: str  # "gloo" | "nccl"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_environment() -> DistInfo:
+    """Set the variables DeepSpeed reads; idempotent."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = os.environ.get("MEDBENCH_MASTER_PORT") or str(free_port())
+    os.environ.setdefault("LOCAL_RANK", "0")
+    cuda = _cuda_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rank = int(os.environ["RANK"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ["LOCAL_RANK"])
+    device = f"cuda:{local}" if cuda else "cpu"
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, backend="nccl" if cuda else "gloo")
+
+
+def init_process_group(info: DistInfo) -> None:
+    """Initialise torch.distributed through DeepSpeed once per process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    import logging
+
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if info.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(info.local_rank)
+    deepspeed.init_distributed(dist_backend=info.backend, verbose=False)
+
+
+def describe_device(info: DistInfo) -> dict:
+    """What ran the job, for provenance."""
+    import platform
+
+    import torch
+
+    out = {"device": info.device.split(":")[0], "world_size": info.world_size, "torch_threads": torch.get_num_threads()}
+    if info.device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(info.local_rank)
+        out["gpu_count"] = torch.cuda.device_count()
+    else:
+        out["cpu"] = _cpu_name() or platform.processor() or platform.machine()
+        out["cpu_count"] = os.cpu_count()
+    return out
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None

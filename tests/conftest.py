@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated cache per test session, the real-data folder, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("MEDBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches go to a session folder (synthetic data is regenerated once per session);
+    compiled DeepSpeed ops keep using the user's cache so they are built once per machine."""
+    cache = tmp_path_factory.mktemp("medbench-cache")
+    os.environ["MEDBENCH_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MEDBENCH_OFFLINE", "1")
+    os.environ.pop("MEDBENCH_DATA", None)
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test when that folder is absent (users' clones)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real sample data not available: {path} (../shared/data sits beside the repository in CI)")
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """``medbench ARGS`` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "medbench.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

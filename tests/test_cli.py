@@ -1,0 +1,132 @@
+"""The command line end to end: the smoke suite, determinism, reuse, plans and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import run_cli
+
+SMOKE_TASKS = ["smoke-cxr", "smoke-padchest", "smoke-tb", "smoke-covidx", "smoke-derm", "smoke-mammo"]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's main command: the whole smoke suite with its default 2 seeds."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_cli("run", "--backbone", "cbr-small", "--suite", "smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"leaderboard: {out / 'leaderboard.json'}" in proc.stdout
+    return out
+
+
+def test_smoke_suite_leaderboard(smoke_run: Path) -> None:
+    board = json.loads((smoke_run / "leaderboard.json").read_text())
+    assert board["schema"] == "medbench-leaderboard"
+    by_task = {e["task"]: e for e in board["entries"]}
+    assert sorted(by_task) == sorted(SMOKE_TASKS)
+    for task, e in by_task.items():
+        assert e["backbone"] == "cbr-small" and e["init"] == "random"
+        assert e["seeds"] == [0, 1]
+        assert e["headline"]["metric"] == "auc" and e["headline"]["n"] == 2
+        assert e["headline"]["mean"] > 0.6, (task, e["headline"])
+        assert e["headline"]["std"] is not None
+        assert "accuracy" in e["metrics"] and "site-b" in e["ood"]
+        prov = e["provenance"]
+        assert len(prov["task_hash"]) == 64 and prov["task_version"] == 1
+        assert prov["engine"]["engine"] == "deepspeed" and prov["device"]["device"] == "cpu"
+        assert prov["libraries"]["deepspeed"] and prov["model"]["init"] == "random"
+    assert len(by_task["smoke-cxr"]["metrics"]) >= 2 + 2 * 5  # per-label AUC and accuracy
+
+
+def test_run_folder_holds_predictions_and_provenance(smoke_run: Path) -> None:
+    runs = sorted((smoke_run / "runs" / "smoke-cxr" / "cbr-small").iterdir())
+    assert len(runs) == 2
+    run = runs[0]
+    for name in ("config.json", "history.json", "metrics.json", "result.json", "splits.parquet",
+                 "predictions/test.parquet", "predictions/val.parquet", "predictions/ood-site-b.parquet"):
+        assert (run / name).is_file(), name
+    preds = pl.read_parquet(run / "predictions" / "test.parquet")
+    config = json.loads((run / "config.json").read_text())
+    assert preds.height == config["data"]["n"]["test"]
+    assert {"sample_id", "patient_id", "sex", "age", "site", "label:Edema", "prob:Edema"} <= set(preds.columns)
+    splits = pl.read_parquet(run / "splits.parquet")
+    sides = splits.group_by("patient_id").agg(pl.col("split").n_unique())
+    assert sides["split"].max() == 1  # no patient on two sides
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["loss"]) == config["plan"]["total_steps"] == 80
+    assert history["val_step"][-1] == 80 and len(history["val_metric"]) == len(history["val_step"])
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "ok" and result["key"] == config["key"]
+
+
+def test_same_command_twice_gives_identical_metrics(tmp_path: Path) -> None:
+    args = ["run", "--backbone", "cbr-tiny", "--task", "smoke-covidx", "--task", "smoke-cxr", "--seeds", "1",
+            "--max-steps", "12"]
+    boards = []
+    for name in ("a", "b"):
+        proc = run_cli(*args, "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        boards.append(json.loads((tmp_path / name / "leaderboard.json").read_text()))
+    metrics = [[(e["task"], e["metrics"], e["ood"]) for e in b["entries"]] for b in boards]
+    assert metrics[0] == metrics[1]
+    # a rerun into the same folder reuses the completed runs
+    proc = run_cli(*args, "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0 and "2 run(s) were already complete and reused" in proc.stdout
+
+
+def test_real_bit_architecture_runs(tmp_path: Path) -> None:
+    proc = run_cli("run", "--backbone", "bit-m-r50x1", "--init", "random", "--task", "smoke-tb", "--max-steps", "2",
+                   "--seeds", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entry = json.loads((tmp_path / "leaderboard.json").read_text())["entries"][0]
+    assert entry["backbone"] == "bit-m-r50x1" and entry["init"] == "random"
+    assert entry["provenance"]["model"]["params_total"] > 23_000_000
+
+
+def test_dry_run_plans_without_data(tmp_path: Path) -> None:
+    proc = run_cli("run", "--backbone", "bit-m-r101x3", "--suite", "smoke", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    for task in SMOKE_TASKS:
+        assert task in proc.stdout
+    assert "12 runs" in proc.stdout and "device-hours" in proc.stdout
+    assert not (tmp_path / "medbench-results").exists()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["run", "--backbone", "cbr-smal", "--suite", "smoke"], "unknown backbone 'cbr-smal' (did you mean 'cbr-small'"),
+    (["run", "--backbone", "cbr-small", "--suite", "smok"], "unknown suite 'smok' (did you mean 'smoke'"),
+    (["run", "--backbone", "cbr-small"], "name at least one --suite or --task"),
+    (["run", "--backbone", "cbr-small", "--task", "smoke-tb", "--data", "nih"], "--data: expected NAME=PATH"),
+    (["run", "--backbone", "cbr-small", "--task", "smoke-tb", "--init", "gaussian"], "unknown init scheme"),
+    (["run", "--backbone", "bit-m-r50x1", "--task", "smoke-tb", "--max-steps", "1"], "--init random"),
+    (["score", "/nonexistent/run"], "no completed run folders found"),
+])
+def test_user_errors_are_one_line_exit_2(args: list[str], fragment: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, "--out", str(tmp_path)) if args[0] == "run" else run_cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_list_commands_json() -> None:
+    proc = run_cli("list", "backbones", "--json")
+    names = {b["name"]: b for b in json.loads(proc.stdout)}
+    assert names["cbr-small"]["params"] == 2_113_536 and names["bit-m-r152x4"]["pretraining"] == "ImageNet-21k"
+    suites = {s["name"] for s in json.loads(run_cli("list", "suites", "--json").stdout)}
+    assert "smoke" in suites
+    tasks = {t["name"]: t for t in json.loads(run_cli("list", "tasks", "--json").stdout)}
+    assert tasks["smoke-derm"]["labels"] == 7 and tasks["smoke-derm"]["source"] == "builtin"
+
+
+def test_score_recomputes_from_predictions(smoke_run: Path) -> None:
+    run = sorted((smoke_run / "runs" / "smoke-tb" / "cbr-small").iterdir())[0]
+    before = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").unlink()
+    proc = run_cli("score", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "metrics.json").read_text()) == before
