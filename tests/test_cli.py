@@ -130,3 +130,16 @@ def test_score_recomputes_from_predictions(smoke_run: Path) -> None:
     proc = run_cli("score", str(run))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((run / "metrics.json").read_text()) == before
+
+
+def test_single_process_runs_open_no_port(tmp_path: Path) -> None:
+    """A single-process run uses an in-memory store: a busy MASTER_PORT (e.g. inherited) cannot break it."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1])}
+        proc = run_cli("run", "--backbone", "cbr-tiny", "--task", "smoke-tb", "--seeds", "1", "--max-steps", "2",
+                       "--out", str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

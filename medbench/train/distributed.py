@@ -1,16 +1,17 @@
 """Process-group setup for DeepSpeed: launched (deepspeed/torchrun) or a single process.
 
-A launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; without
-one, medbench sets them for a single process on a free local port (two runs on
-one port would collide). On a machine without CUDA, DeepSpeed's CPU
-accelerator (``DS_ACCELERATOR=cpu``) and the gloo backend are used; with CUDA,
-NCCL. The environment must be set before deepspeed is imported.
+A launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and the
+process group rendezvous over TCP (``env://``). A single process (no launcher,
+or ``WORLD_SIZE=1``) needs no rendezvous: its process group uses an in-memory
+store, so no port is opened and concurrent runs on one machine cannot collide.
+On a machine without CUDA, DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``)
+and the gloo backend are used; with CUDA, NCCL. The environment must be set
+before deepspeed is imported.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 
@@ -27,12 +28,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cuda_available() -> bool:
     import torch
 
@@ -41,10 +36,8 @@ def _cuda_available() -> bool:
 
 def prepare_environment() -> DistInfo:
     """Set the variables DeepSpeed reads; idempotent."""
-    if "RANK" not in os.environ:
+    if os.environ.get("WORLD_SIZE", "1") == "1":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = os.environ.get("MEDBENCH_MASTER_PORT") or str(free_port())
     os.environ.setdefault("LOCAL_RANK", "0")
     cuda = _cuda_available()
     if not cuda:
@@ -57,22 +50,22 @@ def prepare_environment() -> DistInfo:
 
 
 def init_process_group(info: DistInfo) -> None:
-    """Initialise torch.distributed through DeepSpeed once per process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
+    """Initialise torch.distributed (and DeepSpeed's view of it) once per process."""
     import logging
 
-    import deepspeed
+    import torch.distributed as dist
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.utils.logger.setLevel(logging.WARNING)
     if info.device.startswith("cuda"):
         import torch
 
         torch.cuda.set_device(info.local_rank)
-    deepspeed.init_distributed(dist_backend=info.backend, verbose=False)
+    if not dist.is_initialized() and info.world_size == 1:
+        dist.init_process_group(backend=info.backend, store=dist.HashStore(), rank=0, world_size=1)
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps an existing group
 
 
 def describe_device(info: DistInfo) -> dict:
