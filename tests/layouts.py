@@ -77,3 +77,29 @@ def dicom(path: Path, arr: np.ndarray, *, syntax: str = "explicit", photometric:
         if raw[128:132] == b"DICM":
             path.write_bytes(raw[132:])
     return path
+
+
+# --------------------------------------------------------------------------- CBIS-DDSM description CSVs
+# The official headers: the mass files say "breast_density", the calc files "breast density".
+MASS_HEADER = ("patient_id,breast_density,left or right breast,image view,abnormality id,abnormality type,mass shape,"
+               "mass margins,assessment,pathology,subtlety,image file path,cropped image file path,ROI mask file path")
+CALC_HEADER = ("patient_id,breast density,left or right breast,image view,abnormality id,abnormality type,calc type,"
+               "calc distribution,assessment,pathology,subtlety,image file path,cropped image file path,"
+               "ROI mask file path")
+UID = "1.3.6.1.4.1.9590.100.1.2.{}"
+
+
+def cbis_row(kind: str, split: str, patient: str, side: str, view: str, abn: int, pathology: str) -> str:
+    series = f"{kind.capitalize()}-{'Training' if split == 'train' else 'Test'}_{patient}_{side}_{view}"
+    image = f"{series}/{UID.format(abn * 11)}/{UID.format(abn * 13)}/000000.dcm"
+    roi = f'"{series}_{abn}/{UID.format(abn * 17)}/{UID.format(abn * 19)}/000001.dcm\n"'  # stray newline in quotes
+    extra = "OVAL,CIRCUMSCRIBED" if kind == "mass" else "PLEOMORPHIC,CLUSTERED"
+    return f"{patient},3,{side},{view},{abn},{kind},{extra},4,{pathology},3,{image},{image},{roi}"
+
+
+def cbis_row_for_series(series: str, pathology: str, abn: int = 1) -> str:
+    """A description row for a series folder name such as ``Mass-Test_P_00173_LEFT_CC``."""
+    kind_split, p, number, side, view = series.split("_")
+    kind, split = kind_split.split("-")
+    return cbis_row(kind.lower(), "train" if split == "Training" else "test", f"{p}_{number}", side, view, abn,
+                    pathology)

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from layouts import dicom, grey, palette_png, png, png16
+from layouts import CALC_HEADER, MASS_HEADER, cbis_row, dicom, grey, palette_png, png, png16
 from medbench.data.base import get_adapter, label_column
 from medbench.data.cache import build_cache
 from medbench.errors import DataError, MedbenchError
@@ -287,22 +287,6 @@ def test_isic_2020_patients_and_target(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- CBIS-DDSM
 
-MASS_HEADER = ("patient_id,breast_density,left or right breast,image view,abnormality id,abnormality type,mass shape,"
-               "mass margins,assessment,pathology,subtlety,image file path,cropped image file path,ROI mask file path")
-CALC_HEADER = ("patient_id,breast density,left or right breast,image view,abnormality id,abnormality type,calc type,"
-               "calc distribution,assessment,pathology,subtlety,image file path,cropped image file path,"
-               "ROI mask file path")
-UID = "1.3.6.1.4.1.9590.100.1.2.{}"
-
-
-def _cbis_row(kind: str, split: str, patient: str, side: str, view: str, abn: int, pathology: str) -> str:
-    series = f"{kind.capitalize()}-{'Training' if split == 'train' else 'Test'}_{patient}_{side}_{view}"
-    image = f"{series}/{UID.format(abn * 11)}/{UID.format(abn * 13)}/000000.dcm"
-    roi = f'"{series}_{abn}/{UID.format(abn * 17)}/{UID.format(abn * 19)}/000001.dcm\n"'  # stray newline in quotes
-    extra = "OVAL,CIRCUMSCRIBED" if kind == "mass" else "PLEOMORPHIC,CLUSTERED"
-    return f"{patient},3,{side},{view},{abn},{kind},{extra},4,{pathology},3,{image},{image},{roi}"
-
-
 def _nbia_series(root: Path, series: str, arr: np.ndarray, syntax: str) -> Path:
     """Where the NBIA Data Retriever puts a full mammogram: dated study and described series folders."""
     return dicom(root / "CBIS-DDSM" / series / "07-20-2016-DDSM-74994" / "1.000000-full mammogram images-24515"
@@ -313,19 +297,19 @@ def _nbia_series(root: Path, series: str, arr: np.ndarray, syntax: str) -> Path:
 def cbis_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cbis-ddsm")
     rng = np.random.default_rng(3)
-    mass_train = [_cbis_row("mass", "train", "P_00001", "LEFT", "CC", 1, "MALIGNANT"),
-                  _cbis_row("mass", "train", "P_00001", "LEFT", "MLO", 1, "BENIGN"),
+    mass_train = [cbis_row("mass", "train", "P_00001", "LEFT", "CC", 1, "MALIGNANT"),
+                  cbis_row("mass", "train", "P_00001", "LEFT", "MLO", 1, "BENIGN"),
                   # two abnormalities on one mammogram: one benign, one malignant -> malignant
-                  _cbis_row("mass", "train", "P_00004", "RIGHT", "CC", 1, "BENIGN"),
-                  _cbis_row("mass", "train", "P_00004", "RIGHT", "CC", 2, "MALIGNANT"),
+                  cbis_row("mass", "train", "P_00004", "RIGHT", "CC", 1, "BENIGN"),
+                  cbis_row("mass", "train", "P_00004", "RIGHT", "CC", 2, "MALIGNANT"),
                   # this patient also has test mammograms: left out of training
-                  _cbis_row("mass", "train", "P_00009", "LEFT", "CC", 1, "BENIGN")]
-    mass_test = [_cbis_row("mass", "test", "P_00009", "RIGHT", "MLO", 1, "BENIGN_WITHOUT_CALLBACK"),
-                 _cbis_row("mass", "test", "P_00016", "LEFT", "CC", 1, "MALIGNANT")]
-    calc_train = [_cbis_row("calc", "train", "P_00005", "RIGHT", "CC", 1, "MALIGNANT"),
+                  cbis_row("mass", "train", "P_00009", "LEFT", "CC", 1, "BENIGN")]
+    mass_test = [cbis_row("mass", "test", "P_00009", "RIGHT", "MLO", 1, "BENIGN_WITHOUT_CALLBACK"),
+                 cbis_row("mass", "test", "P_00016", "LEFT", "CC", 1, "MALIGNANT")]
+    calc_train = [cbis_row("calc", "train", "P_00005", "RIGHT", "CC", 1, "MALIGNANT"),
                   # a calcification on a mammogram that also has a mass: the same image
-                  _cbis_row("calc", "train", "P_00001", "LEFT", "CC", 1, "BENIGN")]
-    calc_test = [_cbis_row("calc", "test", "P_00038", "LEFT", "MLO", 1, "BENIGN")]
+                  cbis_row("calc", "train", "P_00001", "LEFT", "CC", 1, "BENIGN")]
+    calc_test = [cbis_row("calc", "test", "P_00038", "LEFT", "MLO", 1, "BENIGN")]
     for name, header, rows in (("mass_case_description_train_set.csv", MASS_HEADER, mass_train),
                                ("mass_case_description_test_set.csv", MASS_HEADER, mass_test),
                                ("calc_case_description_train_set.csv", CALC_HEADER, calc_train),
