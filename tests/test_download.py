@@ -87,15 +87,15 @@ def test_wrong_checksum_keeps_nothing(server, tmp_path: Path) -> None:
     assert not (dest / "set.npz").exists() and _leftovers(dest) == []
 
 
-def _tb_archive(path: Path, normal: int, tb: int) -> bytes:
+def _tb_archive(path: Path, normal: int, tb: int, prefix: str = "MCUCXR", top: str = "MontgomerySet") -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for i in range(normal + tb):
-            stem = f"MCUCXR_{i + 1:04d}_{0 if i < normal else 1}"
-            z.writestr(f"MontgomerySet/CXR_png/{stem}.png", b"png")
-            z.writestr(f"MontgomerySet/ClinicalReadings/{stem}.txt", "Patient's Sex: M\nPatient's Age: 040Y\nnormal\n")
-            z.writestr(f"MontgomerySet/ManualMask/leftMask/{stem}.png", b"mask")
-        z.writestr("__MACOSX/MontgomerySet/._junk", b"")
+            stem = f"{prefix}_{i + 1:04d}_{0 if i < normal else 1}"
+            z.writestr(f"{top}/CXR_png/{stem}.png", b"png")
+            z.writestr(f"{top}/ClinicalReadings/{stem}.txt", "Patient's Sex: M\nPatient's Age: 040Y\nnormal\n")
+            z.writestr(f"{top}/ManualMask/leftMask/{stem}.png", b"mask")
+        z.writestr(f"__MACOSX/{top}/._junk", b"")
     path.write_bytes(buf.getvalue())
     return buf.getvalue()
 
@@ -110,8 +110,14 @@ def test_archive_checked_against_published_counts_then_placed(server, tmp_path: 
     assert records[0]["verified_by"] == "content (published image counts)" and records[0]["placed"] == ["MontgomerySet"]
     assert json.loads((dest / "medbench-download.json").read_text())["dataset"] == "tuberculosis"
     assert _leftovers(dest) == []
-    with pytest.raises(DataError, match="'MontgomerySet' already exists; remove it to download again"):
-        download("tuberculosis", dest, subsets=["montgomery"], mirror=base)
+    n = len(_Quiet.requests)
+    again = download("tuberculosis", dest, subsets=["montgomery"], mirror=base)
+    assert again[0]["status"] == "already present" and len(_Quiet.requests) == n  # not fetched again
+    (dest / "ChinaSet_AllFiles").mkdir()  # a folder the next archive would create: refused before anything moves
+    _tb_archive(www / "ChinaSet_AllFiles.zip", 1, 0, prefix="CHNCXR", top="ChinaSet_AllFiles")
+    with pytest.raises(DataError, match="'ChinaSet_AllFiles' already exists; remove it to download again"):
+        download_files([RemoteFile(f"{base}/ChinaSet_AllFiles.zip", "ChinaSet_AllFiles.zip", extract=True)], dest)
+    assert list((dest / "ChinaSet_AllFiles").iterdir()) == [] and _leftovers(dest) == []
 
 
 def test_archive_with_wrong_content_is_not_placed(server, tmp_path: Path) -> None:

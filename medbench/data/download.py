@@ -60,6 +60,8 @@ class RemoteFile:
     sha256: str | None = None
     #: a zip archive whose content goes into the dataset folder (the archive itself is not kept)
     extract: bool = False
+    #: the top-level folders the archive yields: when all exist, the archive is not fetched again
+    provides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,17 @@ def _medmnist_subsets() -> dict[str, Callable[[int], list[RemoteFile]]]:
 
 
 NLM_TB = {
-    "montgomery": ("https://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip", "MCUCXR", (80, 58)),
-    "shenzhen": ("https://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip", "CHNCXR", (326, 336)),
+    "montgomery": ("https://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip", "MCUCXR", (80, 58),
+                   "MontgomerySet"),
+    "shenzhen": ("https://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip", "CHNCXR", (326, 336),
+                 "ChinaSet_AllFiles"),
 }
 
 
 def _verify_tb(subset: str, folder: Path) -> None:
     from medbench.data.adapters.tuberculosis import discover
 
-    _, prefix, (normal, tb) = NLM_TB[subset]
+    _, prefix, (normal, tb), _ = NLM_TB[subset]
     images = [stem for stem, f in discover(folder).items() if "png" in f and stem.startswith(prefix)]
     got = (sum(s.endswith("_0") for s in images), sum(s.endswith("_1") for s in images))
     if got != (normal, tb):
@@ -139,7 +143,7 @@ def _registry() -> dict[str, DownloadSource]:
             "tuberculosis/MontgomerySet/{CXR_png,ClinicalReadings}/ and tuberculosis/ChinaSet_AllFiles/"
             "{CXR_png,ClinicalReadings}/",
             subsets={k: (lambda size, k=k: [RemoteFile(NLM_TB[k][0], Path(urlparse(NLM_TB[k][0]).path).name,
-                                                       extract=True)]) for k in NLM_TB},
+                                                       extract=True, provides=(NLM_TB[k][3],))]) for k in NLM_TB},
             verify=_verify_tb),
         DownloadSource(
             "isic", "ISIC 2019 training set", "https://challenge.isic-archive.com/data/#2019", "CC BY-NC", "open",
@@ -148,7 +152,8 @@ def _registry() -> dict[str, DownloadSource]:
             subsets={"2019": lambda size: [
                 RemoteFile(f"{ISIC_2019}/ISIC_2019_Training_GroundTruth.csv", "ISIC_2019_Training_GroundTruth.csv"),
                 RemoteFile(f"{ISIC_2019}/ISIC_2019_Training_Metadata.csv", "ISIC_2019_Training_Metadata.csv"),
-                RemoteFile(f"{ISIC_2019}/ISIC_2019_Training_Input.zip", "ISIC_2019_Training_Input.zip", extract=True),
+                RemoteFile(f"{ISIC_2019}/ISIC_2019_Training_Input.zip", "ISIC_2019_Training_Input.zip", extract=True,
+                           provides=("ISIC_2019_Training_Input",)),
             ]},
             verify=_verify_isic),
         DownloadSource(
@@ -342,6 +347,10 @@ def download_files(files: list[RemoteFile], dest: Path, *, subset: str = "", ver
                                     "sha256": sha, "verified_by": "md5" if rf.md5 else "sha256",
                                     "status": "already present"})
                     continue
+            if rf.extract and rf.provides and all((dest / p).exists() for p in rf.provides):
+                records.append({"url": rf.url, "file": rf.filename, "bytes": 0, "md5": None, "sha256": None,
+                                "verified_by": None, "status": "already present", "placed": list(rf.provides)})
+                continue
             if probe:
                 check_reachable(rf.url)
             if not rf.extract:
@@ -396,8 +405,8 @@ def download(name: str, dest: Path, *, subsets: list[str] | None = None, size: i
     for subset in chosen:
         files = source.subsets[subset](size or (source.sizes[0] if source.sizes else 0))
         if mirror:
-            files = [RemoteFile(mirror.rstrip("/") + "/" + f.filename, f.filename, f.md5, f.sha256, f.extract)
-                     for f in files]
+            files = [RemoteFile(mirror.rstrip("/") + "/" + f.filename, f.filename, f.md5, f.sha256, f.extract,
+                                f.provides) for f in files]
         records += download_files(files, dest, subset=subset, verify=source.verify, progress=progress)
         write_manifest(dest, name, records)
     return records
@@ -451,5 +460,8 @@ def download_command(name: str | None, *, data_root: Path | None, data: list[str
     for r in records:
         check = r.get("verified_by") or "unverified"
         state = r.get("status", "downloaded")
-        console.print(f"{state}: {r['file']} ({r['bytes']:,} bytes, {check} ok, sha256 {r['sha256'][:16]}...)")
+        if r.get("sha256"):
+            console.print(f"{state}: {r['file']} ({r['bytes']:,} bytes, {check} ok, sha256 {r['sha256'][:16]}...)")
+        else:
+            console.print(f"{state}: {', '.join(r.get('placed', [r['file']]))}")
     console.print(f"{name}: {dest} (from {how}); manifest {dest / MANIFEST}")

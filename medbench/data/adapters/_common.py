@@ -159,7 +159,7 @@ def find_file(root: Path, names: Iterable[str], *, max_depth: int = 2) -> Path |
     if hit is not None:
         return hit
     wanted = {n.lower() for n in names}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         depth = len(Path(dirpath).relative_to(root).parts)
         if depth >= max_depth:
             dirnames[:] = []
@@ -177,7 +177,7 @@ def index_files(folders: Iterable[Path], suffixes: Iterable[str]) -> dict[str, P
     for folder in folders:
         if not folder.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(folder):
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
             dirnames.sort()
             for f in sorted(filenames):
                 p = Path(dirpath) / f

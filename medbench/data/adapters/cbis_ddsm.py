@@ -87,14 +87,14 @@ def series_files(root: Path, series: set[str]) -> dict[str, Path]:
     """``{series folder name: DICOM file}`` for the named top-level series folders."""
     out: dict[str, Path] = {}
     for base in IMAGE_ROOTS:
-        folder = (root / base).resolve() if base != "." else root
+        folder = root / base if base != "." else root
         if not folder.is_dir():
             continue
         for name in sorted(series & {p.name for p in folder.iterdir() if p.is_dir()}):
             if name in out:
                 continue
             dcms = []
-            for dirpath, dirnames, filenames in os.walk(folder / name):
+            for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
                 dirnames.sort()
                 dcms += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(".dcm")]
             if dcms:

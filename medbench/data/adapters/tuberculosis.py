@@ -91,7 +91,7 @@ def _read_text(path: Path) -> str:
 def discover(root: Path) -> dict[str, dict[str, Path]]:
     """``{stem: {"png": path, "txt": path}}`` for every image and reading below ``root``."""
     found: dict[str, dict[str, Path]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         # lung masks share the images' names; archive debris is not data
         dirnames[:] = sorted(d for d in dirnames if "mask" not in d.lower() and not d.startswith((".", "__MACOSX"))
                              and d.lower() not in {"annotations", "annotations-2"})
