@@ -1,4 +1,4 @@
-"""Decoding one image file: 16-bit PNG, palette PNG, DICOM in its transfer syntaxes and variants."""
+"""Decoding one image file (16-bit PNG, palette PNG, DICOM variants); large in-memory sources in the cache."""
 
 from __future__ import annotations
 
@@ -75,3 +75,22 @@ def test_corrupt_truncated_and_empty_files(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=fragment) as err:
             read_image(tmp_path / name)
         assert str(err.value).startswith(str(tmp_path / name))
+
+
+def test_large_in_memory_sources_go_through_the_memory_mapped_cache(tmp_path: Path, monkeypatch) -> None:
+    import polars as pl
+
+    import medbench.data.cache as cache
+    from medbench.data.base import DatasetIndex, label_column
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (10, 28, 28)).astype(np.uint8)
+    table = pl.DataFrame({"sample_id": [str(i) for i in range(10)], "patient_id": [str(i) for i in range(10)],
+                          label_column("y"): [i % 2 for i in range(10)]})
+    index = DatasetIndex("big", table, ["y"], pixels=pixels)
+    small = cache.build_cache(index, 32, 1)
+    assert small.path is None
+    monkeypatch.setattr(cache, "IN_MEMORY_LIMIT_BYTES", 1000)
+    monkeypatch.setenv("MEDBENCH_CACHE", str(tmp_path))
+    big = cache.build_cache(index, 32, 1)
+    assert big.path is not None and big.path.is_file() and np.array_equal(np.asarray(big.pixels), small.pixels)
