@@ -355,6 +355,32 @@ def leaderboard(
         _fail(err)
 
 
+data_app = typer.Typer(help="Datasets: download the open ones, or learn where to get the others.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("download")
+def data_download(
+    name: Optional[str] = typer.Argument(None, help="Dataset name (e.g. medmnist, tuberculosis); none: list them."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH: where this dataset goes."),
+    subset: Optional[List[str]] = typer.Option(None, "--subset", help="Only these parts (e.g. pneumoniamnist)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image size for MedMNIST: 28, 64, 128 or 224."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL of a mirror with the same files."),
+) -> None:
+    """Download NAME with checksums verified, placed atomically; credentialed datasets: where to get them."""
+    try:
+        from medbench.data.download import download_command
+
+        download_command(name, data_root=data_root, data=data or [], subsets=subset or [], size=size, mirror=mirror,
+                         console=_console())
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+
+
 class _RichReporter:
     """Progress bars for a suite: one for runs, one for the steps of the current run."""
 

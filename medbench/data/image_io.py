@@ -1,9 +1,12 @@
 """Decoding one image file into a numpy array, whatever the format.
 
 PNG (8 and 16 bit), JPEG and other Pillow formats; DICOM through pydicom and
-its pixel-data handlers (compressed transfer syntaxes need the matching
-handler package: pylibjpeg, gdcm; the error says which). Every failure is a
-:class:`~medbench.errors.DataError` naming the file.
+its pixel-data decoders: uncompressed and RLE natively, JPEG 2000 / JPEG-LS /
+lossless JPEG through the pylibjpeg plugins medbench depends on (the error says
+which package a missing decoder is in). Multi-frame DICOMs give their first
+frame, rescale slope/intercept is applied and MONOCHROME1 is inverted so that
+bright means dense. Every failure is a :class:`~medbench.errors.DataError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -62,6 +65,24 @@ def _read_pillow(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+# the decoder package pydicom needs for each family of compressed transfer syntaxes
+_DECODER_HINT = {
+    "JPEG 2000": "pylibjpeg-openjpeg",
+    "JPEG-LS": "pylibjpeg-libjpeg",
+    "JPEG Lossless": "pylibjpeg-libjpeg",
+    "JPEG Extended": "pylibjpeg-libjpeg",
+    "JPEG Baseline": "pylibjpeg-libjpeg",
+    "RLE": "pylibjpeg-rle",
+}
+
+
+def _decoder_hint(syntax_name: str) -> str:
+    for key, package in _DECODER_HINT.items():
+        if key.lower() in syntax_name.lower():
+            return f"pip install pylibjpeg {package}"
+    return "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+
+
 def _read_dicom(path: Path) -> np.ndarray:
     try:
         import pydicom
@@ -69,7 +90,12 @@ def _read_dicom(path: Path) -> np.ndarray:
     except ImportError as err:  # pragma: no cover - pydicom is a dependency
         raise DataError("reading DICOM needs pydicom (pip install pydicom)", where=path) from err
     try:
-        ds = pydicom.dcmread(path)
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError:
+            if path.suffix.lower() not in DICOM_SUFFIXES:
+                raise
+            ds = pydicom.dcmread(path, force=True)  # a .dcm/.dicom file written without the 128-byte preamble
     except InvalidDicomError as err:
         raise DataError("not a valid DICOM file", where=path) from err
     except Exception as err:
@@ -80,16 +106,17 @@ def _read_dicom(path: Path) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as err:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
+        name = str(getattr(syntax, "name", syntax))
         raise DataError(
-            f"cannot decode DICOM pixel data (transfer syntax {name}): {err}; "
-            "install a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle",
+            f"cannot decode DICOM pixel data (transfer syntax {name}): {str(err).splitlines()[0] if str(err) else err}; "
+            f"if a decoder is missing: {_decoder_hint(name)}",
             where=path,
             field="PixelData",
         ) from err
     arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
-        arr = arr[0]  # multi-frame: first frame
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]  # multi-frame: the first frame
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     if slope != 1 or intercept != 0:
