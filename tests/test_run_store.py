@@ -325,3 +325,10 @@ def test_a_run_another_process_trains_is_left_alone(tiny: Path, tmp_path: Path, 
         runner, _ = make_runner(tiny, tmp_path)
         (outcome,) = runner.run_all([REQ])
     assert outcome.status == "busy" and not run.complete and not (run.path / "result.json").exists()
+
+
+def test_seed_fixes_the_initialisation() -> None:
+    """Data order and augmentation are functions of (seed, step) (tests/test_loader.py); init is the seed's too."""
+    a, b, c = (create_model("cbr-tiny", num_outputs=2, in_chans=1, seed=s).model for s in (3, 3, 4))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
