@@ -104,9 +104,19 @@ class PreparedData:
         return rows[labelled]
 
 
-def native_size(index) -> tuple[int, int]:
-    img = index.read_image(0)
-    return int(img.shape[0]), int(img.shape[1])
+def native_size(index, tries: int = 20) -> tuple[int, int]:
+    """Height and width of the first readable image (a bad image is reported by the cache, per on_bad_image)."""
+    first_error = None
+    for row in range(min(len(index), tries)):
+        try:
+            img = index.read_image(row)
+        except DataError as err:
+            first_error = first_error or err
+            continue
+        return int(img.shape[0]), int(img.shape[1])
+    if first_error is not None:
+        raise first_error
+    raise DataError("the dataset has no images", where=index.name)
 
 
 def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter) -> PreparedData:
@@ -343,20 +353,27 @@ class Runner:
         if not tuner.supports_checkpoints:
             return tuner, History(), 0
         store.remove_partial_files()
+        problem = None
+        ckpt = None
         try:
             ckpt = store.load(key=key)
-            if ckpt is None:
-                return tuner, History(), 0
-            tuner.load_training_state(ckpt.step, ckpt.shared, ckpt.local)
-            history = History.from_dict(ckpt.meta["history"])
-            if len(history.step) != ckpt.step:
-                raise ValueError(f"history has {len(history.step)} steps, the checkpoint {ckpt.step}")
+            if ckpt is not None:
+                history = History.from_dict(ckpt.meta["history"])
+                if len(history.step) != ckpt.step:
+                    raise ValueError(f"history has {len(history.step)} steps, the checkpoint {ckpt.step}")
+                tuner.load_training_state(ckpt.step, ckpt.shared, ckpt.local)
         except (CheckpointUnusable, ValueError, KeyError, TypeError) as err:
-            self.reporter.message(f"{run.path}: checkpoint not used ({err}); training from step 0")
+            problem = err
+        (any_problem,) = _agree(dist, problem is not None)  # every rank resumes, or none does
+        if any_problem:
+            self.reporter.message(f"{run.path}: checkpoint not used ({problem or 'unusable on another rank'}); "
+                                  "training from step 0")
             _barrier(dist)
             if dist.is_main:
                 store.clear()
-            return build(), History(), 0
+            return build(), History(), 0  # a fresh network: a failed load may have changed some tensors
+        if ckpt is None:
+            return tuner, History(), 0
         self.reporter.message(f"{run.path.name}: resuming at step {ckpt.step}")
         return tuner, history, ckpt.step
 
