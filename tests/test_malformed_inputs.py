@@ -376,9 +376,12 @@ def test_corpus_is_large() -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))
-def test_malformed_input_gives_one_clear_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_malformed_input_gives_one_clear_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             recwarn: pytest.WarningsRecorder) -> None:
     setup, fragments = CORPUS[case]
     code, out, err = invoke(setup(tmp_path), capsys)
+    # a Python warning would print more lines on a real terminal (pytest collects them instead)
+    assert [str(w.message) for w in recwarn] == []
     assert code == 2, (case, out, err)
     assert "Traceback" not in err + out
     lines = err.strip().splitlines()
