@@ -439,15 +439,16 @@ class Runner:
             done = step + 1
             progress["steps_done"] = done
             save, stop = _agree(dist, can_save and clock.due(done), self.stop.requested)
-            if can_save and (save or stop):
+            # a stop always checkpoints (even with periodic checkpoints off): it costs one write
+            if tuner.supports_checkpoints and (save or stop):
                 shared, local = tuner.training_state()
                 store.save(done, shared, local, key=key, meta={"history": history.as_dict()})
                 clock.saved()
                 progress["checkpoint_step"] = done
             if stop:
-                saved = "checkpoint saved" if can_save else "no checkpoint (fp16)"
+                saved = "checkpoint saved" if tuner.supports_checkpoints else "fp16 runs are not checkpointed"
                 raise StopRequested(self.stop.signum or 2,
-                                    f"in {req.task} seed {req.seed} at step {done}/{plan.total_steps} ({saved})")
+                                    f"in {req.task} seed {req.seed} at step {done}/{plan.total_steps}, {saved}")
 
         eval_every = max(1, plan.total_steps // 10)
         started = now_utc()

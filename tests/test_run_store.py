@@ -221,7 +221,7 @@ def test_signal_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes_exactly(
     runner, _ = make_runner(tiny, tmp_path)
     # Ctrl-C during step 6: the runner finishes the step, checkpoints, and stops
     runner.reporter.on_step = lambda step: step == 5 and os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(StopRequested, match="at step 6/12 \\(checkpoint saved\\)"):
+    with pytest.raises(StopRequested, match="at step 6/12, checkpoint saved"):
         runner.run_all([REQ])
     run = RunDir(tmp_path / reference["rel"])
     assert run.status is None  # not complete, and not recorded as failed
