@@ -332,3 +332,20 @@ def test_seed_fixes_the_initialisation() -> None:
     a, b, c = (create_model("cbr-tiny", num_outputs=2, in_chans=1, seed=s).model for s in (3, 3, 4))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), "out-of-memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "out-of-memory"),
+    (MemoryError(), "out-of-memory"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "device"),
+    (RuntimeError("NCCL communicator was aborted on rank 1"), "device"),
+    (RunFailed("x", field="--fail-fast"), "input"),
+    (KeyError("conv1.weight"), "crash"),
+])
+def test_failures_are_classified_with_what_to_do(error: BaseException, kind: str) -> None:
+    from medbench.failures import failure_record
+
+    record = failure_record(error, task="t")
+    assert record["kind"] == kind and record["status"] == "failed" and record["task"] == "t"
+    assert "\n" not in record["error"] and record["hint"]
