@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO
 from tiny_tasks import RUNS, STEPS_PER_RUN, write_tiny_tasks
 
 
@@ -62,10 +62,21 @@ def board_numbers(path: Path) -> list[tuple]:
             for e in board["entries"]]
 
 
+def suite_env() -> dict[str, str]:
+    """This process's environment without the process-group variables in-process tests may have set
+    (a child inheriting MASTER_PORT would try to listen on a port this process holds)."""
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": str(REPO)}
+
+
 def start_suite(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "medbench.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
+                            stderr=subprocess.DEVNULL, env=suite_env(), cwd=REPO, start_new_session=True)
+
+
+def run_suite(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medbench.cli", *args], capture_output=True, text=True,
+                          env=suite_env(), cwd=REPO, timeout=600)
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:
@@ -88,7 +99,7 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:
 def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
     tasks = write_tiny_tasks(tmp_path / "tasks")
     reference = tmp_path / "uninterrupted"
-    proc = run_cli(*suite_args(tasks, reference))
+    proc = run_suite(suite_args(tasks, reference))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -118,7 +129,7 @@ def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
     assert kills >= 4
     assert 0 < len(seen) < RUNS  # the kills left some runs complete and some not
 
-    final = run_cli(*suite_args(tasks, out))
+    final = run_suite(suite_args(tasks, out))
     assert final.returncode == 0, final.stderr[-3000:]
     assert f"{len(seen)} run(s) were already complete and reused" in final.stdout
     now = complete_results(out)
