@@ -88,7 +88,13 @@ class Catalog:
             try:
                 head = yaml.safe_load(path.read_text(encoding="utf-8"))
             except yaml.YAMLError as err:
-                raise SpecError(f"invalid YAML: {getattr(err, 'problem', err)}", where=path) from err
+                mark = getattr(err, "problem_mark", None)
+                raise SpecError(f"invalid YAML: {getattr(err, 'problem', None) or err}", where=path,
+                                field=f"line {mark.line + 1}" if mark is not None else None) from err
+            except UnicodeDecodeError as err:
+                raise SpecError(f"not UTF-8 text (byte {err.start}); expected a YAML file", where=path) from err
+            except OSError as err:
+                raise SpecError(f"cannot read: {err.strerror or err}", where=path) from err
             if not isinstance(head, dict):
                 raise SpecError("expected a mapping with 'task:' or 'suite:'", where=path)
             if "task" in head:
@@ -139,7 +145,8 @@ class Catalog:
     def suite_tasks(self, name: str, _stack: tuple[str, ...] = ()) -> list[str]:
         """The suite's tasks in order, nested suites expanded, duplicates removed."""
         if name in _stack:
-            raise SpecError(f"suite cycle: {' -> '.join((*_stack, name))}", field="suites")
+            raise SpecError(f"suite cycle: {' -> '.join((*_stack, name))}", where=self._entries[("suite", name)].path,
+                            field="suites")
         suite = self.suite(name)
         path = self._entries[("suite", name)].path
         out: list[str] = []

@@ -43,9 +43,24 @@ def _fail(err: BaseException) -> None:
 
     if _DEBUG["on"]:
         raise err
-    code = getattr(err, "exit_code", 2) if isinstance(err, MedbenchError) else 2
-    print(f"medbench: error: {err}", file=sys.stderr)
+    if isinstance(err, OSError) and not isinstance(err, MedbenchError):
+        from medbench.utils import output_error
+
+        err = output_error(Path(err.filename) if err.filename else Path("."), err)
+    if isinstance(err, MedbenchError):
+        code, text = err.exit_code, str(err)
+    else:  # not a user error: still one line; --debug shows where it came from
+        code, text = 2, f"unexpected {type(err).__name__}: {' '.join(str(err).split())} (--debug shows the traceback)"
+    print(f"medbench: error: {text}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """Ctrl-C / SIGTERM: say what is kept and how to go on, exit 128 + signal."""
+    detail = f" ({err})" if str(err) else ""
+    print(f"medbench: interrupted{detail}; completed runs are kept and interrupted runs resume from their last "
+          "checkpoint: rerun the same command", file=sys.stderr)
+    raise typer.Exit(getattr(err, "exit_code", 130))
 
 
 def _version(value: bool) -> None:
@@ -160,15 +175,24 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
     assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, help="Sustained TFLOP/s for --dry-run time estimates."),
+    checkpoint_every: Optional[List[str]] = typer.Option(
+        None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
+        "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
+    allow_outside_data_root: bool = typer.Option(
+        False, "--allow-outside-data-root", help="Let task specs and label files name absolute paths or paths "
+        "outside the dataset folder (off: such paths are refused). Env: MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1."),
 ) -> None:
     """Fine-tune BACKBONE on every task of the suites/tasks and write the leaderboard."""
     try:
         _run(backbone=backbone, suites=suite or [], tasks=task or [], seeds=seeds, data_root=data_root,
              data=data or [], out=out, max_steps=max_steps, init=init, weights=weights, dry_run=dry_run,
              tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
-             micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops)
+             micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
+             checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root)
     except typer.Exit:
         raise
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     except Exception as err:
         _fail(err)
 
@@ -188,7 +212,8 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 
 
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
-         engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops) -> None:
+         engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
+         allow_outside_data_root) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.catalog import Catalog
@@ -197,11 +222,15 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     catalog = Catalog(tasks_dir)
     names = _selected_tasks(catalog, suites, tasks)
     bb = get_backbone(backbone)
-    locations = DataLocations.from_cli(data_root, data)
+    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
+    from medbench.train.checkpoint import CheckpointPolicy
+
+    checkpoints = CheckpointPolicy.parse(checkpoint_every)
     if dry_run:
         if init is not None:
             parse_init(init)
-        _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tflops)
+        _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tflops,
+                    engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch})
         return
 
     from medbench.results import RunStore
@@ -219,21 +248,24 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     store = RunStore(out)
     _check_writable(out)
     with _RichReporter() as reporter:
-        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast)
+        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
 
 
 def _check_writable(out: Path) -> None:
-    from medbench.errors import UsageError
+    from medbench.errors import OutputError
 
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a folder; expected a folder for the run store", where=out, field="--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".medbench-write-test"
+        probe = out / f".medbench-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise UsageError(f"output folder is not writable: {err.strerror}", where=out, field="--out") from err
+        raise OutputError(f"output folder is not writable ({err.strerror or err}); expected a folder this user "
+                          "can write", where=out, field="--out") from err
 
 
 def _finish(outcomes, store) -> None:
@@ -242,16 +274,22 @@ def _finish(outcomes, store) -> None:
 
     if not prepare_environment().is_main:
         return
-    done = [o.run_dir for o in outcomes if o.status in ("ok", "skipped") and o.run_dir is not None]
+    # a run another process was training counts once it is complete
+    done = [o.run_dir for o in outcomes if o.run_dir is not None and
+            (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
     board = write_leaderboard(done, store.leaderboard_path())
     _print_board(board)
     failed = [o for o in outcomes if o.status == "failed"]
+    busy = [o for o in outcomes if o.status == "busy" and not o.run_dir.complete]
     skipped = sum(o.status == "skipped" for o in outcomes)
     con = _console()
     if skipped:
         con.print(f"{skipped} run(s) were already complete and reused.")
+    if busy:
+        con.print(f"{len(busy)} run(s) are being trained by another medbench process; rerun to include them.")
     for o in failed:
-        con.print(f"[red]failed[/red] {o.request.task} seed {o.request.seed}: {o.error}", soft_wrap=True)
+        where = f" (details: {o.run_dir.path / 'result.json'})" if o.run_dir else ""
+        con.print(f"[red]failed[/red] {o.request.task} seed {o.request.seed}: {o.error}{where}", soft_wrap=True)
     con.print(f"leaderboard: {store.leaderboard_path()}")
     sys.stdout.flush()
     if failed:
@@ -280,15 +318,23 @@ def _print_board(board: dict) -> None:
     _console().print(table)
 
 
-def _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tflops) -> None:
+def _gb(memory: dict | None) -> str:
+    if not memory:
+        return "?"
+    bound = "<=" if memory.get("activations_upper_bound") else ""
+    return f"{bound}{memory['total'] / 1e9:.2f}"
+
+
+def _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tflops, engine=None) -> None:
     from rich.table import Table
 
     from medbench.plan import plan_runs
 
-    plans = plan_runs(catalog, names, backbone, seeds, locations, max_steps=max_steps, assume_tflops=assume_tflops)
+    plans = plan_runs(catalog, names, backbone, seeds, locations, max_steps=max_steps, assume_tflops=assume_tflops,
+                      engine=engine)
     table = Table(title=f"plan: {backbone} on {len(plans)} task(s)")
     for col in ("task", "dataset", "data", "n_train", "steps", "batch", "input", "seeds", "GFLOP/img",
-                "PFLOP/run", "h/run"):
+                "PFLOP/run", "h/run", "GB/device"):
         table.add_column(col)
     total_h = 0.0
     for p in plans:
@@ -298,12 +344,21 @@ def _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tf
         table.add_row(p.task, p.dataset, p.data_status, n, str(p.steps or "?"), str(p.batch_size),
                       f"{p.resize}->{p.crop}", str(p.seeds), f"{p.gflops_per_image:.1f}",
                       f"{p.train_pflops_per_run:.2f}" if p.train_pflops_per_run else "?",
-                      f"{h:.2f}" if h is not None else "?")
+                      f"{h:.2f}" if h is not None else "?",
+                      _gb(p.memory))
     con = _console()
     con.print(table)
     runs = sum(p.seeds for p in plans)
     con.print(f"{runs} runs; estimated {total_h:.1f} device-hours at {assume_tflops:g} TFLOP/s sustained "
               "(training only; schedules of tasks with unknown size not counted)")
+    worst = max((p for p in plans if p.memory), key=lambda p: p.memory["total"], default=None)
+    if worst is not None:
+        m = worst.memory
+        con.print(f"memory per device, largest task ({worst.task}, micro-batch {m['micro_batch']}): "
+                  f"params {m['params'] / 1e9:.2f} GB + grads {m['grads'] / 1e9:.2f} + optimizer "
+                  f"{m['optimizer'] / 1e9:.2f} + activations {m['activations'] / 1e9:.2f} (measured on the meta "
+                  f"device{', fp32 upper bound' if m['activations_upper_bound'] else ''}) = {m['total'] / 1e9:.2f} GB; "
+                  "--micro-batch N lowers the activations")
     for p in plans:
         if p.data_status in ("missing", "incomplete"):
             where = p.data_path or f"--data {p.dataset}=PATH or --data-root DIR"
@@ -421,12 +476,44 @@ class _RichReporter:
         self.progress.console.print(text)
 
 
-def main() -> None:
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(argument errors, aborts) of the click that typer uses (vendored since typer 0.29, or click)."""
+    errors: list[type] = [t for t in (getattr(typer, "TyperException", None),) if t is not None]
+    aborts: list[type] = [typer.Abort, KeyboardInterrupt]
     try:
-        app()
-    except KeyboardInterrupt:
+        import click
+
+        errors.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:  # pragma: no cover - typer vendors click
+        pass
+    return tuple(errors), tuple(aborts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``medbench`` entry point: every error is one line on stderr (``--debug``: a traceback)."""
+    usage_errors, aborts = _click_exception_types()
+    try:
+        code = app(args=argv, prog_name="medbench", standalone_mode=False)
+    except usage_errors as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare ``medbench``: the help text
+            err.show()
+            code = err.exit_code
+        else:  # typer/click's own argument errors (missing option, bad value, unknown command, ...)
+            ctx = getattr(err, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"medbench: error: {' '.join(err.format_message().split())}{where}", file=sys.stderr)
+            code = getattr(err, "exit_code", 2) or 2
+    except aborts:
         print("medbench: interrupted; completed runs are kept", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    except Exception as err:  # an error outside the commands' own handling: still one line
+        if _DEBUG["on"]:
+            raise
+        print(f"medbench: error: unexpected {type(err).__name__}: {' '.join(str(err).split())} "
+              "(--debug shows the traceback)", file=sys.stderr)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

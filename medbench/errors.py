@@ -44,6 +44,14 @@ class UsageError(MedbenchError):
     """A command-line argument is invalid."""
 
 
+class OutputError(MedbenchError):
+    """The output folder (or a cache) cannot be written: read-only, full, missing.
+
+    Always stops the suite: nothing later could be saved either. Files written
+    before are intact (every write is atomic).
+    """
+
+
 class RunFailed(MedbenchError):
     """One run of a suite failed; recorded, the suite goes on unless --fail-fast."""
 

@@ -2,25 +2,47 @@
 
 Layout under the output folder::
 
-    runs/<task>/<backbone>/<init>-seed<k>-<key>/
+    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/
         config.json          what defines the run (resolved task spec, backbone, plan, ...)
         predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars)
+        splits.parquet       the split every sample was in
         history.json         training loss, lr and validation curve
         metrics.json         scores computed from the predictions
-        result.json          written last: the run is complete iff it exists with status "ok"
+        result.json          written last: the run is complete iff it exists with status "ok";
+                             status "failed" records an error (line, kind, traceback) instead
+        checkpoint/          while training: the last checkpoint (see medbench.train.checkpoint);
+                             removed once the run is complete
+        .lock                held (flock) by the process training the run
     leaderboard.json
 
-``<key>`` is a hash of everything that determines the run's numbers (task
-hash, data fingerprint, backbone, init, weights, seed, schedule cap, engine
-settings, medbench version), so changing any of them makes a new run.
+**The key.** ``<key>`` is :func:`medbench.runner.run_key`: a sha256 of
+everything that fixes the run's numbers: every field of the run request (task,
+backbone, resolved init, the *content* hash of the weights file, seed, step
+cap, engine settings, and any field added later), the task's content hash,
+the data fingerprint of the task and of each OOD target, the resolved training
+plan and input geometry, the world size, the medbench version and the store
+format. Changing any of them makes a new run; nothing else does (checkpoint
+settings, thread count, output paths). The code revision (git sha) and
+library versions are recorded in each result's provenance, not in the key:
+a completed run is reused across commits of the same release.
+
+**Completion and failures.** ``result.json`` is written last, atomically,
+after every other file; a folder without it (or with ``status: failed``) is
+not complete: the next ``medbench run`` trains it again, resuming from its
+checkpoint when there is one. Every file is written through
+:func:`medbench.utils.atomic_path` (temporary file, fsync, rename), so a kill
+at any instant leaves each file old-or-whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medbench.utils import atomic_write_json
 
@@ -29,6 +51,10 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 HISTORY = "history.json"
 PREDICTIONS = "predictions"
+CHECKPOINT = "checkpoint"
+LOCK = ".lock"
+#: bumped when the layout or the meaning of a stored file changes (part of the run key)
+STORE_FORMAT = 2
 
 
 def safe_name(name: str) -> str:
@@ -43,6 +69,10 @@ class RunDir:
     def predictions(self) -> Path:
         return self.path / PREDICTIONS
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT
+
     def prediction_file(self, name: str) -> Path:
         return self.predictions / f"{safe_name(name)}.parquet"
 
@@ -53,18 +83,73 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def result(self) -> dict | None:
+        """The parsed ``result.json`` (complete or failed run), or None (absent, unreadable)."""
         p = self.path / RESULT
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
+            r = json.loads(p.read_text())
         except (OSError, ValueError):
             return None
+        return r if isinstance(r, dict) else None
+
+    @property
+    def status(self) -> str | None:
+        """``"ok"``, ``"failed"``, or None (never finished: running, interrupted or not started)."""
+        r = self.result()
+        return r.get("status") if r else None
 
     @property
     def complete(self) -> bool:
-        r = self.result()
-        return bool(r and r.get("status") == "ok")
+        return self.status == "ok"
+
+    def write_result(self, result: dict) -> None:
+        """The completion marker: call after every other file of the run is written."""
+        assert result.get("status") == "ok"
+        self.write_json(RESULT, result)
+
+    def write_failure(self, record: dict) -> None:
+        """Record a failed attempt (``status: failed``); the run stays incomplete and is retried."""
+        assert record.get("status") == "failed"
+        previous = self.result() or {}
+        attempt = int(previous.get("attempt", 1)) + 1 if previous.get("status") == "failed" else 1
+        self.write_json(RESULT, {**record, "attempt": attempt})
+
+    def clear_checkpoint(self) -> None:
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[bool]:
+        """Hold the run's lock while training it: yields False when another process holds it.
+
+        An advisory ``flock`` on ``<run>/.lock``: released by the kernel when the
+        holder exits, even by SIGKILL, so a stale lock never blocks a rerun. On
+        file systems without working flock (some NFS setups) two processes can
+        still train the same run; their numbers are identical and every write is
+        atomic, so the store stays consistent.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield True
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            except OSError:  # flock unsupported here: proceed unlocked
+                yield True
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 class RunStore:
@@ -78,8 +163,15 @@ class RunStore:
     def leaderboard_path(self) -> Path:
         return self.out / "leaderboard.json"
 
+    def runs(self) -> list[RunDir]:
+        """Every run folder (complete or not)."""
+        return [RunDir(p) for p in sorted((self.out / "runs").glob("*/*/*")) if p.is_dir()]
+
     def completed(self) -> list[RunDir]:
-        return [RunDir(p.parent) for p in sorted((self.out / "runs").glob(f"*/*/*/{RESULT}")) if RunDir(p.parent).complete]
+        return [r for r in self.runs() if r.complete]
+
+    def failed(self) -> list[RunDir]:
+        return [r for r in self.runs() if r.status == "failed"]
 
 
 def find_run_dirs(paths: list[Path]) -> list[RunDir]:

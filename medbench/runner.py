@@ -8,9 +8,10 @@ This module only orchestrates; each stage lives in its own module.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -21,13 +22,15 @@ from medbench.catalog import Catalog
 from medbench.data.cache import CachedImages, build_cache
 from medbench.data.locate import DataLocations
 from medbench.data.task_data import TaskData, load_task_data
-from medbench.errors import DataError, MedbenchError
+from medbench.errors import DataError, OutputError, RunFailed
+from medbench.failures import GracefulStop, StopRequested, failure_record, one_line, release_memory
 from medbench.predictions import Predictions
-from medbench.results import CONFIG, HISTORY, METRICS, RunDir, RunStore
+from medbench.results import CONFIG, HISTORY, METRICS, STORE_FORMAT, RunDir, RunStore
 from medbench.specs import ResolvedTask
+from medbench.train.checkpoint import CheckpointPolicy
 from medbench.train.finetune import EngineConfig
 from medbench.train.hyperrule import make_plan, resolve_input
-from medbench.utils import sha256_json
+from medbench.utils import atomic_write_bytes, sha256_json
 
 EVAL_BATCH = 128
 CANONICAL_META = ["sample_id", "patient_id", "split", "sex", "age", "view", "site"]
@@ -48,7 +51,7 @@ class RunRequest:
 class RunOutcome:
     request: RunRequest
     run_dir: RunDir | None
-    status: str  # "ok" | "skipped" (already complete) | "failed"
+    status: str  # "ok" | "skipped" (already complete) | "failed" | "busy" (another process trains it)
     result: dict | None = None
     error: str | None = None
 
@@ -84,6 +87,12 @@ class PreparedData:
     resize: int
     crop: int
 
+    @property
+    def fingerprint(self) -> str:
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = self.data.index.fingerprint()
+        return self._fingerprint
+
     def rows(self, split: str) -> np.ndarray:
         rows = self.data.rows(split)
         return rows[self.images.ok[rows]]
@@ -95,9 +104,19 @@ class PreparedData:
         return rows[labelled]
 
 
-def native_size(index) -> tuple[int, int]:
-    img = index.read_image(0)
-    return int(img.shape[0]), int(img.shape[1])
+def native_size(index, tries: int = 20) -> tuple[int, int]:
+    """Height and width of the first readable image (a bad image is reported by the cache, per on_bad_image)."""
+    first_error = None
+    for row in range(min(len(index), tries)):
+        try:
+            img = index.read_image(row)
+        except DataError as err:
+            first_error = first_error or err
+            continue
+        return int(img.shape[0]), int(img.shape[1])
+    if first_error is not None:
+        raise first_error
+    raise DataError("the dataset has no images", where=index.name)
 
 
 def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter) -> PreparedData:
@@ -111,18 +130,36 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporte
     return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop)
 
 
-def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_id: str | None) -> str:
+def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_id: str | None, *,
+            plan: dict | None = None, input_geometry: dict | None = None, ood: list | None = None,
+            world_size: int = 1) -> str:
+    """The run store key: a sha256 of everything that fixes a run's numbers (see :mod:`medbench.results`).
+
+    ``request`` has its init resolved. Every field of :class:`RunRequest` enters
+    the key, so a field added later (a data fraction, a frozen-layer option)
+    separates runs without touching this function; fields that are None are
+    left out, so adding an optional field keeps the keys of earlier runs.
+    ``weights`` enters as ``weights_id`` (the file's sha256), not as its path.
+    Beside the request: the task's content hash, the data fingerprint, the OOD
+    targets' hashes and fingerprints, the resolved plan (schedule, batch, lr,
+    MixUp) and input geometry, the world size (batch statistics are per rank),
+    the medbench version and the store format. Not in the key (they do not
+    change the numbers, or are recorded as provenance instead): checkpoint
+    settings, thread count, output folder, git revision, library versions.
+    """
     import medbench
 
+    fields = {k: v for k, v in asdict(request).items() if v is not None}
+    fields["weights"] = weights_id
     return sha256_json({
+        "store_format": STORE_FORMAT,
+        "request": fields,
         "task_hash": task.hash,
         "data": fingerprint,
-        "backbone": request.backbone,
-        "init": request.init,
-        "weights": weights_id,
-        "seed": request.seed,
-        "max_steps": request.max_steps,
-        "engine": asdict(request.engine),
+        "ood": ood or [],
+        "plan": plan,
+        "input": input_geometry,
+        "world_size": world_size,
         "medbench": medbench.__version__,
     })
 
@@ -150,16 +187,47 @@ def _prediction_meta(prepared: PreparedData, rows: np.ndarray, extra_columns: li
     return table[rows.tolist()].select(cols)
 
 
+def _agree(dist, *flags: bool) -> tuple[bool, ...]:
+    """Flags true on any rank are true on every rank (one tiny all-reduce; nothing in a single process)."""
+    if dist.world_size == 1:
+        return flags
+    import torch
+    import torch.distributed as tdist
+
+    t = torch.tensor([int(f) for f in flags], device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def _barrier(dist) -> None:
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
 class Runner:
-    """Executes run requests into a run store; one failing run does not stop the others."""
+    """Executes run requests into a run store.
+
+    Before any training, :meth:`preflight` checks every request (specs,
+    metrics, data loaded and cached, OOD targets, engine settings): bad input
+    stops the suite there with one error naming the file and field. Then each
+    run is skipped when complete, resumed from its checkpoint when interrupted,
+    or trained; a run that fails is recorded (``result.json`` with status
+    ``failed``) and the suite goes on, unless ``fail_fast``. A full or
+    read-only output folder stops the suite (:class:`~medbench.errors.OutputError`).
+    """
 
     def __init__(self, catalog: Catalog, locations: DataLocations, store: RunStore, *,
-                 reporter: Reporter | None = None, fail_fast: bool = False):
+                 reporter: Reporter | None = None, fail_fast: bool = False,
+                 checkpoints: CheckpointPolicy | None = None):
         self.catalog = catalog
         self.locations = locations
         self.store = store
         self.reporter = reporter or SilentReporter()
         self.fail_fast = fail_fast
+        self.checkpoints = checkpoints or CheckpointPolicy()
+        self.stop = GracefulStop()  # installed (signal handlers) by run_all
         self._prepared: dict[str, PreparedData] = {}
 
     def prepared(self, task_name: str) -> PreparedData:
@@ -167,63 +235,184 @@ class Runner:
             self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter)
         return self._prepared[task_name]
 
+    def _ood_target(self, task: ResolvedTask, target) -> tuple[ResolvedTask, PreparedData, list[tuple[str, str]]]:
+        """An OOD target's task, prepared data and label pairs, checked against the source task."""
+        if target.task not in self.catalog.task_names():
+            from medbench.errors import SpecError
+            from medbench.utils import did_you_mean
+
+            raise SpecError(f"unknown OOD target task {target.task!r}{did_you_mean(target.task, self.catalog.task_names())}",
+                            where=str(task.path), field="ood.task")
+        tgt_task = self.catalog.task(target.task)
+        pairs = _ood_label_pairs(task, tgt_task, target.label_map)
+        tgt = self.prepared(target.task)
+        src = self.prepared(task.name)
+        if tgt.images.size != src.images.size or tgt.images.channels != src.images.channels:
+            raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
+                            f"the task at {src.images.size}px/{src.images.channels}ch; align their input:",
+                            where=str(task.path), field="ood")
+        return tgt_task, tgt, pairs
+
+    def preflight(self, requests: list[RunRequest]) -> None:
+        """Check every request before anything trains; raises a MedbenchError naming file and field."""
+        from medbench.backbones.registry import get_backbone
+        from medbench.scoring import check_metrics
+        from medbench.train.distributed import prepare_environment
+        from medbench.train.finetune import check_engine
+
+        dist = prepare_environment()
+        for name in dict.fromkeys(r.task for r in requests):
+            task = self.catalog.task(name)
+            check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
+            if len(self.prepared(name).train_rows(task.spec.type)) == 0:
+                raise DataError("no labelled training image", where=str(task.path), field="labels")
+            for target in task.spec.ood:
+                self._ood_target(task, target)
+        for req in requests:
+            get_backbone(req.backbone)
+            spec = self.catalog.task(req.task).spec
+            plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
+                             max_steps=req.max_steps)
+            check_engine(plan, req.engine, dist)
+
     def run_all(self, requests: list[RunRequest]) -> list[RunOutcome]:
         outcomes = []
-        for i, req in enumerate(requests):
-            try:
-                outcome = self.run_one(req, i, len(requests))
-            except MedbenchError as err:
-                if self.fail_fast:
+        with GracefulStop() as stop:
+            self.stop = stop
+            self.preflight(requests)
+            for i, req in enumerate(requests):
+                stop.check(f"before {req.task} seed {req.seed}")
+                try:
+                    outcome = self.run_one(req, i, len(requests))
+                except (KeyboardInterrupt, OutputError):
                     raise
-                outcome = RunOutcome(req, None, "failed", error=str(err))
-            except Exception as err:  # a crash in one run is recorded; the suite goes on
-                if self.fail_fast:
-                    raise
-                outcome = RunOutcome(req, None, "failed", error=f"{type(err).__name__}: {err}",
-                                     result={"traceback": traceback.format_exc()})
-            self.reporter.run_finished(outcome)
-            outcomes.append(outcome)
+                except Exception as err:  # failed before its run folder was known: reported, not stored
+                    if self.fail_fast:
+                        raise
+                    outcome = RunOutcome(req, None, "failed", error=one_line(err), result=failure_record(err))
+                self.reporter.run_finished(outcome)
+                outcomes.append(outcome)
+                if outcome.status == "failed" and self.fail_fast:
+                    where = f" (record: {outcome.run_dir.path / 'result.json'})" if outcome.run_dir else ""
+                    raise RunFailed(f"{req.task} seed {req.seed} failed: {outcome.error}{where}", field="--fail-fast")
         return outcomes
 
     def run_one(self, req: RunRequest, index: int = 0, total: int = 1) -> RunOutcome:
+        from medbench.backbones.registry import get_backbone
+        from medbench.backbones.weights import weights_sha256
+        from medbench.train.distributed import prepare_environment
+
+        task = self.catalog.task(req.task)
+        spec = task.spec
+        init = req.init or get_backbone(req.backbone).default_init
+        prepared = self.prepared(req.task)
+        dist = prepare_environment()
+        plan = make_plan(len(prepared.train_rows(spec.type)), spec.hyperrule, max_steps=req.max_steps)
+        ood = []
+        for target in spec.ood:
+            tgt_task, tgt, _ = self._ood_target(task, target)
+            ood.append([target.display_name, tgt_task.hash, tgt.fingerprint])
+        key = run_key(replace(req, init=init), task, prepared.fingerprint,
+                      weights_sha256(req.weights) if req.weights else None, plan=plan.as_dict(),
+                      input_geometry={"resize": prepared.resize, "crop": prepared.crop,
+                                      "channels": spec.input.channels},
+                      ood=ood, world_size=dist.world_size)
+        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key)
+        if run.complete:
+            if dist.is_main:
+                run.clear_checkpoint()  # left behind by a kill between result.json and its removal
+            return RunOutcome(req, run, "skipped", result=run.result())
+        claim = run.claim() if dist.world_size == 1 else contextlib.nullcontext(True)
+        with claim as claimed:
+            if not claimed:
+                return RunOutcome(req, run, "busy", error="another medbench process is training this run")
+            progress: dict = {"steps_done": 0, "resumed_from_step": 0, "checkpoint_step": None}
+            try:
+                with self.stop.deferred():
+                    return self._train_and_write(req, run, key, task, init, prepared, plan, dist, progress,
+                                                 index, total)
+            except (KeyboardInterrupt, SystemExit, OutputError):
+                raise  # not the run's fault: its checkpoint stays and the next invocation resumes it
+            except Exception as err:
+                from medbench.provenance import now_utc
+
+                record = failure_record(err, key=key, task=task.name, backbone=req.backbone, init=init,
+                                        seed=req.seed, failed_at=now_utc(), **progress)
+                del err
+                release_memory()
+                if dist.is_main:
+                    run.write_failure(record)
+                return RunOutcome(req, run, "failed", result=record, error=record["error"])
+
+    def _resume(self, run: RunDir, key: str, build, dist, store) -> tuple:
+        """(tuner, history, start step): from the run's checkpoint when there is a usable one."""
+        from medbench.train.checkpoint import CheckpointUnusable
+        from medbench.train.finetune import History
+
+        tuner = build()
+        if not tuner.supports_checkpoints:
+            return tuner, History(), 0
+        store.remove_partial_files()
+        problem = None
+        ckpt = None
+        try:
+            ckpt = store.load(key=key)
+            if ckpt is not None:
+                history = History.from_dict(ckpt.meta["history"])
+                if len(history.step) != ckpt.step:
+                    raise ValueError(f"history has {len(history.step)} steps, the checkpoint {ckpt.step}")
+                tuner.load_training_state(ckpt.step, ckpt.shared, ckpt.local)
+        except (CheckpointUnusable, ValueError, KeyError, TypeError) as err:
+            problem = err
+        (any_problem,) = _agree(dist, problem is not None)  # every rank resumes, or none does
+        if any_problem:
+            self.reporter.message(f"{run.path}: checkpoint not used ({problem or 'unusable on another rank'}); "
+                                  "training from step 0")
+            _barrier(dist)
+            if dist.is_main:
+                store.clear()
+            return build(), History(), 0  # a fresh network: a failed load may have changed some tensors
+        if ckpt is None:
+            return tuner, History(), 0
+        self.reporter.message(f"{run.path.name}: resuming at step {ckpt.step}")
+        return tuner, history, ckpt.step
+
+    def _train_and_write(self, req: RunRequest, run: RunDir, key: str, task: ResolvedTask, init: str,
+                         prepared: PreparedData, plan, dist, progress: dict, index: int, total: int) -> RunOutcome:
         import torch
 
         from medbench.backbones.create import create_model
         from medbench.backbones.registry import get_backbone
-        from medbench.backbones.weights import weights_sha256
         from medbench.data.loader import Normalization, TrainStream, eval_batches
         from medbench.provenance import code_provenance, now_utc
-        from medbench.scoring import check_metrics
         from medbench.scoring.runs import rescore
-        from medbench.train.distributed import describe_device, prepare_environment
+        from medbench.train.checkpoint import CheckpointClock, CheckpointStore
+        from medbench.train.distributed import describe_device
         from medbench.train.finetune import Finetuner, logits_to_probs, predict_logits
 
-        task = self.catalog.task(req.task)
         spec = task.spec
-        check_metrics(spec.metrics, spec.type, where=str(task.path))
         backbone = get_backbone(req.backbone)
-        init = req.init or backbone.default_init
-        prepared = self.prepared(req.task)
-        fingerprint = prepared.data.index.fingerprint()
-        weights_id = weights_sha256(req.weights) if req.weights else None
-        key = run_key(RunRequest(**{**asdict(req), "init": init, "engine": req.engine}), task, fingerprint, weights_id)
-        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key)
-        if run.complete:
-            return RunOutcome(req, run, "skipped", result=run.result())
-
-        dist = prepare_environment()
         train_rows = prepared.train_rows(spec.type)
         val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
-        plan = make_plan(len(train_rows), spec.hyperrule, max_steps=req.max_steps)
-        self.reporter.run_started(index, total, req, plan.total_steps)
+        if dist.is_main:
+            run.path.mkdir(parents=True, exist_ok=True)
+        built = None
 
-        built = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
-                             init=init, weights=req.weights, seed=req.seed)
+        def build():
+            nonlocal built
+            built = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
+                                 init=init, weights=req.weights, seed=req.seed)
+            return Finetuner(built.model, plan, spec.type, req.engine, dist, req.seed)
+
+        store = CheckpointStore(run.checkpoint_dir, rank=dist.rank, world_size=dist.world_size,
+                                barrier=lambda: _barrier(dist))
+        tuner, history, start = self._resume(run, key, build, dist, store)
+        progress.update(resumed_from_step=start, steps_done=start, checkpoint_step=start or None)
+        self.reporter.run_started(index, total, req, plan.total_steps)
         norm = Normalization(backbone.mean, backbone.std)
         stream = TrainStream(prepared.images.pixels, prepared.labels, train_rows, batch_size=plan.batch_size,
                              crop=prepared.crop, hflip=spec.input.hflip, norm=norm, seed=req.seed,
                              balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size)
-        tuner = Finetuner(built.model, plan, spec.type, req.engine, dist, req.seed)
 
         def probs_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
             logits = predict_logits(tuner.module, eval_batches(pixels, rows, crop=crop, norm=norm,
@@ -243,14 +432,31 @@ class Runner:
                                       spec.labels, spec.type)
             return compute_metrics(preds, [headline]).get(headline)
 
+        clock = CheckpointClock(self.checkpoints)
+        can_save = tuner.supports_checkpoints and self.checkpoints.enabled
+
+        def after_step(step: int) -> None:
+            done = step + 1
+            progress["steps_done"] = done
+            save, stop = _agree(dist, can_save and clock.due(done), self.stop.requested)
+            # a stop always checkpoints (even with periodic checkpoints off): it costs one write
+            if tuner.supports_checkpoints and (save or stop):
+                shared, local = tuner.training_state()
+                store.save(done, shared, local, key=key, meta={"history": history.as_dict()})
+                clock.saved()
+                progress["checkpoint_step"] = done
+            if stop:
+                saved = "checkpoint saved" if tuner.supports_checkpoints else "fp16 runs are not checkpointed"
+                raise StopRequested(self.stop.signum or 2,
+                                    f"in {req.task} seed {req.seed} at step {done}/{plan.total_steps}, {saved}")
+
         eval_every = max(1, plan.total_steps // 10)
         started = now_utc()
-        history = tuner.fit(stream.iterate(0, plan.total_steps), evaluate=evaluate_val, eval_every=eval_every,
-                            on_step=self.reporter.step)
+        history = tuner.fit(stream.iterate(start, plan.total_steps), history=history, evaluate=evaluate_val,
+                            eval_every=eval_every, on_step=self.reporter.step, after_step=after_step)
 
         if not dist.is_main:
             return RunOutcome(req, run, "ok")
-        run.path.mkdir(parents=True, exist_ok=True)
         attrs = [a.source_column for a in spec.attributes]
         for split, rows in (("val", val_rows), ("test", test_rows)):
             Predictions.build(_prediction_meta(prepared, rows, attrs),
@@ -259,13 +465,7 @@ class Runner:
 
         ood_records = []
         for target in spec.ood:
-            tgt_task = self.catalog.task(target.task)
-            tgt = self.prepared(target.task)
-            pairs = _ood_label_pairs(task, tgt_task, target.label_map)
-            if tgt.images.size != prepared.images.size or tgt.images.channels != prepared.images.channels:
-                raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
-                                f"the task at {prepared.images.size}px/{prepared.images.channels}ch; align their input:",
-                                where=str(task.path), field="ood")
+            tgt_task, tgt, pairs = self._ood_target(task, target)
             rows = tgt.rows("test")
             probs = probs_for(rows, tgt.images.pixels, prepared.crop)
             src_idx = [spec.labels.index(s) for s, _ in pairs]
@@ -279,9 +479,9 @@ class Runner:
             Predictions.build(meta, sub_probs, [s for s, _ in pairs], spec.type).save(
                 run.prediction_file(f"ood-{target.display_name}"))
             ood_records.append({"name": target.display_name, "task": target.task, "task_hash": tgt_task.hash,
-                                "label_pairs": pairs, "n": int(len(rows)),
-                                "data_fingerprint": tgt.data.index.fingerprint()})
+                                "label_pairs": pairs, "n": int(len(rows)), "data_fingerprint": tgt.fingerprint})
 
+        fingerprint = prepared.fingerprint
         config = {
             "key": key,
             "request": {**asdict(req), "init": init, "weights": str(req.weights) if req.weights else None},
@@ -296,6 +496,7 @@ class Runner:
             "plan": plan.as_dict(),
             "input": {"resize": prepared.resize, "crop": prepared.crop, "channels": spec.input.channels},
             "engine": asdict(req.engine),
+            "world_size": dist.world_size,
             "ood_targets": ood_records,
             "data": {
                 "dataset": spec.dataset.name,
@@ -308,8 +509,9 @@ class Runner:
         }
         run.write_json(CONFIG, config)
         run.write_json(HISTORY, history.as_dict())
-        split_path = run.path / "splits.parquet"
-        prepared.data.split_table().write_parquet(split_path)
+        buf = io.BytesIO()
+        prepared.data.split_table().write_parquet(buf)
+        atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
         scores = rescore(run)
         result = {
             "status": "ok",
@@ -323,6 +525,8 @@ class Runner:
             "started": started,
             "finished": now_utc(),
             "train_seconds": history.seconds,
+            "training": {"resumed_from_step": progress["resumed_from_step"],
+                         "checkpoints": self.checkpoints.describe() if can_save else "off"},
             "provenance": {
                 **code_provenance(),
                 "task_version": spec.version,
@@ -335,7 +539,8 @@ class Runner:
             },
         }
         run.write_json(METRICS, scores)
-        run.write_json("result.json", result)  # last: marks the run complete
+        run.write_result(result)  # last: marks the run complete
+        run.clear_checkpoint()
         return RunOutcome(req, run, "ok", result=result)
 
 

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import errno
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from medbench.errors import OutputError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: files written atomically get the permissions ``open()`` would give them (mkstemp makes 0600)
+_FILE_MODE = 0o666 & ~_current_umask()
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -36,22 +51,77 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def output_error(path: Path, err: OSError) -> "OutputError":
+    """A one-line :class:`~medbench.errors.OutputError` for a failed write of ``path``."""
+    from medbench.errors import OutputError
+
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
+        what = f"the disk is full ({reason}); free space and rerun the same command"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = f"the folder is not writable ({reason}); choose another --out or fix its permissions"
+    else:
+        what = reason
+    return OutputError(f"cannot write: {what}; files written before are intact", where=path)
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it onto ``path``, fsync the folder (the rename survives a crash)."""
+    fd = os.open(tmp, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename itself is atomic
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write to; renamed onto ``path`` when the block succeeds.
+
+    Readers see the old file or the whole new one, never a part. On any error
+    the temporary file is removed; an ``OSError`` (disk full, read-only
+    folder) becomes a one-line :class:`~medbench.errors.OutputError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, _FILE_MODE)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise output_error(path, err) from err
+    tmp = Path(name)
+    try:
+        yield tmp
+        _durable_replace(tmp, path)
+    except BaseException as err:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(err, OSError):
+            raise output_error(path, err) from err
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

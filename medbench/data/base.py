@@ -33,12 +33,16 @@ may name any column as a subgroup attribute.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib
+import os
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -63,6 +67,65 @@ def label_column(name: str) -> str:
     return f"{LABEL_PREFIX}{name}"
 
 
+# --------------------------------------------------------------------------- paths stay inside the data root
+
+_OUTSIDE_ROOT_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("medbench_outside_root", default=False)
+_ALLOW_HINT = "pass --allow-outside-data-root (or MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1) to allow it"
+
+
+@contextlib.contextmanager
+def paths_outside_root_allowed(allowed: bool) -> Iterator[None]:
+    """Within the block, :func:`data_path` and :class:`DatasetIndex` accept paths outside the data root
+    when ``allowed`` (the user's ``--allow-outside-data-root``; set by ``load_task_data``)."""
+    token = _OUTSIDE_ROOT_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _OUTSIDE_ROOT_ALLOWED.reset(token)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    r = os.path.normpath(os.path.abspath(root))
+    q = os.path.normpath(os.path.abspath(path))
+    return q == r or q.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def data_path(root: Path, value: str | Path, *, field: str, where: str | Path | None = None) -> Path:
+    """A path a task declares (a CSV file name, an image folder, ...) resolved against the dataset folder.
+
+    It must stay inside ``root``: an absolute path elsewhere or a ``..`` that
+    climbs out is refused (a task file from a plug-in or a shared folder must
+    not read other files), unless the user allowed it (see
+    :func:`paths_outside_root_allowed`). Symbolic links inside the folder are
+    the user's own choice and are followed. Every adapter resolves its
+    path-like options through this function, naming the option as ``field``
+    (``dataset.options.csv``).
+    """
+    raw = str(value)
+    path = Path(os.path.expanduser(raw)) if raw.startswith("~") else Path(raw)
+    full = path if path.is_absolute() else Path(root) / path
+    if not _OUTSIDE_ROOT_ALLOWED.get() and not _inside(Path(root), full):
+        raise DataError(f"path {raw!r} leaves the dataset folder {root}; expected a path inside it; {_ALLOW_HINT}",
+                        where=where, field=field)
+    return full
+
+
+_ABSOLUTE = r"^([/\\]|[A-Za-z]:[/\\])"
+_PARENT = r"(^|[/\\])\.\.([/\\]|$)"
+
+
+def check_row_paths(table: pl.DataFrame, root: Path, *, where: str) -> None:
+    """Every row's ``path`` stays inside ``root`` (unless allowed): a label file cannot point elsewhere."""
+    if "path" not in table.columns or _OUTSIDE_ROOT_ALLOWED.get():
+        return
+    col = pl.col("path")
+    suspect = table.filter(col.is_not_null() & (col.str.contains(_ABSOLUTE) | col.str.contains(_PARENT)))
+    for sample_id, rel in suspect.select("sample_id", "path").iter_rows():
+        if not _inside(root, Path(root) / rel):
+            raise DataError(f"image path {rel!r} of sample {sample_id!r} leaves the dataset folder {root}; "
+                            f"expected a path inside it; {_ALLOW_HINT}", where=where, field="path")
+
+
 @dataclass
 class DatasetIndex:
     """A dataset as medbench sees it: canonical table + pixel access.
@@ -81,7 +144,10 @@ class DatasetIndex:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.table = conform_table(self.table, self.label_names, where=self.name)
+        where = str(self.source_files[0]) if len(self.source_files) == 1 else self.name  # name the label file
+        self.table = conform_table(self.table, self.label_names, where=where)
+        if self.root is not None:
+            check_row_paths(self.table, self.root, where=where)
         if self.pixels is not None and len(self.pixels) != self.table.height:
             raise DataError(
                 f"{len(self.pixels)} in-memory images for {self.table.height} rows",
@@ -152,14 +218,33 @@ class DatasetIndex:
         return h.hexdigest()
 
 
+def _first_uncastable(table: pl.DataFrame, column: str, dtype: pl.DataType) -> tuple[Any, Any] | None:
+    """(sample_id, value) of the first non-null value of ``column`` that does not cast to ``dtype``."""
+    src = table[column]
+    lost = src.is_not_null() & src.cast(dtype, strict=False).is_null()
+    if not lost.any():
+        return None
+    i = int(lost.arg_true()[0])
+    return table["sample_id"][i], src[i]
+
+
 def conform_table(table: pl.DataFrame, label_names: list[str], *, where: str) -> pl.DataFrame:
-    """Check and cast an adapter's table to the canonical schema."""
+    """Check and cast an adapter's table to the canonical schema.
+
+    A value that does not fit (an age ``"abc"``, a label ``"yes"`` or ``2``) is a
+    :class:`DataError` naming the column, the value and the sample.
+    """
     missing = [c for c in ("sample_id", "patient_id") if c not in table.columns]
     if missing:
         raise DataError(f"adapter produced no column {missing[0]!r}", where=where, field="table")
+    table = table.with_columns(pl.col("sample_id").cast(pl.Utf8))
     exprs = []
     for name, dtype in CANONICAL_SCHEMA.items():
         if name in table.columns:
+            bad_value = _first_uncastable(table, name, dtype)
+            if bad_value is not None:
+                raise DataError(f"value {bad_value[1]!r} of sample {bad_value[0]!r} is not a valid {dtype}",
+                                where=where, field=name)
             exprs.append(pl.col(name).cast(dtype))
         else:
             exprs.append(pl.lit(None, dtype=dtype).alias(name))
@@ -167,24 +252,20 @@ def conform_table(table: pl.DataFrame, label_names: list[str], *, where: str) ->
         col = label_column(lab)
         if col not in table.columns:
             raise DataError(f"adapter produced no column for label {lab!r}", where=where, field="labels")
-        exprs.append(pl.col(col).cast(pl.Int8))
+        src = table[col]
+        as_int = src.cast(pl.Int8, strict=False)
+        bad = (src.is_not_null() & as_int.is_null()) | (as_int.is_not_null() & ~as_int.is_in([0, 1]))
+        if bad.any():
+            i = int(bad.arg_true()[0])
+            raise DataError(f"label values must be 1, 0 or missing; got {src[i]!r} for sample "
+                            f"{table['sample_id'][i]!r}", where=where, field=col)
+        exprs.append(as_int.alias(col))
     extra = [
         pl.col(c)
         for c in table.columns
         if c not in CANONICAL_SCHEMA and not c.startswith(LABEL_PREFIX)
     ]
     out = table.select(exprs + extra)
-    bad = out.select(
-        [
-            (pl.col(label_column(lab)).is_not_null() & ~pl.col(label_column(lab)).is_in([0, 1]))
-            .any()
-            .alias(lab)
-            for lab in label_names
-        ]
-    )
-    for lab in label_names:
-        if bad[lab][0]:
-            raise DataError("label values must be 1, 0 or missing", where=where, field=label_column(lab))
     dup = out["sample_id"].is_duplicated()
     if dup.any():
         first = out.filter(dup)["sample_id"][0]
@@ -241,6 +322,27 @@ def get_adapter(name: str, *, where: str | None = None) -> DatasetAdapter:
     return adapter
 
 
+def _ragged_line(path: Path, separator: str) -> str | None:
+    """``line N has K fields, the header has H`` for the first row whose field count differs."""
+    import csv
+
+    reader = None
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter=separator, strict=True)
+            header = next(reader, None)
+            if header is None:
+                return None
+            for row in reader:
+                if row and len(row) != len(header):
+                    return f"line {reader.line_num} has {len(row)} fields, the header has {len(header)}"
+    except csv.Error as err:
+        return f"line {reader.line_num if reader else '?'}: {err}"
+    except OSError:
+        return None
+    return None
+
+
 def read_csv_checked(
     path: Path,
     *,
@@ -249,10 +351,20 @@ def read_csv_checked(
     separator: str = ",",
     schema_overrides: dict[str, pl.DataType] | None = None,
     transform: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+    allowed: list[str] | None = None,
 ) -> pl.DataFrame:
-    """Read a publisher's CSV as strings, failing with the file and column named."""
+    """Read a publisher's CSV as strings, failing with the file and column named.
+
+    ``required`` columns must be present, once each (a duplicated header
+    would make the column ambiguous). ``allowed``, for files whose layout is
+    fixed, lists every column the file may have: another one means the file
+    is not what the adapter expects. A row with more or fewer fields than the
+    header is reported with its line number.
+    """
     if not path.is_file():
         raise DataError(f"file not found (dataset {dataset!r})", where=path)
+    if path.stat().st_size == 0:
+        raise DataError(f"file is empty (0 bytes); expected a CSV with columns {required}", where=path)
     try:
         df = pl.read_csv(
             path,
@@ -262,10 +374,25 @@ def read_csv_checked(
             truncate_ragged_lines=False,
         )
     except Exception as err:  # polars raises several error types for malformed CSV
-        raise DataError(f"not a readable CSV: {str(err).splitlines()[0]}", where=path) from err
+        ragged = _ragged_line(path, separator)
+        detail = ragged or str(err).splitlines()[0]
+        raise DataError(f"not a readable CSV: {detail}", where=path) from err
+    duplicated = [c for c in df.columns if re.search(r"_duplicated_\d+$", c)]
+    for col in duplicated:
+        base = re.sub(r"_duplicated_\d+$", "", col)
+        if base in required:
+            raise DataError(f"column {base!r} appears more than once in the header; expected it once",
+                            where=path, field=base)
     absent = [c for c in required if c not in df.columns]
     if absent:
+        found = ", ".join(repr(c) for c in df.columns[:8]) + (", ..." if len(df.columns) > 8 else "")
         raise DataError(
-            f"column {absent[0]!r} is missing; expected columns {required}", where=path, field=absent[0]
+            f"column {absent[0]!r} is missing; expected columns {required}; the file has {found}",
+            where=path, field=absent[0]
         )
+    if allowed is not None:
+        unexpected = [c for c in df.columns if c not in allowed]
+        if unexpected:
+            raise DataError(f"unexpected column {unexpected[0]!r}; expected only {allowed}", where=path,
+                            field=unexpected[0])
     return transform(df) if transform else df

@@ -24,7 +24,7 @@ import numpy as np
 
 from medbench.data.base import DatasetIndex
 from medbench.data.image_io import to_uint8
-from medbench.errors import DataError
+from medbench.errors import DataError, OutputError
 from medbench.paths import cache_dir
 from medbench.utils import atomic_write_json, sha256_json
 
@@ -73,7 +73,11 @@ def prepare(img: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def cache_key(index: DatasetIndex, size: int, channels: int) -> str:
-    return sha256_json({"v": CACHE_VERSION, "data": index.fingerprint(), "size": size, "channels": channels})[:24]
+    # the folder is part of the key: two copies of a dataset with the same file names (e.g. a full and a
+    # downsized one) must not share cached pixels
+    root = str(Path(index.root).resolve()) if index.root is not None else None
+    return sha256_json({"v": CACHE_VERSION, "data": index.fingerprint(), "size": size, "channels": channels,
+                        "root": root})[:24]
 
 
 def _decode_rows(args: tuple[DatasetIndex, str, tuple[int, ...], int, int, int]) -> list[dict]:
@@ -85,7 +89,8 @@ def _decode_rows(args: tuple[DatasetIndex, str, tuple[int, ...], int, int, int])
         try:
             out[row] = prepare(index.read_image(row), size, channels)
         except DataError as err:
-            bad.append({"row": row, "path": str(index.image_path(row) or row), "error": err.message})
+            bad.append({"row": row, "path": str(index.image_path(row) or row), "error": err.message,
+                        "field": err.field})
         except Exception as err:  # a decoder's own exception: still the file's fault
             bad.append({"row": row, "path": str(index.image_path(row) or row), "error": f"{type(err).__name__}: {err}"})
     out.flush()
@@ -121,9 +126,8 @@ def build_cache(
         meta = json.loads(meta_path.read_text())
         if tuple(meta["shape"]) == shape:
             return _open(data_path, shape, meta, on_bad_image, index)
-    folder.mkdir(parents=True, exist_ok=True)
     tmp_path = folder / f"{key}.u8.partial-{os.getpid()}"
-    np.memmap(tmp_path, dtype=np.uint8, mode="w+", shape=shape).flush()
+    _allocate(tmp_path, int(np.prod(shape)))
     # in-memory pixels are resized in this process: worker processes would each receive a pickled copy
     workers = 1 if index.pixels is not None else (workers or min(os.cpu_count() or 1, 8))
     chunk = max(64, n // (workers * 8) if n else 64)
@@ -152,11 +156,40 @@ def build_cache(
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(f"{first['error']}{more}; set dataset.on_bad_image: skip to leave bad images out",
-                        where=first["path"])
-    os.replace(tmp_path, data_path)
+                        where=first["path"], field=first.get("field"))
+    try:
+        os.replace(tmp_path, data_path)
+    except OSError as err:
+        raise _cache_error(folder, err) from err
     meta = {"shape": list(shape), "dataset": index.name, "bad": bad, "version": CACHE_VERSION}
     atomic_write_json(meta_path, meta)
     return _open(data_path, shape, meta, on_bad_image, index)
+
+
+def _cache_error(folder: Path, err: OSError) -> OutputError:
+    return OutputError(f"cannot write the preprocessing cache ({err.strerror or err}); set MEDBENCH_CACHE to a "
+                       "writable folder with enough space", where=folder)
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` reserved on disk: a full disk fails here with a clear error, not
+    later with SIGBUS when a memory-mapped page cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            if nbytes and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        raise _cache_error(path.parent, err) from err
 
 
 def _open(data_path: Path, shape: tuple[int, ...], meta: dict, on_bad_image: str, index: DatasetIndex) -> CachedImages:
@@ -164,7 +197,7 @@ def _open(data_path: Path, shape: tuple[int, ...], meta: dict, on_bad_image: str
     if bad and on_bad_image == "fail":
         first = bad[0]
         raise DataError(f"{first['error']}; set dataset.on_bad_image: skip to leave bad images out",
-                        where=first["path"])
+                        where=first["path"], field=first.get("field"))
     ok = np.ones(shape[0], dtype=bool)
     for b in bad:
         ok[b["row"]] = False

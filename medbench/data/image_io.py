@@ -11,6 +11,7 @@ naming the file.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,23 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 
 def read_image(path: Path) -> np.ndarray:
-    """``[H, W]`` (grey) or ``[H, W, 3]`` (colour) array; dtype uint8, uint16 or float32."""
+    """``[H, W]`` (grey) or ``[H, W, 3]`` (colour) array; dtype uint8, uint16 or float32.
+
+    Decoders' warnings about a file (pydicom's "end of file reached", Pillow's
+    truncated-file notes) are silenced: a file that decodes is used, one that
+    does not raises a DataError naming it; either way nothing else reaches
+    stderr, which would repeat per file over a large dataset.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError("image file not found", where=path)
     if path.stat().st_size == 0:
         raise DataError("image file is empty (0 bytes)", where=path)
-    if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
-        return _read_dicom(path)
-    return _read_pillow(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
+            return _read_dicom(path)
+        return _read_pillow(path)
 
 
 def _looks_like_dicom(path: Path) -> bool:

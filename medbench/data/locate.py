@@ -20,13 +20,22 @@ def env_name(dataset: str) -> str:
     return "MEDBENCH_DATA_" + dataset.upper().replace("-", "_")
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 @dataclass
 class DataLocations:
     data_root: Path | None = None
     overrides: dict[str, Path] = field(default_factory=dict)
+    #: may task specs and label files name paths outside the dataset folder (absolute, or with ``..``)?
+    #: The user's switch (``--allow-outside-data-root`` / ``MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1``), never
+    #: the spec's: a task file from elsewhere cannot grant itself access to other files.
+    allow_outside_root: bool = False
 
     @classmethod
-    def from_cli(cls, data_root: Path | None, data: list[str] | None) -> "DataLocations":
+    def from_cli(cls, data_root: Path | None, data: list[str] | None, *,
+                 allow_outside_root: bool = False) -> "DataLocations":
         overrides: dict[str, Path] = {}
         for item in data or []:
             name, sep, path = item.partition("=")
@@ -34,7 +43,8 @@ class DataLocations:
                 raise UsageError(f"expected NAME=PATH, got {item!r}", field="--data")
             overrides[name.strip()] = Path(path).expanduser()
         root = data_root or (Path(os.environ["MEDBENCH_DATA"]).expanduser() if os.environ.get("MEDBENCH_DATA") else None)
-        return cls(root, overrides)
+        allow = allow_outside_root or _truthy(os.environ.get("MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT"))
+        return cls(root, overrides, allow)
 
     def resolve(self, dataset: str) -> tuple[Path | None, str]:
         """(path, how it was chosen); path is None when nothing names this dataset."""

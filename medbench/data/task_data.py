@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from medbench.data.base import DatasetIndex, get_adapter
+from medbench.data.base import DatasetIndex, get_adapter, paths_outside_root_allowed
 from medbench.data.locate import DataLocations, env_name
 from medbench.data.splits import assign_splits
 from medbench.errors import DataError
@@ -40,7 +40,7 @@ def dataset_root(task: ResolvedTask, locations: DataLocations) -> Path | None:
         raise DataError(
             f"dataset {spec.name!r} of task {task.name!r} is not configured: pass --data {spec.name}=PATH, set "
             f"{env_name(spec.name)}, or --data-root DIR holding {spec.name}/; {adapter.how_to_get}",
-            field="dataset.name",
+            where=str(task.path), field="dataset.name",
         )
     if not root.is_dir():
         raise DataError(f"dataset folder of {spec.name!r} not found (from {how}); {adapter.how_to_get}",
@@ -49,10 +49,21 @@ def dataset_root(task: ResolvedTask, locations: DataLocations) -> Path | None:
 
 
 def load_task_data(task: ResolvedTask, locations: DataLocations) -> TaskData:
+    with paths_outside_root_allowed(locations.allow_outside_root):
+        return _load_task_data(task, locations)
+
+
+def _load_task_data(task: ResolvedTask, locations: DataLocations) -> TaskData:
     spec = task.spec
     root = dataset_root(task, locations)
     adapter = get_adapter(spec.dataset.adapter, where=str(task.path))
-    index = adapter.load(root, dict(spec.dataset.options), list(spec.labels), spec.type)
+    try:
+        index = adapter.load(root, dict(spec.dataset.options), list(spec.labels), spec.type)
+    except DataError as err:
+        if err.where is None or not Path(err.where).exists():  # about the spec, not a data file: name the spec
+            prefix = f"{err.where}: " if err.where else ""
+            raise DataError(prefix + err.message, where=str(task.path), field=err.field) from err
+        raise
     if list(index.label_names) != list(spec.labels):
         raise DataError(f"adapter returned labels {index.label_names}, the task declares {spec.labels}",
                         where=str(task.path), field="labels")

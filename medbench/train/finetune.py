@@ -63,6 +63,11 @@ class History:
             "data_wait_seconds": self.data_wait_seconds,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        """The inverse of :meth:`as_dict` (a resumed run continues its history)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
 
 def task_loss(task_type: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Loss for a batch; NaN targets (missing / U-Ignore) are masked out."""
@@ -155,6 +160,18 @@ def micro_batching(plan: TrainPlan, cfg: EngineConfig, dist: DistInfo) -> tuple[
     return micro, per_rank // micro
 
 
+def check_engine(plan: TrainPlan, cfg: EngineConfig, dist: DistInfo) -> tuple[int, int]:
+    """Refuse engine settings that cannot run this plan (before any run starts); (micro-batch, accumulation)."""
+    micro, gas = micro_batching(plan, cfg, dist)
+    if plan.agc_clip is not None and cfg.zero_stage > 0:
+        raise MedbenchError("adaptive gradient clipping (agc_clip) needs ZeRO stage 0", field="--zero-stage")
+    if cfg.precision == "fp16" and not dist.device.startswith("cuda"):
+        raise MedbenchError("fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU", field="--precision")
+    if cfg.engine == "torch" and dist.world_size > 1:
+        raise MedbenchError("the plain PyTorch engine runs a single process; use --engine deepspeed", field="--engine")
+    return micro, gas
+
+
 class Finetuner:
     """Wraps a network in the chosen engine and runs the plan's steps."""
 
@@ -165,9 +182,7 @@ class Finetuner:
         self.cfg = engine_cfg
         self.dist = dist
         self.seed = seed
-        self.micro, self.gas = micro_batching(plan, engine_cfg, dist)
-        if plan.agc_clip is not None and engine_cfg.zero_stage > 0:
-            raise MedbenchError("adaptive gradient clipping (agc_clip) needs ZeRO stage 0", field="--zero-stage")
+        self.micro, self.gas = check_engine(plan, engine_cfg, dist)
         optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
                                     weight_decay=plan.weight_decay)
         if engine_cfg.engine == "deepspeed":
@@ -217,7 +232,6 @@ class Finetuner:
         t0 = time.perf_counter()
         wait = 0.0
         t_wait = time.perf_counter()
-        last_step = None
         for step, x, y in batches:
             wait += time.perf_counter() - t_wait
             lr = self.plan.lr_at(step)
@@ -242,17 +256,98 @@ class Finetuner:
             history.lr.append(lr)
             if on_step:
                 on_step(step, total)
-            last_step = step
             if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < self.plan.total_steps:
                 self._record_eval(history, step + 1, evaluate)
             if after_step:
                 after_step(step)
             t_wait = time.perf_counter()
-        if evaluate is not None and last_step is not None:
-            self._record_eval(history, last_step + 1, evaluate)
+        done = history.step[-1] + 1 if history.step else None
+        if evaluate is not None and done is not None and (not history.val_step or history.val_step[-1] != done):
+            self._record_eval(history, done, evaluate)  # the final evaluation (also when resumed at the end)
         history.seconds += time.perf_counter() - t0
         history.data_wait_seconds += wait
         return history
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def supports_checkpoints(self) -> bool:
+        """fp16 (CUDA) keeps a dynamic loss scale and fp32 master copies inside DeepSpeed's optimiser
+        wrapper; medbench does not save those, so fp16 runs restart from step 0 when interrupted."""
+        return self.cfg.precision != "fp16"
+
+    def _zero_optimizer(self):
+        return self.optimizer if self.cfg.engine == "deepspeed" and self.cfg.zero_stage > 0 else None
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(shared, local) tensors that, with the step, continue training exactly (see
+        :mod:`medbench.train.checkpoint`).
+
+        shared: ``model/<name>`` (state dict: weights and buffers) and, with ZeRO stage 0,
+        ``optim/<param name>/<key>`` (SGD: ``momentum_buffer``). local (this rank):
+        ``rng/torch`` (+ ``rng/cuda``) and, with ZeRO stages 1/2, this rank's partition of each
+        parameter group: ``zero/<group>/fp32`` (master weights) and ``zero/<group>/<key>``.
+        """
+        shared = {f"model/{k}": v for k, v in self.module.state_dict().items()}
+        local = {"rng/torch": torch.get_rng_state()}
+        if self.dist.device.startswith("cuda"):
+            local["rng/cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        zero = self._zero_optimizer()
+        if zero is None:
+            for name, p in self.module.named_parameters():
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        shared[f"optim/{name}/{key}"] = value
+        else:
+            base = zero.optimizer
+            for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+                local[f"zero/{i}/fp32"] = flat.data
+                for key, value in base.state.get(flat, {}).items():
+                    if torch.is_tensor(value):
+                        local[f"zero/{i}/{key}"] = value
+        return shared, local
+
+    def load_training_state(self, step: int, shared: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` saved after ``step`` optimiser steps; a mismatch raises ValueError."""
+        model_sd = {k.removeprefix("model/"): v for k, v in shared.items() if k.startswith("model/")}
+        own = self.module.state_dict()
+        if set(model_sd) != set(own):
+            raise ValueError("the checkpoint's tensors do not match the network")
+        bad = [k for k, v in own.items() if v.shape != model_sd[k].shape]
+        if bad:
+            raise ValueError(f"tensor {bad[0]!r} has another shape in the checkpoint")
+        self.module.load_state_dict(model_sd, strict=True)
+        zero = self._zero_optimizer()
+        device = next(self.module.parameters()).device
+        if zero is None:
+            params = dict(self.module.named_parameters())
+            for key, value in shared.items():
+                if not key.startswith("optim/"):
+                    continue
+                name, _, state_key = key.removeprefix("optim/").rpartition("/")
+                if name not in params:
+                    raise ValueError(f"optimiser state for unknown parameter {name!r}")
+                self.optimizer.state[params[name]][state_key] = value.to(device)
+        else:
+            base = zero.optimizer
+            for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+                saved = local.get(f"zero/{i}/fp32")
+                if saved is None or saved.shape != flat.shape:
+                    raise ValueError(f"ZeRO partition {i} does not match the checkpoint")
+                flat.data.copy_(saved)
+                prefix = f"zero/{i}/"
+                for key, value in local.items():
+                    if key.startswith(prefix) and key != prefix + "fp32":
+                        base.state[flat][key.removeprefix(prefix)] = value.to(flat.device)
+        if "rng/torch" in local:
+            torch.set_rng_state(local["rng/torch"])
+        if "rng/cuda" in local and self.dist.device.startswith("cuda"):
+            torch.cuda.set_rng_state(local["rng/cuda"], self.dist.device)
+        if hasattr(self.engine, "global_steps"):  # DeepSpeed's counters, as after ``step`` steps
+            self.engine.global_steps = step
+            self.engine.global_samples = step * self.plan.batch_size
+            self.engine.micro_steps = step * self.gas
+        else:
+            self.engine._micro = step * self.gas
 
     def _record_eval(self, history: History, step: int, evaluate: Callable[[], float | None]) -> None:
         self.engine.eval()
