@@ -498,7 +498,9 @@ def test_csv_adapter_label_columns_and_errors(csv_root: Path) -> None:
     with pytest.raises(DataError) as err:
         get_adapter("csv").load(csv_root, {**CSV_OPTIONS, "patient_column": "subject"}, ["mel", "nv"], "multiclass")
     assert str(err.value) == (f"{csv_root / 'labels.csv'}: subject: column 'subject' is missing; expected columns "
-                              "['file', 'subject', 'fold', 'diagnosis', 'gender', 'age_years', 'hospital', 'scanner']")
+                              "['file', 'subject', 'fold', 'diagnosis', 'gender', 'age_years', 'hospital', 'scanner']; "
+                              "the file has 'file', 'patient', 'fold', 'diagnosis', 'gender', 'age_years', 'hospital', "
+                              "'scanner'")
     with pytest.raises(DataError, match=r"dataset.options: .*exactly one of label_column"):
         get_adapter("csv").load(csv_root, {k: v for k, v in CSV_OPTIONS.items() if k != "label_column"},
                                 ["mel", "nv"], "multiclass")
