@@ -20,7 +20,7 @@ import polars as pl
 from medbench.catalog import Catalog
 from medbench.data.cache import CachedImages, build_cache
 from medbench.data.locate import DataLocations
-from medbench.data.task_data import TaskData, load_task_data
+from medbench.data.task_data import TaskData, load_task_data, missing_dataset
 from medbench.errors import DataError, MedbenchError
 from medbench.predictions import Predictions
 from medbench.results import CONFIG, HISTORY, METRICS, RunDir, RunStore
@@ -100,8 +100,9 @@ def native_size(index) -> tuple[int, int]:
     return int(img.shape[0]), int(img.shape[1])
 
 
-def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter) -> PreparedData:
-    data = load_task_data(task, locations)
+def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter, *,
+                 split_store: Path | None = None) -> PreparedData:
+    data = load_task_data(task, locations, split_store=split_store)
     spec = task.spec
     need_native = spec.input.resize is None or spec.input.crop is None
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
@@ -164,7 +165,8 @@ class Runner:
 
     def prepared(self, task_name: str) -> PreparedData:
         if task_name not in self._prepared:
-            self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter)
+            self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter,
+                                                     split_store=self.store.out / "splits")
         return self._prepared[task_name]
 
     def run_all(self, requests: list[RunRequest]) -> list[RunOutcome]:
@@ -260,6 +262,11 @@ class Runner:
         ood_records = []
         for target in spec.ood:
             tgt_task = self.catalog.task(target.task)
+            absent = missing_dataset(tgt_task, self.locations)
+            if absent is not None:  # OOD is an extra axis: a target without data is skipped and recorded
+                self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
+                ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
+                continue
             tgt = self.prepared(target.task)
             pairs = _ood_label_pairs(task, tgt_task, target.label_map)
             if tgt.images.size != prepared.images.size or tgt.images.channels != prepared.images.channels:
@@ -304,6 +311,7 @@ class Runner:
                 "patients": {s: int(prepared.data.index.table.filter(pl.col("split") == s)["patient_id"].n_unique())
                              for s in ("train", "val", "test")},
                 "skipped_images": len(prepared.images.bad),
+                "split": prepared.data.split_source,
             },
         }
         run.write_json(CONFIG, config)
