@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from medbench.data.base import DatasetIndex
@@ -30,27 +29,23 @@ def _edge(v: float) -> str:
     return f"{v:g}"
 
 
-def attribute_values(table: pl.DataFrame, attr: AttributeSpec) -> list[str]:
-    """Each row's value of ``attr`` as text: binned ``[lo, hi)`` when the attribute has bins; nulls are ``unknown``."""
+def attribute_counts(table: pl.DataFrame, attr: AttributeSpec) -> dict[str, int]:
+    """Rows per value of ``attr``: binned ``[lo, hi)`` when the attribute has bins; nulls are ``unknown``."""
     col = attr.source_column
     if col not in table.columns:
-        return [UNKNOWN] * table.height
-    values = table[col]
+        return {UNKNOWN: table.height} if table.height else {}
     if attr.bins is None:
-        return [UNKNOWN if v is None else str(v) for v in values.to_list()]
-    edges = attr.bins
-    x = values.cast(pl.Float64, strict=False).to_numpy()
-    idx = np.digitize(x, edges) - 1  # bin k holds edges[k] <= v < edges[k+1]
-    names = [f"[{_edge(lo)}, {_edge(hi)})" for lo, hi in zip(edges, edges[1:])]
-    out = []
-    for v, k in zip(x, idx):
-        if np.isnan(v):
-            out.append(UNKNOWN)
-        elif 0 <= k < len(names):
-            out.append(names[k])
-        else:
-            out.append("outside bins")
-    return out
+        values = table[col].cast(pl.Utf8)
+    else:
+        edges = attr.bins
+        x = table[col].cast(pl.Float64, strict=False)
+        names = [f"[{_edge(lo)}, {_edge(hi)})" for lo, hi in zip(edges, edges[1:])]
+        expr = pl.when(pl.col("x").is_null() | pl.col("x").is_nan()).then(pl.lit(UNKNOWN))
+        for lo, hi, name in zip(edges, edges[1:], names):
+            expr = expr.when((pl.col("x") >= lo) & (pl.col("x") < hi)).then(pl.lit(name))
+        values = pl.DataFrame({"x": x}).select(expr.otherwise(pl.lit("outside bins")).alias("v"))["v"]
+    counts = values.fill_null(UNKNOWN).value_counts()
+    return dict(sorted(zip(counts[counts.columns[0]].to_list(), counts["count"].to_list())))
 
 
 def split_summary(table: pl.DataFrame, index: DatasetIndex, attributes: list[AttributeSpec]) -> dict[str, Any]:
@@ -58,35 +53,43 @@ def split_summary(table: pl.DataFrame, index: DatasetIndex, attributes: list[Att
     for name, col in zip(index.label_names, index.label_columns):
         s = table[col]
         labels[name] = {"pos": int((s == 1).sum()), "neg": int((s == 0).sum()), "missing": int(s.null_count())}
-    attrs: dict[str, dict[str, int]] = {}
-    for attr in attributes:
-        counts: dict[str, int] = {}
-        for v in attribute_values(table, attr):
-            counts[v] = counts.get(v, 0) + 1
-        attrs[attr.name] = dict(sorted(counts.items()))
+    attrs = {attr.name: attribute_counts(table, attr) for attr in attributes}
     return {"n": table.height, "patients": int(table["patient_id"].n_unique()), "labels": labels,
             "attributes": attrs}
 
 
 def missing_files(index: DatasetIndex, examples: int = 10) -> tuple[int, list[str], int]:
-    """(missing count, first missing paths, files checked); a folder that is absent is not listed file by file."""
+    """(missing count, first missing paths, files checked).
+
+    Each folder is listed once; a folder whose parent is absent is not looked up at all, so a
+    copy holding only the label files is checked in a moment whatever its size.
+    """
     if index.pixels is not None:
         return 0, [], 0
-    root = index.root or Path(".")
-    paths = [p for p in index.table["path"].to_list() if p is not None]
-    folder_entries: dict[str, set[str] | None] = {}
-    missing: list[str] = []
-    for rel in paths:
-        parent, _, name = rel.rpartition("/")
-        if parent not in folder_entries:
-            try:
-                folder_entries[parent] = set(os.listdir(root / parent))
-            except (FileNotFoundError, NotADirectoryError):
-                folder_entries[parent] = None  # the whole folder is absent
-        entries = folder_entries[parent]
-        if entries is None or name not in entries:
-            missing.append(rel)
-    return len(missing), missing[:examples], len(paths)
+    root = os.fspath(index.root or Path("."))
+    listing: dict[str, set[str] | None] = {}
+
+    def entries(folder: str) -> set[str] | None:
+        if folder not in listing:
+            parent, _, name = folder.rpartition("/")
+            above = entries(parent) if folder else set()
+            if above is None or (folder and name not in above):
+                listing[folder] = None  # absent: so is everything below it
+            else:
+                try:
+                    listing[folder] = set(os.listdir(os.path.join(root, folder) if folder else root))
+                except (FileNotFoundError, NotADirectoryError):
+                    listing[folder] = None
+        return listing[folder]
+
+    paths = index.table["path"].drop_nulls()
+    present: set[str] = set()
+    for folder in paths.str.extract(r"^(.*)/[^/]*$", 1).fill_null("").unique().to_list():
+        names = entries(folder)
+        if names:
+            present.update(f"{folder}/{n}" if folder else n for n in names)
+    missing = paths.filter(~paths.is_in(list(present))) if present else paths
+    return missing.len(), missing.head(examples).to_list(), paths.len()
 
 
 def inspect_task(task: ResolvedTask, locations: DataLocations, *, check_files: bool = True) -> dict[str, Any]:
