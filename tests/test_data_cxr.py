@@ -290,6 +290,34 @@ def test_stored_split_is_reused_and_checked(tmp_path: Path) -> None:
         load_task_data(task, DataLocations(), split_store=store)
 
 
+def test_run_skips_ood_targets_without_data_and_reuses_the_stored_split(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "smoke-cxr-to-nih.yaml").write_text(
+        f"task: smoke-cxr-to-nih\ninclude: {REPO / 'tasks' / 'smoke' / 'smoke-cxr.yaml'}\nood:\n"
+        "  - {task: smoke-cxr-siteb, name: site-b}\n"
+        "  - {task: nih, label_map: {Atelectasis: Atelectasis, Cardiomegaly: Cardiomegaly, "
+        "Consolidation: Consolidation, Edema: Edema, Pleural Effusion: Effusion}}\n")
+    out = tmp_path / "out"
+    args = ["run", "--backbone", "cbr-tiny", "--task", "smoke-cxr-to-nih", "--tasks-dir", str(tasks),
+            "--max-steps", "2", "--out", str(out)]
+    proc = run_cli(*args, "--seeds", "1", env={"MEDBENCH_DATA_NIH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = json.loads(next((out / "runs" / "smoke-cxr-to-nih").rglob("config.json")).read_text())
+    targets = {t["name"]: t for t in first["ood_targets"]}
+    assert targets["site-b"]["n"] > 0
+    assert "dataset 'nih' is not configured" in targets["nih"]["skipped"]
+    entry = json.loads((out / "leaderboard.json").read_text())["entries"][0]
+    assert set(entry["ood"]) == {"site-b"}
+    assert first["data"]["split"]["reused"] is False
+    # a later invocation in the same folder (seed 1) reads the split the first one stored
+    proc = run_cli(*args, "--seeds", "2", env={"MEDBENCH_DATA_NIH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    configs = [json.loads(p.read_text()) for p in (out / "runs" / "smoke-cxr-to-nih").rglob("config.json")]
+    second = next(c for c in configs if c["seed"] == 1)
+    assert second["data"]["split"] == {**first["data"]["split"], "reused": True}
+
+
 # ----------------------------------------------------------------------------------- tasks and harmonization
 
 
