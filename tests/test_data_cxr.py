@@ -220,9 +220,9 @@ def test_padchest_cl_single_label_classes(label_roots: dict[str, Path], padchest
 
 
 @pytest.mark.shared
-def test_nih_sample_split_keeps_patients_on_one_side() -> None:
+def test_nih_sample_split_keeps_patients_on_one_side(tmp_path: Path) -> None:
     root = shared_data("nih-cxr-1000")
-    data = load_task_data(Catalog().task("nih"), DataLocations(None, {"nih": root}))
+    data = load_task_data(Catalog().task("nih"), DataLocations(None, {"nih": root}), split_store=tmp_path)
     t = data.index.table
     assert t.height == 1000 and t["patient_id"].n_unique() == 264
     sides = t.group_by("patient_id").agg(pl.col("split").n_unique().alias("n"))
@@ -230,6 +230,9 @@ def test_nih_sample_split_keeps_patients_on_one_side() -> None:
     assert set(t["split"].unique()) == {"train", "val", "test"}
     again = load_task_data(Catalog().task("nih"), DataLocations(None, {"nih": root}))
     assert again.index.table["split"].to_list() == t["split"].to_list()  # deterministic
+    # the CPU variant has the same split spec: it reads the split `nih` stored, same test images
+    lowres = load_task_data(Catalog().task("nih-lowres"), DataLocations(None, {"nih": root}), split_store=tmp_path)
+    assert lowres.split_source["reused"] and lowres.split_source["file"] == data.split_source["file"]
 
 
 NIH_STEPS = "100"
@@ -261,7 +264,7 @@ def test_nih_sample_trains_above_chance(nih_run: Path) -> None:
     assert config["data"]["patients"]["train"] + config["data"]["patients"]["val"] + \
         config["data"]["patients"]["test"] == 264
     stored = Path(config["data"]["split"]["file"])
-    assert stored.parent.parent == nih_run / "splits" and not config["data"]["split"]["reused"]
+    assert stored.parent == nih_run / "splits" / "nih" and not config["data"]["split"]["reused"]
     preds = pl.read_parquet(run / "predictions" / "test.parquet")
     assert set(preds["patient_id"]) & set(splits.filter(pl.col("split") == "train")["patient_id"]) == set()
 

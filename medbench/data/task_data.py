@@ -1,13 +1,15 @@
 """From a task spec to its dataset with splits: the data stage's one entry point.
 
-Splits are a pure function of the task and the dataset, and a run store keeps
-them: with ``split_store`` (the runner passes ``<out>/splits``), the first run
-of a task on a dataset writes ``<store>/<task>/<key>.parquet`` (sample, patient,
-split; ``key`` hashes the task spec and the dataset's fingerprint) and every
-later run of that task on the same data reuses it, even after a medbench
-upgrade that would split differently, so all backbones in one results folder
-are scored on the same test images. The reused split is checked again for
-patient leakage and for covering exactly the dataset's rows.
+Splits are a pure function of the task's split spec and the dataset, and a run
+store keeps them: with ``split_store`` (the runner passes ``<out>/splits``), the
+first run writes ``<store>/<dataset>/<key>.parquet`` (sample, patient, split;
+``key`` hashes the split spec and the dataset's fingerprint: rows, patients,
+labels, publisher split) and every later run with the same split spec on the
+same data reuses it (another backbone, seed or a variant task such as a lower
+resolution), even after a medbench upgrade that would split differently, so
+all results in one folder are scored on the same test images. The reused split
+is checked again for patient leakage and for covering exactly the dataset's
+rows.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def missing_dataset(task: ResolvedTask, locations: DataLocations) -> str | None:
 def stored_split_path(store: Path, task: ResolvedTask, index: DatasetIndex) -> Path:
     from medbench.results import safe_name
 
-    key = sha256_json({"task_hash": task.hash, "data": index.fingerprint()})[:16]
-    return Path(store) / safe_name(task.name) / f"{key}.parquet"
+    key = sha256_json({"splits": task.spec.splits.model_dump(mode="json"), "data": index.fingerprint()})[:16]
+    return Path(store) / safe_name(task.spec.dataset.name) / f"{key}.parquet"
 
 
 def _reuse_or_store(path: Path, index: DatasetIndex, split: pl.Series, group_by: str) -> tuple[pl.Series, dict]:
