@@ -410,7 +410,7 @@ def leaderboard(
         _fail(err)
 
 
-data_app = typer.Typer(help="Datasets: download the open ones, or learn where to get the others.",
+data_app = typer.Typer(help="Datasets: download the open ones, learn where to get the others, inspect what a task sees.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -434,6 +434,65 @@ def data_download(
         raise
     except Exception as err:
         _fail(err)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    task: str = typer.Argument(..., help="Task whose data to inspect (see 'medbench list tasks')."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
+) -> None:
+    """Splits, patients, label and attribute counts of TASK from its label files (images may be absent)."""
+    try:
+        from medbench.catalog import Catalog
+        from medbench.data.inspect import inspect_task
+        from medbench.data.locate import DataLocations
+
+        summary = inspect_task(Catalog(tasks_dir or []).task(task), DataLocations.from_cli(data_root, data or []))
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+        return
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    _print_inspection(summary)
+
+
+def _print_inspection(summary: dict) -> None:
+    from rich.table import Table
+
+    con = _console()
+    con.print(f"task {summary['task']} (dataset {summary['dataset']}, adapter {summary['adapter']}, "
+              f"root {summary['root'] or '-'}): {summary['n']:,} images, {summary['patients']:,} patients")
+    splits = summary["splits"]
+    table = Table(title="labels per split: positive / negative / missing")
+    table.add_column("label")
+    for name, part in splits.items():
+        table.add_column(f"{name} ({part['n']:,} img, {part['patients']:,} pat)")
+    labels = next(iter(splits.values()))["labels"]
+    for label in labels:
+        table.add_row(label, *[f"{p['labels'][label]['pos']:,} / {p['labels'][label]['neg']:,} / "
+                               f"{p['labels'][label]['missing']:,}" for p in splits.values()])
+    con.print(table)
+    attrs = Table(title="attributes per split")
+    attrs.add_column("attribute")
+    attrs.add_column("value")
+    for name in splits:
+        attrs.add_column(name)
+    for attr, values in next(iter(splits.values()))["attributes"].items():
+        every = sorted({v for p in splits.values() for v in p["attributes"].get(attr, {})})
+        for v in every:
+            attrs.add_row(attr, v, *[f"{p['attributes'][attr].get(v, 0):,}" for p in splits.values()])
+    con.print(attrs)
+    if summary["images"] == "files":
+        con.print(f"image files: {summary['files_checked']:,} checked, {summary['missing_files']:,} missing"
+                  + (f" (e.g. {', '.join(summary['missing_examples'][:3])})" if summary["missing_files"] else ""))
+    for key, value in summary["notes"].items():
+        con.print(f"{key}: {value}", soft_wrap=True)
 
 
 class _RichReporter:

@@ -21,7 +21,7 @@ import polars as pl
 from medbench.catalog import Catalog
 from medbench.data.cache import CachedImages, build_cache
 from medbench.data.locate import DataLocations
-from medbench.data.task_data import TaskData, load_task_data
+from medbench.data.task_data import TaskData, load_task_data, missing_dataset
 from medbench.errors import DataError, OutputError, RunFailed
 from medbench.failures import GracefulStop, StopRequested, failure_record, one_line, release_memory
 from medbench.predictions import Predictions
@@ -119,8 +119,9 @@ def native_size(index, tries: int = 20) -> tuple[int, int]:
     raise DataError("the dataset has no images", where=index.name)
 
 
-def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter) -> PreparedData:
-    data = load_task_data(task, locations)
+def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter, *,
+                 split_store: Path | None = None) -> PreparedData:
+    data = load_task_data(task, locations, split_store=split_store)
     spec = task.spec
     need_native = spec.input.resize is None or spec.input.crop is None
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
@@ -232,7 +233,8 @@ class Runner:
 
     def prepared(self, task_name: str) -> PreparedData:
         if task_name not in self._prepared:
-            self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter)
+            self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter,
+                                                     split_store=self.store.out / "splits")
         return self._prepared[task_name]
 
     def _ood_target(self, task: ResolvedTask, target) -> tuple[ResolvedTask, PreparedData, list[tuple[str, str]]]:
@@ -267,6 +269,9 @@ class Runner:
             if len(self.prepared(name).train_rows(task.spec.type)) == 0:
                 raise DataError("no labelled training image", where=str(task.path), field="labels")
             for target in task.spec.ood:
+                if target.task in self.catalog.task_names() and \
+                        missing_dataset(self.catalog.task(target.task), self.locations) is not None:
+                    continue  # skipped (and recorded) when the run gets there
                 self._ood_target(task, target)
         for req in requests:
             get_backbone(req.backbone)
@@ -465,6 +470,12 @@ class Runner:
 
         ood_records = []
         for target in spec.ood:
+            tgt_task = self.catalog.task(target.task)
+            absent = missing_dataset(tgt_task, self.locations)
+            if absent is not None:  # OOD is an extra axis: a target without data is skipped and recorded
+                self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
+                ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
+                continue
             tgt_task, tgt, pairs = self._ood_target(task, target)
             rows = tgt.rows("test")
             probs = probs_for(rows, tgt.images.pixels, prepared.crop)
@@ -505,6 +516,7 @@ class Runner:
                 "patients": {s: int(prepared.data.index.table.filter(pl.col("split") == s)["patient_id"].n_unique())
                              for s in ("train", "val", "test")},
                 "skipped_images": len(prepared.images.bad),
+                "split": prepared.data.split_source,
             },
         }
         run.write_json(CONFIG, config)

@@ -54,6 +54,9 @@ class SplitSpec(_Strict):
     rename: dict[str, Literal["train", "val", "test", "drop"]] = Field(default_factory=dict)
     #: the split seed is part of the task, never of the run: reruns and other backbones see the same split
     seed: int = 0
+    #: with ``official``, when the copy at hand carries no official split (e.g. NIH without its list files):
+    #: ``error``, or ``grouped`` with ``fractions``
+    fallback: Literal["error", "grouped"] = "error"
 
     @field_validator("fractions")
     @classmethod

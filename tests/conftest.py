@@ -32,10 +32,16 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+PROCESS_GROUP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 900) -> subprocess.CompletedProcess:
     """``medbench ARGS`` in a subprocess, as a user runs it."""
-    full_env = {**os.environ, **(env or {})}
+    # in-process DeepSpeed tests set the process-group variables here (and hold MASTER_PORT);
+    # a CLI subprocess must choose its own port, as a user's process does
+    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARS}
+    full_env = {**inherited, **(env or {})}
     return subprocess.run([sys.executable, "-m", "medbench.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
 

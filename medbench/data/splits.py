@@ -7,7 +7,8 @@ reshuffled CSV sees the same split.
 
 ``official``: the publisher's ``split`` column, renamed per the spec; when the
 publisher ships no validation split, ``val_fraction`` of the official training
-groups is held out the same way.
+groups is held out the same way. With ``fallback: grouped``, a copy without the
+official split (every ``split`` null) is split ``grouped`` instead.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def assign_splits(index: DatasetIndex, spec: SplitSpec, *, where: str) -> pl.Ser
     if group.null_count():
         raise DataError(f"{group.null_count()} rows have no {spec.group_by!r}", where=where, field="splits.group_by")
 
-    if spec.method == "grouped":
+    no_official = table["split"].null_count() == table.height
+    if spec.method == "grouped" or (no_official and spec.fallback == "grouped"):
         counts = group.value_counts()
         sizes = dict(zip(counts[spec.group_by].to_list(), counts["count"].to_list()))
         mapping = _cut(list(sizes), sizes, dict(spec.fractions), spec.seed)
@@ -64,9 +66,9 @@ def assign_splits(index: DatasetIndex, spec: SplitSpec, *, where: str) -> pl.Ser
 
     # official
     official = table["split"]
-    if official.null_count() == len(official):
-        raise DataError("the dataset has no official split; use splits.method: grouped", where=where,
-                        field="splits.method")
+    if no_official:
+        raise DataError("the dataset has no official split; use splits.method: grouped (or splits.fallback: grouped)",
+                        where=where, field="splits.method")
     renamed = official.replace(spec.rename) if spec.rename else official
     unknown = set(renamed.drop_nulls().unique().to_list()) - {*SPLITS, "drop"}
     if unknown:
@@ -81,14 +83,14 @@ def assign_splits(index: DatasetIndex, spec: SplitSpec, *, where: str) -> pl.Ser
         values = renamed.to_list()
         groups = group.to_list()
         renamed = pl.Series("split", [held[g] if v == "train" else v for v, g in zip(values, groups)], dtype=pl.Utf8)
-    leak = _leaking_groups(group, renamed)
+    leak = leaking_groups(group, renamed)
     if leak:
         raise DataError(f"{len(leak)} {spec.group_by} values (e.g. {leak[0]!r}) occur in more than one official split",
                         where=where, field="splits")
     return renamed.fill_null("drop").alias("split")
 
 
-def _leaking_groups(group: pl.Series, split: pl.Series) -> list[str]:
+def leaking_groups(group: pl.Series, split: pl.Series) -> list[str]:
     df = pl.DataFrame({"g": group, "s": split}).drop_nulls().filter(pl.col("s") != "drop")
     multi = df.group_by("g").agg(pl.col("s").n_unique().alias("n")).filter(pl.col("n") > 1)
     return sorted(multi["g"].to_list())

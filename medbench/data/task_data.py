@@ -1,4 +1,16 @@
-"""From a task spec to its dataset with splits: the data stage's one entry point."""
+"""From a task spec to its dataset with splits: the data stage's one entry point.
+
+Splits are a pure function of the task's split spec and the dataset, and a run
+store keeps them: with ``split_store`` (the runner passes ``<out>/splits``), the
+first run writes ``<store>/<dataset>/<key>.parquet`` (sample, patient, split;
+``key`` hashes the split spec and the dataset's fingerprint: rows, patients,
+labels, publisher split) and every later run with the same split spec on the
+same data reuses it (another backbone, seed or a variant task such as a lower
+resolution), even after a medbench upgrade that would split differently, so
+all results in one folder are scored on the same test images. The reused split
+is checked again for patient leakage and for covering exactly the dataset's
+rows.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +22,10 @@ import polars as pl
 
 from medbench.data.base import DatasetIndex, get_adapter, paths_outside_root_allowed
 from medbench.data.locate import DataLocations, env_name
-from medbench.data.splits import assign_splits
+from medbench.data.splits import assign_splits, leaking_groups
 from medbench.errors import DataError
 from medbench.specs import ResolvedTask
+from medbench.utils import atomic_write_bytes, sha256_json
 
 
 @dataclass
@@ -21,6 +34,8 @@ class TaskData:
     #: rows of every split (``drop`` rows removed); column ``split`` holds train/val/test
     index: DatasetIndex
     root: Path | None
+    #: where the split came from: {"file": path or None, "reused": bool, "differs_from_recomputed": int}
+    split_source: dict | None = None
 
     def rows(self, split: str) -> np.ndarray:
         return np.nonzero((self.index.table["split"] == split).to_numpy())[0]
@@ -48,12 +63,62 @@ def dataset_root(task: ResolvedTask, locations: DataLocations) -> Path | None:
     return root
 
 
-def load_task_data(task: ResolvedTask, locations: DataLocations) -> TaskData:
+def missing_dataset(task: ResolvedTask, locations: DataLocations) -> str | None:
+    """Why ``task``'s dataset is unavailable (not configured, or its folder absent); None when it is there."""
+    spec = task.spec.dataset
+    if not getattr(get_adapter(spec.adapter, where=str(task.path)), "needs_root", True):
+        return None
+    root, how = locations.resolve(spec.name)
+    if root is None:
+        return (f"dataset {spec.name!r} is not configured (--data {spec.name}=PATH, {env_name(spec.name)} "
+                "or --data-root)")
+    if not root.is_dir():
+        return f"{root}: dataset folder of {spec.name!r} not found (from {how})"
+    return None
+
+
+def stored_split_path(store: Path, task: ResolvedTask, index: DatasetIndex) -> Path:
+    from medbench.results import safe_name
+
+    key = sha256_json({"splits": task.spec.splits.model_dump(mode="json"), "data": index.fingerprint()})[:16]
+    return Path(store) / safe_name(task.spec.dataset.name) / f"{key}.parquet"
+
+
+def _reuse_or_store(path: Path, index: DatasetIndex, split: pl.Series, group_by: str) -> tuple[pl.Series, dict]:
+    """The stored split at ``path`` when there is one (checked), else ``split``, written to ``path``."""
+    import io
+
+    if not path.is_file():
+        buf = io.BytesIO()
+        pl.DataFrame({"sample_id": index.table["sample_id"], "patient_id": index.table["patient_id"],
+                      "split": split}).write_parquet(buf)
+        atomic_write_bytes(path, buf.getvalue())
+        return split, {"file": str(path), "reused": False, "differs_from_recomputed": 0}
+    try:
+        stored = pl.read_parquet(path, columns=["sample_id", "split"])
+    except Exception as err:
+        raise DataError(f"stored split is unreadable ({type(err).__name__}); delete it to split again", where=path
+                        ) from err
+    mapping = dict(zip(stored["sample_id"].to_list(), stored["split"].to_list()))
+    ids = index.table["sample_id"].to_list()
+    if stored.height != len(ids) or any(i not in mapping for i in ids):
+        raise DataError("stored split does not cover this dataset's samples; delete it to split again", where=path,
+                        field="sample_id")
+    reused = pl.Series("split", [mapping[i] for i in ids], dtype=pl.Utf8)
+    leak = leaking_groups(index.table[group_by].cast(pl.Utf8), reused)
+    if leak:
+        raise DataError(f"stored split puts {group_by} {leak[0]!r} on two sides; delete it to split again", where=path,
+                        field="split")
+    differs = int((reused != split).sum())
+    return reused, {"file": str(path), "reused": True, "differs_from_recomputed": differs}
+
+
+def load_task_data(task: ResolvedTask, locations: DataLocations, *, split_store: Path | None = None) -> TaskData:
     with paths_outside_root_allowed(locations.allow_outside_root):
-        return _load_task_data(task, locations)
+        return _load_task_data(task, locations, split_store)
 
 
-def _load_task_data(task: ResolvedTask, locations: DataLocations) -> TaskData:
+def _load_task_data(task: ResolvedTask, locations: DataLocations, split_store: Path | None) -> TaskData:
     spec = task.spec
     root = dataset_root(task, locations)
     adapter = get_adapter(spec.dataset.adapter, where=str(task.path))
@@ -68,6 +133,10 @@ def _load_task_data(task: ResolvedTask, locations: DataLocations) -> TaskData:
         raise DataError(f"adapter returned labels {index.label_names}, the task declares {spec.labels}",
                         where=str(task.path), field="labels")
     split = assign_splits(index, spec.splits, where=str(task.path))
+    source = None
+    if split_store is not None:
+        split, source = _reuse_or_store(stored_split_path(split_store, task, index), index, split,
+                                        spec.splits.group_by)
     table = index.table.with_columns(split)
     keep = (table["split"] != "drop").to_numpy()
     index = DatasetIndex(name=index.name, table=table, label_names=index.label_names, root=index.root,
@@ -75,4 +144,4 @@ def _load_task_data(task: ResolvedTask, locations: DataLocations) -> TaskData:
     for name in ("train", "test"):
         if not (index.table["split"] == name).any():
             raise DataError(f"the {name} split is empty", where=str(task.path), field="splits")
-    return TaskData(task=task, index=index, root=root)
+    return TaskData(task=task, index=index, root=root, split_source=source)
