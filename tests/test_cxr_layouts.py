@@ -196,7 +196,8 @@ def test_mimic_bad_inputs_name_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         get_adapter("mimic-cxr").load(root, {}, FIVE, "multilabel")
     assert str(err.value) == (f"{root / 'mimic-cxr-2.0.0-split.csv.gz'}: split: column 'split' is missing; expected "
-                              "columns ['dicom_id', 'study_id', 'subject_id', 'split']")
+                              "columns ['dicom_id', 'study_id', 'subject_id', 'split']; the file has 'dicom_id', "
+                              "'study_id', 'subject_id'")
 
 
 # --------------------------------------------------------------------------------------------- NIH multi-folder
