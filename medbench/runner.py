@@ -42,6 +42,29 @@ class RunRequest:
     weights: Path | None = None
     max_steps: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    #: data-efficiency and resolution variants (at most one): a fraction (0, 1) of the training images,
+    #: k training images per class, or another crop size (see medbench.data.subsets)
+    fraction: float | None = None
+    shots: int | None = None
+    resolution: int | None = None
+
+    @property
+    def variant(self) -> str:
+        """Run-folder suffix of the variant; "" for the plain run."""
+        if self.fraction is not None:
+            return f"frac{self.fraction * 100:g}"
+        if self.shots is not None:
+            return f"shots{self.shots}"
+        if self.resolution is not None:
+            return f"res{self.resolution}"
+        return ""
+
+    def variant_spec(self) -> dict | None:
+        set_ = [(k, v) for k, v in (("fraction", self.fraction), ("shots", self.shots),
+                                    ("resolution", self.resolution)) if v is not None]
+        if len(set_) > 1:
+            raise ValueError(f"a run has at most one variant, got {dict(set_)}")
+        return {"kind": set_[0][0], "value": set_[0][1]} if set_ else None
 
 
 @dataclass
@@ -100,11 +123,14 @@ def native_size(index) -> tuple[int, int]:
     return int(img.shape[0]), int(img.shape[1])
 
 
-def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter) -> PreparedData:
+def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter,
+                 resolution: int | None = None) -> PreparedData:
     data = load_task_data(task, locations)
     spec = task.spec
     need_native = spec.input.resize is None or spec.input.crop is None
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
+    if resolution is not None:  # resolution sweep: another crop, the task's resize/crop ratio kept
+        resize, crop = max(resolution, int(round(resolution * resize / crop))), resolution
     images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
@@ -124,6 +150,7 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
         "max_steps": request.max_steps,
         "engine": asdict(request.engine),
         "medbench": medbench.__version__,
+        **({"variant": request.variant_spec()} if request.variant_spec() else {}),
     })
 
 
@@ -162,10 +189,12 @@ class Runner:
         self.fail_fast = fail_fast
         self._prepared: dict[str, PreparedData] = {}
 
-    def prepared(self, task_name: str) -> PreparedData:
-        if task_name not in self._prepared:
-            self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter)
-        return self._prepared[task_name]
+    def prepared(self, task_name: str, resolution: int | None = None) -> PreparedData:
+        key = task_name if resolution is None else f"{task_name}@{resolution}"
+        if key not in self._prepared:
+            self._prepared[key] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter,
+                                               resolution)
+        return self._prepared[key]
 
     def run_all(self, requests: list[RunRequest]) -> list[RunOutcome]:
         outcomes = []
@@ -203,16 +232,19 @@ class Runner:
         check_metrics(spec.metrics, spec.type, where=str(task.path))
         backbone = get_backbone(req.backbone)
         init = req.init or backbone.default_init
-        prepared = self.prepared(req.task)
+        prepared = self.prepared(req.task, req.resolution)
         fingerprint = prepared.data.index.fingerprint()
         weights_id = weights_sha256(req.weights) if req.weights else None
         key = run_key(RunRequest(**{**asdict(req), "init": init, "engine": req.engine}), task, fingerprint, weights_id)
-        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key)
+        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.variant)
         if run.complete:
             return RunOutcome(req, run, "skipped", result=run.result())
 
         dist = prepare_environment()
         train_rows = prepared.train_rows(spec.type)
+        variant = _variant_record(req, prepared, train_rows)
+        if variant is not None and "rows" in variant:
+            train_rows = variant.pop("rows")
         val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
         plan = make_plan(len(train_rows), spec.hyperrule, max_steps=req.max_steps)
         self.reporter.run_started(index, total, req, plan.total_steps)
@@ -260,7 +292,7 @@ class Runner:
         ood_records = []
         for target in spec.ood:
             tgt_task = self.catalog.task(target.task)
-            tgt = self.prepared(target.task)
+            tgt = self.prepared(target.task, req.resolution)
             pairs = _ood_label_pairs(task, tgt_task, target.label_map)
             if tgt.images.size != prepared.images.size or tgt.images.channels != prepared.images.channels:
                 raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
@@ -297,6 +329,7 @@ class Runner:
             "input": {"resize": prepared.resize, "crop": prepared.crop, "channels": spec.input.channels},
             "engine": asdict(req.engine),
             "ood_targets": ood_records,
+            "variant": variant,
             "data": {
                 "dataset": spec.dataset.name,
                 "fingerprint": fingerprint,
@@ -318,6 +351,7 @@ class Runner:
             "backbone": req.backbone,
             "init": init,
             "seed": req.seed,
+            "variant": variant,
             "headline": {"metric": headline, "value": scores["test"].get(headline)},
             "metrics": scores,
             "started": started,
@@ -339,6 +373,28 @@ class Runner:
         return RunOutcome(req, run, "ok", result=result)
 
 
+def _variant_record(req: RunRequest, prepared: PreparedData, train_rows: np.ndarray) -> dict | None:
+    """The variant of a run as recorded in config/result (with the training rows of a data subset)."""
+    from medbench.data.subsets import fraction_subset, shots_subset
+
+    spec = req.variant_spec()
+    if spec is None:
+        return None
+    table = prepared.data.index.table
+    if spec["kind"] == "resolution":
+        return {**spec, "resize": prepared.resize, "crop": prepared.crop}
+    if spec["kind"] == "fraction":
+        rows = fraction_subset(table, train_rows, req.fraction, req.seed)
+        extra: dict = {}
+    else:
+        rows, per_class = shots_subset(table, prepared.labels, train_rows, req.shots, req.seed,
+                                       prepared.data.task.spec.type, prepared.data.task.spec.labels)
+        extra = {"per_class": per_class}
+    patients = int(table[rows.tolist()]["patient_id"].n_unique())
+    return {**spec, "n_train": int(len(rows)), "n_train_full": int(len(train_rows)), "patients": patients,
+            **extra, "rows": rows}
+
+
 def configure_torch(threads: int | None = None, deterministic: bool = True) -> None:
     """Thread count and determinism switches for this process (see docs on GPU nondeterminism)."""
     import torch
@@ -352,6 +408,9 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
 
 
 def expand_requests(tasks: list[str], backbone: str, seeds: list[int], *, init: str | None, weights: Path | None,
-                    max_steps: int | None, engine: EngineConfig) -> list[RunRequest]:
+                    max_steps: int | None, engine: EngineConfig, variants: list[dict] | None = None
+                    ) -> list[RunRequest]:
+    """The plain run of every task x seed, then each variant (``{"fraction": 0.1}``, ``{"shots": 5}``,
+    ``{"resolution": 64}``) of every task x seed."""
     return [RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights, max_steps=max_steps,
-                       engine=engine) for t in tasks for s in seeds]
+                       engine=engine, **v) for v in [{}, *(variants or [])] for t in tasks for s in seeds]

@@ -1,0 +1,237 @@
+"""Bootstrap confidence intervals, vectorized: every score of a scope from one pass of resamples.
+
+**Resampling unit.** When patients repeat in a scored set (several images of
+one patient), whole patients are resampled (cluster bootstrap); otherwise
+images. Units are numbered in sorted-id order, so the same set scored by any
+run (another seed, another backbone) gets the *same* resamples: replicate
+``b`` of two runs is the same multiset of patients, which is what makes seed
+averaging of replicates and paired comparisons valid.
+
+**Resamples as weights.** Resample ``b`` is a vector of counts (how often each
+unit was drawn, ``n_units`` draws with replacement). Every score medbench
+bootstraps is a function of a few *linear statistics* — sums over subsets of
+samples of a per-sample value (correct decisions, squared errors, counts per
+calibration bin, counts per score group for the AUC). A :class:`LinearStats`
+collects those sums as rows of one sparse matrix ``M`` (rows x units), so the
+sums of a chunk of resamples are one sparse-dense product ``M @ counts``;
+each metric's *finalizer* turns the sums into replicate values, vectorized
+over resamples. The same finalizer on unit weights gives the point estimate,
+which tests check against the libraries (sklearn, netcal, fairlearn).
+
+**Intervals.** Percentile intervals (default 95 %) over the defined
+replicates; a replicate where a score is undefined (e.g. a label with one
+class in that resample) is counted in ``n_undefined``, not imputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from medbench.predictions import Predictions
+
+#: a finalizer turns linear sums ``[rows, b]`` into named replicate arrays ``[b]``
+Finalizer = Callable[[np.ndarray], dict[str, np.ndarray]]
+#: target number of float64 cells in one chunk of resample weights (~64 MB)
+CHUNK_CELLS = 8_000_000
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How a scored set is resampled: units, count, seed; :meth:`counts` yields the resamples."""
+
+    scope: str
+    n_resamples: int
+    seed: int
+    unit: str  # "patient" or "sample"
+    unit_of: np.ndarray  # [N] unit index of every sample, in [0, n_units)
+    n_units: int
+    fingerprint: str  # of (unit, sample ids, unit ids): equal fingerprints = equal resamples
+
+    @classmethod
+    def of(cls, preds: Predictions, *, n_resamples: int, seed: int, scope: str) -> "Resampling":
+        table = preds.table
+        sample_ids = [str(s) for s in table["sample_id"].to_list()] if "sample_id" in table.columns else \
+            [str(i) for i in range(table.height)]
+        patients = table["patient_id"].to_list() if "patient_id" in table.columns else [None] * table.height
+        keys = [f"p:{p}" if p is not None else f"s:{s}" for p, s in zip(patients, sample_ids)]
+        unit = "patient" if len(set(keys)) < len(keys) else "sample"
+        if unit == "sample":
+            keys = [f"s:{s}" for s in sample_ids]
+        uniq, unit_of = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+        order = np.argsort(np.asarray(sample_ids, dtype=str), kind="stable")
+        h = hashlib.sha256(json.dumps([unit, [sample_ids[i] for i in order], [keys[i] for i in order]]).encode())
+        return cls(scope=scope, n_resamples=int(n_resamples), seed=int(seed), unit=unit,
+                   unit_of=unit_of.astype(np.int64), n_units=len(uniq), fingerprint=h.hexdigest()[:16])
+
+    def describe(self) -> dict:
+        return {"n_resamples": self.n_resamples, "seed": self.seed, "unit": self.unit, "n_units": self.n_units,
+                "n_samples": int(self.unit_of.size), "fingerprint": self.fingerprint}
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(self.scope.encode())])
+
+    def counts(self, chunk: int | None = None) -> Iterator[np.ndarray]:
+        """Resample counts per unit, ``[n_units, b]`` float64, in chunks; the stream does not
+        depend on the chunk size."""
+        k = self.n_units
+        if chunk is None:
+            chunk = max(1, min(self.n_resamples, CHUNK_CELLS // max(k, 1)))
+        rng = self.rng()
+        done = 0
+        while done < self.n_resamples:
+            b = min(chunk, self.n_resamples - done)
+            draws = rng.integers(0, k, size=(b, k), dtype=np.uint32).astype(np.int64)
+            draws += (np.arange(b, dtype=np.int64) * k)[:, None]
+            counts = np.bincount(draws.ravel(), minlength=b * k).reshape(b, k)
+            yield np.ascontiguousarray(counts.T, dtype=np.float64)
+            done += b
+
+    def sample_indices(self, counts_column: np.ndarray) -> np.ndarray:
+        """The resample as row indices (for per-resample reference loops): every sample of a unit
+        drawn ``c`` times appears ``c`` times."""
+        per_sample = counts_column[self.unit_of].astype(np.int64)
+        return np.repeat(np.arange(self.unit_of.size), per_sample)
+
+
+# --------------------------------------------------------------------------- linear statistics
+
+
+class LinearStats:
+    """Rows of weighted sums over samples: ``sum_i w_i * value_i`` over each row's samples."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.n_rows = 0
+        self._rows: list[np.ndarray] = []
+        self._cols: list[np.ndarray] = []
+        self._vals: list[np.ndarray] = []
+
+    def add_rows(self, row_of: np.ndarray, n_rows: int, values: np.ndarray | float = 1.0) -> int:
+        """``n_rows`` new rows; sample ``i`` adds ``values[i]`` to row ``row_of[i]`` (``-1``: to none).
+        Returns the index of the first new row."""
+        first = self.n_rows
+        row_of = np.asarray(row_of, dtype=np.int64)
+        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), row_of.shape)
+        keep = row_of >= 0
+        cols = np.flatnonzero(keep)
+        self._rows.append(row_of[keep] + first)
+        self._cols.append(cols)
+        self._vals.append(np.array(vals[keep], dtype=np.float64))
+        self.n_rows += n_rows
+        return first
+
+    def add_sum(self, mask: np.ndarray, values: np.ndarray | float = 1.0) -> int:
+        """One row: the weighted sum of ``values`` over the samples where ``mask`` holds."""
+        return self.add_rows(np.where(np.asarray(mask, dtype=bool), 0, -1), 1, values)
+
+    def matrix(self, unit_of: np.ndarray | None = None, n_units: int | None = None):
+        """CSR ``[rows, units]``: the sample columns summed per resampling unit."""
+        import scipy.sparse as sp
+
+        rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)
+        cols = np.concatenate(self._cols) if self._cols else np.zeros(0, np.int64)
+        vals = np.concatenate(self._vals) if self._vals else np.zeros(0)
+        if unit_of is not None:
+            cols = np.asarray(unit_of)[cols]
+            width = int(n_units)
+        else:
+            width = self.n
+        m = sp.csr_matrix((vals, (rows, cols)), shape=(self.n_rows, width))  # duplicates are summed
+        m.sum_duplicates()
+        return m
+
+    def point_sums(self) -> np.ndarray:
+        """Sums with every sample weighted once, ``[rows, 1]``."""
+        return np.asarray(self.matrix() @ np.ones((self.n, 1)))
+
+
+#: a builder registers its rows in ``stats`` and returns the finalizer of its scores
+Builder = Callable[[LinearStats], Finalizer]
+
+
+@dataclass
+class ScopeResult:
+    """Point estimates and replicates of every score of one scope."""
+
+    point: dict[str, float | None]
+    replicates: dict[str, np.ndarray]
+    resampling: Resampling | None
+
+
+def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None) -> ScopeResult:
+    """Point estimates (unit weights) and, with ``resampling``, replicates of every builder's scores."""
+    stats = LinearStats(n)
+    finals = [b(stats) for b in builders]
+    point_sums = stats.point_sums()
+    point: dict[str, float | None] = {}
+    for f in finals:
+        for key, arr in f(point_sums).items():
+            v = float(np.asarray(arr).reshape(-1)[0])
+            point[key] = v if np.isfinite(v) else None
+    replicates: dict[str, list[np.ndarray]] = {}
+    if resampling is not None and resampling.n_resamples > 0 and n > 0:
+        m = stats.matrix(resampling.unit_of, resampling.n_units)
+        for counts in resampling.counts():
+            sums = np.asarray(m @ counts)
+            for f in finals:
+                for key, arr in f(sums).items():
+                    replicates.setdefault(key, []).append(np.asarray(arr, dtype=np.float64))
+    return ScopeResult(point, {k: np.concatenate(v) for k, v in replicates.items()}, resampling)
+
+
+# --------------------------------------------------------------------------- helpers for finalizers
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with NaN where ``den`` is 0 (undefined)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def mean_defined(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Per replicate, the mean of the arrays that are defined there (NaN when none is)."""
+    stack = np.vstack([np.asarray(a, dtype=np.float64).reshape(1, -1) for a in arrays])
+    n = np.sum(np.isfinite(stack), axis=0)
+    total = np.nansum(stack, axis=0)
+    return ratio(total, n)
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def interval(replicates: np.ndarray, level: float) -> dict | None:
+    """Percentile interval of the defined replicates; None when none is defined."""
+    reps = np.asarray(replicates, dtype=np.float64)
+    ok = reps[np.isfinite(reps)]
+    if ok.size == 0:
+        return None
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(ok, [alpha, 1.0 - alpha])
+    return {"low": float(low), "high": float(high), "se": float(ok.std(ddof=1)) if ok.size > 1 else None,
+            "n_undefined": int(reps.size - ok.size)}
+
+
+def per_resample_loop(preds: Predictions, fn: Callable[[Predictions], dict[str, float | None]],
+                      resampling: Resampling) -> dict[str, np.ndarray]:
+    """Replicates of a metric without a vectorized form: the metric on each resample in turn
+    (slow; used for registered metrics that declare no linear statistics)."""
+    out: dict[str, list[float]] = {}
+    for counts in resampling.counts():
+        for j in range(counts.shape[1]):
+            idx = resampling.sample_indices(counts[:, j])
+            sub = Predictions(preds.table[idx.tolist()], preds.label_names, preds.task_type)
+            for key, v in fn(sub).items():
+                out.setdefault(key, []).append(np.nan if v is None else float(v))
+    return {k: np.asarray(v) for k, v in out.items()}
