@@ -314,44 +314,39 @@ def reliability(t: CalibrationTarget, config: ScoringSpec) -> dict[str, np.ndarr
 
 
 def reliability_png(before: Predictions, after: Predictions, config: ScoringSpec, title: str) -> bytes:
-    """A reliability diagram (one panel per label, or the top label): observed frequency against
-    confidence per bin, before (bars) and after temperature scaling (line), with bin counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A reliability diagram (one panel per label, or the top label): observed frequency against mean
+    confidence per bin, before and after temperature scaling, the share of images per bin (grey,
+    before scaling), the diagonal, and the ECE before -> after."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     tb, ta = calibration_targets(before), calibration_targets(after)
     n = len(tb)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
-    for ax, b, a in zip(axes.ravel(), tb, ta):
+    fig = Figure(figsize=(4.0 * cols, 3.8 * rows), dpi=80)
+    FigureCanvasAgg(fig)
+    for i, (b, a) in enumerate(zip(tb, ta)):
+        ax = fig.add_subplot(rows, cols, i + 1)
         rb, ra = reliability(b, config), reliability(a, config)
         e = rb["edges"]
-        ax.bar(e[:-1], np.nan_to_num(rb["frequency"]), width=np.diff(e), align="edge", alpha=0.45,
-               edgecolor="tab:blue", color="tab:blue", label="before")
-        ok = np.isfinite(ra["confidence"])
-        ax.plot(ra["confidence"][ok], ra["frequency"][ok], "o-", color="tab:orange", ms=3, label="after T-scaling")
+        ax.stairs(rb["count"] / max(rb["count"].sum(), 1.0), e, fill=True, color="0.8", label="share of images")
+        for r, color, label in ((rb, "tab:blue", "before"), (ra, "tab:orange", "after T-scaling")):
+            ok = np.isfinite(r["confidence"])
+            ax.plot(r["confidence"][ok], r["frequency"][ok], "o-", color=color, ms=3, lw=1.2, label=label)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        eb = _netcal("ece", b, config)
-        ea = _netcal("ece", a, config)
-        ax.set_title(f"{b.name}\nECE {eb:.3f} → {ea:.3f}" if eb is not None and ea is not None else b.name,
+        eb, ea = _netcal("ece", b, config), _netcal("ece", a, config)
+        ax.set_title(f"{b.name}: ECE {eb:.3f} → {ea:.3f}" if eb is not None and ea is not None else b.name,
                      fontsize=9)
-        share = rb["count"] / max(rb["count"].sum(), 1.0)
-        ax.bar(e[:-1], share, width=np.diff(e), align="edge", color="grey", alpha=0.35, label="share of images")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("observed frequency")
-        ax.legend(fontsize=7, loc="upper left")
-    for ax in axes.ravel()[n:]:
-        ax.axis("off")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="observed frequency")
+        if i == 0:
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.84, wspace=0.3, hspace=0.45)
+    width, height = 4.0 * cols, 3.8 * rows
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.75 / height,
+                        wspace=0.32, hspace=0.45)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
+    fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
 
 

@@ -204,8 +204,8 @@ def group_rates(y: np.ndarray, d: np.ndarray, parts: list[tuple[str, np.ndarray,
                          control_features={"grouping": pk, "label": lk})
     key = np.char.add(np.char.add(np.char.add(np.char.add(pk, "\x1f"), lk), "\x1f"), gk)
     uniq, inv = np.unique(key, return_inverse=True)
-    n_pos = dict(zip(uniq, np.bincount(inv, weights=(yk == 1)).astype(int)))
-    n_neg = dict(zip(uniq, np.bincount(inv, weights=(yk == 0)).astype(int)))
+    n_pos = dict(zip(uniq, np.bincount(inv, weights=(yk == 1)).astype(int).tolist()))
+    n_neg = dict(zip(uniq, np.bincount(inv, weights=(yk == 0)).astype(int).tolist()))
     out: dict[str, dict[str, dict[str, dict]]] = {}
     for (part, label, g), row in mf.by_group.iterrows():
         k = f"{part}\x1f{label}\x1f{g}"

@@ -168,7 +168,20 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
             if c is not None:
                 _set(ci, path, c)
     out["ci"] = ci
-    return out, kept
+    return _plain(out), kept
+
+
+def _plain(obj):
+    """JSON-ready: numpy scalars to Python numbers, non-finite floats to None (undefined)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def _reliability(run: RunDir, test: Predictions, calibrated: Predictions, cfg: ScoringSpec, config: dict) -> str | None:
