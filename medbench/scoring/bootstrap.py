@@ -39,6 +39,10 @@ from medbench.predictions import Predictions
 Finalizer = Callable[[np.ndarray], dict[str, np.ndarray]]
 #: target number of float64 cells in one chunk of resample weights (~64 MB)
 CHUNK_CELLS = 8_000_000
+#: a sum over at least this share of the samples is a dense row (BLAS) ...
+DENSE_MIN_SHARE = 0.2
+#: ... while the dense rows hold at most this many cells (~256 MB)
+DENSE_CELLS = 32_000_000
 
 
 # --------------------------------------------------------------------------- resampling
@@ -106,52 +110,97 @@ class Resampling:
 
 
 class LinearStats:
-    """Rows of weighted sums over samples: ``sum_i w_i * value_i`` over each row's samples."""
+    """Rows of weighted sums over samples: ``sum_i w_i * value_i`` over each row's samples.
 
-    def __init__(self, n: int):
+    With ``unit_of`` the columns are resampling units: the entries of one unit in one row are summed
+    as they are added (each call adds a block of new rows, sorted by row and unit), so the sparse
+    matrix is assembled without a global sort. Identical count rows (same mask) are shared."""
+
+    def __init__(self, n: int, unit_of: np.ndarray | None = None, n_units: int | None = None):
         self.n = n
+        self.unit_of = np.arange(n, dtype=np.int64) if unit_of is None else np.asarray(unit_of, dtype=np.int64)
+        self.n_units = n if unit_of is None else int(n_units)
         self.n_rows = 0
         self._rows: list[np.ndarray] = []
         self._cols: list[np.ndarray] = []
         self._vals: list[np.ndarray] = []
+        self._count_rows: dict[bytes, int] = {}
+        self._dense_ids: list[int] = []
+        self._dense_cols: list[np.ndarray] = []
 
     def add_rows(self, row_of: np.ndarray, n_rows: int, values: np.ndarray | float = 1.0) -> int:
         """``n_rows`` new rows; sample ``i`` adds ``values[i]`` to row ``row_of[i]`` (``-1``: to none).
         Returns the index of the first new row."""
         first = self.n_rows
         row_of = np.asarray(row_of, dtype=np.int64)
-        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), row_of.shape)
-        keep = row_of >= 0
-        cols = np.flatnonzero(keep)
-        self._rows.append(row_of[keep] + first)
-        self._cols.append(cols)
-        self._vals.append(np.array(vals[keep], dtype=np.float64))
+        samples = np.flatnonzero(row_of >= 0)
+        vals = np.asarray(values, dtype=np.float64)
+        vals = np.full(samples.size, float(vals)) if vals.ndim == 0 else vals[samples]
+        key = row_of[samples] * self.n_units + self.unit_of[samples]
+        uniq, inv = np.unique(key, return_inverse=True)
+        self._rows.append(uniq // self.n_units + first)
+        self._cols.append(uniq % self.n_units)
+        self._vals.append(np.bincount(inv, weights=vals, minlength=uniq.size))
         self.n_rows += n_rows
         return first
 
     def add_sum(self, mask: np.ndarray, values: np.ndarray | float = 1.0) -> int:
-        """One row: the weighted sum of ``values`` over the samples where ``mask`` holds."""
-        return self.add_rows(np.where(np.asarray(mask, dtype=bool), 0, -1), 1, values)
+        """One row: the weighted sum of ``values`` over the samples where ``mask`` holds. Rows over
+        many samples are kept dense (a BLAS product), within a memory budget."""
+        mask = np.asarray(mask, dtype=bool)
+        count = np.ndim(values) == 0 and float(values) == 1.0
+        if count:  # a count: share rows over identical masks
+            key = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+            if key in self._count_rows:
+                return self._count_rows[key]
+        if mask.mean() >= DENSE_MIN_SHARE and (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
+            vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
+            self._dense_cols.append(np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units))
+            self._dense_ids.append(self.n_rows)
+            self.n_rows += 1
+            row = self.n_rows - 1
+        else:
+            row = self.add_rows(np.where(mask, 0, -1), 1, values)
+        if count:
+            self._count_rows[key] = row
+        return row
 
-    def matrix(self, unit_of: np.ndarray | None = None, n_units: int | None = None):
-        """CSR ``[rows, units]``: the sample columns summed per resampling unit."""
+    def matrix(self) -> "SumsOperator":
+        """The linear map from unit weights ``[units, b]`` to the sums ``[rows, b]``."""
         import scipy.sparse as sp
 
         rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)
         cols = np.concatenate(self._cols) if self._cols else np.zeros(0, np.int64)
         vals = np.concatenate(self._vals) if self._vals else np.zeros(0)
-        if unit_of is not None:
-            cols = np.asarray(unit_of)[cols]
-            width = int(n_units)
-        else:
-            width = self.n
-        m = sp.csr_matrix((vals, (rows, cols)), shape=(self.n_rows, width))  # duplicates are summed
-        m.sum_duplicates()
-        return m
+        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
+        sparse = sp.csr_matrix((vals, cols, indptr), shape=(self.n_rows, self.n_units))
+        dense = np.ascontiguousarray(np.vstack(self._dense_cols)) if self._dense_cols else None
+        return SumsOperator(sparse, dense, np.asarray(self._dense_ids, dtype=np.int64))
 
-    def point_sums(self) -> np.ndarray:
-        """Sums with every sample weighted once, ``[rows, 1]``."""
-        return np.asarray(self.matrix() @ np.ones((self.n, 1)))
+    def point_sums(self, m: "SumsOperator | None" = None) -> np.ndarray:
+        """Sums with every sample weighted once, ``[rows, 1]``: each unit weighted by its size."""
+        m = self.matrix() if m is None else m
+        return m @ np.ones((self.n_units, 1))
+
+
+@dataclass
+class SumsOperator:
+    """Sparse rows (partitions: score groups, calibration bins) and dense rows (sums over many samples)."""
+
+    sparse: object  # scipy CSR [rows, units]; dense rows are empty here
+    dense: np.ndarray | None  # [dense rows, units]
+    dense_ids: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.sparse.shape
+
+    def __matmul__(self, counts: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.sparse @ counts)
+        if self.dense is not None:
+            out[self.dense_ids] = self.dense @ counts
+        return out
 
 
 #: a builder registers its rows in ``stats`` and returns the finalizer of its scores
@@ -169,18 +218,24 @@ class ScopeResult:
 
 def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None) -> ScopeResult:
     """Point estimates (unit weights) and, with ``resampling``, replicates of every builder's scores."""
-    stats = LinearStats(n)
+    if resampling is None or resampling.n_resamples == 0 or n == 0:
+        resampling = None
+        stats = LinearStats(n)
+    else:
+        stats = LinearStats(n, resampling.unit_of, resampling.n_units)
     finals = [b(stats) for b in builders]
-    point_sums = stats.point_sums()
+    m = stats.matrix()
+    point_sums = stats.point_sums(m)
     point: dict[str, float | None] = {}
     for f in finals:
         for key, arr in f(point_sums).items():
             v = float(np.asarray(arr).reshape(-1)[0])
             point[key] = v if np.isfinite(v) else None
     replicates: dict[str, list[np.ndarray]] = {}
-    if resampling is not None and resampling.n_resamples > 0 and n > 0:
-        m = stats.matrix(resampling.unit_of, resampling.n_units)
-        for counts in resampling.counts():
+    if resampling is not None:
+        # a chunk holds counts [units, b] and sums [rows, b]: bound both
+        chunk = max(1, min(resampling.n_resamples, CHUNK_CELLS // max(resampling.n_units, m.shape[0], 1)))
+        for counts in resampling.counts(chunk):
             sums = np.asarray(m @ counts)
             for f in finals:
                 for key, arr in f(sums).items():
