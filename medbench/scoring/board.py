@@ -9,9 +9,12 @@ Every number with uncertainty becomes a *summary*: ``mean``, ``std``
 (``low``, ``high``, ``se``, ``n_undefined``, ``level``): replicate ``b`` of
 every seed scores the same resample, so averaging replicates over seeds and
 taking percentiles gives the test-sampling uncertainty of the mean. ``std``
-is the training (seed) noise; ``ci`` the test-set noise. Integers equal in
-every seed (sizes, step counts) stay plain numbers; labels and names stay
-strings.
+is the training (seed) noise; ``ci`` the test-set noise. Sizes and settings
+equal in every seed (``n``, ``bins``, ``total_steps``, ... see
+``COUNT_KEYS``) stay plain numbers; labels and names stay strings (or
+``{"values", "seeds"}`` when they differ between seeds, e.g. a worst group).
+When the runs were scored with different settings, ``scoring`` holds
+``{"mixed": [...]}`` and no pooled intervals are given.
 
 Blocks per entry: ``calibration``, ``fairness`` (per-label detail left in
 ``metrics.json``), ``shift``, ``convergence`` (with the mean validation

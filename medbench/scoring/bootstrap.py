@@ -12,8 +12,10 @@ unit was drawn, ``n_units`` draws with replacement). Every score medbench
 bootstraps is a function of a few *linear statistics* — sums over subsets of
 samples of a per-sample value (correct decisions, squared errors, counts per
 calibration bin, counts per score group for the AUC). A :class:`LinearStats`
-collects those sums as rows of one sparse matrix ``M`` (rows x units), so the
-sums of a chunk of resamples are one sparse-dense product ``M @ counts``;
+collects those sums as rows of a matrix ``M`` (rows x units; sparse for
+partitions such as score groups and calibration bins, dense for sums over
+many samples), so the sums of a chunk of resamples are one product
+``M @ counts``;
 each metric's *finalizer* turns the sums into replicate values, vectorized
 over resamples. The same finalizer on unit weights gives the point estimate,
 which tests check against the libraries (sklearn, netcal, fairlearn).

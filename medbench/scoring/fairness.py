@@ -26,12 +26,22 @@ silently 0).
 
 Per grouping: worst group and its value (AUC, accuracy), gaps (max - min over
 scored groups; for the rates, per label then averaged), the equalized-odds
-difference (fairlearn, between groups, worst case of the TPR and FPR gaps;
-per label over the scored groups holding both classes, then averaged) and the
-demographic-parity difference of the decisions. Point values come from
-fairlearn's ``MetricFrame`` and torchmetrics; bootstrap replicates (single
-attributes; intersections carry point values only, their groups being small)
-from the same definitions on linear statistics.
+difference (fairlearn's definition — between groups, the larger of the TPR
+and FPR gaps — per label over the scored groups holding both classes, then
+averaged) and the demographic-parity difference of the decisions. The rates
+come from one fairlearn ``MetricFrame`` (fairlearn's ``true_positive_rate``,
+``false_positive_rate``, ``selection_rate``; grouping and label as control
+features), the differences from its ``by_group`` table (tests check them
+against ``equalized_odds_difference`` / ``demographic_parity_difference``),
+AUC and accuracy from torchmetrics. A rate with an empty denominator in a
+group is undefined (fairlearn would report 0). Gaps are absolute (max - min),
+so their intervals sit above 0 by construction; compare the groups' own
+intervals to judge a difference. Bootstrap replicates (single attributes;
+intersections carry point values only, their groups being small) come from
+the same definitions on linear statistics.
+
+An attribute with a single observed value (e.g. one site) is reported but
+not crossed with the others (its intersections would repeat their groups).
 """
 
 from __future__ import annotations
