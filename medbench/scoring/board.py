@@ -204,12 +204,16 @@ def attach_intervals(entry: dict, agg: SeedAggregate) -> None:
 
 
 def axes_blocks(agg: SeedAggregate) -> dict:
-    out: dict = {"scoring": agg.scoring if agg.scoring is not None else
-                 {"mixed": [r.scoring for r in agg.records]}}
+    settings = [r.scoring for r in agg.records]
+    out: dict = {"scoring": agg.scoring if agg.scoring is not None or not any(settings) else {"mixed": settings}}
     for axis in ("calibration", "fairness", "shift", "convergence"):
         block = agg.tree((axis,))
         if block is not None:
             out[axis] = block
+    if "calibration" in out:
+        out["calibration"]["reliability_diagrams"] = [
+            str(r.run.path / r.metrics["calibration"]["reliability_diagram"]) for r in agg.records
+            if r.metrics.get("calibration", {}).get("reliability_diagram")]
     if "convergence" in out:
         out["convergence"]["curve"] = mean_curve(agg)
     return out
@@ -399,6 +403,12 @@ def shift_matrix(entries: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def first_record(ctx: EntryContext) -> RunRecord:
+    if ctx.plain.records:
+        return ctx.plain.records[0]
+    return next(iter(ctx.variants.values())).records[0]
+
+
 def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict:
     """Add every axis block to ``entries`` (in place); returns the board-level blocks."""
     from medbench.errors import UsageError
@@ -433,8 +443,12 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
     for key, ctx in contexts.items():
         entry = by_key.get(key)
         if entry is None:  # variant runs only: an entry without plain runs
+            prov = first_record(ctx).result.get("provenance", {})
             entry = {"task": key[0], "backbone": key[1], "init": key[2],
-                     "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": []}
+                     "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": [],
+                     "provenance": {k: prov.get(k) for k in ("task_version", "task_hash", "data_fingerprint", "model",
+                                                             "device", "engine", "medbench_version", "git_sha",
+                                                             "libraries")}}
             entries.append(entry)
             by_key[key] = entry
         if ctx.plain.records:

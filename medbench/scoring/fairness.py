@@ -29,9 +29,10 @@ scored groups; for the rates, per label then averaged), the equalized-odds
 difference (fairlearn's definition — between groups, the larger of the TPR
 and FPR gaps — per label over the scored groups holding both classes, then
 averaged) and the demographic-parity difference of the decisions. The rates
-come from one fairlearn ``MetricFrame`` (fairlearn's ``true_positive_rate``,
-``false_positive_rate``, ``selection_rate``; grouping and label as control
-features), the differences from its ``by_group`` table (tests check them
+come from one fairlearn ``MetricFrame`` (fairlearn's ``true_positive_rate``
+and ``false_positive_rate``; grouping and label as control features; FNR =
+1 - TPR and selection rate = (TPR P + FPR N) / (P + N) from the group's class
+counts), the differences from its ``by_group`` table (tests check them
 against ``equalized_odds_difference`` / ``demographic_parity_difference``),
 AUC and accuracy from torchmetrics. A rate with an empty denominator in a
 group is undefined (fairlearn would report 0). Gaps are absolute (max - min),
@@ -190,8 +191,9 @@ def group_rates(y: np.ndarray, d: np.ndarray, parts: list[tuple[str, np.ndarray,
     """TPR, FPR, FNR and selection rate of the decisions ``d`` per grouping, label and group, through
     one fairlearn ``MetricFrame`` (grouping and label as control features, the group as sensitive
     feature). ``parts``: (grouping name, group per image, groups to score). A rate whose denominator
-    is empty in a group is None (fairlearn would report 0); FNR = 1 - TPR."""
-    from fairlearn.metrics import MetricFrame, false_positive_rate, selection_rate, true_positive_rate
+    is empty in a group is None (fairlearn would report 0); FNR = 1 - TPR; the selection rate is
+    (TPR P + FPR N) / (P + N)."""
+    from fairlearn.metrics import MetricFrame, false_positive_rate, true_positive_rate
 
     ys, ds, gs, ls, ps = [], [], [], [], []
     names = np.asarray(label_names, dtype=object)
@@ -208,8 +210,7 @@ def group_rates(y: np.ndarray, d: np.ndarray, parts: list[tuple[str, np.ndarray,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mf = MetricFrame(metrics={"tpr": partial(true_positive_rate, pos_label=1),
-                                  "fpr": partial(false_positive_rate, pos_label=1),
-                                  "selection_rate": partial(selection_rate, pos_label=1)},
+                                  "fpr": partial(false_positive_rate, pos_label=1)},
                          y_true=yk, y_pred=dk, sensitive_features={"group": gk},
                          control_features={"grouping": pk, "label": lk})
     key = np.char.add(np.char.add(np.char.add(np.char.add(pk, "\x1f"), lk), "\x1f"), gk)
@@ -223,9 +224,11 @@ def group_rates(y: np.ndarray, d: np.ndarray, parts: list[tuple[str, np.ndarray,
             continue
         npos, nneg = n_pos[k], n_neg[k]
         tpr = float(row["tpr"]) if npos else None
+        fpr = float(row["fpr"]) if nneg else None
+        selected = (tpr or 0.0) * npos + (fpr or 0.0) * nneg  # decisions = 1: true plus false positives
         out.setdefault(str(part), {}).setdefault(str(label), {})[str(g)] = {
-            "n_pos": npos, "n_neg": nneg, "tpr": tpr, "fpr": float(row["fpr"]) if nneg else None,
-            "fnr": 1.0 - tpr if tpr is not None else None, "selection_rate": float(row["selection_rate"])}
+            "n_pos": npos, "n_neg": nneg, "tpr": tpr, "fpr": fpr, "fnr": 1.0 - tpr if tpr is not None else None,
+            "selection_rate": selected / (npos + nneg)}
     return out
 
 
