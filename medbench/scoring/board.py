@@ -149,14 +149,7 @@ class SeedAggregate:
             keys: list = []
             for v in present:
                 keys.extend(k for k in v if k not in keys)
-            out = {}
-            for k in keys:
-                if k in skip:
-                    continue
-                sub = self.tree((*path, k), skip)
-                if sub is not None:
-                    out[k] = sub
-            return out
+            return {k: self.tree((*path, k), skip) for k in keys if k not in skip}  # undefined stays None
         if all(_is_number(v) for v in present):
             if path[-1] in COUNT_KEYS and len(present) == len(values) and len(set(present)) == 1:
                 return present[0]
