@@ -181,20 +181,66 @@ def run(
     allow_outside_data_root: bool = typer.Option(
         False, "--allow-outside-data-root", help="Let task specs and label files name absolute paths or paths "
         "outside the dataset folder (off: such paths are refused). Env: MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1."),
+    fractions: Optional[str] = typer.Option(None, "--fractions", help="Data efficiency: also fine-tune on these percentages of the training images, e.g. 1,5,10,25,50 ('default': 1,5,10,25,50,100)."),
+    shots: Optional[str] = typer.Option(None, "--shots", help="Data efficiency: also fine-tune on k images per class, e.g. 1,5,10 ('default': 1,5,10,100,500)."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
 ) -> None:
     """Fine-tune BACKBONE on every task of the suites/tasks and write the leaderboard."""
     try:
+        variants = _variants(fractions, shots, resolutions)
         _run(backbone=backbone, suites=suite or [], tasks=task or [], seeds=seeds, data_root=data_root,
              data=data or [], out=out, max_steps=max_steps, init=init, weights=weights, dry_run=dry_run,
              tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
              micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
-             checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root)
+             checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
+             variants=variants)
     except typer.Exit:
         raise
     except KeyboardInterrupt as err:
         _interrupted(err)
     except Exception as err:
         _fail(err)
+
+
+DEFAULT_FRACTIONS = "1,5,10,25,50,100"
+DEFAULT_SHOTS = "1,5,10,100,500"
+
+
+def _number_list(text: str | None, option: str, default: str | None, cast) -> list:
+    from medbench.errors import UsageError
+
+    if text is None:
+        return []
+    if text.strip() == "default" and default is not None:
+        text = default
+    try:
+        values = [cast(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"expected comma-separated numbers, got {text!r}", field=option) from None
+    if not values:
+        raise UsageError("expected at least one number", field=option)
+    return list(dict.fromkeys(values))
+
+
+def _variants(fractions: str | None, shots: str | None, resolutions: str | None) -> list[dict]:
+    """Variant runs asked for on the command line (the 100 % fraction is the plain run itself)."""
+    from medbench.errors import UsageError
+
+    out: list[dict] = []
+    for pct in _number_list(fractions, "--fractions", DEFAULT_FRACTIONS, float):
+        if not 0 < pct <= 100:
+            raise UsageError(f"percentages must be in (0, 100], got {pct:g}", field="--fractions")
+        if pct < 100:
+            out.append({"fraction": pct / 100})
+    for k in _number_list(shots, "--shots", DEFAULT_SHOTS, int):
+        if k < 1:
+            raise UsageError(f"shots must be >= 1, got {k}", field="--shots")
+        out.append({"shots": k})
+    for r in _number_list(resolutions, "--resolutions", None, int):
+        if r < 8:
+            raise UsageError(f"resolutions must be >= 8 px, got {r}", field="--resolutions")
+        out.append({"resolution": r})
+    return out
 
 
 def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
@@ -213,7 +259,7 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
-         allow_outside_data_root) -> None:
+         allow_outside_data_root, variants=()) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.catalog import Catalog
@@ -231,6 +277,9 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
             parse_init(init)
         _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tflops,
                     engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch})
+        if variants:
+            _console().print(f"plus {len(variants)} variant run(s) (--fractions/--shots/--resolutions) per task and "
+                             "seed, each on its own (smaller) schedule")
         return
 
     from medbench.results import RunStore
@@ -243,8 +292,10 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     requests = []
     for name in names:
         n = seeds or catalog.task(name).spec.default_seeds
+        crop = catalog.task(name).spec.input.crop  # a sweep point at the task's own crop is the plain run
+        task_variants = [v for v in variants if v.get("resolution") is None or v["resolution"] != crop]
         requests += expand_requests([name], backbone, list(range(n)), init=init, weights=weights,
-                                    max_steps=max_steps, engine=engine_cfg)
+                                    max_steps=max_steps, engine=engine_cfg, variants=task_variants)
     store = RunStore(out)
     _check_writable(out)
     with _RichReporter() as reporter:
@@ -308,14 +359,39 @@ def _fmt(summary: dict | None, pct: bool = False) -> str:
 def _print_board(board: dict) -> None:
     from rich.table import Table
 
-    table = Table(title="medbench results (test split; mean ± std over seeds)")
-    for col in ("task", "backbone", "init", "headline", "value", "accuracy", "seeds", "OOD"):
+    table = Table(title="medbench results (test split; mean ± std over seeds, interval of the mean over test resamples)")
+    for col in ("task", "backbone", "init", "headline", "value", "interval", "accuracy", "seeds", "OOD (drop)",
+                "ECE → T-scaled", "largest AUC gap"):
         table.add_column(col)
     for e in board["entries"]:
-        ood = "; ".join(f"{name}: {_fmt(m.get(e['headline']['metric']))}" for name, m in e.get("ood", {}).items())
-        table.add_row(e["task"], e["backbone"], e["init"], e["headline"]["metric"], _fmt(e["headline"]),
-                      _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-")
+        metric = e["headline"]["metric"]
+        ood = "; ".join(f"{name}: {_fmt(m.get(metric))}" + _drop(e, name, metric) for name, m in e.get("ood", {}).items())
+        ci = e["headline"].get("ci")
+        cal = e.get("calibration") or {}
+        ece = (f"{_fmt(cal['before'].get('ece'))} → {_fmt(cal['after'].get('ece'))}"
+               if cal.get("before") and cal.get("after") else "-")
+        table.add_row(e["task"], e["backbone"], e["init"], metric, _fmt(e["headline"]),
+                      f"[{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "-",
+                      _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, _largest_gap(e))
     _console().print(table)
+
+
+def _drop(entry: dict, target: str, metric: str) -> str:
+    d = (((entry.get("shift") or {}).get(target) or {}).get(metric) or {}).get("drop")
+    return f" (drop {d['mean']:.4f})" if isinstance(d, dict) and d.get("mean") is not None else ""
+
+
+def _largest_gap(entry: dict) -> str:
+    best = None
+    for name, attr in ((entry.get("fairness") or {}).get("attributes") or {}).items():
+        gap = (attr.get("gap") or {}).get("auc") if isinstance(attr, dict) else None
+        if isinstance(gap, dict) and gap.get("mean") is not None and len(attr.get("attributes", [])) == 1:
+            if best is None or gap["mean"] > best[1]:
+                best = (name, gap["mean"], (attr.get("worst_group") or {}).get("auc"))
+    if best is None:
+        return "-"
+    worst = best[2] if isinstance(best[2], str) else "varies"
+    return f"{best[0]}: {best[1]:.4f} (worst {worst})"
 
 
 def _gb(memory: dict | None) -> str:
@@ -365,32 +441,91 @@ def _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tf
             con.print(f"[yellow]missing[/yellow] dataset {p.dataset!r} for {p.task} (looked in {where}): {p.how_to_get}")
 
 
+class BinningChoice(str, Enum):
+    uniform = "uniform"
+    adaptive = "adaptive"
+
+
 @app.command()
 def score(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders, or folders above them."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, help="Bootstrap resamples for intervals (0: none; default: the task's, 1000)."),
+    ci_level: Optional[float] = typer.Option(None, "--ci-level", help="Confidence level of the intervals (default 0.95)."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="Fairness operating point chosen on validation: youden, or sensitivity:0.9."),
+    ece_bins: Optional[int] = typer.Option(None, "--ece-bins", min=1, help="Calibration bins (default 15)."),
+    ece_binning: Optional[BinningChoice] = typer.Option(None, "--ece-binning", help="uniform (equal width) or adaptive (equal mass)."),
+    min_group_size: Optional[int] = typer.Option(None, "--min-group-size", min=1, help="Smallest subgroup scored (default 20 images)."),
+    intersections: Optional[int] = typer.Option(None, "--intersections", min=1, help="Cross up to this many attributes (default 2)."),
 ) -> None:
-    """Recompute every score of finished runs from their saved predictions (no retraining)."""
+    """Recompute every score and axis of finished runs from their saved predictions (no retraining)."""
     try:
         from medbench.errors import UsageError
         from medbench.results import find_run_dirs
         from medbench.scoring.runs import rescore
 
+        overrides = _scoring_overrides(bootstrap, ci_level, threshold, ece_bins, ece_binning, min_group_size,
+                                       intersections)
         runs = find_run_dirs(run_dirs)
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
         for r in runs:
-            scores = rescore(r)
-            print(f"{r.path}: " + json.dumps({k: v for k, v in scores["test"].items() if "/" not in k}))
+            scores = rescore(r, overrides)
+            print(f"{r.path}: {_score_line(scores)}")
     except typer.Exit:
         raise
     except Exception as err:
         _fail(err)
 
 
+def _scoring_overrides(bootstrap, ci_level, threshold, ece_bins, ece_binning, min_group_size, intersections) -> dict:
+    from medbench.errors import UsageError
+
+    out: dict = {k: v for k, v in (("bootstrap", bootstrap), ("ci_level", ci_level), ("ece_bins", ece_bins),
+                                   ("min_group_size", min_group_size), ("intersections", intersections))
+                 if v is not None}
+    if ece_binning is not None:
+        out["ece_binning"] = ece_binning.value
+    if threshold is not None:
+        method, _, target = threshold.partition(":")
+        if method not in ("youden", "sensitivity") or (method == "youden" and target):
+            raise UsageError(f"expected 'youden' or 'sensitivity:TARGET', got {threshold!r}", field="--threshold")
+        out["threshold"] = method
+        if target:
+            try:
+                out["target_sensitivity"] = float(target)
+            except ValueError:
+                raise UsageError(f"target sensitivity must be a number, got {target!r}", field="--threshold") from None
+    if ci_level is not None and not 0 < ci_level < 1:
+        raise UsageError(f"must be between 0 and 1, got {ci_level}", field="--ci-level")
+    return out
+
+
+def _score_line(scores: dict) -> str:
+    """One line per run: headline metrics with intervals and the axes' key numbers."""
+    parts = []
+    for k, v in scores.get("test", {}).items():
+        if "/" in k or v is None:
+            continue
+        ci = scores.get("ci", {}).get("test", {}).get(k)
+        parts.append(f"{k} {v:.4f}" + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if ci else ""))
+    cal = scores.get("calibration")
+    if cal and cal["before"].get("ece") is not None and cal["after"].get("ece") is not None:
+        parts.append(f"ECE {cal['before']['ece']:.4f} -> {cal['after']['ece']:.4f} (temperature scaling)")
+    for name, attr in (scores.get("fairness") or {}).get("attributes", {}).items():
+        if len(attr.get("attributes", [])) == 1 and attr.get("gap", {}).get("auc") is not None:
+            parts.append(f"AUC gap {name} {attr['gap']['auc']:.4f} (worst {attr['worst_group']['auc']})")
+    for name, s in (scores.get("shift") or {}).items():
+        for m, v in s.items():
+            if isinstance(v, dict) and v.get("drop") is not None:
+                parts.append(f"{name} {m} drop {v['drop']:.4f}")
+    return "; ".join(parts)
+
+
 @app.command()
 def leaderboard(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders, or folders above them."),
     output: Path = typer.Option(..., "--output", "-o", help="Leaderboard JSON to write."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline backbone (NAME or NAME@INIT): adds paired comparisons, data-efficiency area, convergence and resolution relative to it."),
 ) -> None:
     """Aggregate finished runs into one leaderboard JSON."""
     try:
@@ -401,7 +536,11 @@ def leaderboard(
         runs = find_run_dirs(run_dirs)
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
-        board = write_leaderboard(runs, output)
+        base = None
+        if baseline:
+            name, _, base_init = baseline.partition("@")
+            base = (name, base_init or None)
+        board = write_leaderboard(runs, output, base)
         _print_board(board)
         print(f"leaderboard: {output}")
     except typer.Exit:
@@ -460,6 +599,59 @@ def data_inspect(
         print(json.dumps(summary, indent=2, default=str))
         return
     _print_inspection(summary)
+
+
+@app.command()
+def paired(
+    runs_a: Path = typer.Argument(..., help="Runs of backbone A: a run folder or a folder above its seeds."),
+    runs_b: Path = typer.Argument(..., help="Runs of backbone B on the same task(s)."),
+    metric: str = typer.Option("auc", "--metric", "-m", help="Test metric (e.g. auc, accuracy, auc/Edema, ece)."),
+    ood: Optional[str] = typer.Option(None, "--ood", help="Compare on this OOD target instead of the test split."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Paired bootstrap comparison of A and B on the same test resamples (seeds averaged per side)."""
+    try:
+        from medbench.errors import UsageError
+        from medbench.results import find_run_dirs
+        from medbench.scoring.paired import compare_runs
+
+        sides = []
+        for p in (runs_a, runs_b):
+            runs = find_run_dirs([p])
+            if not runs:
+                raise UsageError("no completed run folders found", where=p, field="RUN_DIR")
+            by_task: dict = {}
+            for r in runs:
+                res = r.result()
+                if not res.get("variant"):
+                    by_task.setdefault(res["task"], []).append(r)
+            sides.append(by_task)
+        tasks = sorted(set(sides[0]) & set(sides[1]))
+        if not tasks:
+            raise UsageError("the two sides share no task", where=f"{runs_a}, {runs_b}", field="RUN_DIR")
+        path = ("ood", ood, metric) if ood else ("test", metric)
+        results = {t: compare_runs(sides[0][t], sides[1][t], path) for t in tasks}
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+        return
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"paired bootstrap: A - B, {'/'.join(path)} (seed means)")
+    for col in ("task", "A", "B", "A - B", "interval", "p", "better", "seeds A/B"):
+        table.add_column(col)
+    for t, r in results.items():
+        ci = r["ci"]
+        fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row(t, fmt(r["a"]), fmt(r["b"]), fmt(r["delta"]),
+                      f"[{ci['low']:.4f}, {ci['high']:.4f}] ({r['level']:.0%})" if ci else "-",
+                      f"{r['p_value']:.4f}" if r["p_value"] is not None else "-", r["better"] or "n.s.",
+                      f"{r['seeds']['a']}/{r['seeds']['b']}")
+    _console().print(table)
 
 
 def _print_inspection(summary: dict) -> None:

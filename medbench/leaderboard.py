@@ -4,6 +4,13 @@ One entry per (task, backbone, init): every test metric as mean, sample
 standard deviation (ddof=1) and the per-seed values; the headline metric
 named; OOD scores likewise; provenance of the entry. Numbers are stored
 unrounded; rounding happens only when rendered.
+
+Scores are read from each run's ``metrics.json`` (rewritten by ``medbench
+score``), falling back to ``result.json``. The scoring axes (bootstrap
+intervals, calibration, fairness, shift, convergence, data efficiency,
+resolution, comparison with a baseline backbone, the suite's shift matrix)
+are added by :func:`medbench.scoring.board.enrich`; variant runs (training
+subsets, resolutions) feed those blocks, not the entry's seeds.
 """
 
 from __future__ import annotations
@@ -31,14 +38,22 @@ def summarize(values: list[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n, "values": values}
 
 
+def _scores(run: RunDir, result: dict) -> dict:
+    """The run's scores: ``metrics.json`` (kept current by ``medbench score``), else ``result.json``'s."""
+    from medbench.results import METRICS
+
+    return run.read_json(METRICS) if (run.path / METRICS).is_file() else result["metrics"]
+
+
 def _rows(runs: list[RunDir]) -> pl.DataFrame:
     records = []
     for run in runs:
         r = run.result()
-        if not r:
+        if not r or r.get("variant"):  # variant runs feed the axes blocks, not the entry's seeds
             continue
-        scopes = {"test": r["metrics"].get("test", {})}
-        for name, scores in r["metrics"].get("ood", {}).items():
+        scores_tree = _scores(run, r)
+        scopes = {"test": scores_tree.get("test", {})}
+        for name, scores in scores_tree.get("ood", {}).items():
             scopes[f"ood:{name}"] = scores
         for scope, scores in scopes.items():
             for metric, value in scores.items():
@@ -51,7 +66,8 @@ def _rows(runs: list[RunDir]) -> pl.DataFrame:
     return pl.DataFrame(records, schema=schema)
 
 
-def build_leaderboard(runs: list[RunDir]) -> dict[str, Any]:
+def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict[str, Any]:
+    """Entries of ``runs``; ``baseline`` = (backbone, init or None) adds ``relative_to_baseline`` blocks."""
     rows = _rows(runs)
     results = {str(run.path): run.result() for run in runs}
     entries = []
@@ -95,16 +111,21 @@ def build_leaderboard(runs: list[RunDir]) -> dict[str, Any]:
                     "finished": max(results[p]["finished"] for p in run_paths),
                 },
             })
+    from medbench.scoring.board import enrich
+
+    extra = enrich(entries, runs, baseline)
     return {
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
         "created": now_utc(),
         "provenance": code_provenance(),
         "entries": entries,
+        **extra,
     }
 
 
-def write_leaderboard(runs: list[RunDir], path: Path) -> dict[str, Any]:
-    board = build_leaderboard(runs)
+def write_leaderboard(runs: list[RunDir], path: Path, baseline: tuple[str, str | None] | None = None
+                      ) -> dict[str, Any]:
+    board = build_leaderboard(runs, baseline)
     atomic_write_json(path, board)
     return board

@@ -45,6 +45,29 @@ class RunRequest:
     weights: Path | None = None
     max_steps: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    #: data-efficiency and resolution variants (at most one): a fraction (0, 1) of the training images,
+    #: k training images per class, or another crop size (see medbench.data.subsets)
+    fraction: float | None = None
+    shots: int | None = None
+    resolution: int | None = None
+
+    @property
+    def variant(self) -> str:
+        """Run-folder suffix of the variant; "" for the plain run."""
+        if self.fraction is not None:
+            return f"frac{self.fraction * 100:g}"
+        if self.shots is not None:
+            return f"shots{self.shots}"
+        if self.resolution is not None:
+            return f"res{self.resolution}"
+        return ""
+
+    def variant_spec(self) -> dict | None:
+        set_ = [(k, v) for k, v in (("fraction", self.fraction), ("shots", self.shots),
+                                    ("resolution", self.resolution)) if v is not None]
+        if len(set_) > 1:
+            raise ValueError(f"a run has at most one variant, got {dict(set_)}")
+        return {"kind": set_[0][0], "value": set_[0][1]} if set_ else None
 
 
 @dataclass
@@ -120,11 +143,13 @@ def native_size(index, tries: int = 20) -> tuple[int, int]:
 
 
 def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter, *,
-                 split_store: Path | None = None) -> PreparedData:
+                 split_store: Path | None = None, resolution: int | None = None) -> PreparedData:
     data = load_task_data(task, locations, split_store=split_store)
     spec = task.spec
     need_native = spec.input.resize is None or spec.input.crop is None
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
+    if resolution is not None:  # resolution sweep: another crop, the task's resize/crop ratio kept
+        resize, crop = max(resolution, int(round(resolution * resize / crop))), resolution
     images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
@@ -231,13 +256,15 @@ class Runner:
         self.stop = GracefulStop()  # installed (signal handlers) by run_all
         self._prepared: dict[str, PreparedData] = {}
 
-    def prepared(self, task_name: str) -> PreparedData:
-        if task_name not in self._prepared:
-            self._prepared[task_name] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter,
-                                                     split_store=self.store.out / "splits")
-        return self._prepared[task_name]
+    def prepared(self, task_name: str, resolution: int | None = None) -> PreparedData:
+        key = task_name if resolution is None else f"{task_name}@{resolution}"
+        if key not in self._prepared:
+            self._prepared[key] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter,
+                                               split_store=self.store.out / "splits", resolution=resolution)
+        return self._prepared[key]
 
-    def _ood_target(self, task: ResolvedTask, target) -> tuple[ResolvedTask, PreparedData, list[tuple[str, str]]]:
+    def _ood_target(self, task: ResolvedTask, target, resolution: int | None = None
+                    ) -> tuple[ResolvedTask, PreparedData, list[tuple[str, str]]]:
         """An OOD target's task, prepared data and label pairs, checked against the source task."""
         if target.task not in self.catalog.task_names():
             from medbench.errors import SpecError
@@ -247,8 +274,8 @@ class Runner:
                             where=str(task.path), field="ood.task")
         tgt_task = self.catalog.task(target.task)
         pairs = _ood_label_pairs(task, tgt_task, target.label_map)
-        tgt = self.prepared(target.task)
-        src = self.prepared(task.name)
+        tgt = self.prepared(target.task, resolution)
+        src = self.prepared(task.name, resolution)
         if tgt.images.size != src.images.size or tgt.images.channels != src.images.channels:
             raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
                             f"the task at {src.images.size}px/{src.images.channels}ch; align their input:",
@@ -310,19 +337,26 @@ class Runner:
         task = self.catalog.task(req.task)
         spec = task.spec
         init = req.init or get_backbone(req.backbone).default_init
-        prepared = self.prepared(req.task)
+        prepared = self.prepared(req.task, req.resolution)
         dist = prepare_environment()
-        plan = make_plan(len(prepared.train_rows(spec.type)), spec.hyperrule, max_steps=req.max_steps)
+        train_rows = prepared.train_rows(spec.type)
+        variant = _variant_record(req, prepared, train_rows)
+        if variant is not None and "rows" in variant:
+            train_rows = variant.pop("rows")
+        plan = make_plan(len(train_rows), spec.hyperrule, max_steps=req.max_steps)
         ood = []
         for target in spec.ood:
-            tgt_task, tgt, _ = self._ood_target(task, target)
+            if missing_dataset(self.catalog.task(target.task), self.locations) is not None:
+                ood.append([target.display_name, "skipped"])
+                continue
+            tgt_task, tgt, _ = self._ood_target(task, target, req.resolution)
             ood.append([target.display_name, tgt_task.hash, tgt.fingerprint])
         key = run_key(replace(req, init=init), task, prepared.fingerprint,
                       weights_sha256(req.weights) if req.weights else None, plan=plan.as_dict(),
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
                       ood=ood, world_size=dist.world_size)
-        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key)
+        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.variant)
         if run.complete:
             if dist.is_main:
                 run.clear_checkpoint()  # left behind by a kill between result.json and its removal
@@ -334,8 +368,8 @@ class Runner:
             progress: dict = {"steps_done": 0, "resumed_from_step": 0, "checkpoint_step": None}
             try:
                 with self.stop.deferred():
-                    return self._train_and_write(req, run, key, task, init, prepared, plan, dist, progress,
-                                                 index, total)
+                    return self._train_and_write(req, run, key, task, init, prepared, train_rows, variant, plan,
+                                                 dist, progress, index, total)
             except (KeyboardInterrupt, SystemExit, OutputError):
                 raise  # not the run's fault: its checkpoint stays and the next invocation resumes it
             except Exception as err:
@@ -383,7 +417,8 @@ class Runner:
         return tuner, history, ckpt.step
 
     def _train_and_write(self, req: RunRequest, run: RunDir, key: str, task: ResolvedTask, init: str,
-                         prepared: PreparedData, plan, dist, progress: dict, index: int, total: int) -> RunOutcome:
+                         prepared: PreparedData, train_rows: np.ndarray, variant: dict | None, plan, dist,
+                         progress: dict, index: int, total: int) -> RunOutcome:
         import torch
 
         from medbench.backbones.create import create_model
@@ -397,7 +432,6 @@ class Runner:
 
         spec = task.spec
         backbone = get_backbone(req.backbone)
-        train_rows = prepared.train_rows(spec.type)
         val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
         if dist.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
@@ -476,7 +510,7 @@ class Runner:
                 self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
                 ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
                 continue
-            tgt_task, tgt, pairs = self._ood_target(task, target)
+            tgt_task, tgt, pairs = self._ood_target(task, target, req.resolution)
             rows = tgt.rows("test")
             probs = probs_for(rows, tgt.images.pixels, prepared.crop)
             src_idx = [spec.labels.index(s) for s, _ in pairs]
@@ -509,6 +543,7 @@ class Runner:
             "engine": asdict(req.engine),
             "world_size": dist.world_size,
             "ood_targets": ood_records,
+            "variant": variant,
             "data": {
                 "dataset": spec.dataset.name,
                 "fingerprint": fingerprint,
@@ -532,6 +567,7 @@ class Runner:
             "backbone": req.backbone,
             "init": init,
             "seed": req.seed,
+            "variant": variant,
             "headline": {"metric": headline, "value": scores["test"].get(headline)},
             "metrics": scores,
             "started": started,
@@ -556,6 +592,28 @@ class Runner:
         return RunOutcome(req, run, "ok", result=result)
 
 
+def _variant_record(req: RunRequest, prepared: PreparedData, train_rows: np.ndarray) -> dict | None:
+    """The variant of a run as recorded in config/result (with the training rows of a data subset)."""
+    from medbench.data.subsets import fraction_subset, shots_subset
+
+    spec = req.variant_spec()
+    if spec is None:
+        return None
+    table = prepared.data.index.table
+    if spec["kind"] == "resolution":
+        return {**spec, "resize": prepared.resize, "crop": prepared.crop}
+    if spec["kind"] == "fraction":
+        rows = fraction_subset(table, train_rows, req.fraction, req.seed)
+        extra: dict = {}
+    else:
+        rows, per_class = shots_subset(table, prepared.labels, train_rows, req.shots, req.seed,
+                                       prepared.data.task.spec.type, prepared.data.task.spec.labels)
+        extra = {"per_class": per_class}
+    patients = int(table[rows.tolist()]["patient_id"].n_unique())
+    return {**spec, "n_train": int(len(rows)), "n_train_full": int(len(train_rows)), "patients": patients,
+            **extra, "rows": rows}
+
+
 def configure_torch(threads: int | None = None, deterministic: bool = True) -> None:
     """Thread count and determinism switches for this process (see docs on GPU nondeterminism)."""
     import torch
@@ -569,6 +627,9 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
 
 
 def expand_requests(tasks: list[str], backbone: str, seeds: list[int], *, init: str | None, weights: Path | None,
-                    max_steps: int | None, engine: EngineConfig) -> list[RunRequest]:
+                    max_steps: int | None, engine: EngineConfig, variants: list[dict] | None = None
+                    ) -> list[RunRequest]:
+    """The plain run of every task x seed, then each variant (``{"fraction": 0.1}``, ``{"shots": 5}``,
+    ``{"resolution": 64}``) of every task x seed."""
     return [RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights, max_steps=max_steps,
-                       engine=engine) for t in tasks for s in seeds]
+                       engine=engine, **v) for v in [{}, *(variants or [])] for t in tasks for s in seeds]

@@ -146,6 +146,28 @@ class OODTargetSpec(_Strict):
         return self.name or self.task
 
 
+class ScoringSpec(_Strict):
+    """How scores are computed from predictions (``medbench score`` options override these)."""
+
+    #: bootstrap resamples for confidence intervals (0: no intervals)
+    bootstrap: int = Field(1000, ge=0)
+    #: confidence level of the percentile intervals
+    ci_level: float = Field(0.95, gt=0, lt=1)
+    #: seed of the resamples; fixed so every run of a task draws the same resamples (paired comparisons)
+    bootstrap_seed: int = 0
+    #: calibration bins: ``uniform`` (equal width) or ``adaptive`` (equal mass)
+    ece_bins: int = Field(15, ge=1)
+    ece_binning: Literal["uniform", "adaptive"] = "uniform"
+    #: fairness operating threshold, chosen per label on the validation split: ``youden`` (max TPR - FPR)
+    #: or ``sensitivity`` (the highest threshold reaching ``target_sensitivity``)
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0, le=1)
+    #: subgroups with fewer test images are reported with their size and status ``too_small``, not scored
+    min_group_size: int = Field(20, ge=1)
+    #: subgroups are crossed up to this many attributes (2: every pair; 1: single attributes only)
+    intersections: int = Field(2, ge=1)
+
+
 class TaskSpec(_Strict):
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     version: Union[int, str]
@@ -170,6 +192,8 @@ class TaskSpec(_Strict):
     default_seeds: int = Field(5, ge=1)
     #: training images in the publisher's release, for ``--dry-run`` planning without the data
     expected_train_size: int | None = Field(None, ge=1)
+    #: how scores, intervals, fairness thresholds and calibration bins are computed
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
 
     @field_validator("attributes", mode="before")
     @classmethod

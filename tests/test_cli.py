@@ -143,3 +143,39 @@ def test_single_process_runs_open_no_port(tmp_path: Path) -> None:
         proc = run_cli("run", "--backbone", "cbr-tiny", "--task", "smoke-tb", "--seeds", "1", "--max-steps", "2",
                        "--out", str(tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_smoke_leaderboard_carries_every_axis(smoke_run: Path) -> None:
+    """Every axis per entry, aggregated over the 2 seeds with intervals; the synthetic site shift shows a
+    drop, the harder subgroup (female patients) a gap, temperature scaling a lower ECE."""
+    board = json.loads((smoke_run / "leaderboard.json").read_text())
+    entries = {e["task"]: e for e in board["entries"]}
+    drops, ece_lower, f_worst = 0, 0, 0
+    for task, e in entries.items():
+        metric = e["headline"]["metric"]
+        assert e["headline"]["ci"]["low"] < e["headline"]["mean"] < e["headline"]["ci"]["high"], task
+        assert e["metrics"]["accuracy"]["ci"] is not None and e["ood"]["site-b"][metric]["ci"] is not None
+        cal = e["calibration"]
+        for which in ("before", "after"):
+            for m in ("ece", "mce", "brier", "nll"):
+                assert cal[which][m]["n"] == 2 and cal[which][m]["ci"] is not None, (task, which, m)
+        ece_lower += cal["after"]["ece"]["mean"] < cal["before"]["ece"]["mean"]
+        attrs = e["fairness"]["attributes"]
+        assert {"sex", "age_group", "view", "site", "sex & age_group"} <= set(attrs)
+        sex = attrs["sex"]
+        assert sex["groups"]["F"]["status"] == "ok" and sex["gap"]["auc"]["ci"] is not None
+        assert e["fairness"]["operating_point"]["chosen_on"] in ("val", None)
+        f_worst += sex["worst_group"]["auc"] == "F" and sex["groups"]["F"]["auc"]["mean"] < sex["groups"]["M"]["auc"]["mean"]
+        shift = e["shift"]["site-b"][metric]
+        assert shift["in_distribution"]["mean"] == pytest.approx(e["headline"]["mean"])
+        drops += shift["drop"]["mean"] > 0 and shift["relative_drop"]["mean"] > 0
+        conv = e["convergence"]
+        assert conv["steps_to_95"]["n"] == 2 and conv["steps_to_95"]["mean"] <= conv["steps_to_99"]["mean"] <= 80
+        for run in e["runs"]:
+            assert (Path(run) / "calibration" / "reliability-test.png").is_file()
+            assert (Path(run) / "bootstrap.parquet").is_file()
+    assert drops == len(entries)  # site B is harder for every task
+    assert f_worst >= len(entries) - 1  # the female subgroup carries the weaker signal
+    assert ece_lower >= len(entries) - 1
+    matrix = board["shift_matrix"][0]
+    assert len(matrix["rows"]) == 6 and len(matrix["cells"]) == 12

@@ -1,31 +1,229 @@
-"""Scoring a run folder from its saved predictions (also ``medbench score RUN_DIR``)."""
+"""Scoring a run folder from its saved predictions and history (also ``medbench score RUN_DIR``).
+
+Writes, next to the predictions:
+
+* ``metrics.json``: ``test`` / ``val`` / ``ood`` scores (the task's metrics),
+  the axes ``calibration``, ``fairness``, ``shift``, ``convergence``, and
+  ``ci`` — a tree parallel to the values holding each bootstrap interval
+  (``ci.test.auc``, ``ci.fairness.attributes.sex.gap.auc``, ...) — plus the
+  effective ``scoring`` settings and how each scope was resampled;
+* ``bootstrap.parquet``: the replicates themselves, one column per value
+  (named by the JSON list of its path in ``metrics.json``), one row per
+  resample. Resamples depend only on the scored set and the bootstrap seed,
+  so the leaderboard averages replicates over seeds and compares backbones
+  pairwise from these files, without predictions;
+* ``calibration/reliability-test.png``.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
 from medbench.predictions import Predictions
-from medbench.results import CONFIG, METRICS, RunDir
-from medbench.scoring import compute_metrics
+from medbench.results import CONFIG, HISTORY, METRICS, RunDir
+from medbench.scoring import compute_metrics, get_metric, higher_is_better
+from medbench.scoring.bootstrap import Resampling, evaluate, interval, per_resample_loop
+from medbench.specs import AttributeSpec, ScoringSpec
+from medbench.utils import atomic_write_bytes
+
+BOOTSTRAP = "bootstrap.parquet"
+RELIABILITY = "calibration/reliability-test.png"
 
 
-def score_run(run: RunDir) -> dict:
-    """Scores of every prediction file of ``run``: ``{"test": {...}, "val": {...}, "ood": {name: {...}}}``."""
+def scoring_config(task_spec: dict, overrides: dict | None = None) -> ScoringSpec:
+    """The task's scoring settings with command-line overrides on top (validated)."""
+    from pydantic import ValidationError
+
+    from medbench.errors import UsageError
+
+    try:
+        return ScoringSpec.model_validate({**task_spec.get("scoring", {}), **(overrides or {})})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UsageError(e["msg"], field="scoring." + ".".join(map(str, e["loc"]))) from None
+
+
+def load_predictions(run: RunDir, name: str) -> Predictions | None:
+    from medbench.scoring.classification import check_finite
+
+    path = run.prediction_file(name)
+    if not path.is_file():
+        return None
+    preds = Predictions.load(path)
+    check_finite(preds, where=str(path))
+    return preds
+
+
+def _metric_builders(preds: Predictions, metrics: list[str], config: ScoringSpec, prefix: tuple):
+    builders, loops = [], []
+    for m in metrics:
+        d = get_metric(m)
+        if d.linear is None:
+            loops.append(d)
+            continue
+
+        def build(stats, d=d):
+            f = d.linear(preds, config, stats)
+            return lambda sums: {(*prefix, k): v for k, v in f(sums).items()}
+
+        builders.append(build)
+    return builders, loops
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    node = tree
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    node = tree
+    for p in path:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tuple, np.ndarray]]:
+    """(metrics.json content, replicates by value path) of ``run``."""
+    import medbench
+    from medbench.scoring.calibration import calibration_axis
+    from medbench.scoring.convergence import convergence
+    from medbench.scoring.fairness import fairness_axis
+    from medbench.scoring.shift import drop_replicates, shift_axis, shift_metrics
+
     config = run.read_json(CONFIG)
-    metrics = config["task_spec"]["metrics"]
-    out: dict = {"test": {}, "val": {}, "ood": {}}
-    for split in ("test", "val"):
-        path = run.prediction_file(split)
-        if path.is_file():
-            out[split] = compute_metrics(Predictions.load(path), metrics)
-    for target in config.get("ood_targets", []):
-        path = run.prediction_file(f"ood-{target['name']}")
-        if path.is_file():
-            ood_metrics = [m for m in metrics if m in ("auc", "accuracy")] or metrics
-            scores = compute_metrics(Predictions.load(path), ood_metrics)
-            out["ood"][target["name"]] = scores
-    return out
+    spec = config["task_spec"]
+    cfg = scoring_config(spec, overrides)
+    metrics = list(spec["metrics"])
+    attributes = [AttributeSpec.model_validate(a) for a in spec.get("attributes", [])]
+    test, val = load_predictions(run, "test"), load_predictions(run, "val")
+    out: dict = {"scoring": {**cfg.model_dump(mode="json"), "medbench_version": medbench.__version__, "resampling": {}},
+                 "test": {}, "val": {}, "ood": {}}
+    replicates: dict[tuple, np.ndarray] = {}
+    if val is not None:
+        out["val"] = compute_metrics(val, metrics, cfg)
+
+    ood_targets: dict[str, tuple] = {}
+    ood_metrics = shift_metrics(metrics)
+    for record in config.get("ood_targets", []):
+        name = record["name"]
+        preds = load_predictions(run, f"ood-{name}")
+        if preds is None:
+            continue
+        out["ood"][name] = compute_metrics(preds, ood_metrics, cfg)
+        ood_targets[name] = (preds, out["ood"][name], record)
+        if cfg.bootstrap:
+            res = Resampling.of(preds, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope=f"ood:{name}")
+            builders, loops = _metric_builders(preds, ood_metrics, cfg, ("ood", name))
+            replicates.update(evaluate(len(preds), builders, res).replicates)
+            for d in loops:
+                replicates.update({("ood", name, k): v for k, v in per_resample_loop(preds, d, res).items()})
+            out["scoring"]["resampling"][f"ood:{name}"] = res.describe()
+
+    if test is not None:
+        out["test"] = compute_metrics(test, metrics, cfg)
+        builders, loops = _metric_builders(test, metrics, cfg, ("test",))
+        cal_values, cal_builders, calibrated = calibration_axis(test, val, cfg)
+        out["calibration"] = cal_values
+        builders += cal_builders
+        fair_values, fair_builders = fairness_axis(test, val, attributes, cfg)
+        if fair_values is not None:
+            out["fairness"] = fair_values
+            builders += fair_builders
+        if ood_targets:
+            shift_values, shift_builders = shift_axis(test, ood_targets, ood_metrics, cfg)
+            out["shift"] = shift_values
+            builders += shift_builders
+        res = Resampling.of(test, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope="test") \
+            if cfg.bootstrap else None
+        replicates.update(evaluate(len(test), builders, res).replicates)
+        if res is not None:
+            for d in loops:
+                replicates.update({("test", k): v for k, v in per_resample_loop(test, d, res).items()})
+            out["scoring"]["resampling"]["test"] = res.describe()
+        if "shift" in out:
+            replicates.update(drop_replicates(replicates, out["shift"]))
+        png = _reliability(run, test, calibrated, cfg, config)
+        if png:
+            out["calibration"]["reliability_diagram"] = png
+
+    if (run.path / HISTORY).is_file():
+        headline = spec.get("headline", metrics[0])
+        out["convergence"] = convergence(run.read_json(HISTORY), headline, higher_is_better(headline))
+
+    # keep replicates of values that exist; intervals in a tree parallel to the values
+    kept = {}
+    ci: dict = {}
+    for path, reps in replicates.items():
+        if isinstance(_get(out, path), (int, float)) and not isinstance(_get(out, path), bool):
+            kept[path] = reps
+            c = interval(reps, cfg.ci_level)
+            if c is not None:
+                _set(ci, path, c)
+    out["ci"] = ci
+    return _plain(out), kept
 
 
-def rescore(run: RunDir) -> dict:
-    scores = score_run(run)
+def _plain(obj):
+    """JSON-ready: numpy scalars to Python numbers, non-finite floats to None (undefined)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _reliability(run: RunDir, test: Predictions, calibrated: Predictions, cfg: ScoringSpec, config: dict) -> str | None:
+    from medbench.scoring.calibration import reliability_png
+
+    if len(test) == 0:
+        return None
+    title = f"{config.get('task')} · {config.get('backbone')} · {config.get('init')} · seed {config.get('seed')} (test)"
+    atomic_write_bytes(run.path / RELIABILITY, reliability_png(test, calibrated, cfg, title))
+    return RELIABILITY
+
+
+def column_name(path: tuple) -> str:
+    return json.dumps(list(path))
+
+
+def write_replicates(path: Path, replicates: dict[tuple, np.ndarray]) -> None:
+    import polars as pl
+
+    cols = {column_name(k): pl.Series(np.asarray(v, dtype=np.float64)) for k, v in sorted(replicates.items(),
+                                                                                          key=lambda kv: str(kv[0]))}
+    lengths = {len(v) for v in cols.values()}
+    if len(lengths) > 1:  # scopes of different sizes cannot happen (one bootstrap count), guard anyway
+        raise ValueError(f"replicate columns of different lengths: {sorted(lengths)}")
+    buf = io.BytesIO()
+    pl.DataFrame(cols).write_parquet(buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_replicates(run: RunDir) -> dict[tuple, np.ndarray]:
+    """Replicates of a scored run by value path (empty when the run has none)."""
+    import polars as pl
+
+    path = run.path / BOOTSTRAP
+    if not path.is_file():
+        return {}
+    df = pl.read_parquet(path)
+    return {tuple(json.loads(c)): df[c].to_numpy() for c in df.columns}
+
+
+def rescore(run: RunDir, overrides: dict | None = None) -> dict:
+    scores, replicates = score_run(run, overrides)
+    write_replicates(run.path / BOOTSTRAP, replicates)
     run.write_json(METRICS, scores)
     return scores

@@ -1,0 +1,294 @@
+"""Bootstrap confidence intervals, vectorized: every score of a scope from one pass of resamples.
+
+**Resampling unit.** When patients repeat in a scored set (several images of
+one patient), whole patients are resampled (cluster bootstrap); otherwise
+images. Units are numbered in sorted-id order, so the same set scored by any
+run (another seed, another backbone) gets the *same* resamples: replicate
+``b`` of two runs is the same multiset of patients, which is what makes seed
+averaging of replicates and paired comparisons valid.
+
+**Resamples as weights.** Resample ``b`` is a vector of counts (how often each
+unit was drawn, ``n_units`` draws with replacement). Every score medbench
+bootstraps is a function of a few *linear statistics* — sums over subsets of
+samples of a per-sample value (correct decisions, squared errors, counts per
+calibration bin, counts per score group for the AUC). A :class:`LinearStats`
+collects those sums as rows of a matrix ``M`` (rows x units; sparse for
+partitions such as score groups and calibration bins, dense for sums over
+many samples), so the sums of a chunk of resamples are one product
+``M @ counts``;
+each metric's *finalizer* turns the sums into replicate values, vectorized
+over resamples. The same finalizer on unit weights gives the point estimate,
+which tests check against the libraries (sklearn, netcal, fairlearn).
+
+**Intervals.** Percentile intervals (default 95 %) over the defined
+replicates; a replicate where a score is undefined (e.g. a label with one
+class in that resample) is counted in ``n_undefined``, not imputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from medbench.predictions import Predictions
+
+#: a finalizer turns linear sums ``[rows, b]`` into named replicate arrays ``[b]``
+Finalizer = Callable[[np.ndarray], dict[str, np.ndarray]]
+#: target number of float64 cells in one chunk of resample weights (~64 MB)
+CHUNK_CELLS = 8_000_000
+#: a sum over at least this share of the samples is a dense row (BLAS) ...
+DENSE_MIN_SHARE = 0.2
+#: ... while the dense rows hold at most this many cells (~256 MB)
+DENSE_CELLS = 32_000_000
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How a scored set is resampled: units, count, seed; :meth:`counts` yields the resamples."""
+
+    scope: str
+    n_resamples: int
+    seed: int
+    unit: str  # "patient" or "sample"
+    unit_of: np.ndarray  # [N] unit index of every sample, in [0, n_units)
+    n_units: int
+    fingerprint: str  # of (unit, sample ids, unit ids): equal fingerprints = equal resamples
+
+    @classmethod
+    def of(cls, preds: Predictions, *, n_resamples: int, seed: int, scope: str) -> "Resampling":
+        table = preds.table
+        sample_ids = [str(s) for s in table["sample_id"].to_list()] if "sample_id" in table.columns else \
+            [str(i) for i in range(table.height)]
+        patients = table["patient_id"].to_list() if "patient_id" in table.columns else [None] * table.height
+        keys = [f"p:{p}" if p is not None else f"s:{s}" for p, s in zip(patients, sample_ids)]
+        unit = "patient" if len(set(keys)) < len(keys) else "sample"
+        if unit == "sample":
+            keys = [f"s:{s}" for s in sample_ids]
+        uniq, unit_of = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+        order = np.argsort(np.asarray(sample_ids, dtype=str), kind="stable")
+        h = hashlib.sha256(json.dumps([unit, [sample_ids[i] for i in order], [keys[i] for i in order]]).encode())
+        return cls(scope=scope, n_resamples=int(n_resamples), seed=int(seed), unit=unit,
+                   unit_of=unit_of.astype(np.int64), n_units=len(uniq), fingerprint=h.hexdigest()[:16])
+
+    def describe(self) -> dict:
+        return {"n_resamples": self.n_resamples, "seed": self.seed, "unit": self.unit, "n_units": self.n_units,
+                "n_samples": int(self.unit_of.size), "fingerprint": self.fingerprint}
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(self.scope.encode())])
+
+    def counts(self, chunk: int | None = None) -> Iterator[np.ndarray]:
+        """Resample counts per unit, ``[n_units, b]`` float64, in chunks; the stream does not
+        depend on the chunk size."""
+        k = self.n_units
+        if chunk is None:
+            chunk = max(1, min(self.n_resamples, CHUNK_CELLS // max(k, 1)))
+        rng = self.rng()
+        done = 0
+        while done < self.n_resamples:
+            b = min(chunk, self.n_resamples - done)
+            draws = rng.integers(0, k, size=(b, k), dtype=np.uint32).astype(np.int64)
+            draws += (np.arange(b, dtype=np.int64) * k)[:, None]
+            counts = np.bincount(draws.ravel(), minlength=b * k).reshape(b, k)
+            yield np.ascontiguousarray(counts.T, dtype=np.float64)
+            done += b
+
+    def sample_indices(self, counts_column: np.ndarray) -> np.ndarray:
+        """The resample as row indices (for per-resample reference loops): every sample of a unit
+        drawn ``c`` times appears ``c`` times."""
+        per_sample = counts_column[self.unit_of].astype(np.int64)
+        return np.repeat(np.arange(self.unit_of.size), per_sample)
+
+
+# --------------------------------------------------------------------------- linear statistics
+
+
+class LinearStats:
+    """Rows of weighted sums over samples: ``sum_i w_i * value_i`` over each row's samples.
+
+    With ``unit_of`` the columns are resampling units: the entries of one unit in one row are summed
+    as they are added (each call adds a block of new rows, sorted by row and unit), so the sparse
+    matrix is assembled without a global sort. Identical count rows (same mask) are shared."""
+
+    def __init__(self, n: int, unit_of: np.ndarray | None = None, n_units: int | None = None):
+        self.n = n
+        self.unit_of = np.arange(n, dtype=np.int64) if unit_of is None else np.asarray(unit_of, dtype=np.int64)
+        self.n_units = n if unit_of is None else int(n_units)
+        self.n_rows = 0
+        self._rows: list[np.ndarray] = []
+        self._cols: list[np.ndarray] = []
+        self._vals: list[np.ndarray] = []
+        self._count_rows: dict[bytes, int] = {}
+        self._dense_ids: list[int] = []
+        self._dense_cols: list[np.ndarray] = []
+
+    def add_rows(self, row_of: np.ndarray, n_rows: int, values: np.ndarray | float = 1.0) -> int:
+        """``n_rows`` new rows; sample ``i`` adds ``values[i]`` to row ``row_of[i]`` (``-1``: to none).
+        Returns the index of the first new row."""
+        first = self.n_rows
+        row_of = np.asarray(row_of, dtype=np.int64)
+        samples = np.flatnonzero(row_of >= 0)
+        vals = np.asarray(values, dtype=np.float64)
+        vals = np.full(samples.size, float(vals)) if vals.ndim == 0 else vals[samples]
+        key = row_of[samples] * self.n_units + self.unit_of[samples]
+        uniq, inv = np.unique(key, return_inverse=True)
+        self._rows.append(uniq // self.n_units + first)
+        self._cols.append(uniq % self.n_units)
+        self._vals.append(np.bincount(inv, weights=vals, minlength=uniq.size))
+        self.n_rows += n_rows
+        return first
+
+    def add_sum(self, mask: np.ndarray, values: np.ndarray | float = 1.0) -> int:
+        """One row: the weighted sum of ``values`` over the samples where ``mask`` holds. Rows over
+        many samples are kept dense (a BLAS product), within a memory budget."""
+        mask = np.asarray(mask, dtype=bool)
+        count = np.ndim(values) == 0 and float(values) == 1.0
+        if count:  # a count: share rows over identical masks
+            key = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+            if key in self._count_rows:
+                return self._count_rows[key]
+        if mask.mean() >= DENSE_MIN_SHARE and (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
+            vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
+            self._dense_cols.append(np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units))
+            self._dense_ids.append(self.n_rows)
+            self.n_rows += 1
+            row = self.n_rows - 1
+        else:
+            row = self.add_rows(np.where(mask, 0, -1), 1, values)
+        if count:
+            self._count_rows[key] = row
+        return row
+
+    def matrix(self) -> "SumsOperator":
+        """The linear map from unit weights ``[units, b]`` to the sums ``[rows, b]``."""
+        import scipy.sparse as sp
+
+        rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)
+        cols = np.concatenate(self._cols) if self._cols else np.zeros(0, np.int64)
+        vals = np.concatenate(self._vals) if self._vals else np.zeros(0)
+        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
+        sparse = sp.csr_matrix((vals, cols, indptr), shape=(self.n_rows, self.n_units))
+        dense = np.ascontiguousarray(np.vstack(self._dense_cols)) if self._dense_cols else None
+        return SumsOperator(sparse, dense, np.asarray(self._dense_ids, dtype=np.int64))
+
+    def point_sums(self, m: "SumsOperator | None" = None) -> np.ndarray:
+        """Sums with every sample weighted once, ``[rows, 1]``: each unit weighted by its size."""
+        m = self.matrix() if m is None else m
+        return m @ np.ones((self.n_units, 1))
+
+
+@dataclass
+class SumsOperator:
+    """Sparse rows (partitions: score groups, calibration bins) and dense rows (sums over many samples)."""
+
+    sparse: object  # scipy CSR [rows, units]; dense rows are empty here
+    dense: np.ndarray | None  # [dense rows, units]
+    dense_ids: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.sparse.shape
+
+    def __matmul__(self, counts: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.sparse @ counts)
+        if self.dense is not None:
+            out[self.dense_ids] = self.dense @ counts
+        return out
+
+
+#: a builder registers its rows in ``stats`` and returns the finalizer of its scores
+Builder = Callable[[LinearStats], Finalizer]
+
+
+@dataclass
+class ScopeResult:
+    """Point estimates and replicates of every score of one scope."""
+
+    point: dict[str, float | None]
+    replicates: dict[str, np.ndarray]
+    resampling: Resampling | None
+
+
+def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None) -> ScopeResult:
+    """Point estimates (unit weights) and, with ``resampling``, replicates of every builder's scores."""
+    if resampling is None or resampling.n_resamples == 0 or n == 0:
+        resampling = None
+        stats = LinearStats(n)
+    else:
+        stats = LinearStats(n, resampling.unit_of, resampling.n_units)
+    finals = [b(stats) for b in builders]
+    m = stats.matrix()
+    point_sums = stats.point_sums(m)
+    point: dict[str, float | None] = {}
+    for f in finals:
+        for key, arr in f(point_sums).items():
+            v = float(np.asarray(arr).reshape(-1)[0])
+            point[key] = v if np.isfinite(v) else None
+    replicates: dict[str, list[np.ndarray]] = {}
+    if resampling is not None:
+        # a chunk holds counts [units, b] and sums [rows, b]: bound both
+        chunk = max(1, min(resampling.n_resamples, CHUNK_CELLS // max(resampling.n_units, m.shape[0], 1)))
+        for counts in resampling.counts(chunk):
+            sums = np.asarray(m @ counts)
+            for f in finals:
+                for key, arr in f(sums).items():
+                    replicates.setdefault(key, []).append(np.asarray(arr, dtype=np.float64))
+    return ScopeResult(point, {k: np.concatenate(v) for k, v in replicates.items()}, resampling)
+
+
+# --------------------------------------------------------------------------- helpers for finalizers
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with NaN where ``den`` is 0 (undefined)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def mean_defined(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Per replicate, the mean of the arrays that are defined there (NaN when none is)."""
+    stack = np.vstack([np.asarray(a, dtype=np.float64).reshape(1, -1) for a in arrays])
+    n = np.sum(np.isfinite(stack), axis=0)
+    total = np.nansum(stack, axis=0)
+    return ratio(total, n)
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def interval(replicates: np.ndarray, level: float) -> dict | None:
+    """Percentile interval of the defined replicates; None when none is defined."""
+    reps = np.asarray(replicates, dtype=np.float64)
+    ok = reps[np.isfinite(reps)]
+    if ok.size == 0:
+        return None
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(ok, [alpha, 1.0 - alpha])
+    return {"low": float(low), "high": float(high), "se": float(ok.std(ddof=1)) if ok.size > 1 else None,
+            "n_undefined": int(reps.size - ok.size)}
+
+
+def per_resample_loop(preds: Predictions, fn: Callable[[Predictions], dict[str, float | None]],
+                      resampling: Resampling) -> dict[str, np.ndarray]:
+    """Replicates of a metric without a vectorized form: the metric on each resample in turn
+    (slow; used for registered metrics that declare no linear statistics)."""
+    out: dict[str, list[float]] = {}
+    for counts in resampling.counts():
+        for j in range(counts.shape[1]):
+            idx = resampling.sample_indices(counts[:, j])
+            sub = Predictions(preds.table[idx.tolist()], preds.label_names, preds.task_type)
+            for key, v in fn(sub).items():
+                out.setdefault(key, []).append(np.nan if v is None else float(v))
+    return {k: np.asarray(v) for k, v in out.items()}
