@@ -1,7 +1,7 @@
 """Aggregating completed runs into leaderboard JSON.
 
-One entry per (task, backbone, init): every test metric as mean, sample
-standard deviation (ddof=1) and the per-seed values; the headline metric
+One entry per (task, backbone, init, variant; variant e.g. ``freeze-head``):
+every test metric as mean, sample standard deviation (ddof=1) and the per-seed values; the headline metric
 named; OOD scores likewise; provenance of the entry. Numbers are stored
 unrounded; rounding happens only when rendered.
 """
@@ -43,11 +43,12 @@ def _rows(runs: list[RunDir]) -> pl.DataFrame:
         for scope, scores in scopes.items():
             for metric, value in scores.items():
                 records.append({
-                    "task": r["task"], "backbone": r["backbone"], "init": r["init"], "seed": r["seed"],
+                    "task": r["task"], "backbone": r["backbone"], "init": r["init"],
+                    "variant": r.get("variant", ""), "seed": r["seed"],
                     "scope": scope, "metric": metric, "value": value, "run": str(run.path),
                 })
-    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "seed": pl.Int64, "scope": pl.Utf8,
-              "metric": pl.Utf8, "value": pl.Float64, "run": pl.Utf8}
+    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "variant": pl.Utf8, "seed": pl.Int64,
+              "scope": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64, "run": pl.Utf8}
     return pl.DataFrame(records, schema=schema)
 
 
@@ -56,9 +57,11 @@ def build_leaderboard(runs: list[RunDir]) -> dict[str, Any]:
     results = {str(run.path): run.result() for run in runs}
     entries = []
     if rows.height:
-        keys = rows.select("task", "backbone", "init").unique(maintain_order=True).sort("task", "backbone", "init")
-        for task, backbone, init in keys.iter_rows():
-            sub = rows.filter((pl.col("task") == task) & (pl.col("backbone") == backbone) & (pl.col("init") == init))
+        keys = rows.select("task", "backbone", "init", "variant").unique(maintain_order=True).sort(
+            "task", "backbone", "init", "variant")
+        for task, backbone, init, variant in keys.iter_rows():
+            sub = rows.filter((pl.col("task") == task) & (pl.col("backbone") == backbone) & (pl.col("init") == init)
+                              & (pl.col("variant") == variant))
             seeds = sorted(sub["seed"].unique().to_list())
             run_paths = sorted(sub["run"].unique().to_list())
             first = results[run_paths[0]]
@@ -77,6 +80,7 @@ def build_leaderboard(runs: list[RunDir]) -> dict[str, Any]:
                 "task": task,
                 "backbone": backbone,
                 "init": init,
+                **({"variant": variant} if variant else {}),  # e.g. freeze-head: never pooled with full fine-tuning
                 "headline": {"metric": headline_metric, **metrics.get(headline_metric, summarize([]))},
                 "metrics": metrics,
                 "ood": ood,

@@ -2,11 +2,12 @@
 
 Layout under the output folder::
 
-    runs/<task>/<backbone>/<init>-seed<k>-<key>/
+    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key>/     (variant e.g. freeze-head)
         config.json          what defines the run (resolved task spec, backbone, plan, ...)
         predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars)
         history.json         training loss, lr and validation curve
         metrics.json         scores computed from the predictions
+        similarity.json/.png per-layer similarity initial vs fine-tuned (only with --similarity)
         result.json          written last: the run is complete iff it exists with status "ok"
     leaderboard.json
 

@@ -42,6 +42,10 @@ class RunRequest:
     weights: Path | None = None
     max_steps: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    #: frozen features (medbench.train.freeze): None, "head" or "<L>"
+    freeze: str | None = None
+    #: representation similarity initial vs fine-tuned (medbench.analysis.similarity): None, "cka", "cka,svcca"
+    similarity: str | None = None
 
 
 @dataclass
@@ -124,6 +128,9 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
         "max_steps": request.max_steps,
         "engine": asdict(request.engine),
         "medbench": medbench.__version__,
+        # only when set, so the keys of runs without them do not change
+        **({"freeze": request.freeze} if request.freeze else {}),
+        **({"similarity": request.similarity} if request.similarity else {}),
     })
 
 
@@ -202,12 +209,15 @@ class Runner:
         spec = task.spec
         check_metrics(spec.metrics, spec.type, where=str(task.path))
         backbone = get_backbone(req.backbone)
+        req = _canonical_variant(req, backbone)
         init = req.init or backbone.default_init
         prepared = self.prepared(req.task)
         fingerprint = prepared.data.index.fingerprint()
         weights_id = weights_sha256(req.weights) if req.weights else None
         key = run_key(RunRequest(**{**asdict(req), "init": init, "engine": req.engine}), task, fingerprint, weights_id)
-        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key)
+        from medbench.train.freeze import freeze_variant
+
+        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=freeze_variant(req.freeze))
         if run.complete:
             return RunOutcome(req, run, "skipped", result=run.result())
 
@@ -219,6 +229,8 @@ class Runner:
 
         built = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
                              init=init, weights=req.weights, seed=req.seed)
+        initial_model = _snapshot_for_similarity(built.model, req.similarity)
+        freeze_info = _apply_freeze(built.model, backbone, req.freeze)
         norm = Normalization(backbone.mean, backbone.std)
         stream = TrainStream(prepared.images.pixels, prepared.labels, train_rows, batch_size=plan.batch_size,
                              crop=prepared.crop, hflip=spec.input.hflip, norm=norm, seed=req.seed,
@@ -256,6 +268,10 @@ class Runner:
             Predictions.build(_prediction_meta(prepared, rows, attrs),
                               probs_for(rows, prepared.images.pixels, prepared.crop),
                               spec.labels, spec.type).save(run.prediction_file(split))
+        if req.similarity:
+            _write_similarity(run, req, init, initial_model, tuner.module, backbone, test_rows,
+                              lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop, norm=norm,
+                                                        batch_size=EVAL_BATCH), dist.device)
 
         ood_records = []
         for target in spec.ood:
@@ -318,6 +334,7 @@ class Runner:
             "backbone": req.backbone,
             "init": init,
             "seed": req.seed,
+            **({"variant": freeze_variant(req.freeze), "freeze": freeze_info} if req.freeze else {}),
             "headline": {"metric": headline, "value": scores["test"].get(headline)},
             "metrics": scores,
             "started": started,
@@ -339,6 +356,51 @@ class Runner:
         return RunOutcome(req, run, "ok", result=result)
 
 
+def _canonical_variant(req: RunRequest, backbone) -> RunRequest:
+    """``freeze``/``similarity`` validated and spelled one way, so equal settings give equal run keys."""
+    if not req.freeze and not req.similarity:
+        return req
+    from dataclasses import replace
+
+    from medbench.analysis.similarity import parse_methods
+    from medbench.train.freeze import parse_freeze
+
+    return replace(req, freeze=parse_freeze(req.freeze, backbone),
+                   similarity=",".join(parse_methods(req.similarity)) or None)
+
+
+def _snapshot_for_similarity(model, similarity: str | None):
+    """The initial network (after init, before fine-tuning), kept only when similarity is asked for."""
+    if not similarity:
+        return None
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _apply_freeze(model, backbone, freeze: str | None) -> dict | None:
+    if not freeze:
+        return None
+    from medbench.train.freeze import apply_freeze
+
+    return apply_freeze(model, backbone, freeze)
+
+
+def _write_similarity(run: RunDir, req: RunRequest, init: str, initial, tuned, backbone, test_rows: np.ndarray,
+                      batches, device: str) -> None:
+    """similarity.json + similarity.png: per-block similarity of the initial and the fine-tuned network."""
+    from medbench.analysis.similarity import (compare_models, parse_methods, sample_rows, similarity_record,
+                                              write_run_similarity)
+    from medbench.backbones.blocks import block_names
+
+    methods = parse_methods(req.similarity)
+    rows = sample_rows(test_rows)
+    layers = compare_models(initial.to(device), tuned, block_names(backbone, tuned), lambda: batches(rows),
+                            methods=methods, device=device)
+    title = f"{req.task} · {req.backbone} · {init}" + (f" · freeze {req.freeze}" if req.freeze else "")
+    write_run_similarity(run.path, similarity_record(layers, methods, len(rows)), title=title)
+
+
 def configure_torch(threads: int | None = None, deterministic: bool = True) -> None:
     """Thread count and determinism switches for this process (see docs on GPU nondeterminism)."""
     import torch
@@ -352,6 +414,7 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
 
 
 def expand_requests(tasks: list[str], backbone: str, seeds: list[int], *, init: str | None, weights: Path | None,
-                    max_steps: int | None, engine: EngineConfig) -> list[RunRequest]:
+                    max_steps: int | None, engine: EngineConfig, freeze: str | None = None,
+                    similarity: str | None = None) -> list[RunRequest]:
     return [RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights, max_steps=max_steps,
-                       engine=engine) for t in tasks for s in seeds]
+                       engine=engine, freeze=freeze, similarity=similarity) for t in tasks for s in seeds]

@@ -168,7 +168,10 @@ class Finetuner:
         self.micro, self.gas = micro_batching(plan, engine_cfg, dist)
         if plan.agc_clip is not None and engine_cfg.zero_stage > 0:
             raise MedbenchError("adaptive gradient clipping (agc_clip) needs ZeRO stage 0", field="--zero-stage")
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
+        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen ones (--freeze) stay out
+        if not trainable:
+            raise MedbenchError("every parameter is frozen; nothing to train", field="--freeze")
+        optimizer = torch.optim.SGD(trainable, lr=plan.lr, momentum=plan.momentum,
                                     weight_decay=plan.weight_decay)
         if engine_cfg.engine == "deepspeed":
             from medbench.train.distributed import init_process_group
