@@ -379,6 +379,7 @@ def transfusion(
     out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + report)."),
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
 ) -> None:
@@ -387,7 +388,8 @@ def transfusion(
     try:
         _transfusion(tasks=task, backbones=backbones, inits=inits, weights=weights or [], freeze=freeze or [],
                      similarity=similarity, seeds=seeds, max_steps=max_steps, data_root=data_root, data=data or [],
-                     out=out, tasks_dir=tasks_dir or [], engine=engine.value, threads=threads, fail_fast=fail_fast)
+                     out=out, tasks_dir=tasks_dir or [], engine=engine.value, micro_batch=micro_batch, threads=threads,
+                     fail_fast=fail_fast)
     except typer.Exit:
         raise
     except Exception as err:
@@ -395,7 +397,7 @@ def transfusion(
 
 
 def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds, max_steps, data_root, data, out,
-                 tasks_dir, engine, threads, fail_fast) -> None:
+                 tasks_dir, engine, micro_batch, threads, fail_fast) -> None:
     from rich.markdown import Markdown
 
     from medbench.catalog import Catalog
@@ -420,7 +422,8 @@ def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds,
             n = seeds or catalog.task(t).spec.default_seeds
             cfg = RecipeConfig(task=t, backbones=bbs, inits=split_list(inits, DEFAULT_INITS, "inits"),
                                weights=parse_weights(weights, bbs), seeds=tuple(range(n)), max_steps=max_steps,
-                               engine=EngineConfig(engine=engine), freeze=tuple(freeze), similarity=similarity)
+                               engine=EngineConfig(engine=engine, micro_batch_size=micro_batch), freeze=tuple(freeze),
+                               similarity=similarity)
             outcomes, report, files = run_recipe(cfg, catalog, runner, out)
             failed += [o for o in outcomes if o.status == "failed"]
             con = _console()

@@ -196,6 +196,9 @@ def test_linear_cka_identity_orthogonal_and_scale_invariance() -> None:
     y = torch.randn(300, 40, generator=g, dtype=torch.float64)
     assert linear_cka(x, y) == pytest.approx(linear_cka(2.0 * x @ q, y @ q.T), abs=1e-12)
     assert linear_cka(x, y) < 0.3  # unrelated representations
+    xc, yc = x - x.mean(0), y - y.mean(0)  # the feature-space form of Kornblith et al. (2019), Eq. 5
+    feature_form = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
+    assert linear_cka(x, y) == pytest.approx(float(feature_form), rel=1e-10)
     skew = torch.diag(torch.linspace(0.1, 10, 40, dtype=torch.float64))
     assert linear_cka(x, x @ skew) < 0.99  # not invariant to arbitrary invertible maps
     assert linear_cka(torch.zeros(10, 3), x[:10]) is None

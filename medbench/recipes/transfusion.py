@@ -348,11 +348,16 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+#: column headers of the Markdown tables (the JSON/CSV keep the short keys)
+HEADERS = {"params_rz19_convention": "params (RZ19 convention)", "params_rz19_table1": "RZ19 Table 1",
+           "params_as_run": "params (as run)"}
+
+
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)\n"
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -411,7 +416,8 @@ def plot_similarity(report: dict, path: Path) -> None:
     from medbench.analysis.similarity import plot_layers
 
     backbones = [bb for bb in report["backbones"] if report["similarity"].get(bb)]
-    methods = [m for m in ("cka", "svcca") if any(m in e for bb in backbones for e in report["similarity"][bb].values())]
+    methods = [m for m in ("cka", "svcca")
+               if any(m in e for bb in backbones for e in report["similarity"][bb].values())]
     panels = []
     for method in methods:  # a row per method, a column per backbone
         for bb in backbones:
