@@ -229,7 +229,6 @@ class Runner:
 
         built = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
                              init=init, weights=req.weights, seed=req.seed)
-        initial_model = _snapshot_for_similarity(built.model, req.similarity)
         freeze_info = _apply_freeze(built.model, backbone, req.freeze)
         norm = Normalization(backbone.mean, backbone.std)
         stream = TrainStream(prepared.images.pixels, prepared.labels, train_rows, batch_size=plan.batch_size,
@@ -269,7 +268,7 @@ class Runner:
                               probs_for(rows, prepared.images.pixels, prepared.crop),
                               spec.labels, spec.type).save(run.prediction_file(split))
         if req.similarity:
-            _write_similarity(run, req, init, initial_model, tuner.module, backbone, test_rows,
+            _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
                               lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop, norm=norm,
                                                         batch_size=EVAL_BATCH), dist.device)
 
@@ -369,15 +368,6 @@ def _canonical_variant(req: RunRequest, backbone) -> RunRequest:
                    similarity=",".join(parse_methods(req.similarity)) or None)
 
 
-def _snapshot_for_similarity(model, similarity: str | None):
-    """The initial network (after init, before fine-tuning), kept only when similarity is asked for."""
-    if not similarity:
-        return None
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def _apply_freeze(model, backbone, freeze: str | None) -> dict | None:
     if not freeze:
         return None
@@ -386,13 +376,19 @@ def _apply_freeze(model, backbone, freeze: str | None) -> dict | None:
     return apply_freeze(model, backbone, freeze)
 
 
-def _write_similarity(run: RunDir, req: RunRequest, init: str, initial, tuned, backbone, test_rows: np.ndarray,
+def _write_similarity(run: RunDir, req: RunRequest, init: str, spec, tuned, backbone, test_rows: np.ndarray,
                       batches, device: str) -> None:
-    """similarity.json + similarity.png: per-block similarity of the initial and the fine-tuned network."""
+    """similarity.json + similarity.png: per-block similarity of the initial and the fine-tuned network.
+
+    The initial network is built again (create_model is a pure function of its arguments and the seed), so
+    nothing is held during training and a resumed run compares against the same network."""
     from medbench.analysis.similarity import (compare_models, parse_methods, sample_rows, similarity_record,
                                               write_run_similarity)
     from medbench.backbones.blocks import block_names
+    from medbench.backbones.create import create_model
 
+    initial = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels, init=init,
+                           weights=req.weights, seed=req.seed).model
     methods = parse_methods(req.similarity)
     rows = sample_rows(test_rows)
     layers = compare_models(initial.to(device), tuned, block_names(backbone, tuned), lambda: batches(rows),
