@@ -164,7 +164,7 @@ def run(
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + leaderboard)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
-    init: Optional[str] = typer.Option(None, "--init", help="pretrained | random (default: pretrained if the backbone has weights)."),
+    init: Optional[str] = typer.Option(None, "--init", help="pretrained | random | mean-var | transfusion:K | gabor (default: pretrained if the backbone has weights)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Pre-trained weights file for the backbone."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; train nothing."),
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
@@ -184,6 +184,8 @@ def run(
     fractions: Optional[str] = typer.Option(None, "--fractions", help="Data efficiency: also fine-tune on these percentages of the training images, e.g. 1,5,10,25,50 ('default': 1,5,10,25,50,100)."),
     shots: Optional[str] = typer.Option(None, "--shots", help="Data efficiency: also fine-tune on k images per class, e.g. 1,5,10 ('default': 1,5,10,100,500)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
+    freeze: Optional[str] = typer.Option(None, "--freeze", help="Frozen features: 'head' (train the head only) or L (freeze the first L blocks)."),
+    similarity: Optional[str] = typer.Option(None, "--similarity", help="Per-layer similarity initial vs fine-tuned: cka | svcca | cka,svcca."),
 ) -> None:
     """Fine-tune BACKBONE on every task of the suites/tasks and write the leaderboard."""
     try:
@@ -193,7 +195,7 @@ def run(
              tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
              micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
              checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
-             variants=variants)
+             variants=variants, freeze=freeze, similarity=similarity)
     except typer.Exit:
         raise
     except KeyboardInterrupt as err:
@@ -259,7 +261,7 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
-         allow_outside_data_root, variants=()) -> None:
+         allow_outside_data_root, variants=(), freeze=None, similarity=None) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.catalog import Catalog
@@ -287,6 +289,10 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     from medbench.train.finetune import EngineConfig
 
     init, weights = preflight(bb, init, weights)  # a missing weights file fails here, before any run
+    from medbench.analysis.similarity import parse_methods
+    from medbench.train.freeze import parse_freeze
+
+    freeze, similarity = parse_freeze(freeze, bb), ",".join(parse_methods(similarity)) or None
     configure_torch(threads or os.cpu_count())
     engine_cfg = EngineConfig(engine=engine, zero_stage=zero_stage, precision=precision, micro_batch_size=micro_batch)
     requests = []
@@ -295,7 +301,8 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
         crop = catalog.task(name).spec.input.crop  # a sweep point at the task's own crop is the plain run
         task_variants = [v for v in variants if v.get("resolution") is None or v["resolution"] != crop]
         requests += expand_requests([name], backbone, list(range(n)), init=init, weights=weights,
-                                    max_steps=max_steps, engine=engine_cfg, variants=task_variants)
+                                    max_steps=max_steps, engine=engine_cfg, variants=task_variants,
+                                    freeze=freeze, similarity=similarity)
     store = RunStore(out)
     _check_writable(out)
     with _RichReporter() as reporter:
@@ -370,7 +377,8 @@ def _print_board(board: dict) -> None:
         cal = e.get("calibration") or {}
         ece = (f"{_fmt(cal['before'].get('ece'))} → {_fmt(cal['after'].get('ece'))}"
                if cal.get("before") and cal.get("after") else "-")
-        table.add_row(e["task"], e["backbone"], e["init"], metric, _fmt(e["headline"]),
+        init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+        table.add_row(e["task"], e["backbone"], init, metric, _fmt(e["headline"]),
                       f"[{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "-",
                       _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, _largest_gap(e))
     _console().print(table)
@@ -685,6 +693,85 @@ def _print_inspection(summary: dict) -> None:
                   + (f" (e.g. {', '.join(summary['missing_examples'][:3])})" if summary["missing_files"] else ""))
     for key, value in summary["notes"].items():
         con.print(f"{key}: {value}", soft_wrap=True)
+
+
+@app.command()
+def transfusion(
+    task: List[str] = typer.Option(..., "--task", "-t", help="Task to study (repeatable; one report per task)."),
+    backbones: Optional[str] = typer.Option(None, "--backbones", help="Comma-separated backbones (default: resnet50,cbr-large-t,cbr-large-w,cbr-small,cbr-tiny)."),
+    inits: Optional[str] = typer.Option(None, "--inits", help="Comma-separated init schemes (default: random,pretrained,mean-var,transfusion:1,transfusion:3)."),
+    weights: Optional[List[str]] = typer.Option(None, "--weights", help="NAME=FILE pre-trained weights of one backbone (repeatable); FILE alone with one backbone."),
+    freeze: Optional[List[str]] = typer.Option(None, "--freeze", help="Also run pretrained with frozen features: head or L (repeatable)."),
+    similarity: str = typer.Option("cka", "--similarity", help="cka | svcca | cka,svcca."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds 0..N-1 (default: the task's)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
+    out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + report)."),
+    tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
+    engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
+) -> None:
+    """RZ19's Transfusion study on TASK: random vs pretrained vs Mean-Var vs transfusion-K, CBR vs ResNet-50;
+    tables like RZ19 Tables 1-2, per-layer similarity and convergence plots."""
+    try:
+        _transfusion(tasks=task, backbones=backbones, inits=inits, weights=weights or [], freeze=freeze or [],
+                     similarity=similarity, seeds=seeds, max_steps=max_steps, data_root=data_root, data=data or [],
+                     out=out, tasks_dir=tasks_dir or [], engine=engine.value, micro_batch=micro_batch, threads=threads,
+                     fail_fast=fail_fast)
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+
+
+def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds, max_steps, data_root, data, out,
+                 tasks_dir, engine, micro_batch, threads, fail_fast) -> None:
+    from rich.markdown import Markdown
+
+    from medbench.catalog import Catalog
+    from medbench.data.locate import DataLocations
+    from medbench.recipes.transfusion import (DEFAULT_BACKBONES, DEFAULT_INITS, RecipeConfig, markdown_table,
+                                              parse_weights, run_recipe, similarity_markdown, split_list)
+    from medbench.results import RunStore
+    from medbench.runner import Runner, configure_torch
+    from medbench.train.finetune import EngineConfig
+
+    catalog = Catalog(tasks_dir)
+    for t in tasks:
+        catalog.task(t)
+    bbs = split_list(backbones, DEFAULT_BACKBONES, "backbones")
+    locations = DataLocations.from_cli(data_root, data)
+    configure_torch(threads or os.cpu_count())
+    _check_writable(out)
+    failed = []
+    with _RichReporter() as reporter:
+        runner = Runner(catalog, locations, RunStore(out), reporter=reporter, fail_fast=fail_fast)
+        for t in tasks:
+            n = seeds or catalog.task(t).spec.default_seeds
+            cfg = RecipeConfig(task=t, backbones=bbs, inits=split_list(inits, DEFAULT_INITS, "inits"),
+                               weights=parse_weights(weights, bbs), seeds=tuple(range(n)), max_steps=max_steps,
+                               engine=EngineConfig(engine=engine, micro_batch_size=micro_batch), freeze=tuple(freeze),
+                               similarity=similarity)
+            outcomes, report, files = run_recipe(cfg, catalog, runner, out)
+            failed += [o for o in outcomes if o.status == "failed"]
+            con = _console()
+            reused = sum(o.status == "skipped" for o in outcomes)
+            if reused:
+                con.print(f"{reused} run(s) were already complete and reused.")
+            con.print(Markdown(f"**{t}: Table 1**\n\n" + markdown_table(report["table1"])
+                               + f"\n**{t}: Table 2**\n\n" + markdown_table(report["table2"])
+                               + f"\n**{t}: similarity per layer**\n\n" + similarity_markdown(report)))
+            for name, path in files.items():
+                con.print(f"{name}: {path}")
+    for o in failed:
+        _console().print(f"[red]failed[/red] {o.request.task} {o.request.backbone} {o.request.init} seed "
+                         f"{o.request.seed}: {o.error}", soft_wrap=True)
+    sys.stdout.flush()
+    if failed:
+        raise typer.Exit(1)
 
 
 class _RichReporter:

@@ -1,7 +1,7 @@
 """Aggregating completed runs into leaderboard JSON.
 
-One entry per (task, backbone, init): every test metric as mean, sample
-standard deviation (ddof=1) and the per-seed values; the headline metric
+One entry per (task, backbone, init, regime; regime e.g. ``freeze-head``, absent for full fine-tuning):
+every test metric as mean, sample standard deviation (ddof=1) and the per-seed values; the headline metric
 named; OOD scores likewise; provenance of the entry. Numbers are stored
 unrounded; rounding happens only when rendered.
 
@@ -58,11 +58,12 @@ def _rows(runs: list[RunDir]) -> pl.DataFrame:
         for scope, scores in scopes.items():
             for metric, value in scores.items():
                 records.append({
-                    "task": r["task"], "backbone": r["backbone"], "init": r["init"], "seed": r["seed"],
+                    "task": r["task"], "backbone": r["backbone"], "init": r["init"],
+                    "regime": r.get("regime", ""), "seed": r["seed"],
                     "scope": scope, "metric": metric, "value": value, "run": str(run.path),
                 })
-    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "seed": pl.Int64, "scope": pl.Utf8,
-              "metric": pl.Utf8, "value": pl.Float64, "run": pl.Utf8}
+    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "regime": pl.Utf8, "seed": pl.Int64,
+              "scope": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64, "run": pl.Utf8}
     return pl.DataFrame(records, schema=schema)
 
 
@@ -72,9 +73,11 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
     results = {str(run.path): run.result() for run in runs}
     entries = []
     if rows.height:
-        keys = rows.select("task", "backbone", "init").unique(maintain_order=True).sort("task", "backbone", "init")
-        for task, backbone, init in keys.iter_rows():
-            sub = rows.filter((pl.col("task") == task) & (pl.col("backbone") == backbone) & (pl.col("init") == init))
+        keys = rows.select("task", "backbone", "init", "regime").unique(maintain_order=True).sort(
+            "task", "backbone", "init", "regime")
+        for task, backbone, init, regime in keys.iter_rows():
+            sub = rows.filter((pl.col("task") == task) & (pl.col("backbone") == backbone) & (pl.col("init") == init)
+                              & (pl.col("regime") == regime))
             seeds = sorted(sub["seed"].unique().to_list())
             run_paths = sorted(sub["run"].unique().to_list())
             first = results[run_paths[0]]
@@ -93,6 +96,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                 "task": task,
                 "backbone": backbone,
                 "init": init,
+                **({"regime": regime} if regime else {}),  # e.g. freeze-head: never pooled with full fine-tuning
                 "headline": {"metric": headline_metric, **metrics.get(headline_metric, summarize([]))},
                 "metrics": metrics,
                 "ood": ood,

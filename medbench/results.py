@@ -2,12 +2,13 @@
 
 Layout under the output folder::
 
-    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/
+    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head)
         config.json          what defines the run (resolved task spec, backbone, plan, ...)
         predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars)
         splits.parquet       the split every sample was in
         history.json         training loss, lr and validation curve
         metrics.json         scores computed from the predictions
+        similarity.json/.png per-layer similarity initial vs fine-tuned (only with --similarity)
         result.json          written last: the run is complete iff it exists with status "ok";
                              status "failed" records an error (line, kind, traceback) instead
         checkpoint/          while training: the last checkpoint (see medbench.train.checkpoint);

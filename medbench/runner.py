@@ -50,6 +50,10 @@ class RunRequest:
     fraction: float | None = None
     shots: int | None = None
     resolution: int | None = None
+    #: frozen features (medbench.train.freeze): None, "head" or "<L>"
+    freeze: str | None = None
+    #: representation similarity initial vs fine-tuned (medbench.analysis.similarity): None, "cka", "cka,svcca"
+    similarity: str | None = None
 
     @property
     def variant(self) -> str:
@@ -61,6 +65,13 @@ class RunRequest:
         if self.resolution is not None:
             return f"res{self.resolution}"
         return ""
+
+    @property
+    def folder_suffix(self) -> str:
+        """Run-folder suffix: the data variant and the training regime (e.g. ``frac10``, ``freeze-head``)."""
+        from medbench.train.freeze import freeze_variant
+
+        return "-".join(x for x in (self.variant, freeze_variant(self.freeze)) if x)
 
     def variant_spec(self) -> dict | None:
         set_ = [(k, v) for k, v in (("fraction", self.fraction), ("shots", self.shots),
@@ -336,7 +347,9 @@ class Runner:
 
         task = self.catalog.task(req.task)
         spec = task.spec
-        init = req.init or get_backbone(req.backbone).default_init
+        backbone = get_backbone(req.backbone)
+        req = _canonical_variant(req, backbone)
+        init = req.init or backbone.default_init
         prepared = self.prepared(req.task, req.resolution)
         dist = prepare_environment()
         train_rows = prepared.train_rows(spec.type)
@@ -356,7 +369,7 @@ class Runner:
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
                       ood=ood, world_size=dist.world_size)
-        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.variant)
+        run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.folder_suffix)
         if run.complete:
             if dist.is_main:
                 run.clear_checkpoint()  # left behind by a kill between result.json and its removal
@@ -435,12 +448,13 @@ class Runner:
         val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
         if dist.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
-        built = None
+        built = freeze_info = None
 
         def build():
-            nonlocal built
+            nonlocal built, freeze_info
             built = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
                                  init=init, weights=req.weights, seed=req.seed)
+            freeze_info = _apply_freeze(built.model, backbone, req.freeze)
             return Finetuner(built.model, plan, spec.type, req.engine, dist, req.seed)
 
         store = CheckpointStore(run.checkpoint_dir, rank=dist.rank, world_size=dist.world_size,
@@ -501,6 +515,10 @@ class Runner:
             Predictions.build(_prediction_meta(prepared, rows, attrs),
                               probs_for(rows, prepared.images.pixels, prepared.crop),
                               spec.labels, spec.type).save(run.prediction_file(split))
+        if req.similarity:
+            _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
+                              lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop, norm=norm,
+                                                        batch_size=EVAL_BATCH), dist.device)
 
         ood_records = []
         for target in spec.ood:
@@ -568,6 +586,7 @@ class Runner:
             "init": init,
             "seed": req.seed,
             "variant": variant,
+            **({"regime": _regime(req.freeze), "freeze": freeze_info} if req.freeze else {}),
             "headline": {"metric": headline, "value": scores["test"].get(headline)},
             "metrics": scores,
             "started": started,
@@ -614,6 +633,54 @@ def _variant_record(req: RunRequest, prepared: PreparedData, train_rows: np.ndar
             **extra, "rows": rows}
 
 
+def _regime(freeze: str | None) -> str:
+    from medbench.train.freeze import freeze_variant
+
+    return freeze_variant(freeze)
+
+
+def _canonical_variant(req: RunRequest, backbone) -> RunRequest:
+    """``freeze``/``similarity`` validated and spelled one way, so equal settings give equal run keys."""
+    if not req.freeze and not req.similarity:
+        return req
+    from dataclasses import replace
+
+    from medbench.analysis.similarity import parse_methods
+    from medbench.train.freeze import parse_freeze
+
+    return replace(req, freeze=parse_freeze(req.freeze, backbone),
+                   similarity=",".join(parse_methods(req.similarity)) or None)
+
+
+def _apply_freeze(model, backbone, freeze: str | None) -> dict | None:
+    if not freeze:
+        return None
+    from medbench.train.freeze import apply_freeze
+
+    return apply_freeze(model, backbone, freeze)
+
+
+def _write_similarity(run: RunDir, req: RunRequest, init: str, spec, tuned, backbone, test_rows: np.ndarray,
+                      batches, device: str) -> None:
+    """similarity.json + similarity.png: per-block similarity of the initial and the fine-tuned network.
+
+    The initial network is built again (create_model is a pure function of its arguments and the seed), so
+    nothing is held during training and a resumed run compares against the same network."""
+    from medbench.analysis.similarity import (compare_models, parse_methods, sample_rows, similarity_record,
+                                              write_run_similarity)
+    from medbench.backbones.blocks import block_names
+    from medbench.backbones.create import create_model
+
+    initial = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels, init=init,
+                           weights=req.weights, seed=req.seed).model
+    methods = parse_methods(req.similarity)
+    rows = sample_rows(test_rows)
+    layers = compare_models(initial.to(device), tuned, block_names(backbone, tuned), lambda: batches(rows),
+                            methods=methods, device=device)
+    title = f"{req.task} · {req.backbone} · {init}" + (f" · freeze {req.freeze}" if req.freeze else "")
+    write_run_similarity(run.path, similarity_record(layers, methods, len(rows)), title=title)
+
+
 def configure_torch(threads: int | None = None, deterministic: bool = True) -> None:
     """Thread count and determinism switches for this process (see docs on GPU nondeterminism)."""
     import torch
@@ -627,9 +694,10 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
 
 
 def expand_requests(tasks: list[str], backbone: str, seeds: list[int], *, init: str | None, weights: Path | None,
-                    max_steps: int | None, engine: EngineConfig, variants: list[dict] | None = None
-                    ) -> list[RunRequest]:
+                    max_steps: int | None, engine: EngineConfig, variants: list[dict] | None = None,
+                    freeze: str | None = None, similarity: str | None = None) -> list[RunRequest]:
     """The plain run of every task x seed, then each variant (``{"fraction": 0.1}``, ``{"shots": 5}``,
-    ``{"resolution": 64}``) of every task x seed."""
+    ``{"resolution": 64}``) of every task x seed; ``freeze``/``similarity`` apply to all of them."""
     return [RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights, max_steps=max_steps,
-                       engine=engine, **v) for v in [{}, *(variants or [])] for t in tasks for s in seeds]
+                       engine=engine, freeze=freeze, similarity=similarity, **v)
+            for v in [{}, *(variants or [])] for t in tasks for s in seeds]

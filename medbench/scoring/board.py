@@ -366,14 +366,16 @@ def relative_block(ctx: EntryContext, base: EntryContext) -> dict:
 
 
 def shift_matrix(entries: list[dict]) -> list[dict]:
-    """Per backbone x init: trained on (rows) x evaluated on (columns), the headline metric."""
+    """Per backbone x init (x regime): trained on (rows) x evaluated on (columns), the headline metric."""
     out: dict[tuple, dict] = {}
     for e in entries:
         shift = e.get("shift")
         if not shift:
             continue
-        m = out.setdefault((e["backbone"], e["init"]), {"backbone": e["backbone"], "init": e["init"],
-                                                         "rows": [], "columns": [], "cells": []})
+        regime = e.get("regime", "")
+        m = out.setdefault((e["backbone"], e["init"], regime),
+                           {"backbone": e["backbone"], "init": e["init"], **({"regime": regime} if regime else {}),
+                            "rows": [], "columns": [], "cells": []})
         metric = e["headline"]["metric"]
         m["rows"].append(e["task"])
         if e["task"] not in m["columns"]:
@@ -411,7 +413,7 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
     groups: dict[tuple, list[RunRecord]] = {}
     variant_groups: dict[tuple, dict[tuple, list[RunRecord]]] = {}
     for r in records:
-        key = (r.result["task"], r.result["backbone"], r.result["init"])
+        key = (r.result["task"], r.result["backbone"], r.result["init"], r.result.get("regime", ""))
         v = r.variant
         if v:
             variant_groups.setdefault(key, {}).setdefault((v["kind"], v["value"]), []).append(r)
@@ -420,24 +422,25 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
     for key in sorted(set(groups) | set(variant_groups)):
         plain = SeedAggregate(groups.get(key, []))
         first = (groups.get(key) or next(iter(variant_groups[key].values())))[0]
-        contexts[key] = EntryContext(*key, headline=first.result["headline"]["metric"], plain=plain,
+        contexts[key] = EntryContext(*key[:3], headline=first.result["headline"]["metric"], plain=plain,
                                      variants={vk: SeedAggregate(rs) for vk, rs in
                                                sorted(variant_groups.get(key, {}).items())})
     base_key = None
     if baseline is not None:
-        cands = sorted({(b, i) for (_, b, i) in contexts if b == baseline[0] and baseline[1] in (None, i)})
+        cands = sorted({(b, i) for (_, b, i, regime) in contexts
+                        if not regime and b == baseline[0] and baseline[1] in (None, i)})
         if not cands:
             raise UsageError(f"baseline backbone {baseline[0]!r} has no runs among these", field="--baseline")
         if len(cands) > 1:
             raise UsageError(f"baseline {baseline[0]!r} has runs with several inits ({', '.join(i for _, i in cands)}); "
                              f"name one as BACKBONE@INIT", field="--baseline")
         base_key = cands[0]
-    by_key = {(e["task"], e["backbone"], e["init"]): e for e in entries}
+    by_key = {(e["task"], e["backbone"], e["init"], e.get("regime", "")): e for e in entries}
     for key, ctx in contexts.items():
         entry = by_key.get(key)
         if entry is None:  # variant runs only: an entry without plain runs
             prov = first_record(ctx).result.get("provenance", {})
-            entry = {"task": key[0], "backbone": key[1], "init": key[2],
+            entry = {"task": key[0], "backbone": key[1], "init": key[2], **({"regime": key[3]} if key[3] else {}),
                      "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": [],
                      "provenance": {k: prov.get(k) for k in ("task_version", "task_hash", "data_fingerprint", "model",
                                                              "device", "engine", "medbench_version", "git_sha",
@@ -454,8 +457,8 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
         if res:
             entry["resolution"] = res
         entry["variant_runs"] = sorted(str(r.run.path) for aggs in ctx.variants.values() for r in aggs.records)
-        if base_key is not None and key[1:] != base_key and (key[0], *base_key) in contexts:
-            entry["relative_to_baseline"] = relative_block(ctx, contexts[(key[0], *base_key)])
-    entries.sort(key=lambda e: (e["task"], e["backbone"], e["init"]))
+        if base_key is not None and key[1:] != (*base_key, "") and (key[0], *base_key, "") in contexts:
+            entry["relative_to_baseline"] = relative_block(ctx, contexts[(key[0], *base_key, "")])
+    entries.sort(key=lambda e: (e["task"], e["backbone"], e["init"], e.get("regime", "")))
     return {"baseline": {"backbone": base_key[0], "init": base_key[1]} if base_key else None,
             "shift_matrix": shift_matrix(entries)}

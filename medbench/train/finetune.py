@@ -183,7 +183,10 @@ class Finetuner:
         self.dist = dist
         self.seed = seed
         self.micro, self.gas = check_engine(plan, engine_cfg, dist)
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
+        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen ones (--freeze) stay out
+        if not trainable:
+            raise MedbenchError("every parameter is frozen; nothing to train", field="--freeze")
+        optimizer = torch.optim.SGD(trainable, lr=plan.lr, momentum=plan.momentum,
                                     weight_decay=plan.weight_decay)
         if engine_cfg.engine == "deepspeed":
             from medbench.train.distributed import init_process_group

@@ -1,0 +1,1 @@
+"""Model understanding: analyses of trained networks (representation similarity)."""

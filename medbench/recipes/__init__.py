@@ -1,0 +1,1 @@
+"""Recipes: studies made of many ordinary runs plus a report (``medbench transfusion``)."""
