@@ -88,12 +88,27 @@ def test_real_bit_architecture_runs(tmp_path: Path) -> None:
 
 
 def test_dry_run_plans_without_data(tmp_path: Path) -> None:
-    proc = run_cli("run", "--backbone", "bit-m-r101x3", "--suite", "smoke", "--dry-run")
+    proc = run_cli("run", "--backbone", "bit-m-r101x3", "--suite", "smoke", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for task in SMOKE_TASKS:
         assert task in proc.stdout
     assert "12 runs" in proc.stdout and "device-hours" in proc.stdout
-    assert not (tmp_path / "medbench-results").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_suite_all_plans_the_whole_protocol_without_data(tmp_path: Path) -> None:
+    """The GPU users' command plans every task of the six families here, where no dataset exists, and says
+    for each missing dataset where to get it; nothing is written."""
+    env = {"MEDBENCH_DATA": str(tmp_path / "no-data")}
+    proc = run_cli("run", "--backbone", "bit-m-r101x3", "--suite", "all", "--dry-run", "--seeds", "5", env=env,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    tasks = ["chexpert", "padchest", "padchest-cl", "tuberculosis", "covidx", "ham10000", "cbis-ddsm", "vindr-mammo"]
+    for task in tasks:
+        assert f"missing dataset '{task.removesuffix('-cl')}' for {task}" in out
+    assert f"{5 * len(tasks)} runs" in out and "device-hours" in out
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
