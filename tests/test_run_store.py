@@ -111,7 +111,7 @@ def test_checkpoint_policy_parsing() -> None:
 
 @dataclass(frozen=True)
 class _LaterRequest(RunRequest):
-    fraction: float | None = None  # a field another stage adds later
+    label_smoothing: float | None = None  # a field another stage adds later
 
 
 def test_run_key_covers_what_fixes_the_numbers(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_run_key_covers_what_fixes_the_numbers(tmp_path: Path) -> None:
         run_key(req, task, "fp", None, **{**base, "input_geometry": {"crop": 16}}),
         run_key(req, task, "fp", None, **{**base, "ood": [["b", "h", "f"]]}),
         run_key(req, task, "fp", None, **{**base, "world_size": 2}),
-        run_key(_LaterRequest(**vars(req), fraction=0.1), task, "fp", None, **base),
+        run_key(_LaterRequest(**vars(req), label_smoothing=0.1), task, "fp", None, **base),
     ]
     assert len({key, *variants}) == len(variants) + 1
     # a field added later, left at None, keeps the keys of earlier runs
