@@ -198,6 +198,10 @@ class Finetuner:
                 model=model, optimizer=optimizer,
                 config=_deepspeed_config(plan, engine_cfg, dist, self.micro, self.gas),
             )
+            if dist.world_size == 1 and engine_cfg.zero_stage == 0:
+                # one process: DeepSpeed would still flatten every gradient, all-reduce it with itself, scale
+                # it by 1/1 and copy it back each step; skipping that changes no bit (docs/performance.md)
+                engine.enable_backward_allreduce = False
             self.engine = engine
             self.optimizer = opt
         elif engine_cfg.engine == "torch":
