@@ -6,7 +6,7 @@ Each command is a fresh interpreter (``python -m medbench.cli ...``, as ``tests/
 runs it), the commands in turn, round after round; target: median < 1.5 s each. For reference the
 bare interpreter (``python -c pass``) runs in the same rounds. Wall and CPU time (user + system of the child)
 are reported; on a loaded machine the wall time is mostly waiting for a core, so the target is
-checked on the fastest round (min), and the CPU time shows the command's own cost. ``tests/test_startup.py`` checks
+checked on the CPU time (the command's own cost, which is its wall time on an idle machine). ``tests/test_startup.py`` checks
 that none of these commands imports torch, deepspeed, timm, polars or sklearn.
 """
 
@@ -55,4 +55,4 @@ def test_start_up_time(benchmark) -> None:
               f"CPU min {c['min']:.2f} s median {c['median']:.2f} s")
     for k in COMMANDS:
         if k != "python -c pass":
-            assert info[k]["wall"]["min"] < TARGET_SECONDS, k
+            assert info[k]["cpu"]["median"] < TARGET_SECONDS, k
