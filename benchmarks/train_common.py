@@ -22,19 +22,24 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each variant, run in turn round after round (the order rotates each round), so
-    that load from other processes hits every variant alike. ``warmup`` rounds are not recorded."""
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each variant, run in turn round after round (the order rotates each round), so
+    that load from other processes hits every variant alike. ``warmup`` rounds are not recorded.
+    With ``cpu``, this process's CPU seconds (all threads) of each run go there too: on a shared
+    machine they vary less than the wall time, which includes waiting for a core."""
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             variants[name]()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if r >= warmup:
                 times[name].append(dt)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(dc)
     return times
 
 

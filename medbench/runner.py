@@ -693,7 +693,7 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
         torch.backends.cudnn.benchmark = False
         # deterministic mode also NaN-fills every new uninitialised tensor, a debugging aid that no kernel
         # medbench runs needs (each writes all of its output): off, the numbers are bit-identical and a
-        # CPU training step is up to ~1.8x faster (docs/performance.md)
+        # CPU training step of the smoke suite is 1.25-1.8x faster (docs/performance.md)
         import torch.utils.deterministic
 
         torch.utils.deterministic.fill_uninitialized_memory = False
