@@ -35,6 +35,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 @dataclass(frozen=True)
 class EngineConfig:
     engine: EngineName = "deepspeed"
+    #: stage 0 by default, chosen by benchmarks/test_train_step_bench.py (docs/performance.md): in one
+    #: process stages 1 and 2 only add copies of flat fp32 weights and gradients per step; they pay off
+    #: when the optimizer state must be partitioned over several devices
     zero_stage: int = 0
     precision: Precision = "fp32"
     #: per-device micro-batch; the HyperRule batch is reached by gradient accumulation
