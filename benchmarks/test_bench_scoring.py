@@ -72,6 +72,11 @@ def sklearn_loop(preds: Predictions, resampling: Resampling, n: int) -> dict[str
     return out
 
 
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def test_scoring_speedup(benchmark, big_test_set: Predictions) -> None:
     result = benchmark.pedantic(vectorized, args=(big_test_set,), rounds=1, iterations=1)
     vec_seconds = benchmark.stats.stats.mean
@@ -85,7 +90,7 @@ def test_scoring_speedup(benchmark, big_test_set: Predictions) -> None:
     benchmark.extra_info.update({"vectorized_seconds": vec_seconds, "loop_seconds_per_resample": loop_per_resample,
                                  "loop_seconds_extrapolated": loop_seconds, "speedup": speedup,
                                  "n": N, "labels": LABELS, "resamples": RESAMPLES,
-                                 "replicate_columns": len(result.replicates)})
+                                 "replicate_columns": len(result.replicates), "load_average": _load()})
     print(f"\nvectorized {vec_seconds:.1f} s for {RESAMPLES} resamples; sklearn/netcal loop {loop_per_resample:.2f} s "
-          f"per resample -> {loop_seconds:.0f} s; speed-up {speedup:.0f}x (target {TARGET_SPEEDUP:.0f}x)")
+          f"per resample ({LOOP_RESAMPLES} timed) -> {loop_seconds:.0f} s extrapolated; load {_load()}; speed-up {speedup:.0f}x (target {TARGET_SPEEDUP:.0f}x)")
     assert speedup >= TARGET_SPEEDUP

@@ -35,6 +35,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 @dataclass(frozen=True)
 class EngineConfig:
     engine: EngineName = "deepspeed"
+    #: stage 0 by default, chosen by benchmarks/test_train_step_bench.py (docs/performance.md): in one
+    #: process stages 1 and 2 only add copies of flat fp32 weights and gradients per step; they pay off
+    #: when the optimizer state must be partitioned over several devices
     zero_stage: int = 0
     precision: Precision = "fp32"
     #: per-device micro-batch; the HyperRule batch is reached by gradient accumulation
@@ -198,6 +201,10 @@ class Finetuner:
                 model=model, optimizer=optimizer,
                 config=_deepspeed_config(plan, engine_cfg, dist, self.micro, self.gas),
             )
+            if dist.world_size == 1 and engine_cfg.zero_stage == 0:
+                # one process: DeepSpeed would still flatten every gradient, all-reduce it with itself, scale
+                # it by 1/1 and copy it back each step; skipping that changes no bit (docs/performance.md)
+                engine.enable_backward_allreduce = False
             self.engine = engine
             self.optimizer = opt
         elif engine_cfg.engine == "torch":

@@ -1,0 +1,98 @@
+"""The smoke suite end to end, and the per-step cost that dominated it.
+
+Run with ``PYTHONPATH=. python -m pytest benchmarks/test_suite_bench.py --benchmark-only -s``.
+
+* ``test_smoke_suite_end_to_end``: ``medbench run --backbone cbr-small --suite smoke --out <fresh>``
+  (6 tasks x 2 seeds x 80 steps) in a subprocess, timed once: wall and CPU seconds. The smoke data
+  are generated in memory (no disk cache to warm); the DeepSpeed op must be compiled already
+  (~/.cache/torch_extensions), as after any earlier run. Target: <= 120 s on 2 idle cores.
+* ``test_step_nan_fill``: one smoke training step (cbr-small, 32 px, batch 32) with
+  ``torch.utils.deterministic.fill_uninitialized_memory`` on (PyTorch's default under
+  ``use_deterministic_algorithms``) and off (what :func:`medbench.runner.configure_torch` sets), in
+  turn; the two networks must stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train_common import interleaved, load_average, summary
+
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = int(os.environ.get("MEDBENCH_BENCH_ROUNDS", "8"))
+
+
+def test_step_nan_fill(benchmark) -> None:
+    import torch.utils.deterministic as deterministic
+
+    from medbench.backbones.create import create_model
+    from medbench.runner import configure_torch
+
+    configure_torch(torch.get_num_threads())
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 32, 32), (torch.rand(32, 5) < 0.3).float()
+    nets = {}
+    for fill in ("nan-fill", "no-fill"):
+        model = create_model("cbr-small", num_outputs=5, in_chans=1, init="random", seed=0).model
+        nets[fill] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+    def step(name: str):
+        def run() -> None:
+            deterministic.fill_uninitialized_memory = name == "nan-fill"
+            model, opt = nets[name]
+            opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(x), y).backward()
+            opt.step()
+        return run
+
+    result: dict = {}
+    try:
+        benchmark.pedantic(lambda: result.update(interleaved({k: step(k) for k in nets}, rounds=ROUNDS)),
+                           rounds=1, iterations=1)
+    finally:
+        configure_torch()
+    fill, nofill = summary(result["nan-fill"]), summary(result["no-fill"])
+    same = dict(nets["nan-fill"][0].named_parameters())
+    for name, p in nets["no-fill"][0].named_parameters():
+        assert torch.equal(p, same[name]), name
+    info = {"load_average": load_average(), "threads": torch.get_num_threads(), "nan_fill": fill, "no_fill": nofill,
+            "speedup_min": fill["min"] / nofill["min"], "speedup_median": fill["median"] / nofill["median"]}
+    benchmark.extra_info.update(info)
+    print(f"\ncbr-small 32px batch 32 step, load {info['load_average']}: NaN-fill min {fill['min']:.3f} s median "
+          f"{fill['median']:.3f} s; no fill min {nofill['min']:.3f} s median {nofill['median']:.3f} s; speed-up "
+          f"min {info['speedup_min']:.2f}x median {info['speedup_median']:.2f}x; weights bit-identical")
+
+
+def test_smoke_suite_end_to_end(benchmark, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    out = tmp_path / "smoke"
+    cpu: list[float] = []
+
+    def run() -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run([sys.executable, "-m", "medbench.cli", "run", "--backbone", "cbr-small", "--suite",
+                               "smoke", "--out", str(out)], env=env, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+    load_before = load_average()
+    t0 = time.perf_counter()
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    wall = time.perf_counter() - t0
+    info = {"wall_seconds": wall, "cpu_seconds": cpu[0], "load_before": load_before, "load_after": load_average()}
+    benchmark.extra_info.update(info)
+    print(f"\nsmoke suite (cbr-small, 12 runs): wall {wall:.0f} s, CPU {cpu[0]:.0f} s; load before "
+          f"{load_before}, after {info['load_after']} (target <= 120 s wall on 2 idle cores)")
+    assert (out / "leaderboard.json").is_file()
