@@ -615,7 +615,7 @@ def compare(
     new: Path = typer.Argument(..., help="New leaderboard JSON to check against it."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Compare these too (repeatable): 'headline' (default), a test metric (accuracy, auc/Edema) or ood:TARGET:METRIC."),
     tolerance: float = typer.Option(0.005, "--tolerance", help="Absolute tolerance: the least drop that counts as a regression."),
-    k_seed: float = typer.Option(3.0, "--k-seed", help="Multiple of the standard error of the difference of seed means that is tolerated."),
+    k_seed: float = typer.Option(2.0, "--k-seed", help="Multiple of the standard error of the difference of seed means that is tolerated."),
     k_ci: float = typer.Option(1.0, "--k-ci", help="Multiple of the combined half-width of the test-resampling intervals that is tolerated."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Entries missing from NEW do not fail the gate."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

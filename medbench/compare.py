@@ -15,7 +15,7 @@ an OOD score) with ``b`` the baseline summary and ``n`` the new one:
 * **regression** when ``worse > tolerance``, or when the metric was defined in
   the baseline and is undefined (or absent) in the new board.
 
-Defaults: ``abs_tol = 0.005``, ``k_seed = 3``, ``k_ci = 1``. Entries missing
+Defaults: ``abs_tol = 0.005``, ``k_seed = 2``, ``k_ci = 1``. Entries missing
 from NEW are reported and fail the gate unless ``--allow-missing``; added
 entries are reported and never fail. Exit status: 0 pass, 1 regression, 2
 usage error (unreadable file, not a leaderboard, wrong schema version).
@@ -31,7 +31,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Tolerance:
     abs_tol: float = 0.005
-    k_seed: float = 3.0
+    k_seed: float = 2.0
     k_ci: float = 1.0
 
     def of(self, base: dict, new: dict) -> dict:

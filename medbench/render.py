@@ -331,7 +331,7 @@ def _shift(board: dict) -> str:
     for m in board.get("shift_matrix") or []:
         rows = ["<tr>" + _td(c["trained_on"]) + _td(c["evaluated_on"]) + _td(c["metric"])
                 + _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"]))
-                + _td(mean_std(c.get("drop")), _m(c.get("drop"))) + "</tr>" for c in m["cells"]]
+                + (_td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")) + "</tr>" for c in m["cells"]]
         plot = shift_heatmap(m) or ""
         parts.append(f"<h3>{E(m['backbone'])} ({E(m['init'])})</h3><div class='plots'>{plot}</div>"
                      + _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
