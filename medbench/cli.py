@@ -378,7 +378,10 @@ def _print_board(board: dict) -> None:
         ece = (f"{_fmt(cal['before'].get('ece'))} → {_fmt(cal['after'].get('ece'))}"
                if cal.get("before") and cal.get("after") else "-")
         init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
-        table.add_row(e["task"], e["backbone"], init, metric, _fmt(e["headline"]),
+        sig = e.get("significance") or {}  # best of its task in bold, not significantly different in italics
+        value = _fmt(e["headline"])
+        value = f"[bold]{value}[/bold]" if sig.get("best") else (f"[italic]{value}[/italic]" if sig.get("tied_with_best") else value)
+        table.add_row(e["task"], e["backbone"], init, metric, value,
                       f"[{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "-",
                       _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, _largest_gap(e))
     _console().print(table)

@@ -35,7 +35,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def fake_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """smoke-cxr x 2 seeds for three backbones: 'strong', 'twin' (as strong, other noise: tied with it) and
-    'weak'; strong and weak also on 10% and 50% of the data. Scored with 200 resamples."""
+    'weak'; strong and weak also on 10% and 50% of the data. Scored with 100 resamples."""
     from medbench.scoring.runs import rescore
 
     out = tmp_path_factory.mktemp("board-store")
@@ -44,14 +44,14 @@ def fake_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for backbone, strength, offset in (("fake-strong", 1.8, 0), ("fake-twin", 1.8, 50), ("fake-weak", 0.9, 0)):
         for seed in (0, 1):
             write_run(out, backbone=backbone, seed=seed, model_seed=seed + offset, strength=strength,
-                      overconfidence=2.5, spec=None if backbone != "fake-twin" else lean)
+                      overconfidence=2.5, spec=None if backbone == "fake-strong" else lean)  # subgroups: one is enough
             if backbone == "fake-twin":
                 continue
             for f, s in ((0.1, 0.5), (0.5, 0.75)):
                 write_run(out, backbone=backbone, seed=seed, strength=strength * s, spec=lean,
                           variant={"kind": "fraction", "value": f, "n_train": int(400 * f)})
     for run in find_run_dirs([out]):
-        rescore(run, {"bootstrap": 200})
+        rescore(run, {"bootstrap": 100})
     return out
 
 
@@ -317,6 +317,14 @@ def test_markdown_marks_best_and_ties_and_rounds_only_there(fake_board: Path, tm
     assert f"| {weak['mean']:.4f} ± {weak['std']:.4f} |" in text
     assert repr(weak["mean"]) not in text  # stored unrounded, rendered rounded
     assert "alpha = 0.05" in text
+    chest = json.loads(fake_board.read_text())  # the same rows as if they were CheXpert's: the papers' rows beside them
+    for entry in chest["entries"]:
+        entry["task"] = "chexpert"
+    (tmp_path / "chexpert.json").write_text(json.dumps(chest))
+    assert run_cli("render", str(tmp_path / "chexpert.json"), "-f", "md", "-o", str(out), "--published").returncode == 0
+    published = out.read_text().split("## Published reference rows", 1)[1]
+    assert "| chexpert | bit-m-r152x4 | pretrained | auc | 0.8777 ± 0.0007 | CJ21 Table 1 | CheXpert / R152x4 21K |" in published
+    assert "| chexpert | resnet50 | random | auc | per label: Atelectasis 0.7952," in published
 
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
