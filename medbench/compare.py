@@ -82,6 +82,14 @@ def compare_boards(base: dict, new: dict, metrics: list[str] | None = None, tole
     metrics = metrics or ["headline"]
     b_entries = {entry_key(e): e for e in base["entries"] if not e.get("published")}
     n_entries = {entry_key(e): e for e in new["entries"] if not e.get("published")}
+    for name in metrics:
+        if name != "headline" and b_entries and not any(metric_summary(e, name) for e in b_entries.values()):
+            from medbench.errors import UsageError
+
+            known = sorted({m for e in b_entries.values() for m in (e.get("metrics") or {})})
+            raise UsageError(f"no entry of BASELINE has metric {name!r}; expected 'headline', a test metric "
+                             f"({', '.join(known[:8])}{', ...' if len(known) > 8 else ''}) or ood:TARGET:METRIC",
+                             field="--metric")
     rows = []
     for key in sorted(set(b_entries) & set(n_entries)):
         be, ne = b_entries[key], n_entries[key]

@@ -297,6 +297,8 @@ def test_compare_usage_errors_exit_2(fake_board: Path, tmp_path: Path) -> None:
                           (tmp_path / "other.json", "schema: expected 'medbench-leaderboard'")):
         proc = run_cli("compare", str(fake_board), str(bad))
         assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("compare", str(fake_board), str(fake_board), "--metric", "sensitivity")
+    assert proc.returncode == 2 and "--metric: no entry of BASELINE has metric 'sensitivity'" in proc.stderr
 
 
 # --------------------------------------------------------------------------- rendering
