@@ -115,16 +115,12 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                     "git_sha": prov["git_sha"],
                     "libraries": prov["libraries"],
                     "finished": max(results[p]["finished"] for p in run_paths),
-                    "backbone": backbone,
-                    "weights_sha256": (prov.get("model") or {}).get("weights_sha256"),
-                    "seeds": seeds,
-                    "date": max(results[p]["finished"] for p in run_paths),
                 },
             })
     from medbench.scoring.board import enrich
 
     extra = enrich(entries, runs, baseline)
-    for entry in entries:  # entries made from variant runs alone: the same fields, undefined
+    for entry in entries:  # every entry (also one made from variant runs alone) has the same fields
         entry["headline"] = {**summarize([]), "seeds": [], "ci": None, **entry["headline"]}
         prov = entry["provenance"]
         prov.setdefault("backbone", entry["backbone"])
