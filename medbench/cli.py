@@ -378,7 +378,10 @@ def _print_board(board: dict) -> None:
         ece = (f"{_fmt(cal['before'].get('ece'))} → {_fmt(cal['after'].get('ece'))}"
                if cal.get("before") and cal.get("after") else "-")
         init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
-        table.add_row(e["task"], e["backbone"], init, metric, _fmt(e["headline"]),
+        sig = e.get("significance") or {}  # best of its task in bold, not significantly different in italics
+        value = _fmt(e["headline"])
+        value = f"[bold]{value}[/bold]" if sig.get("best") else (f"[italic]{value}[/italic]" if sig.get("tied_with_best") else value)
+        table.add_row(e["task"], e["backbone"], init, metric, value,
                       f"[{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "-",
                       _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, _largest_gap(e))
     _console().print(table)
@@ -534,8 +537,9 @@ def leaderboard(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders, or folders above them."),
     output: Path = typer.Option(..., "--output", "-o", help="Leaderboard JSON to write."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline backbone (NAME or NAME@INIT): adds paired comparisons, data-efficiency area, convergence and resolution relative to it."),
+    published: bool = typer.Option(False, "--published", help="Also show the papers' published rows (CJ21, RZ19) for the same tasks."),
 ) -> None:
-    """Aggregate finished runs into one leaderboard JSON."""
+    """Aggregate finished runs into one leaderboard JSON (validated against the shipped JSON Schema)."""
     try:
         from medbench.errors import UsageError
         from medbench.leaderboard import write_leaderboard
@@ -550,11 +554,122 @@ def leaderboard(
             base = (name, base_init or None)
         board = write_leaderboard(runs, output, base)
         _print_board(board)
+        if published:
+            _print_published(board)
         print(f"leaderboard: {output}")
     except typer.Exit:
         raise
     except Exception as err:
         _fail(err)
+
+
+def _print_published(board: dict) -> None:
+    from rich.table import Table
+
+    from medbench.published import published_for
+    from medbench.render import label, published_value
+
+    rows = published_for({e["task"] for e in board["entries"]})
+    table = Table(title="published reference rows for the same tasks (fractions; the papers print percent)")
+    for col in ("task", "backbone", "init", "metric", "mean ± std", "source", "paper's row / column"):
+        table.add_column(col)
+    for e in rows:
+        paper = e.get("paper") or {}
+        table.add_row(e["task"], e["backbone"], label(e), e["headline"]["metric"], published_value(e), e["citation"],
+                      f"{paper.get('target', '')} / {paper.get('column', '')}")
+    if not rows:
+        table.add_row("-", "-", "-", "-", "no published rows for these tasks", "-", "-")
+    _console().print(table)
+
+
+class RenderFormat(str, Enum):
+    md = "md"
+    html = "html"
+
+
+@app.command()
+def render(
+    board_file: Path = typer.Argument(..., help="Leaderboard JSON (from 'medbench run' or 'medbench leaderboard')."),
+    fmt: RenderFormat = typer.Option(RenderFormat.html, "--format", "-f", help="md: a Markdown table; html: one self-contained page with plots."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    published: bool = typer.Option(False, "--published", help="Show the papers' published rows for the same tasks."),
+) -> None:
+    """Render a leaderboard for people: Markdown, or a static HTML page (sortable table, a view per axis, plots)."""
+    try:
+        from medbench.board_schema import load_board
+        from medbench.published import published_for
+        from medbench.render import render_html, render_markdown
+        from medbench.utils import atomic_write_text
+
+        board = load_board(board_file, field="BOARD")
+        rows = published_for({e["task"] for e in board["entries"]}) if published else []
+        text = render_markdown(board, rows) if fmt == RenderFormat.md else render_html(board, rows)
+        atomic_write_text(output, text)
+        print(f"{fmt.value}: {output} ({len(text.encode()) / 1024:.0f} KiB)")
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+
+
+@app.command()
+def compare(
+    baseline: Path = typer.Argument(..., help="Baseline leaderboard JSON (e.g. leaderboards/smoke-cpu.json)."),
+    new: Path = typer.Argument(..., help="New leaderboard JSON to check against it."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Compare these too (repeatable): 'headline' (default), a test metric (accuracy, auc/Edema) or ood:TARGET:METRIC."),
+    tolerance: float = typer.Option(0.005, "--tolerance", help="Absolute tolerance: the least drop that counts as a regression."),
+    k_seed: float = typer.Option(2.0, "--k-seed", help="Multiple of the standard error of the difference of seed means that is tolerated."),
+    k_ci: float = typer.Option(1.0, "--k-ci", help="Multiple of the combined half-width of the test-resampling intervals that is tolerated."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Entries missing from NEW do not fail the gate."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Regression gate: exit 1 when NEW is worse than BASELINE beyond the tolerance (0 pass, 2 usage error)."""
+    try:
+        from medbench.board_schema import load_board
+        from medbench.compare import Tolerance, compare_boards
+        from medbench.errors import UsageError
+
+        if min(tolerance, k_seed, k_ci) < 0:
+            raise UsageError("expected non-negative numbers", field="--tolerance/--k-seed/--k-ci")
+        base_board = load_board(baseline, field="BASELINE")
+        new_board = load_board(new, field="NEW")
+        metrics = list(dict.fromkeys(["headline", *(metric or [])]))
+        report = compare_boards(base_board, new_board, metrics, Tolerance(tolerance, k_seed, k_ci), allow_missing)
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+        return
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_compare(report, baseline, new)
+    if report["status"] != "pass":
+        raise typer.Exit(1)
+
+
+def _print_compare(report: dict, baseline: Path, new: Path) -> None:
+    from rich.table import Table
+
+    fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
+    table = Table(title=f"medbench compare: {new} against {baseline} (worse by > tolerance fails)")
+    for col in ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "tolerance", "status"):
+        table.add_column(col)
+    style = {"regression": "[red]REGRESSION[/red]", "better": "[green]better[/green]", "ok": "ok"}
+    for r in report["rows"]:
+        init = r["init"] + (f" ({r['regime']})" if r.get("regime") else "")
+        status = style[r["status"]] + (f" ({r['reason']})" if r.get("reason") else "")
+        table.add_row(r["task"], r["backbone"], init, r["metric"], fmt(r["baseline"]), fmt(r["new"]),
+                      fmt(r["worse_by"]), fmt(r.get("tolerance")), status)
+    con = _console()
+    con.print(table)
+    for what, color in (("missing", "red"), ("added", "yellow")):
+        for e in report[what]:
+            con.print(f"[{color}]{what}[/{color}] in NEW: {e['task']} {e['backbone']} {e['init']}"
+                      + (f" ({e['regime']})" if e.get("regime") else ""))
+    verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
+    con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
+              f"{len(report['missing'])} missing, {len(report['added'])} added")
 
 
 data_app = typer.Typer(help="Datasets: download the open ones, learn where to get the others, inspect what a task sees.",

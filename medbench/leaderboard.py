@@ -26,7 +26,9 @@ from medbench.results import RunDir
 from medbench.utils import atomic_write_json
 
 SCHEMA_NAME = "medbench-leaderboard"
-SCHEMA_VERSION = 1
+#: 2: JSON Schema ``medbench/schemas/leaderboard-v2.schema.json``; provenance names backbone, weights sha256,
+#: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method
+SCHEMA_VERSION = 2
 
 
 def summarize(values: list[float | None]) -> dict[str, Any]:
@@ -118,6 +120,16 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
     from medbench.scoring.board import enrich
 
     extra = enrich(entries, runs, baseline)
+    for entry in entries:  # every entry (also one made from variant runs alone) has the same fields
+        entry["headline"] = {**summarize([]), "seeds": [], "ci": None, **entry["headline"]}
+        prov = entry["provenance"]
+        prov.setdefault("backbone", entry["backbone"])
+        prov.setdefault("weights_sha256", (prov.get("model") or {}).get("weights_sha256"))
+        prov.setdefault("seeds", entry["seeds"])
+        prov.setdefault("date", prov.get("finished"))
+    from medbench.scoring.significance import mark_significance
+
+    significance = mark_significance(entries, runs)
     return {
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -125,11 +137,15 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
         "provenance": code_provenance(),
         "entries": entries,
         **extra,
+        **({"significance": significance} if significance else {}),
     }
 
 
 def write_leaderboard(runs: list[RunDir], path: Path, baseline: tuple[str, str | None] | None = None
                       ) -> dict[str, Any]:
+    from medbench.board_schema import validate_board
+
     board = build_leaderboard(runs, baseline)
+    validate_board(board, where=f"{path} (as built)")  # what is written always follows the schema
     atomic_write_json(path, board)
     return board

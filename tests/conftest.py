@@ -49,3 +49,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's main command: the whole smoke suite with its default 2 seeds (trained once per session,
+    shared by every test module)."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_cli("run", "--backbone", "cbr-small", "--suite", "smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"leaderboard: {out / 'leaderboard.json'}" in proc.stdout
+    return out

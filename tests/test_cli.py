@@ -13,16 +13,6 @@ from conftest import run_cli
 SMOKE_TASKS = ["smoke-cxr", "smoke-padchest", "smoke-tb", "smoke-covidx", "smoke-derm", "smoke-mammo"]
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's main command: the whole smoke suite with its default 2 seeds."""
-    out = tmp_path_factory.mktemp("smoke")
-    proc = run_cli("run", "--backbone", "cbr-small", "--suite", "smoke", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"leaderboard: {out / 'leaderboard.json'}" in proc.stdout
-    return out
-
-
 def test_smoke_suite_leaderboard(smoke_run: Path) -> None:
     board = json.loads((smoke_run / "leaderboard.json").read_text())
     assert board["schema"] == "medbench-leaderboard"

@@ -35,6 +35,9 @@ def test_wheel_contains_tasks_and_published_leaderboards(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "medbench/_builtin/tasks/suites/smoke.yaml" in names
     assert "medbench/_builtin/tasks/smoke/_smoke-base.yaml" in names
+    assert "medbench/schemas/leaderboard-v2.schema.json" in names  # the leaderboard format
+    assert {"medbench/_builtin/leaderboards/published/cj21-table1.json",
+            "medbench/_builtin/leaderboards/published/rz19-table2.json"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "medbench = medbench.cli:main" in entry_points
 
@@ -43,6 +46,8 @@ def test_installed_wheel_finds_its_tasks(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     pip("install", "--no-deps", "--target", str(site), str(wheel))
     code = ("import medbench, json; from medbench.catalog import Catalog; c = Catalog(); "
+            "from medbench.published import published_for; from medbench.board_schema import schema_file; "
+            "assert len(published_for({'chexpert'})) == 6 and schema_file().is_file(); "
             "print(json.dumps([medbench.__file__, c.suite_tasks('smoke')]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(site)})

@@ -1,0 +1,111 @@
+"""The leaderboard format: its JSON Schema (shipped in ``medbench/schemas/``), validation, loading.
+
+``validate_board`` checks a leaderboard dict against the schema of its
+``schema_version`` and raises :class:`LeaderboardFormatError` with one line
+naming the file and the field (``entries[2].headline.mean``). ``load_board``
+reads a file and validates it: every command that reads a leaderboard
+(``compare``, ``render``) goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from medbench.errors import MedbenchError
+from medbench.leaderboard import SCHEMA_NAME, SCHEMA_VERSION
+
+
+class LeaderboardFormatError(MedbenchError):
+    """A leaderboard file is missing, not JSON, or does not follow the leaderboard schema."""
+
+
+def schema_file(version: int = SCHEMA_VERSION) -> Path:
+    from medbench.resources import package_data
+
+    return package_data(f"leaderboard-v{version}.schema.json")
+
+
+@lru_cache(maxsize=4)
+def _validator(version: int):
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(schema_file(version).read_text())
+    return Draft202012Validator(schema)
+
+
+def field_name(path) -> str:
+    """``entries[2].headline.mean`` from a jsonschema error path."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(error) -> tuple[str, str]:
+    """(field, what was expected) of one jsonschema error, in one short line."""
+    path = list(error.absolute_path)
+    kind = error.validator
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else str(error.validator_value)
+        return field_name([*path, missing]), "required field is missing"
+    if kind == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return field_name(path), f"expected {expected}, got {_short(error.instance)}"
+    if kind == "const":
+        return field_name(path), f"expected {_short(error.validator_value)}, got {_short(error.instance)}"
+    if kind == "enum":
+        return field_name(path), f"expected one of {_short(error.validator_value)}, got {_short(error.instance)}"
+    return field_name(path), f"{kind} {_short(error.validator_value)} not met by {_short(error.instance)}"
+
+
+def validate_board(board: Any, where: str | Path | None = None) -> None:
+    """Raise :class:`LeaderboardFormatError` (one line: file, field, expectation) unless ``board`` is valid."""
+    if not isinstance(board, dict):
+        raise LeaderboardFormatError(f"expected a JSON object, got {type(board).__name__}", where=where)
+    if board.get("schema") != SCHEMA_NAME:
+        raise LeaderboardFormatError(f"expected {SCHEMA_NAME!r}, got {_short(board.get('schema'))} "
+                                     "(not a medbench leaderboard)", where=where, field="schema")
+    version = board.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not schema_file(version).is_file():
+        raise LeaderboardFormatError(f"expected {SCHEMA_VERSION} (this medbench reads format version "
+                                     f"{SCHEMA_VERSION}), got {_short(version)}; rebuild it with 'medbench leaderboard'",
+                                     where=where, field="schema_version")
+    if version != SCHEMA_VERSION:
+        raise LeaderboardFormatError(f"expected {SCHEMA_VERSION}, got {version}; rebuild it from its runs with "
+                                     "'medbench leaderboard'", where=where, field="schema_version")
+    errors = [_deepest(e) for e in _validator(version).iter_errors(board)]
+    if errors:  # the deepest error names the most precise field
+        field, what = _describe(max(errors, key=lambda e: len(e.absolute_path)))
+        raise LeaderboardFormatError(what, where=where, field=field)
+
+
+def _deepest(error):
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    return error
+
+
+def load_board(path: Path, *, field: str | None = None) -> dict:
+    """Read and validate a leaderboard file; errors name the file (and ``field``, the CLI argument)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise LeaderboardFormatError("no such file; expected a leaderboard JSON file", where=path, field=field) from None
+    except OSError as err:
+        raise LeaderboardFormatError(f"cannot read it ({err.strerror or err})", where=path, field=field) from None
+    try:
+        board = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LeaderboardFormatError(f"not JSON (line {err.lineno}, column {err.colno}: {err.msg}); expected a "
+                                     "leaderboard JSON file", where=path, field=field) from None
+    validate_board(board, where=path)
+    return board

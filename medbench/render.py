@@ -1,0 +1,435 @@
+"""A leaderboard rendered for people: Markdown, or one self-contained HTML page.
+
+Numbers are stored unrounded; they are rounded here only (``DIGITS``). Best
+entry per task (and regime) in bold; entries *not significantly different from
+the best* (``significance.tied_with_best``, paired bootstrap, see
+:mod:`medbench.scoring.significance`) in italics, as CJ21 does. Published
+reference rows (``--published``) are listed beside the user's rows of the same
+tasks, marked with their citation.
+
+The HTML page needs no network: CSS and JS are inline, plots are inline SVG
+(matplotlib) and reliability diagrams base64 PNGs read from the run folders
+when they exist. The table sorts on a header click; the URL hash
+``#sort=COLUMN:asc|desc&view=VIEW`` sorts and selects a view on load
+(``document.body.dataset.sorted`` / ``.view`` say what was applied).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+DIGITS = 4
+
+VIEWS = [("overview", "Overview"), ("significance", "Significance"), ("calibration", "Calibration"),
+         ("fairness", "Fairness"), ("shift", "OOD shift"), ("convergence", "Convergence"),
+         ("data-efficiency", "Data efficiency"), ("resolution", "Resolution"), ("published", "Published"),
+         ("provenance", "Provenance")]
+
+
+def num(v: Any, digits: int = DIGITS) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def mean_std(s: dict | None) -> str:
+    if not isinstance(s, dict) or s.get("mean") is None:
+        return "undefined"
+    return num(s["mean"]) + (f" ± {num(s['std'])}" if s.get("std") is not None else "")
+
+
+def interval(s: dict | None) -> str:
+    ci = (s or {}).get("ci") if isinstance(s, dict) else None
+    if not ci or ci.get("low") is None:
+        return "–"
+    return f"[{num(ci['low'])}, {num(ci['high'])}]"
+
+
+def _m(s: Any) -> float | None:
+    return s.get("mean") if isinstance(s, dict) else None
+
+
+def label(e: dict) -> str:
+    return e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+
+
+def mark(e: dict) -> str:
+    sig = e.get("significance") or {}
+    if sig.get("best"):
+        return "best"
+    if sig.get("tied_with_best"):
+        return "tied"
+    return ""
+
+
+def ood_text(e: dict) -> str:
+    metric = e["headline"]["metric"]
+    parts = []
+    for target, scores in (e.get("ood") or {}).items():
+        drop = (((e.get("shift") or {}).get(target) or {}).get(metric) or {}).get("drop")
+        parts.append(f"{target}: {num(_m(scores.get(metric)))}" + (f" (drop {num(_m(drop))})" if _m(drop) is not None else ""))
+    return "; ".join(parts) or "–"
+
+
+def ece_text(e: dict) -> str:
+    cal = e.get("calibration") or {}
+    b, a = _m((cal.get("before") or {}).get("ece")), _m((cal.get("after") or {}).get("ece"))
+    return f"{num(b)} → {num(a)}" if b is not None else "–"
+
+
+def p_text(e: dict) -> str:
+    vs = (e.get("significance") or {}).get("vs_best") or {}
+    return num(vs.get("p_value")) if vs else "–"
+
+
+def published_value(e: dict) -> str:
+    if e["headline"].get("mean") is not None:
+        return mean_std(e["headline"])
+    per = [f"{k.split('/', 1)[-1]} {num(_m(v))}" for k, v in e.get("metrics", {}).items() if _m(v) is not None]
+    return "per label: " + ", ".join(per) if per else "undefined"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def render_markdown(board: dict, published: list[dict] | None = None) -> str:
+    out = [f"# medbench leaderboard", "",
+           f"Created {board.get('created') or '–'} · medbench {board['provenance'].get('medbench_version', '–')} · "
+           f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}", "",
+           "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
+           "*italics*: not significantly different from the best" + _method_note(board) + ".", "",
+           "| task | backbone | init | metric | mean ± std | interval | seeds | p vs best | OOD (drop) | ECE → T-scaled |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in board["entries"]:
+        value = mean_std(e["headline"])
+        m = mark(e)
+        value = f"**{value}**" if m == "best" else (f"*{value}*" if m == "tied" else value)
+        out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | {value} | "
+                   f"{interval(e['headline'])} | {len(e.get('seeds') or [])} | {p_text(e)} | {ood_text(e)} | {ece_text(e)} |")
+    if published:
+        out += ["", "## Published reference rows (same tasks)", "",
+                "| task | backbone | init | metric | mean ± std | source | paper's row / column |", "|---|---|---|---|---|---|---|"]
+        for e in published:
+            paper = e.get("paper") or {}
+            out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | "
+                       f"{published_value(e)} | {e.get('citation')} | {paper.get('target', '')} / {paper.get('column', '')} |")
+    return "\n".join(out) + "\n"
+
+
+def _method_note(board: dict) -> str:
+    sig = board.get("significance")
+    return f" ({sig['test']}, alpha = {sig['alpha']})" if sig else ""
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.2em 2em;color:#222}
+h1{font-size:1.4em;margin:0 0 .2em} .meta{color:#666;font-size:.9em}
+nav{margin:1em 0;display:flex;flex-wrap:wrap;gap:.3em}
+nav a{padding:.3em .7em;border:1px solid #bbb;border-radius:4px;text-decoration:none;color:#124}
+nav a.active{background:#124;color:#fff}
+section.view{display:none} section.view.active{display:block}
+table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f5f8;cursor:pointer;user-select:none;white-space:nowrap}
+th[aria-sort=ascending]::after{content:" ▲"} th[aria-sort=descending]::after{content:" ▼"}
+tr.best td.value{font-weight:bold} tr.tied td.value{font-style:italic}
+tr.published td{background:#fbf8ee}
+.plots{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+.plots svg{max-width:100%;height:auto} img.reliability{max-width:640px;border:1px solid #eee}
+.note{color:#555;font-size:.9em;max-width:70em}
+"""
+
+JS = r"""
+(function(){
+  function cellValue(row, col){
+    var td = row.cells[col]; if(!td) return null;
+    var v = td.getAttribute('data-value');
+    if(v !== null && v !== ''){ var f = parseFloat(v); return isNaN(f) ? v : f; }
+    return td.textContent.trim();
+  }
+  function sortTable(table, col, dir){
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function(a, b){
+      var x = cellValue(a, col), y = cellValue(b, col);
+      if(x === null || x === '–') return 1; if(y === null || y === '–') return -1;
+      var c = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
+      return dir === 'desc' ? -c : c;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function(th, i){
+      th.setAttribute('aria-sort', i === col ? (dir === 'desc' ? 'descending' : 'ascending') : 'none');
+    });
+    document.body.dataset.sorted = table.tHead.rows[0].cells[col].getAttribute('data-col') + ':' + dir;
+  }
+  function showView(name){
+    var found = false;
+    document.querySelectorAll('section.view').forEach(function(s){
+      var on = s.id === 'view-' + name; s.classList.toggle('active', on); found = found || on; });
+    if(!found){ name = 'overview'; document.getElementById('view-overview').classList.add('active'); }
+    document.querySelectorAll('nav a').forEach(function(a){ a.classList.toggle('active', a.dataset.view === name); });
+    document.body.dataset.view = name;
+  }
+  document.querySelectorAll('table.sortable').forEach(function(table){
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function(th, i){
+      th.addEventListener('click', function(){
+        var dir = th.getAttribute('aria-sort') === 'ascending' ? 'desc' : 'asc'; sortTable(table, i, dir); });
+    });
+  });
+  document.querySelectorAll('nav a').forEach(function(a){
+    a.addEventListener('click', function(ev){ ev.preventDefault(); showView(a.dataset.view); });
+  });
+  var params = {};
+  location.hash.replace(/^#/, '').split('&').forEach(function(kv){
+    var i = kv.indexOf('='); if(i > 0) params[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1)); });
+  showView(params.view || 'overview');
+  if(params.sort){
+    var parts = params.sort.split(':'), table = document.getElementById('board-table');
+    var ths = Array.prototype.slice.call(table.tHead.rows[0].cells);
+    var col = ths.findIndex(function(th){ return th.getAttribute('data-col') === parts[0]; });
+    if(col >= 0) sortTable(table, col, parts[1] === 'desc' ? 'desc' : 'asc');
+  }
+  document.body.dataset.ready = 'true';
+})();
+"""
+
+E = html.escape
+
+
+def _td(text: Any, value: Any = None, cls: str = "") -> str:
+    dv = "" if value is None else f' data-value="{E(str(value))}"'
+    c = f' class="{cls}"' if cls else ""
+    return f"<td{c}{dv}>{E(str(text))}</td>"
+
+
+def _table(headers: list[tuple[str, str]], rows: list[str], *, table_id: str = "", sortable: bool = True) -> str:
+    tid = f' id="{table_id}"' if table_id else ""
+    cls = ' class="sortable"' if sortable else ""
+    head = "".join(f'<th data-col="{E(key)}" aria-sort="none">{E(title)}</th>' for key, title in headers)
+    return f"<table{tid}{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _overview(board: dict, published: list[dict]) -> str:
+    headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
+               ("mean", "mean ± std"), ("interval", "interval"), ("seeds", "seeds"), ("p", "p vs best"),
+               ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"), ("source", "source")]
+    rows = []
+    for e in board["entries"]:
+        h = e["headline"]
+        ci = h.get("ci") or {}
+        rows.append(f'<tr class="entry {mark(e)}" data-key="{E(json.dumps([e["task"], e["backbone"], label(e)]))}">'
+                    + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
+                    + _td(mean_std(h), h.get("mean"), "value") + _td(interval(h), ci.get("low"))
+                    + _td(len(e.get("seeds") or []), len(e.get("seeds") or [])) + _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value"))
+                    + _td(ood_text(e)) + _td(ece_text(e)) + _td("this board") + "</tr>")
+    for e in published:
+        h = e["headline"]
+        rows.append('<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
+                    + _td(published_value(e), h.get("mean"), "value") + _td("–") + _td(h.get("n") or "–", h.get("n"))
+                    + _td("–") + _td("–") + _td("–") + _td(f"published: {e.get('citation')}") + "</tr>")
+    note = ("<p class='note'>Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed "
+            "mean over test resamples. <b>Bold</b>: best entry of its task; <i>italics</i>: not significantly "
+            f"different from the best{E(_method_note(board))}. Click a header to sort.</p>")
+    return note + _table(headers, rows, table_id="board-table")
+
+
+def _significance(board: dict) -> str:
+    headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("best", "best"), ("tied", "tied with best"),
+               ("delta", "Δ vs best"), ("interval", "paired interval"), ("p", "p")]
+    rows = []
+    for e in board["entries"]:
+        sig = e.get("significance")
+        if not sig:
+            continue
+        vs = sig.get("vs_best") or {}
+        ci = vs.get("ci") or {}
+        rows.append(f'<tr class="{mark(e)}">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
+                    + _td(num(sig["best"])) + _td(num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""))
+                    + _td(num(vs.get("delta")), vs.get("delta")) + _td(f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–")
+                    + _td(num(vs.get("p_value")), vs.get("p_value")) + "</tr>")
+    method = board.get("significance")
+    text = (f"<p class='note'>Test: {E(method['test'])}; alpha = {method['alpha']}; grouped by "
+            f"{', '.join(method['group_by'])}.</p>") if method else "<p class='note'>One entry per task: nothing to compare.</p>"
+    return text + (_table(headers, rows) if rows else "")
+
+
+def _reliability_images(e: dict, limit: int = 1) -> list[str]:
+    out = []
+    for p in ((e.get("calibration") or {}).get("reliability_diagrams") or [])[:limit]:
+        path = Path(p)
+        if path.is_file() and path.suffix.lower() == ".png":
+            data = base64.b64encode(path.read_bytes()).decode()
+            out.append(f'<figure><img class="reliability" data-plot="reliability" alt="reliability diagram" '
+                       f'src="data:image/png;base64,{data}"><figcaption>{E(e["task"])} · {E(e["backbone"])} '
+                       f'({E(label(e))}), run {E(path.parent.parent.name)}</figcaption></figure>')
+    return out
+
+
+def _calibration(board: dict) -> str:
+    from medbench.plots import calibration_bars
+
+    headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("ece_b", "ECE"), ("ece_a", "ECE (T-scaled)"),
+               ("brier_b", "Brier"), ("nll_b", "NLL")]
+    rows = []
+    imgs: list[str] = []
+    for e in board["entries"]:
+        cal = e.get("calibration")
+        if not cal:
+            continue
+        b, a = cal.get("before") or {}, cal.get("after") or {}
+        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
+                    + "".join(_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll")))
+                    + "</tr>")
+        imgs += _reliability_images(e)
+    if not rows:
+        return "<p class='note'>No calibration blocks in this board.</p>"
+    plot = calibration_bars(board["entries"]) or ""
+    return _table(headers, rows) + f"<div class='plots'>{plot}{''.join(imgs)}</div>"
+
+
+def _fairness(board: dict) -> str:
+    from medbench.plots import fairness_groups
+
+    parts = []
+    for e in board["entries"]:
+        attrs = ((e.get("fairness") or {}).get("attributes") or {})
+        if not attrs:
+            continue
+        headers = [("attribute", "attribute"), ("worst", "worst group"), ("gap", "AUC gap"), ("eod", "equalized odds diff."),
+                   ("groups", "groups (AUC)")]
+        rows = []
+        for name, a in attrs.items():
+            worst = (a.get("worst_group") or {}).get("auc") if isinstance(a.get("worst_group"), dict) else a.get("worst_group")
+            groups = ", ".join(f"{g}: {num(_m(b.get('auc')))}" for g, b in (a.get("groups") or {}).items()
+                               if isinstance(b, dict))
+            rows.append("<tr>" + _td(name) + _td(worst if isinstance(worst, str) else "varies")
+                        + _td(mean_std((a.get("gap") or {}).get("auc")), _m((a.get("gap") or {}).get("auc")))
+                        + _td(mean_std(a.get("equalized_odds_difference")), _m(a.get("equalized_odds_difference")))
+                        + _td(groups) + "</tr>")
+        plots = [p for p in (fairness_groups(e, n) for n in list(attrs)[:3]) if p]
+        parts.append(f"<h3>{E(e['task'])} · {E(e['backbone'])} ({E(label(e))})</h3>" + _table(headers, rows)
+                     + f"<div class='plots'>{''.join(plots)}</div>")
+    return "".join(parts) or "<p class='note'>No fairness blocks in this board.</p>"
+
+
+def _shift(board: dict) -> str:
+    from medbench.plots import shift_heatmap
+
+    parts = []
+    for m in board.get("shift_matrix") or []:
+        rows = ["<tr>" + _td(c["trained_on"]) + _td(c["evaluated_on"]) + _td(c["metric"])
+                + _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"]))
+                + (_td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")) + "</tr>" for c in m["cells"]]
+        plot = shift_heatmap(m) or ""
+        parts.append(f"<h3>{E(m['backbone'])} ({E(m['init'])})</h3><div class='plots'>{plot}</div>"
+                     + _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
+                               ("value", "value"), ("drop", "drop")], rows))
+    return "".join(parts) or "<p class='note'>No OOD targets in this board.</p>"
+
+
+def _convergence(board: dict) -> str:
+    rows = []
+    for e in board["entries"]:
+        c = e.get("convergence")
+        if not c:
+            continue
+        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(c.get("metric", ""))
+                    + _td(mean_std(c.get("steps_to_95")), _m(c.get("steps_to_95")))
+                    + _td(mean_std(c.get("steps_to_99")), _m(c.get("steps_to_99")))
+                    + _td(c.get("total_steps", "–"), c.get("total_steps")) + "</tr>")
+    if not rows:
+        return "<p class='note'>No convergence blocks in this board.</p>"
+    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "validation metric"),
+                   ("s95", "steps to 95%"), ("s99", "steps to 99%"), ("total", "total steps")], rows)
+
+
+def _efficiency(board: dict) -> str:
+    from medbench.plots import efficiency_curves
+
+    plots = [p for p in (efficiency_curves(board["entries"], k) for k in ("fraction", "shots")) if p]
+    rows = []
+    for e in board["entries"]:
+        for kind, curve in (e.get("data_efficiency") or {}).items():
+            for p in curve["points"]:
+                s = (p.get("metrics") or {}).get(curve["metric"])
+                rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(kind) + _td(p[curve["x"]], p[curve["x"]])
+                            + _td(mean_std(s), _m(s)) + "</tr>")
+            rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(f"{kind}: normalized area") + _td("–")
+                        + _td(mean_std(curve.get("area")), _m(curve.get("area"))) + "</tr>")
+    if not rows:
+        return "<p class='note'>No data-efficiency runs (--fractions/--shots) in this board.</p>"
+    return f"<div class='plots'>{''.join(plots)}</div>" + _table(
+        [("task", "task"), ("backbone", "backbone"), ("kind", "kind"), ("x", "x"), ("value", "headline")], rows)
+
+
+def _resolution(board: dict) -> str:
+    rows = []
+    for e in board["entries"]:
+        res = e.get("resolution")
+        if not res:
+            continue
+        for p in res["points"]:
+            s = (p.get("metrics") or {}).get(res["metric"])
+            rel = (p.get("relative_to_default") or {})
+            rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(p["crop"], p["crop"]) + _td(mean_std(s), _m(s))
+                        + _td(num(rel.get("delta")), rel.get("delta")) + _td(num(rel.get("p_value")), rel.get("p_value")) + "</tr>")
+    if not rows:
+        return "<p class='note'>No resolution runs (--resolutions) in this board.</p>"
+    return _table([("task", "task"), ("backbone", "backbone"), ("crop", "crop"), ("value", "headline"),
+                   ("delta", "Δ vs default"), ("p", "p")], rows)
+
+
+def _published(published: list[dict]) -> str:
+    if not published:
+        return "<p class='note'>No published rows for these tasks (or --published not given).</p>"
+    rows = ['<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(e["headline"]["metric"])
+            + _td(published_value(e), e["headline"].get("mean")) + _td(e.get("citation"))
+            + _td(f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}") + "</tr>"
+            for e in published]
+    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
+                   ("value", "mean ± std"), ("citation", "citation"), ("paper", "paper's row / column")], rows)
+
+
+def _provenance(board: dict) -> str:
+    rows = []
+    for e in board["entries"]:
+        p = e.get("provenance") or {}
+        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(p.get("task_version"))
+                    + _td((p.get("task_hash") or "")[:12]) + _td((p.get("data_fingerprint") or "")[:12])
+                    + _td((p.get("weights_sha256") or "–")[:12]) + _td(", ".join(map(str, p.get("seeds") or [])))
+                    + _td((p.get("device") or {}).get("device", "–")) + _td(p.get("medbench_version"))
+                    + _td((p.get("git_sha") or "–")[:12]) + _td(p.get("date")) + "</tr>")
+    libs = board["provenance"].get("libraries") or {}
+    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("tv", "task version"),
+                   ("th", "task hash"), ("data", "data fingerprint"), ("w", "weights sha256"), ("seeds", "seeds"),
+                   ("device", "device"), ("mv", "medbench"), ("git", "git sha"), ("date", "date")], rows) + (
+        "<p class='note'>Libraries: " + E(", ".join(f"{k} {v}" for k, v in libs.items() if v)) + "</p>")
+
+
+def render_html(board: dict, published: list[dict] | None = None, title: str = "medbench leaderboard") -> str:
+    published = published or []
+    prov = board["provenance"]
+    sections = {"overview": _overview(board, published), "significance": _significance(board),
+                "calibration": _calibration(board), "fairness": _fairness(board), "shift": _shift(board),
+                "convergence": _convergence(board), "data-efficiency": _efficiency(board),
+                "resolution": _resolution(board), "published": _published(published), "provenance": _provenance(board)}
+    nav = "".join(f'<a href="#view={k}" data-view="{k}">{E(t)}</a>' for k, t in VIEWS)
+    body = "".join(f'<section class="view" id="view-{k}"><h2>{E(t)}</h2>{sections[k]}</section>' for k, t in VIEWS)
+    meta = (f"created {board.get('created') or '–'} · medbench {prov.get('medbench_version', '–')} · git "
+            f"{prov.get('git_sha') or '–'} · {board['schema']} v{board['schema_version']} · {len(board['entries'])} entries")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{E(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{E(title)}</h1><div class='meta'>{E(meta)}</div>"
+            f"<nav>{nav}</nav>{body}<script>{JS}</script></body></html>\n")
