@@ -229,8 +229,11 @@ class Finetuner:
     ) -> History:
         """Run the steps ``batches`` yields; ``after_step(step)`` runs after each optimiser step
         (checkpoints); ``evaluate`` every ``eval_every`` steps and at the end."""
+        from medbench.train.data_parallel import RunningStats, mean_over_ranks
+
         history = history or History()
         device = self.dist.device
+        running_stats = RunningStats(self.module, self.dist.world_size)  # BatchNorm buffers as one process's
         self.engine.train()
         t0 = time.perf_counter()
         wait = 0.0
@@ -244,6 +247,7 @@ class Finetuner:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             total = 0.0
+            running_stats.begin()
             for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
                 loss = task_loss(self.task_type, self.engine.forward(xm), ym)
                 if not math.isfinite(loss.item()):
@@ -254,6 +258,8 @@ class Finetuner:
                     _agc(self.module, self.plan.agc_clip)
                 self.engine.step()
                 total += loss.item() / self.gas
+            running_stats.end()
+            total = mean_over_ranks(total, self.dist.world_size, device)
             history.step.append(step)
             history.loss.append(total)
             history.lr.append(lr)
