@@ -1,0 +1,102 @@
+"""A sweep dispatched through submitit's local executor: one job SIGKILLed mid-run, the rerun completes it.
+
+``--max-concurrent 1`` runs the two jobs one after the other (2 shared cores); the smoke-tb job is killed
+once its first checkpoint is on disk, the smoke-derm job finishes. The same command again resumes smoke-tb
+from its checkpoint, reuses smoke-derm untouched, and writes a complete leaderboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PROCESS_GROUP_VARS, REPO, run_cli
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("submitit")
+
+ARGS = ["run", "-b", "cbr-tiny", "-t", "smoke-tb", "-t", "smoke-derm", "--seeds", "1", "--max-steps", "3",
+        "--threads", "1", "--launcher", "local", "--max-concurrent", "1", "--checkpoint-every", "1"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARS}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _worker_pid(out, task: str) -> int | None:
+    for path in (out / "jobs").glob(f"{task}-*.worker.json"):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if record.get("state") == "running":
+            return int(record["pid"])
+    return None
+
+
+def _status(out) -> dict:
+    r = run_cli("status", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_local_sweep_survives_a_killed_job(tmp_path):
+    out = tmp_path / "out"
+    parent = subprocess.Popen([sys.executable, "-m", "medbench.cli", *ARGS, "-o", str(out)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = False
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and parent.poll() is None:
+            ckpt = list((out / "runs" / "smoke-tb").glob("*/*/checkpoint/checkpoint.json"))
+            pid = _worker_pid(out, "smoke-tb")
+            if ckpt and pid is not None:  # mid-training: the first step's checkpoint is written
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.02)
+        stdout, stderr = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert killed, "the smoke-tb job finished before it could be killed"
+    assert parent.returncode == 1, stdout[-2000:] + stderr[-2000:]  # one run failed, the other finished
+    assert "ended without a result" in stdout
+
+    status = _status(out)
+    jobs = {j["task"]: j for j in status["jobs"]}
+    assert jobs["smoke-tb"]["state"] == "died" and jobs["smoke-derm"]["state"] == "ok"
+    runs = {r["task"]: r for r in status["runs"]}
+    assert runs["smoke-tb"]["state"] == "interrupted" and runs["smoke-tb"]["checkpoint_step"] >= 1
+    assert runs["smoke-derm"]["state"] == "done"
+    assert status["counts"]["runs"] == {"queued": 0, "running": 0, "done": 1, "failed": 1}
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert [e["task"] for e in board["entries"]] == ["smoke-derm"]
+
+    derm_result = next((out / "runs" / "smoke-derm").glob("*/*/result.json"))
+    before = (derm_result.stat().st_mtime_ns, derm_result.read_text())
+    step_killed = runs["smoke-tb"]["checkpoint_step"]
+
+    again = subprocess.run([sys.executable, "-m", "medbench.cli", *ARGS, "-o", str(out)], env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "1 run(s) were already complete and reused" in again.stdout
+    assert (derm_result.stat().st_mtime_ns, derm_result.read_text()) == before  # reused, not retrained
+
+    status = _status(out)
+    jobs = {j["task"]: j for j in status["jobs"]}
+    assert jobs["smoke-derm"]["state"] == "skipped" and jobs["smoke-tb"]["state"] == "ok"
+    assert status["counts"]["runs"] == {"queued": 0, "running": 0, "done": 2, "failed": 0}
+    tb = json.loads(next((out / "runs" / "smoke-tb").glob("*/*/result.json")).read_text())
+    assert tb["status"] == "ok" and tb["training"]["resumed_from_step"] == step_killed
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert sorted(e["task"] for e in board["entries"]) == ["smoke-derm", "smoke-tb"]
+    assert len(list((out / "runs").glob("*/*/*"))) == 2  # one folder per run, the killed one completed in place
