@@ -465,7 +465,8 @@ class Runner:
         norm = Normalization(backbone.mean, backbone.std)
         stream = TrainStream(prepared.images.pixels, prepared.labels, train_rows, batch_size=plan.batch_size,
                              crop=prepared.crop, hflip=spec.input.hflip, norm=norm, seed=req.seed,
-                             balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size)
+                             balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size,
+                             mixup_alpha=plan.mixup_alpha)  # MixUp over the global batch, any world size
 
         def probs_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
             logits = predict_logits(tuner.module, eval_batches(pixels, rows, crop=crop, norm=norm,
@@ -506,7 +507,8 @@ class Runner:
         eval_every = max(1, plan.total_steps // 10)
         started = now_utc()
         history = tuner.fit(stream.iterate(start, plan.total_steps), history=history, evaluate=evaluate_val,
-                            eval_every=eval_every, on_step=self.reporter.step, after_step=after_step)
+                            eval_every=eval_every, on_step=self.reporter.step, after_step=after_step,
+                            premixed=True)
 
         if not dist.is_main:
             return RunOutcome(req, run, "ok")

@@ -71,3 +71,32 @@ def test_two_processes_through_torchrun_equal_one_process(tmp_path):
 
     board = json.loads((two / "leaderboard.json").read_text())
     assert len(board["entries"]) == 1 and board["entries"][0]["seeds"] == [0]
+
+
+def _stream(world_size: int = 1, rank: int = 0, alpha: float = 0.0):
+    from medbench.data.loader import Normalization, TrainStream
+
+    gen = np.random.default_rng(0)
+    pixels = gen.integers(0, 256, size=(40, 3, 16, 16), dtype=np.uint8)
+    labels = gen.integers(0, 2, size=(40, 2)).astype(np.float32)
+    labels[::7, 1] = np.nan
+    return TrainStream(pixels, labels, np.arange(3, 40), batch_size=8, crop=12, hflip=True,
+                       norm=Normalization((0.5,) * 3, (0.5,) * 3), seed=5, rank=rank, world_size=world_size,
+                       mixup_alpha=alpha)
+
+
+def test_mixup_over_the_global_batch_is_the_same_for_any_world_size():
+    import torch
+
+    from medbench.train.finetune import mixup
+
+    for step in (0, 3, 11):
+        x, y = _stream(alpha=0.5).batch(step)
+        # world size 1: exactly the plain loop's MixUp of the whole batch (so single-process numbers are unchanged)
+        ref_x, ref_y = mixup(*_stream().batch(step), 0.5, np.random.default_rng([5, 3, step, 0]))
+        assert torch.equal(x, ref_x) and torch.equal(torch.nan_to_num(y, 9.0), torch.nan_to_num(ref_y, 9.0))
+        assert not torch.equal(x, _stream().batch(step)[0])  # MixUp did something
+        for world in (2, 4):  # the ranks' slices put together are the single-process batch
+            parts = [_stream(world, r, alpha=0.5).batch(step) for r in range(world)]
+            assert torch.equal(torch.cat([p[0] for p in parts]), x)
+            assert torch.equal(torch.nan_to_num(torch.cat([p[1] for p in parts]), 9.0), torch.nan_to_num(y, 9.0))

@@ -226,9 +226,11 @@ class Finetuner:
         eval_every: int | None = None,
         on_step: Callable[[int, float], None] | None = None,
         after_step: Callable[[int], None] | None = None,
+        premixed: bool = False,
     ) -> History:
         """Run the steps ``batches`` yields; ``after_step(step)`` runs after each optimiser step
-        (checkpoints); ``evaluate`` every ``eval_every`` steps and at the end."""
+        (checkpoints); ``evaluate`` every ``eval_every`` steps and at the end. ``premixed``: the batches
+        already carry the plan's MixUp (``TrainStream(mixup_alpha=...)``, the same for any world size)."""
         from medbench.train.data_parallel import RunningStats, mean_over_ranks
 
         history = history or History()
@@ -242,7 +244,7 @@ class Finetuner:
             wait += time.perf_counter() - t_wait
             lr = self.plan.lr_at(step)
             self._set_lr(lr)
-            if self.plan.mixup_alpha > 0:
+            if self.plan.mixup_alpha > 0 and not premixed:
                 x, y = mixup(x, y, self.plan.mixup_alpha, np.random.default_rng([self.seed, 3, step, self.dist.rank]))
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
