@@ -185,6 +185,21 @@ def _executor(launcher: str, folder: Path, config: ClusterConfig, max_concurrent
     return executor
 
 
+def _gpu_slots(executor) -> list[tuple[int, ...]] | None:
+    """Local jobs asking for GPUs: the machine's GPUs cut into disjoint sets, one per concurrent job
+    (None: the jobs use no GPU)."""
+    per_job = int(executor.parameters.get("gpus_per_node", 0) or 0)
+    if per_job <= 0:
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < per_job:
+        raise UsageError(f"each job asks for {per_job} GPU(s) (gpus_per_node) but this machine has {count}",
+                         field="--cluster-config")
+    return [tuple(range(i * per_job, (i + 1) * per_job)) for i in range(count // per_job)]
+
+
 def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path], locations, checkpoints,
              threads: int | None, max_concurrent: int | None = None, wait: bool = True,
              config: ClusterConfig | None = None, config_path: Path | None = None, message=print) -> list:
@@ -217,7 +232,13 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
 
     jobs: dict[str, Any] = {}
 
+    job_slot: dict[str, tuple[int, ...]] = {}
+
     def submit(batch: list[JobSpec]) -> None:
+        if launcher == "local" and slots is not None:  # this job's own GPUs (CUDA_VISIBLE_DEVICES)
+            busy = set(job_slot.values())
+            job_slot[batch[0].name] = slot = next(s for s in slots if s not in busy)
+            executor.update_parameters(visible_gpus=slot)
         if launcher == "slurm":
             with executor.batch():  # one array job; slurm_array_parallelism caps how many run at once
                 pending = [(s, executor.submit(run_job, s)) for s in batch]
@@ -227,9 +248,13 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
             jobs[s.name] = job
             record(s, state="submitted", job_id=str(job.job_id), submitted=now_utc())
 
-    limit = max_concurrent if (launcher == "local" and max_concurrent) else len(specs)
+    slots = _gpu_slots(executor) if launcher == "local" else None
+    limit = len(specs)
+    if launcher == "local":
+        limit = min(max_concurrent or limit, len(slots) if slots is not None else limit)
     queue = list(specs)
-    submit(queue[:limit])
+    for spec in queue[:limit]:
+        submit([spec])
     queue = queue[limit:]
     message(f"{len(jobs)} job(s) submitted to {launcher} ({len(queue)} waiting for a slot); "
             f"records in {folder}; 'medbench status {out}' shows progress")
@@ -243,7 +268,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
                 continue
             spec = by_name[name]
             try:
-                summary = job.result()
+                summary = job.results()[0]  # rank 0 of the job (one entry per task)
             except Exception as err:  # killed, crashed, timed out: submitit's error carries the log tail
                 reason = " ".join(str(err).split())[-300:] or type(err).__name__
                 outcomes[name] = RunOutcome(spec.request, None, "failed",
@@ -255,6 +280,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
                                             result=run_dir.result() if run_dir else None, error=summary.get("error"))
                 record(spec, state=summary["state"], run_dir=summary.get("run_dir"), error=summary.get("error"),
                        ended=now_utc())
+            job_slot.pop(name, None)
             if queue:
                 submit([queue.pop(0)])
         if len(outcomes) < len(specs):

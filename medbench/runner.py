@@ -374,9 +374,15 @@ class Runner:
             if dist.is_main:
                 run.clear_checkpoint()  # left behind by a kill between result.json and its removal
             return RunOutcome(req, run, "skipped", result=run.result())
-        claim = run.claim() if dist.world_size == 1 else contextlib.nullcontext(True)
+        # rank 0 holds the lock for all ranks of a launched run; every rank learns whether it got it
+        if dist.world_size > 1:
+            from medbench.train.distributed import init_process_group
+
+            init_process_group(dist)
+        claim = run.claim() if dist.is_main else contextlib.nullcontext(True)
         with claim as claimed:
-            if not claimed:
+            (busy,) = _agree(dist, not claimed)
+            if busy:
                 return RunOutcome(req, run, "busy", error="another medbench process is training this run")
             progress: dict = {"steps_done": 0, "resumed_from_step": 0, "checkpoint_step": None}
             try:

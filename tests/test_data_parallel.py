@@ -72,6 +72,18 @@ def test_two_processes_through_torchrun_equal_one_process(tmp_path):
     board = json.loads((two / "leaderboard.json").read_text())
     assert len(board["entries"]) == 1 and board["entries"][0]["seeds"] == [0]
 
+    # a launched run takes the run's lock too (rank 0 for all ranks): while another process holds it, the
+    # 2-process launch leaves the run alone
+    import fcntl
+
+    (run2 / "result.json").unlink()
+    with open(run2 / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r3 = _launched(two, 2)
+    assert r3.returncode == 0, r3.stdout[-2000:] + r3.stderr[-3000:]
+    assert "being trained by another medbench process" in r3.stdout
+    assert not (run2 / "result.json").exists()
+
 
 def _stream(world_size: int = 1, rank: int = 0, alpha: float = 0.0):
     from medbench.data.loader import Normalization, TrainStream
