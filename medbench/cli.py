@@ -332,10 +332,11 @@ def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max
     from medbench.runner import Runner
 
     config = ClusterConfig.load(cluster_config)
-    Runner(catalog, locations, store, checkpoints=checkpoints).preflight(requests)  # bad input stops here
+    runner = Runner(catalog, locations, store, checkpoints=checkpoints)
     outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
                         checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
-                        config=config, config_path=cluster_config, message=_console().print)
+                        config=config, config_path=cluster_config, message=_console().print,
+                        preflight=lambda: runner.preflight(requests))  # bad input stops before any job
     if wait:
         _finish(outcomes, store)
 

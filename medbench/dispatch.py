@@ -89,9 +89,10 @@ def _launcher_environment() -> None:
         return
     if env.num_tasks <= 1:
         return
+    # SLURM_JOB_ID differs between the elements of an array (submitit's job_id is "<array>_<index>")
+    unique = os.environ.get("SLURM_JOB_ID") or "".join(c for c in str(env.job_id) if c.isdigit()) or "0"
     os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.hostnames[0],
-                      MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
+                      MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + int(unique) % 20000))
 
 
 def run_job(spec: JobSpec) -> dict:
@@ -169,10 +170,20 @@ def _executor(launcher: str, folder: Path, config: ClusterConfig, max_concurrent
         params.setdefault("tasks_per_node", gpus)  # one process per GPU, as torchrun would start
     if launcher == "local":
         executor = submitit.LocalExecutor(folder=folder)
-        params = {k: v for k, v in params.items() if k in ("timeout_min", "gpus_per_node", "tasks_per_node")}
+        local_keys = ("timeout_min", "gpus_per_node", "tasks_per_node", "visible_gpus")
+        slurm_keys = {*submitit.SlurmExecutor._valid_parameters(), "cpus_per_task", "mem_gb", "nodes", "name"}
+        unknown = [k for k in params if k not in local_keys and k.removeprefix("slurm_") not in slurm_keys]
+        if unknown:
+            raise SpecError(f"unknown submitit parameter {unknown[0]!r} (local: {', '.join(local_keys)}; SLURM "
+                            "ones are ignored here)", where=str(source or "--cluster-config"), field=unknown[0])
+        params = {k: v for k, v in params.items() if k in local_keys}  # a SLURM YAML also runs locally
         params.setdefault("timeout_min", 24 * 60)
     else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        except RuntimeError as err:  # no srun/sbatch on this machine
+            raise UsageError(f"no SLURM here ({' '.join(str(err).split())}); run on a login node, or use "
+                             "--launcher local", field="--launcher") from None
         params = {k if k in ("timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "cpus_per_task", "mem_gb",
                              "name") or k.startswith("slurm_") else f"slurm_{k}": v for k, v in params.items()}
         if max_concurrent:
@@ -202,8 +213,12 @@ def _gpu_slots(executor) -> list[tuple[int, ...]] | None:
 
 def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path], locations, checkpoints,
              threads: int | None, max_concurrent: int | None = None, wait: bool = True,
-             config: ClusterConfig | None = None, config_path: Path | None = None, message=print) -> list:
-    """Submit one job per request; with ``wait``, return a RunOutcome per request once all ended."""
+             config: ClusterConfig | None = None, config_path: Path | None = None, message=print,
+             preflight=None) -> list:
+    """Submit one job per request; with ``wait``, return a RunOutcome per request once all ended.
+
+    ``preflight()`` (checks of every request) runs once the engine and its parameters are accepted,
+    before anything is submitted."""
     from medbench.provenance import now_utc
     from medbench.results import RunDir
     from medbench.runner import RunOutcome
@@ -217,6 +232,8 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
     folder.mkdir(parents=True, exist_ok=True)
     executor = _executor(launcher, folder / "submitit" / "%j", config or ClusterConfig(), max_concurrent,
                          config_path)
+    if preflight is not None:
+        preflight()
     specs = [JobSpec(request=r, name=job_name(r), out=Path(out), tasks_dir=list(tasks_dir), locations=locations,
                      checkpoints=checkpoints, threads=threads) for r in requests]
     records: dict[str, dict] = {}
@@ -253,8 +270,11 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
     if launcher == "local":
         limit = min(max_concurrent or limit, len(slots) if slots is not None else limit)
     queue = list(specs)
-    for spec in queue[:limit]:
-        submit([spec])
+    if launcher == "slurm":
+        submit(queue)  # one array; SLURM enforces --max-concurrent
+    else:
+        for spec in queue[:limit]:
+            submit([spec])
     queue = queue[limit:]
     message(f"{len(jobs)} job(s) submitted to {launcher} ({len(queue)} waiting for a slot); "
             f"records in {folder}; 'medbench status {out}' shows progress")

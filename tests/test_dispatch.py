@@ -100,3 +100,34 @@ def test_local_sweep_survives_a_killed_job(tmp_path):
     board = json.loads((out / "leaderboard.json").read_text())
     assert sorted(e["task"] for e in board["entries"]) == ["smoke-derm", "smoke-tb"]
     assert len(list((out / "runs").glob("*/*/*"))) == 2  # one folder per run, the killed one completed in place
+
+
+def test_slurm_submission_through_sbatch(tmp_path):
+    """--launcher slurm --no-wait on a machine with a stand-in sbatch: one job array, the YAML's settings,
+    --max-concurrent as the array's %N, a multi-GPU job as one task per GPU; status shows them queued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nfor a; do f="$a"; done\ncat "$f" >> {log}\n'
+                                    'echo "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    config = tmp_path / "slurm.yaml"
+    config.write_text("partition: gpu\ngpus_per_node: 4\ntimeout_min: 90\ncpus_per_task: 8\n")
+    out = tmp_path / "out"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    r = run_cli("run", "-b", "cbr-tiny", "-t", "smoke-tb", "-t", "smoke-derm", "--seeds", "1", "--max-steps", "3",
+                "--launcher", "slurm", "--cluster-config", str(config), "--max-concurrent", "1", "--no-wait",
+                "-o", str(out), env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    script = log.read_text()
+    assert script.count("#SBATCH --array=0-1%1") == 1  # one array of two jobs, one at a time
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --time=90", "#SBATCH --cpus-per-task=8"):
+        assert line in script, line
+    assert not (out / "leaderboard.json").exists()  # --no-wait: nothing to aggregate yet
+    status = _status(out)
+    assert sorted(j["job_id"] for j in status["jobs"]) == ["4242_0", "4242_1"]
+    assert {j["state"] for j in status["jobs"]} == {"submitted"}
+    assert status["counts"]["jobs"]["queued"] == 2
