@@ -220,8 +220,6 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
     ``preflight()`` (checks of every request) runs once the engine and its parameters are accepted,
     before anything is submitted."""
     from medbench.provenance import now_utc
-    from medbench.results import RunDir
-    from medbench.runner import RunOutcome
 
     if launcher not in LAUNCHERS[1:]:
         raise UsageError(f"unknown launcher {launcher!r}; expected one of {', '.join(LAUNCHERS)}", field="--launcher")
@@ -253,7 +251,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
 
     def submit(batch: list[JobSpec]) -> None:
         if launcher == "local" and slots is not None:  # this job's own GPUs (CUDA_VISIBLE_DEVICES)
-            busy = set(job_slot.values())
+            busy = {job_slot[n] for n, j in jobs.items() if n in job_slot and not j.done()}
             job_slot[batch[0].name] = slot = next(s for s in slots if s not in busy)
             executor.update_parameters(visible_gpus=slot)
         if launcher == "slurm":
@@ -280,6 +278,22 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
             f"records in {folder}; 'medbench status {out}' shows progress")
     if not wait:
         return []
+    try:
+        return _wait(jobs, specs, queue, submit, record)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: local jobs get SIGINT (they checkpoint and stop)
+        if launcher == "local":
+            for job in jobs.values():
+                if not job.done():
+                    job.cancel(check=False)
+        raise
+
+
+def _wait(jobs: dict, specs: list[JobSpec], queue: list[JobSpec], submit, record) -> list:
+    """Poll the jobs until every spec has an outcome, submitting waiting specs as slots free up."""
+    from medbench.provenance import now_utc
+    from medbench.results import RunDir
+    from medbench.runner import RunOutcome
+
     outcomes: dict[str, Any] = {}
     by_name = {s.name: s for s in specs}
     while len(outcomes) < len(specs):
@@ -300,7 +314,6 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
                                             result=run_dir.result() if run_dir else None, error=summary.get("error"))
                 record(spec, state=summary["state"], run_dir=summary.get("run_dir"), error=summary.get("error"),
                        ended=now_utc())
-            job_slot.pop(name, None)
             if queue:
                 submit([queue.pop(0)])
         if len(outcomes) < len(specs):
