@@ -113,7 +113,8 @@ def run_job(spec: JobSpec) -> dict:
         (outcome,) = runner.run_all([spec.request])
     except BaseException as err:
         if main:
-            _worker_record(spec, state="failed", started=started, seconds=time.time() - started,
+            _worker_record(spec, state="stopped" if isinstance(err, KeyboardInterrupt) else "failed",
+                           started=started, seconds=time.time() - started,
                            error=" ".join(str(err).split()) or type(err).__name__)
         raise
     summary = {"state": outcome.status, "run_dir": str(outcome.run_dir.path) if outcome.run_dir else None,
@@ -278,14 +279,38 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
             f"records in {folder}; 'medbench status {out}' shows progress")
     if not wait:
         return []
+    from medbench.failures import GracefulStop
+
     try:
-        return _wait(jobs, specs, queue, submit, record)
-    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: local jobs get SIGINT (they checkpoint and stop)
+        with GracefulStop():  # SIGTERM too becomes a KeyboardInterrupt (StopRequested) here
+            return _wait(jobs, specs, queue, submit, record)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: local jobs are asked to checkpoint and stop
         if launcher == "local":
-            for job in jobs.values():
+            for name, job in jobs.items():
                 if not job.done():
-                    job.cancel(check=False)
+                    _stop_local_job(folder, name, job)
         raise
+
+
+def _stop_local_job(folder: Path, name: str, job) -> None:
+    """SIGINT to the job's rank 0 (its stop reaches the other ranks at the next step, and it checkpoints);
+    submitit's own cancel (SIGINT to the job's controller) kills the tasks after a second."""
+    import signal
+
+    worker = {}
+    try:
+        import json
+
+        worker = json.loads((folder / f"{name}.worker.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if worker.get("state") == "running" and worker.get("host") == socket.gethostname() and worker.get("pid"):
+        try:
+            os.kill(int(worker["pid"]), signal.SIGINT)
+            return
+        except ProcessLookupError:
+            return
+    job.cancel(check=False)  # not started yet
 
 
 def _wait(jobs: dict, specs: list[JobSpec], queue: list[JobSpec], submit, record) -> list:

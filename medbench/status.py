@@ -26,7 +26,7 @@ CATEGORY = {
     "pending": "queued", "submitted": "queued",
     "running": "running", "busy": "running",
     "ok": "done", "skipped": "done", "done": "done",
-    "failed": "failed", "died": "failed", "interrupted": "failed",
+    "failed": "failed", "died": "failed", "interrupted": "failed", "stopped": "failed",
     "unfinished": "running",
 }
 
