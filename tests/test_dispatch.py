@@ -131,3 +131,46 @@ def test_slurm_submission_through_sbatch(tmp_path):
     assert sorted(j["job_id"] for j in status["jobs"]) == ["4242_0", "4242_1"]
     assert {j["state"] for j in status["jobs"]} == {"submitted"}
     assert status["counts"]["jobs"]["queued"] == 2
+
+
+def test_status_reads_runs_and_job_records(tmp_path):
+    """Run folders: done / failed / running (a held lock, seen without taking it) / interrupted at a
+    checkpoint step; job records: the worker's state wins over 'submitted', a dead local pid is 'died'."""
+    import fcntl
+
+    from medbench.status import collect
+
+    out = tmp_path / "out"
+    runs = out / "runs" / "smoke-tb" / "cbr-tiny"
+    for name, files in {"done": {"result.json": {"status": "ok"}},
+                        "failed": {"result.json": {"status": "failed", "error": "boom", "attempt": 2}},
+                        "running": {}, "interrupted": {"checkpoint/checkpoint.json": {"step": 7}}}.items():
+        (runs / name / "checkpoint").mkdir(parents=True)
+        (runs / name / ".lock").touch()
+        for rel, content in files.items():
+            (runs / name / rel).write_text(json.dumps(content))
+    jobs = out / "jobs"
+    jobs.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    records = {"queued": ({"state": "submitted"}, None),
+               "started": ({"state": "submitted"}, {"state": "running", "pid": os.getpid()}),
+               "killed": ({"state": "submitted"}, {"state": "running", "pid": dead.pid}),
+               "finished": ({"state": "ok", "run_dir": str(runs / "done")}, {"state": "ok"})}
+    import socket
+
+    for name, (job, worker) in records.items():
+        (jobs / f"{name}.json").write_text(json.dumps({"name": name, "launcher": "local", "job_id": "1", **job,
+                                                       "request": {"task": "smoke-tb", "seed": 0}}))
+        if worker:
+            (jobs / f"{name}.worker.json").write_text(json.dumps({"host": socket.gethostname(), **worker}))
+    with open(runs / "running" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        report = collect(out)
+    states = {r["run"]: (r["state"], r["checkpoint_step"], r["error"]) for r in report["runs"]}
+    assert states == {"done": ("done", None, None), "failed": ("failed", None, "boom"),
+                      "running": ("running", None, None), "interrupted": ("interrupted", 7, None)}
+    assert {j["name"]: j["state"] for j in report["jobs"]} == {
+        "queued": "submitted", "started": "running", "killed": "died", "finished": "ok"}
+    assert report["counts"] == {"jobs": {"queued": 1, "running": 1, "done": 1, "failed": 1},
+                                "runs": {"queued": 0, "running": 1, "done": 1, "failed": 2}}
