@@ -236,6 +236,32 @@ def _agree(dist, *flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
+@contextlib.contextmanager
+def _node_rank_first(dist):
+    """Launched ranks: local rank 0 of each node goes first (it decodes the preprocessing cache and stores the
+    split) while the node's other ranks wait, then they open what it built, instead of N processes decoding
+    the same images into N temporary copies. A single process: nothing."""
+    if dist.world_size == 1:
+        yield
+        return
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from medbench.train.distributed import init_process_group
+
+    init_process_group(dist)
+    # a gloo side group with a long timeout: decoding a large dataset outlasts the collectives' 10 minutes
+    waiting = tdist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    if dist.local_rank != 0:
+        tdist.barrier(group=waiting)
+    try:
+        yield
+    finally:
+        if dist.local_rank == 0:
+            tdist.barrier(group=waiting)  # also when its checks failed: the others then fail on the same input
+
+
 def _barrier(dist) -> None:
     if dist.world_size > 1:
         import torch.distributed as tdist
@@ -301,22 +327,23 @@ class Runner:
         from medbench.train.finetune import check_engine
 
         dist = prepare_environment()
-        for name in dict.fromkeys(r.task for r in requests):
-            task = self.catalog.task(name)
-            check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
-            if len(self.prepared(name).train_rows(task.spec.type)) == 0:
-                raise DataError("no labelled training image", where=str(task.path), field="labels")
-            for target in task.spec.ood:
-                if target.task in self.catalog.task_names() and \
-                        missing_dataset(self.catalog.task(target.task), self.locations) is not None:
-                    continue  # skipped (and recorded) when the run gets there
-                self._ood_target(task, target)
-        for req in requests:
-            get_backbone(req.backbone)
-            spec = self.catalog.task(req.task).spec
-            plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
-                             max_steps=req.max_steps)
-            check_engine(plan, req.engine, dist)
+        with _node_rank_first(dist):  # launched: one process per node builds the caches, then the others
+            for name in dict.fromkeys(r.task for r in requests):
+                task = self.catalog.task(name)
+                check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
+                if len(self.prepared(name).train_rows(task.spec.type)) == 0:
+                    raise DataError("no labelled training image", where=str(task.path), field="labels")
+                for target in task.spec.ood:
+                    if target.task in self.catalog.task_names() and \
+                            missing_dataset(self.catalog.task(target.task), self.locations) is not None:
+                        continue  # skipped (and recorded) when the run gets there
+                    self._ood_target(task, target)
+            for req in requests:
+                get_backbone(req.backbone)
+                spec = self.catalog.task(req.task).spec
+                plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
+                                 max_steps=req.max_steps)
+                check_engine(plan, req.engine, dist)
 
     def run_all(self, requests: list[RunRequest]) -> list[RunOutcome]:
         outcomes = []
