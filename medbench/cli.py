@@ -336,7 +336,8 @@ def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max
     outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
                         checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
                         config=config, config_path=cluster_config, message=_console().print,
-                        preflight=lambda: runner.preflight(requests))  # bad input stops before any job
+                        preflight=lambda: runner.preflight(requests),  # bad input stops before any job
+                        locate=lambda req, world: runner.locate(req, world_size=world))
     if wait:
         _finish(outcomes, store)
 

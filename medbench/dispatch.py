@@ -215,11 +215,12 @@ def _gpu_slots(executor) -> list[tuple[int, ...]] | None:
 def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path], locations, checkpoints,
              threads: int | None, max_concurrent: int | None = None, wait: bool = True,
              config: ClusterConfig | None = None, config_path: Path | None = None, message=print,
-             preflight=None) -> list:
+             preflight=None, locate=None) -> list:
     """Submit one job per request; with ``wait``, return a RunOutcome per request once all ended.
 
     ``preflight()`` (checks of every request) runs once the engine and its parameters are accepted,
-    before anything is submitted."""
+    before anything is submitted. ``locate(request, world_size)`` gives a request's run folder: a
+    complete one is reused without starting a job (no queueing on a cluster just to skip)."""
     from medbench.provenance import now_utc
 
     if launcher not in LAUNCHERS[1:]:
@@ -241,10 +242,22 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
         records[spec.name] = {**records.get(spec.name, {}), **fields}
         _write_record(folder / f"{spec.name}.json", records[spec.name])
 
-    for spec in specs:  # a fresh attempt: the previous attempt's worker record no longer describes it
-        (folder / f"{spec.name}.worker.json").unlink(missing_ok=True)
-        record(spec, name=spec.name, launcher=launcher, state="pending",
-               request={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec.request).items()})
+    from medbench.runner import RunOutcome
+
+    world = _job_world_size(config or ClusterConfig())
+    reused: dict[str, Any] = {}
+    for spec in specs:
+        run = locate(spec.request, world) if locate is not None else None
+        if run is not None and run.complete:  # finished before: its records stay as they are
+            reused[spec.name] = RunOutcome(spec.request, run, "skipped", result=run.result())
+            record(spec, name=spec.name, launcher=launcher, state="skipped", run_dir=str(run.path),
+                   ended=now_utc(), request=_request_record(spec.request))
+            continue
+        (folder / f"{spec.name}.worker.json").unlink(missing_ok=True)  # a fresh attempt
+        record(spec, name=spec.name, launcher=launcher, state="pending", request=_request_record(spec.request))
+    if reused:
+        message(f"{len(reused)} run(s) already complete in {out}: reused, no job started")
+    pending_specs = [s for s in specs if s.name not in reused]
 
     jobs: dict[str, Any] = {}
 
@@ -265,12 +278,13 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
             record(s, state="submitted", job_id=str(job.job_id), submitted=now_utc())
 
     slots = _gpu_slots(executor) if launcher == "local" else None
-    limit = len(specs)
+    limit = len(pending_specs)
     if launcher == "local":
         limit = min(max_concurrent or limit, len(slots) if slots is not None else limit)
-    queue = list(specs)
+    queue = list(pending_specs)
     if launcher == "slurm":
-        submit(queue)  # one array; SLURM enforces --max-concurrent
+        if queue:
+            submit(queue)  # one array; SLURM enforces --max-concurrent
     else:
         for spec in queue[:limit]:
             submit([spec])
@@ -283,13 +297,27 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
 
     try:
         with GracefulStop():  # SIGTERM too becomes a KeyboardInterrupt (StopRequested) here
-            return _wait(jobs, specs, queue, submit, record)
+            done = _wait(jobs, pending_specs, queue, submit, record)
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: local jobs are asked to checkpoint and stop
         if launcher == "local":
             for name, job in jobs.items():
                 if not job.done():
                     _stop_local_job(folder, name, job)
         raise
+    outcomes = {**reused, **{s.name: o for s, o in zip(pending_specs, done)}}
+    return [outcomes[s.name] for s in specs]
+
+
+def _request_record(request) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(request).items()}
+
+
+def _job_world_size(config: ClusterConfig) -> int:
+    """Processes per job (its run's world size, part of the run key): tasks per node x nodes."""
+    params = config.parameters
+    gpus = int(params.get("gpus_per_node", 0) or 0)
+    tasks = int(params.get("tasks_per_node") or params.get("slurm_ntasks_per_node") or (gpus if gpus > 1 else 1))
+    return tasks * int(params.get("nodes") or params.get("slurm_nodes") or 1)
 
 
 def _stop_local_job(folder: Path, name: str, job) -> None:

@@ -367,7 +367,13 @@ class Runner:
                     raise RunFailed(f"{req.task} seed {req.seed} failed: {outcome.error}{where}", field="--fail-fast")
         return outcomes
 
-    def run_one(self, req: RunRequest, index: int = 0, total: int = 1) -> RunOutcome:
+    def locate(self, req: RunRequest, *, world_size: int | None = None) -> RunDir:
+        """The run folder ``req`` trains into when run by ``world_size`` processes (default: as this process
+        runs it); the dispatcher uses it to reuse finished runs without starting a job."""
+        return self._locate(req, world_size)[-1]
+
+    def _locate(self, req: RunRequest, world_size: int | None = None) -> tuple:
+        """(canonical request, task, init, prepared data, training rows, variant record, plan, key, run folder)."""
         from medbench.backbones.registry import get_backbone
         from medbench.backbones.weights import weights_sha256
         from medbench.train.distributed import prepare_environment
@@ -378,7 +384,7 @@ class Runner:
         req = _canonical_variant(req, backbone)
         init = req.init or backbone.default_init
         prepared = self.prepared(req.task, req.resolution)
-        dist = prepare_environment()
+        world = world_size or prepare_environment().world_size
         train_rows = prepared.train_rows(spec.type)
         variant = _variant_record(req, prepared, train_rows)
         if variant is not None and "rows" in variant:
@@ -395,8 +401,15 @@ class Runner:
                       weights_sha256(req.weights) if req.weights else None, plan=plan.as_dict(),
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
-                      ood=ood, world_size=dist.world_size)
+                      ood=ood, world_size=world)
         run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.folder_suffix)
+        return req, task, init, prepared, train_rows, variant, plan, key, run
+
+    def run_one(self, req: RunRequest, index: int = 0, total: int = 1) -> RunOutcome:
+        from medbench.train.distributed import prepare_environment
+
+        req, task, init, prepared, train_rows, variant, plan, key, run = self._locate(req)
+        dist = prepare_environment()
         if run.complete:
             if dist.is_main:
                 run.clear_checkpoint()  # left behind by a kill between result.json and its removal

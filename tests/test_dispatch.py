@@ -89,11 +89,13 @@ def test_local_sweep_survives_a_killed_job(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "1 run(s) were already complete and reused" in again.stdout
+    assert "1 run(s) already complete" in again.stdout  # found by the dispatcher: no job started for it
     assert (derm_result.stat().st_mtime_ns, derm_result.read_text()) == before  # reused, not retrained
 
     status = _status(out)
     jobs = {j["task"]: j for j in status["jobs"]}
     assert jobs["smoke-derm"]["state"] == "skipped" and jobs["smoke-tb"]["state"] == "ok"
+    assert len(list((out / "jobs" / "submitit").glob("*/*_result.pkl"))) == 2  # derm once, tb on the rerun
     assert status["counts"]["runs"] == {"queued": 0, "running": 0, "done": 2, "failed": 0}
     tb = json.loads(next((out / "runs" / "smoke-tb").glob("*/*/result.json")).read_text())
     assert tb["status"] == "ok" and tb["training"]["resumed_from_step"] == step_killed
