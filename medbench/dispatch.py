@@ -234,6 +234,8 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
                          config_path)
     if preflight is not None:
         preflight()
+    if launcher == "local" and threads is None:  # concurrent local jobs share the cores
+        threads = max(1, (os.cpu_count() or 1) // max(1, min(max_concurrent or len(requests), len(requests))))
     specs = [JobSpec(request=r, name=job_name(r), out=Path(out), tasks_dir=list(tasks_dir), locations=locations,
                      checkpoints=checkpoints, threads=threads) for r in requests]
     records: dict[str, dict] = {}
