@@ -94,6 +94,12 @@ class PrecisionChoice(str, Enum):
     fp16 = "fp16"
 
 
+class LauncherChoice(str, Enum):
+    inline = "inline"
+    local = "local"
+    slurm = "slurm"
+
+
 TASKS_DIR_OPT = typer.Option(None, "--tasks-dir", help="Extra folder of task/suite YAML files (repeatable).")
 
 
@@ -186,6 +192,10 @@ def run(
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
     freeze: Optional[str] = typer.Option(None, "--freeze", help="Frozen features: 'head' (train the head only) or L (freeze the first L blocks)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Per-layer similarity initial vs fine-tuned: cka | svcca | cka,svcca."),
+    launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
+    cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
 ) -> None:
     """Fine-tune BACKBONE on every task of the suites/tasks and write the leaderboard."""
     try:
@@ -195,7 +205,9 @@ def run(
              tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
              micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
              checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
-             variants=variants, freeze=freeze, similarity=similarity)
+             variants=variants, freeze=freeze, similarity=similarity,
+             dispatch={"launcher": launcher.value, "max_concurrent": max_concurrent, "wait": not no_wait,
+                       "cluster_config": cluster_config, "threads": threads, "tasks_dir": tasks_dir or []})
     except typer.Exit:
         raise
     except KeyboardInterrupt as err:
@@ -261,7 +273,7 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
-         allow_outside_data_root, variants=(), freeze=None, similarity=None) -> None:
+         allow_outside_data_root, variants=(), freeze=None, similarity=None, dispatch=None) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.catalog import Catalog
@@ -305,10 +317,29 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
                                     freeze=freeze, similarity=similarity)
     store = RunStore(out)
     _check_writable(out)
+    if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.dispatch)
+        _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
+        return
     with _RichReporter() as reporter:
         runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
+
+
+def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max_concurrent, wait, cluster_config,
+              threads, tasks_dir) -> None:
+    from medbench.dispatch import ClusterConfig, dispatch
+    from medbench.runner import Runner
+
+    config = ClusterConfig.load(cluster_config)
+    runner = Runner(catalog, locations, store, checkpoints=checkpoints)
+    outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
+                        checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
+                        config=config, config_path=cluster_config, message=_console().print,
+                        preflight=lambda: runner.preflight(requests),  # bad input stops before any job
+                        locate=lambda req, world: runner.locate(req, world_size=world))
+    if wait:
+        _finish(outcomes, store)
 
 
 def _check_writable(out: Path) -> None:
@@ -670,6 +701,49 @@ def _print_compare(report: dict, baseline: Path, new: Path) -> None:
     verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
     con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
               f"{len(report['missing'])} missing, {len(report['added'])} added")
+
+
+@app.command()
+def status(
+    out: Path = typer.Argument(..., help="Output folder of 'medbench run' (the run store)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """What is queued, running, done and failed in a run store (runs and dispatched jobs)."""
+    try:
+        from medbench.errors import UsageError
+        from medbench.status import collect
+
+        if not (out / "runs").is_dir() and not (out / "jobs").is_dir():
+            raise UsageError("no run store here (expected runs/ or jobs/)", where=out, field="OUT")
+        _print_status(collect(out), as_json)
+    except typer.Exit:
+        raise
+    except Exception as err:
+        _fail(err)
+def _print_status(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    if report["jobs"]:
+        table = Table(title="jobs")
+        for col in ("job", "launcher", "id", "state", "seconds", "error"):
+            table.add_column(col)
+        for j in report["jobs"]:
+            table.add_row(j["name"], j["launcher"] or "-", j["job_id"] or "-", j["state"],
+                          f"{j['seconds']:.0f}" if j["seconds"] is not None else "-", j["error"] or "")
+        con.print(table)
+    table = Table(title="runs")
+    for col in ("task", "backbone", "run", "state", "checkpoint step", "error"):
+        table.add_column(col)
+    for r in report["runs"]:
+        table.add_row(r["task"], r["backbone"], r["run"], r["state"],
+                      str(r["checkpoint_step"]) if r["checkpoint_step"] else "-", r["error"] or "")
+    con.print(table)
+    for what, counts in report["counts"].items():
+        con.print(f"{what}: " + ", ".join(f"{n} {c}" for c, n in counts.items()))
 
 
 data_app = typer.Typer(help="Datasets: download the open ones, learn where to get the others, inspect what a task sees.",

@@ -236,6 +236,32 @@ def _agree(dist, *flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in t.tolist())
 
 
+@contextlib.contextmanager
+def _node_rank_first(dist):
+    """Launched ranks: local rank 0 of each node goes first (it decodes the preprocessing cache and stores the
+    split) while the node's other ranks wait, then they open what it built, instead of N processes decoding
+    the same images into N temporary copies. A single process: nothing."""
+    if dist.world_size == 1:
+        yield
+        return
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from medbench.train.distributed import init_process_group
+
+    init_process_group(dist)
+    # a gloo side group with a long timeout: decoding a large dataset outlasts the collectives' 10 minutes
+    waiting = tdist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    if dist.local_rank != 0:
+        tdist.barrier(group=waiting)
+    try:
+        yield
+    finally:
+        if dist.local_rank == 0:
+            tdist.barrier(group=waiting)  # also when its checks failed: the others then fail on the same input
+
+
 def _barrier(dist) -> None:
     if dist.world_size > 1:
         import torch.distributed as tdist
@@ -301,22 +327,23 @@ class Runner:
         from medbench.train.finetune import check_engine
 
         dist = prepare_environment()
-        for name in dict.fromkeys(r.task for r in requests):
-            task = self.catalog.task(name)
-            check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
-            if len(self.prepared(name).train_rows(task.spec.type)) == 0:
-                raise DataError("no labelled training image", where=str(task.path), field="labels")
-            for target in task.spec.ood:
-                if target.task in self.catalog.task_names() and \
-                        missing_dataset(self.catalog.task(target.task), self.locations) is not None:
-                    continue  # skipped (and recorded) when the run gets there
-                self._ood_target(task, target)
-        for req in requests:
-            get_backbone(req.backbone)
-            spec = self.catalog.task(req.task).spec
-            plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
-                             max_steps=req.max_steps)
-            check_engine(plan, req.engine, dist)
+        with _node_rank_first(dist):  # launched: one process per node builds the caches, then the others
+            for name in dict.fromkeys(r.task for r in requests):
+                task = self.catalog.task(name)
+                check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
+                if len(self.prepared(name).train_rows(task.spec.type)) == 0:
+                    raise DataError("no labelled training image", where=str(task.path), field="labels")
+                for target in task.spec.ood:
+                    if target.task in self.catalog.task_names() and \
+                            missing_dataset(self.catalog.task(target.task), self.locations) is not None:
+                        continue  # skipped (and recorded) when the run gets there
+                    self._ood_target(task, target)
+            for req in requests:
+                get_backbone(req.backbone)
+                spec = self.catalog.task(req.task).spec
+                plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
+                                 max_steps=req.max_steps)
+                check_engine(plan, req.engine, dist)
 
     def run_all(self, requests: list[RunRequest]) -> list[RunOutcome]:
         outcomes = []
@@ -340,7 +367,13 @@ class Runner:
                     raise RunFailed(f"{req.task} seed {req.seed} failed: {outcome.error}{where}", field="--fail-fast")
         return outcomes
 
-    def run_one(self, req: RunRequest, index: int = 0, total: int = 1) -> RunOutcome:
+    def locate(self, req: RunRequest, *, world_size: int | None = None) -> RunDir:
+        """The run folder ``req`` trains into when run by ``world_size`` processes (default: as this process
+        runs it); the dispatcher uses it to reuse finished runs without starting a job."""
+        return self._locate(req, world_size)[-1]
+
+    def _locate(self, req: RunRequest, world_size: int | None = None) -> tuple:
+        """(canonical request, task, init, prepared data, training rows, variant record, plan, key, run folder)."""
         from medbench.backbones.registry import get_backbone
         from medbench.backbones.weights import weights_sha256
         from medbench.train.distributed import prepare_environment
@@ -351,7 +384,7 @@ class Runner:
         req = _canonical_variant(req, backbone)
         init = req.init or backbone.default_init
         prepared = self.prepared(req.task, req.resolution)
-        dist = prepare_environment()
+        world = world_size or prepare_environment().world_size
         train_rows = prepared.train_rows(spec.type)
         variant = _variant_record(req, prepared, train_rows)
         if variant is not None and "rows" in variant:
@@ -368,15 +401,28 @@ class Runner:
                       weights_sha256(req.weights) if req.weights else None, plan=plan.as_dict(),
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
-                      ood=ood, world_size=dist.world_size)
+                      ood=ood, world_size=world)
         run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.folder_suffix)
+        return req, task, init, prepared, train_rows, variant, plan, key, run
+
+    def run_one(self, req: RunRequest, index: int = 0, total: int = 1) -> RunOutcome:
+        from medbench.train.distributed import prepare_environment
+
+        req, task, init, prepared, train_rows, variant, plan, key, run = self._locate(req)
+        dist = prepare_environment()
         if run.complete:
             if dist.is_main:
                 run.clear_checkpoint()  # left behind by a kill between result.json and its removal
             return RunOutcome(req, run, "skipped", result=run.result())
-        claim = run.claim() if dist.world_size == 1 else contextlib.nullcontext(True)
+        # rank 0 holds the lock for all ranks of a launched run; every rank learns whether it got it
+        if dist.world_size > 1:
+            from medbench.train.distributed import init_process_group
+
+            init_process_group(dist)
+        claim = run.claim() if dist.is_main else contextlib.nullcontext(True)
         with claim as claimed:
-            if not claimed:
+            (busy,) = _agree(dist, not claimed)
+            if busy:
                 return RunOutcome(req, run, "busy", error="another medbench process is training this run")
             progress: dict = {"steps_done": 0, "resumed_from_step": 0, "checkpoint_step": None}
             try:
@@ -465,7 +511,8 @@ class Runner:
         norm = Normalization(backbone.mean, backbone.std)
         stream = TrainStream(prepared.images.pixels, prepared.labels, train_rows, batch_size=plan.batch_size,
                              crop=prepared.crop, hflip=spec.input.hflip, norm=norm, seed=req.seed,
-                             balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size)
+                             balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size,
+                             mixup_alpha=plan.mixup_alpha)  # MixUp over the global batch, any world size
 
         def probs_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
             logits = predict_logits(tuner.module, eval_batches(pixels, rows, crop=crop, norm=norm,
@@ -506,7 +553,8 @@ class Runner:
         eval_every = max(1, plan.total_steps // 10)
         started = now_utc()
         history = tuner.fit(stream.iterate(start, plan.total_steps), history=history, evaluate=evaluate_val,
-                            eval_every=eval_every, on_step=self.reporter.step, after_step=after_step)
+                            eval_every=eval_every, on_step=self.reporter.step, after_step=after_step,
+                            premixed=True)
 
         if not dist.is_main:
             return RunOutcome(req, run, "ok")

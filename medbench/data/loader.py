@@ -55,6 +55,7 @@ class TrainStream:
         balanced: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        mixup_alpha: float = 0.0,
     ):
         if len(rows) == 0:
             raise ValueError("no training rows")
@@ -70,6 +71,8 @@ class TrainStream:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        #: BiT MixUp over the *global* batch (see :meth:`batch`); 0: off
+        self.mixup_alpha = mixup_alpha
         self.size = int(pixels.shape[-1])
         self._weights = self._balanced_weights() if balanced else None
 
@@ -105,6 +108,13 @@ class TrainStream:
         return self.rows[self._global_indices(step)]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch of ``step`` (MixUp applied when ``mixup_alpha`` > 0).
+
+        MixUp is BiT's over the global batch: one lambda and one permutation per step, drawn from
+        (seed, step) alone, so each sample's partner is the same whatever the world size; a rank
+        assembles the partners of its slice itself. The numbers equal
+        :func:`medbench.train.finetune.mixup` on the whole batch with ``rng([seed, 3, step, 0])``.
+        """
         rows = self.sample_ids(step)
         b = self.batch_size
         rng = np.random.default_rng([self.seed, 2, step])
@@ -113,7 +123,23 @@ class TrainStream:
         flips = rng.random(b) < 0.5 if self.hflip else np.zeros(b, dtype=bool)
         per = b // self.world_size
         lo, hi = self.rank * per, (self.rank + 1) * per
-        rows, offsets, flips = rows[lo:hi], offsets[lo:hi], flips[lo:hi]
+        x = to_model_input(self._crops(rows[lo:hi], offsets[lo:hi], flips[lo:hi]), self.norm)
+        y = torch.from_numpy(self.labels[rows[lo:hi]])
+        if self.mixup_alpha > 0:
+            mix = np.random.default_rng([self.seed, 3, step, 0])
+            lam = float(mix.beta(self.mixup_alpha, self.mixup_alpha))
+            perm = mix.permutation(b)
+            if self.world_size == 1:
+                x_partner, y_partner = x[torch.from_numpy(perm)], y[torch.from_numpy(perm)]
+            else:
+                partner = perm[lo:hi]
+                x_partner = to_model_input(self._crops(rows[partner], offsets[partner], flips[partner]), self.norm)
+                y_partner = torch.from_numpy(self.labels[rows[partner]])
+            x = lam * x + (1 - lam) * x_partner
+            y = lam * y + (1 - lam) * y_partner  # NaN + anything = NaN: missing stays missing
+        return x, y
+
+    def _crops(self, rows: np.ndarray, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
         order = np.argsort(rows, kind="stable")  # sequential reads from the memory map
         gathered = np.empty((len(rows), *self.pixels.shape[1:]), dtype=np.uint8)
         gathered[order] = self.pixels[rows[order]]
@@ -122,9 +148,7 @@ class TrainStream:
         for i, ((oy, ox), flip) in enumerate(zip(offsets, flips)):
             patch = gathered[i, :, oy : oy + c, ox : ox + c]
             out[i] = patch[:, :, ::-1] if flip else patch
-        x = to_model_input(out, self.norm)
-        y = torch.from_numpy(self.labels[rows])
-        return x, y
+        return out
 
     def iterate(self, start: int, stop: int, prefetch: int = 2) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Batches of steps ``start`` .. ``stop - 1``, assembled ahead in a background thread."""

@@ -7,6 +7,10 @@ store, so no port is opened and concurrent runs on one machine cannot collide.
 On a machine without CUDA, DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``)
 and the gloo backend are used; with CUDA, NCCL. The environment must be set
 before deepspeed is imported.
+
+Launch commands (docs/scaling.md): ``torchrun --nproc_per_node N -m medbench.cli run ...`` or
+``deepspeed --num_gpus N --no_local_rank --module medbench.cli run ...`` (``--hostfile`` for several
+nodes); a submitit job with several tasks sets the same variables (:mod:`medbench.dispatch`).
 """
 
 from __future__ import annotations

@@ -233,11 +233,16 @@ class Finetuner:
         eval_every: int | None = None,
         on_step: Callable[[int, float], None] | None = None,
         after_step: Callable[[int], None] | None = None,
+        premixed: bool = False,
     ) -> History:
         """Run the steps ``batches`` yields; ``after_step(step)`` runs after each optimiser step
-        (checkpoints); ``evaluate`` every ``eval_every`` steps and at the end."""
+        (checkpoints); ``evaluate`` every ``eval_every`` steps and at the end. ``premixed``: the batches
+        already carry the plan's MixUp (``TrainStream(mixup_alpha=...)``, the same for any world size)."""
+        from medbench.train.data_parallel import RunningStats, mean_over_ranks
+
         history = history or History()
         device = self.dist.device
+        running_stats = RunningStats(self.module, self.dist.world_size)  # BatchNorm buffers as one process's
         self.engine.train()
         t0 = time.perf_counter()
         wait = 0.0
@@ -246,11 +251,12 @@ class Finetuner:
             wait += time.perf_counter() - t_wait
             lr = self.plan.lr_at(step)
             self._set_lr(lr)
-            if self.plan.mixup_alpha > 0:
+            if self.plan.mixup_alpha > 0 and not premixed:
                 x, y = mixup(x, y, self.plan.mixup_alpha, np.random.default_rng([self.seed, 3, step, self.dist.rank]))
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             total = 0.0
+            running_stats.begin()
             for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
                 loss = task_loss(self.task_type, self.engine.forward(xm), ym)
                 if not math.isfinite(loss.item()):
@@ -261,6 +267,8 @@ class Finetuner:
                     _agc(self.module, self.plan.agc_clip)
                 self.engine.step()
                 total += loss.item() / self.gas
+            running_stats.end()
+            total = mean_over_ranks(total, self.dist.world_size, device)
             history.step.append(step)
             history.loss.append(total)
             history.lr.append(lr)

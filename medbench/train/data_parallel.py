@@ -1,0 +1,97 @@
+"""What data parallelism needs beyond DeepSpeed's gradient all-reduce to keep a run independent of world size.
+
+With W processes, each rank takes its slice of the same global batch
+(:class:`medbench.data.loader.TrainStream`) and DeepSpeed averages the
+gradients, so the weights follow the single-process run with the same
+per-device micro-batch (``--micro-batch``: one process accumulates the W
+slices' micro-batches, W processes compute them side by side). Two things
+are per rank and are made global here, after every optimiser step:
+
+* **BatchNorm running statistics.** Each rank updates its buffers from its own
+  micro-batches only, so the ranks' running means/variances drift apart (and
+  rank 0, which evaluates, would have seen only its slice). :class:`RunningStats`
+  all-gathers every rank's buffers and replays the updates as one process
+  would have applied them, micro-batch after micro-batch in rank order: with
+  momentum ``a`` a rank's ``k`` updates map ``m0`` to ``(1-a)^k m0 + c_r``,
+  so the sequential result is ``m = (1-a)^k_r m + c_r`` over ranks in order
+  (for ``momentum=None``, the cumulative average, the sums are added). The
+  *batch* statistics used in each forward pass stay per micro-batch, exactly
+  as in the single-process run with the same micro-batch; a different
+  micro-batch changes them (that is the math, not the parallelism).
+* **The logged loss** (``history.json``) is averaged over ranks (:func:`mean_over_ranks`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _tracked_batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+class RunningStats:
+    """BatchNorm running statistics of W ranks merged as one process's (call ``begin`` before a step's
+    micro-batches and ``end`` after the optimiser step, on every rank)."""
+
+    def __init__(self, module: nn.Module, world_size: int):
+        self.world_size = world_size
+        self.norms = _tracked_batchnorms(module)
+        self._start: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and bool(self.norms)
+
+    def begin(self) -> None:
+        if self.active:
+            self._start = [(bn.running_mean.detach().double().clone(), bn.running_var.detach().double().clone(),
+                            int(bn.num_batches_tracked)) for bn in self.norms]
+
+    @torch.no_grad()
+    def end(self) -> None:
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        device = self.norms[0].running_mean.device
+        own = torch.cat([torch.cat([bn.running_mean.double(), bn.running_var.double(),
+                                    bn.num_batches_tracked.double().reshape(1)]) for bn in self.norms]).to(device)
+        gathered = [torch.empty_like(own) for _ in range(self.world_size)]
+        dist.all_gather(gathered, own)
+        offset = 0
+        for bn, (m0, v0, n0) in zip(self.norms, self._start):
+            c = bn.running_mean.numel()
+            ranks = [(g[offset:offset + c].cpu(), g[offset + c:offset + 2 * c].cpu(),
+                      int(round(float(g[offset + 2 * c])))) for g in gathered]
+            offset += 2 * c + 1
+            mean, var, n = m0, v0, n0
+            for m_r, v_r, n_r in ranks:
+                k = n_r - n0  # updates this rank made (0 when the layer is frozen / in eval mode)
+                if k <= 0:
+                    continue
+                if bn.momentum is None:  # cumulative average: add the rank's sums
+                    mean = (mean * n + (m_r * n_r - m0 * n0)) / (n + k)
+                    var = (var * n + (v_r * n_r - v0 * n0)) / (n + k)
+                else:
+                    decay = (1.0 - bn.momentum) ** k
+                    mean = decay * mean + (m_r - decay * m0)
+                    var = decay * var + (v_r - decay * v0)
+                n += k
+            bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+            bn.running_var.copy_(var.to(bn.running_var.dtype))
+            bn.num_batches_tracked.fill_(n)
+
+
+def mean_over_ranks(value: float, world_size: int, device: str) -> float:
+    """The mean of a per-rank number over all ranks (the number itself in a single process)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / world_size
