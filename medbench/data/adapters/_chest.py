@@ -7,14 +7,13 @@ Not an adapter itself: modules whose name starts with ``_`` are skipped by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ValidationError
 
+from medbench.data.adapters._common import parse_options  # noqa: F401  (re-exported for the chest adapters)
 from medbench.errors import DataError
 
-M = TypeVar("M", bound=BaseModel)
 
 #: the 14 observations of the CheXpert labeler (CheXpert ``train.csv`` and MIMIC-CXR-JPG's label files)
 CHEXPERT_OBSERVATIONS = (
@@ -26,20 +25,6 @@ CHEXPERT_OBSERVATIONS = (
 #: CheXpert-labeler cell -> value; blank (null) is handled by the policy
 _LABELER_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1}
 UNCERTAINTY_POLICIES = ("U-Ignore", "U-Zeros", "U-Ones")
-
-
-def parse_options(model: type[M], options: dict[str, Any], adapter: str) -> M:
-    """``options`` validated by ``model``; the first problem names ``dataset.options.<field>``."""
-    try:
-        return model.model_validate(options)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown option; expected one of: {', '.join(sorted(model.model_fields))}"
-        raise DataError(msg, where=f"{adapter} adapter", field=f"dataset.options.{loc}" if loc else "dataset.options"
-                        ) from None
 
 
 def require_root(root: Path | None, adapter: str) -> Path:
