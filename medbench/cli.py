@@ -101,6 +101,9 @@ class LauncherChoice(str, Enum):
 
 
 TASKS_DIR_OPT = typer.Option(None, "--tasks-dir", help="Extra folder of task/suite YAML files (repeatable).")
+ALLOW_OUTSIDE_OPT = typer.Option(
+    False, "--allow-outside-data-root", help="Let task specs and label files name absolute paths or paths "
+    "outside the dataset folder (off: such paths are refused). Env: MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1.")
 
 
 @app.command("list")
@@ -779,6 +782,7 @@ def data_inspect(
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
+    allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
 ) -> None:
     """Splits, patients, label and attribute counts of TASK from its label files (images may be absent)."""
     try:
@@ -786,7 +790,8 @@ def data_inspect(
         from medbench.data.inspect import inspect_task
         from medbench.data.locate import DataLocations
 
-        summary = inspect_task(Catalog(tasks_dir or []).task(task), DataLocations.from_cli(data_root, data or []))
+        summary = inspect_task(Catalog(tasks_dir or []).task(task),
+                               DataLocations.from_cli(data_root, data or [], allow_outside_root=allow_outside_data_root))
     except typer.Exit:
         raise
     except Exception as err:
@@ -902,6 +907,7 @@ def transfusion(
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
+    allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
 ) -> None:
     """RZ19's Transfusion study on TASK: random vs pretrained vs Mean-Var vs transfusion-K, CBR vs ResNet-50;
     tables like RZ19 Tables 1-2, per-layer similarity and convergence plots."""
@@ -909,7 +915,7 @@ def transfusion(
         _transfusion(tasks=task, backbones=backbones, inits=inits, weights=weights or [], freeze=freeze or [],
                      similarity=similarity, seeds=seeds, max_steps=max_steps, data_root=data_root, data=data or [],
                      out=out, tasks_dir=tasks_dir or [], engine=engine.value, micro_batch=micro_batch, threads=threads,
-                     fail_fast=fail_fast)
+                     fail_fast=fail_fast, allow_outside_data_root=allow_outside_data_root)
     except typer.Exit:
         raise
     except Exception as err:
@@ -917,7 +923,7 @@ def transfusion(
 
 
 def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds, max_steps, data_root, data, out,
-                 tasks_dir, engine, micro_batch, threads, fail_fast) -> None:
+                 tasks_dir, engine, micro_batch, threads, fail_fast, allow_outside_data_root=False) -> None:
     from rich.markdown import Markdown
 
     from medbench.catalog import Catalog
@@ -932,7 +938,7 @@ def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds,
     for t in tasks:
         catalog.task(t)
     bbs = split_list(backbones, DEFAULT_BACKBONES, "backbones")
-    locations = DataLocations.from_cli(data_root, data)
+    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
     configure_torch(threads or os.cpu_count())
     _check_writable(out)
     failed = []

@@ -14,6 +14,8 @@ Layout under the output folder::
         checkpoint/          while training: the last checkpoint (see medbench.train.checkpoint);
                              removed once the run is complete
         .lock                held (flock) by the process training the run
+        .<file>.<random>.<pid>@<host>.tmp   a file being written (utils.atomic_path); one left by a
+                             killed writer is removed when the run is next claimed (see RunDir.claim)
     leaderboard.json
 
 **The key.** ``<key>`` is :func:`medbench.runner.run_key`: a sha256 of
@@ -41,11 +43,12 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medbench.utils import atomic_write_json
+from medbench.utils import atomic_write_json, writer_gone
 
 RESULT = "result.json"
 CONFIG = "config.json"
@@ -56,6 +59,10 @@ CHECKPOINT = "checkpoint"
 LOCK = ".lock"
 #: bumped when the layout or the meaning of a stored file changes (part of the run key)
 STORE_FORMAT = 2
+#: a temporary file whose writer cannot be checked from here (written on another host, or by a medbench
+#: that did not tag its temporary files) counts as left behind when nothing has written to it for this long
+#: while the run's lock is held: an atomic write renames its file within seconds of its last write
+STALE_TEMP_SECONDS = 15 * 60
 
 
 def safe_name(name: str) -> str:
@@ -119,6 +126,35 @@ class RunDir:
     def clear_checkpoint(self) -> None:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
+    def remove_stale_temp_files(self, *, unknown_after: float | None = STALE_TEMP_SECONDS) -> list[Path]:
+        """Remove the temporary files (``.<name>...tmp`` of :func:`medbench.utils.atomic_path`) that a
+        killed writer left anywhere in the run folder; returns them.
+
+        Only files whose writer is gone: written on this host by a process that has exited. A file
+        whose writer cannot be checked (another host, or an untagged name) is removed when it has not
+        been written for ``unknown_after`` seconds (None: kept). Call while holding the run's lock.
+        """
+        removed: list[Path] = []
+        now = time.time()
+        for dirpath, _dirs, files in os.walk(self.path):
+            for name in files:
+                if not (name.startswith(".") and name.endswith(".tmp")):
+                    continue
+                path = Path(dirpath) / name
+                gone = writer_gone(name)
+                if gone is None and unknown_after is not None:
+                    try:
+                        gone = now - path.stat().st_mtime > unknown_after
+                    except OSError:
+                        continue
+                if gone:
+                    try:
+                        path.unlink()
+                    except OSError:
+                        continue
+                    removed.append(path)
+        return removed
+
     @contextlib.contextmanager
     def claim(self) -> Iterator[bool]:
         """Hold the run's lock while training it: yields False when another process holds it.
@@ -128,6 +164,12 @@ class RunDir:
         file systems without working flock (some NFS setups) two processes can
         still train the same run; their numbers are identical and every write is
         atomic, so the store stays consistent.
+
+        Temporary files a killed writer left in the folder are removed when the
+        lock is taken and again before it is released (by then the earlier
+        writer's files are old enough to be told apart even when it ran on
+        another host): see :meth:`remove_stale_temp_files`. Without working
+        flock only files of exited writers on this host are removed.
         """
         try:
             import fcntl
@@ -143,10 +185,13 @@ class RunDir:
                 yield False
                 return
             except OSError:  # flock unsupported here: proceed unlocked
+                self.remove_stale_temp_files(unknown_after=None)
                 yield True
                 return
             try:
+                self.remove_stale_temp_files()
                 yield True
+                self.remove_stale_temp_files()
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:

@@ -8,6 +8,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,6 +26,35 @@ def _current_umask() -> int:
 
 #: files written atomically get the permissions ``open()`` would give them (mkstemp makes 0600)
 _FILE_MODE = 0o666 & ~_current_umask()
+
+
+def writer_tag() -> str:
+    """``<pid>@<host>`` of this process, put in the names of its temporary files (see :func:`writer_gone`)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:40] or "unknown"
+    return f"{os.getpid()}@{host}"
+
+
+_WRITER_RE = re.compile(r"\.(\d+)@([A-Za-z0-9_-]+)\.(?:tmp|partial)$")
+
+
+def writer_gone(name: str) -> bool | None:
+    """Has the process that wrote the temporary file ``name`` exited? True / False, or None when that
+    cannot be told here (written on another host, or with no :func:`writer_tag` in its name)."""
+    m = _WRITER_RE.search(name)
+    if m is None:
+        return None
+    pid, host = int(m.group(1)), m.group(2)
+    if host != writer_tag().split("@", 1)[1]:
+        return None
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, someone else's
+        return False
+    return False
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -91,12 +122,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     Readers see the old file or the whole new one, never a part. On any error
     the temporary file is removed; an ``OSError`` (disk full, read-only
-    folder) becomes a one-line :class:`~medbench.errors.OutputError` naming ``path``.
+    folder) becomes a one-line :class:`~medbench.errors.OutputError` naming ``path``. The temporary
+    file is ``.<name>.<random>.<pid>@<host>.tmp``: one left by a killed writer is recognised as
+    stale by :func:`writer_gone` (see ``RunDir.remove_stale_temp_files``).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{writer_tag()}.tmp", dir=path.parent)
         try:
             os.fchmod(fd, _FILE_MODE)
         finally:

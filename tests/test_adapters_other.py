@@ -28,6 +28,10 @@ MONTGOMERY_READINGS = {
     "MCUCXR_0003_1": ("Patient's Sex:M\nPatient's Age:006M\nmiliary pattern\n", "M", 0.5),
     # sex "O" (other/unknown) is missing, never guessed
     "MCUCXR_0004_1": ("Patient's Sex: O\nPatient's Age: 061Y\nright upper lobe cavitary lesion\n", None, 61.0),
+    # a trailing space after the sex, a child's age, a reading that refers to another file (as released)
+    "MCUCXR_0005_0": ("Patient's Sex: F \nPatient's Age: 005Y\nNO REPORT (same pt as MCUCXR_0162_1)\n", "F", 5.0),
+    # (constructed) unknown sex: the reading's words are never taken for the Shenzhen first-line form
+    "MCUCXR_0006_1": ("Patient's Sex: O\nPatient's Age: 045Y\nman with right pleural effusion\n", None, 45.0),
 }
 SHENZHEN_READINGS = {
     # the Shenzhen form: a first line "<sex> <age>yrs" with the spelling variants of the release
@@ -39,6 +43,13 @@ SHENZHEN_READINGS = {
     "CHNCXR_0006_0": ("FEMALE 61YRS\n\nnormal\n", "F", 61.0),
     "CHNCXR_0007_1": ("male 52\nleft PTB\n", "M", 52.0),
     "CHNCXR_0008_0": ("normal\n", None, None),  # no demographic line
+    # spellings in the released files, as published parsers of the set record them (see tuberculosis.py)
+    "CHNCXR_0011_0": ("femal 32yrs\nnormal\n", "F", 32.0),  # typo
+    "CHNCXR_0012_1": ("female24yrs\nPTB in the left upper field\n", "F", 24.0),  # no space
+    "CHNCXR_0013_1": ("male , 29yrs  \t\nbilateral secondary PTB\n", "M", 29.0),  # comma, tab
+    "CHNCXR_0014_0": ("male 16month\nnormal\n", "M", 1.3333),  # an infant, in months
+    "CHNCXR_0015_0": ("female 64days\nnormal\n", "F", 0.1752),  # ... in days
+    "CHNCXR_0016_1": ("Female, 28yrs\nright PTB\n", "F", 28.0),
 }
 
 
@@ -107,6 +118,17 @@ def test_tuberculosis_set_selection_and_missing_set(tb_root: Path, tmp_path: Pat
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match=r"dataset.options.sets.0"):
         get_adapter("tuberculosis").load(tb_root, {"sets": ["montgomry"]}, ["tuberculosis"], "binary")
+
+
+@pytest.mark.parametrize(("value", "years"), [
+    ("058Y", 58.0), ("0023Y", 23.0), ("00005Y", 5.0), ("006M", 0.5), ("030D", 0.0821), ("010W", 0.1916),
+    ("35yrs", 35.0), ("16month", 1.3333), (" 64days", 0.1752), ("40", 40.0), (41, 41.0),
+    ("1985", None), ("0131Y", None), ("unknown", None), ("", None), (None, None),
+])
+def test_shared_age_parser_reads_dicom_ages_with_any_zero_padding(value, years) -> None:
+    from medbench.data.adapters._common import parse_age
+
+    assert parse_age(value) == years
 
 
 # --------------------------------------------------------------------------- COVIDx
@@ -520,6 +542,16 @@ def test_corrupt_and_empty_images_fail_or_are_skipped_and_counted(csv_root: Path
     assert [b["path"].rsplit("/", 1)[1] for b in cached.bad] == ["img03.png", "img07.png"]
     assert "empty (0 bytes)" in cached.bad[1]["error"]
     assert cached.ok.sum() == 10 and not cached.ok[3] and not cached.ok[7]
+    # a task over some of these images reads the same entry: its own bad images only, at its own rows
+    keep = np.array([i not in (1, 2) for i in range(12)])  # img03 and img07 are rows 1 and 5 of the subset
+    part = build_cache(index.subset(keep), 16, 1, on_bad_image="skip", workers=1, root=tmp_path / "b")
+    assert part.path == cached.path and [b["row"] for b in part.bad] == [1, 5]
+    assert part.ok.tolist() == [i not in (1, 5) for i in range(10)]
+    assert np.array_equal(np.asarray(part.pixels)[part.ok], np.asarray(cached.pixels)[keep & cached.ok])
+    clean = index.subset(np.array([i not in (3, 7) for i in range(12)]))
+    assert build_cache(clean, 16, 1, on_bad_image="fail", workers=1, root=tmp_path / "b").bad == []
+    with pytest.raises(DataError, match=r"img07.png: image file is empty"):
+        build_cache(index.subset(np.arange(12) >= 6), 16, 1, on_bad_image="fail", workers=1, root=tmp_path / "b")
 
 
 def test_adapter_errors_are_medbench_errors() -> None:

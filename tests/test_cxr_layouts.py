@@ -200,6 +200,29 @@ def test_mimic_bad_inputs_name_file_and_field(tmp_path: Path) -> None:
                               "'study_id', 'subject_id'")
 
 
+def test_mimic_patients_csv_stays_inside_the_dataset_folder_unless_allowed(tmp_path: Path) -> None:
+    """MIMIC-IV lives in its own PhysioNet folder: naming it outside the MIMIC-CXR folder needs the user's switch
+    (a link inside the folder is the user's own choice and is followed)."""
+    from medbench.data.base import paths_outside_root_allowed
+
+    root = make_mimic(tmp_path / "mimic-cxr", patients=False)
+    mimic_iv = make_mimic(tmp_path / "mimic-iv") / "hosp"  # only its patients.csv.gz is used
+    for value in (str(mimic_iv / "patients.csv.gz"), "../mimic-iv/hosp/patients.csv.gz"):
+        with pytest.raises(DataError) as err:
+            get_adapter("mimic-cxr").load(root, {"patients_csv": value}, FIVE, "multilabel")
+        assert str(err.value).startswith(f"dataset.options.patients_csv: path {value!r} leaves the dataset folder "
+                                         f"{root}; expected a path inside it; pass --allow-outside-data-root")
+        assert "\n" not in str(err.value)
+        with paths_outside_root_allowed(True):
+            index = get_adapter("mimic-cxr").load(root, {"patients_csv": value}, FIVE, "multilabel")
+        assert index.notes["demographics"] == "patients.csv.gz" and index.table["sex"].null_count() < index.table.height
+    os.symlink(mimic_iv, root / "hosp")
+    linked = get_adapter("mimic-cxr").load(root, {"patients_csv": "hosp/patients.csv.gz"}, FIVE, "multilabel")
+    assert linked.table["sex"].drop_nulls().len() > 0
+    with pytest.raises(DataError, match=r"patients.csv: MIMIC-IV patients file not found \(dataset.options.patients_csv"):
+        get_adapter("mimic-cxr").load(root, {"patients_csv": "patients.csv"}, FIVE, "multilabel")
+
+
 # --------------------------------------------------------------------------------------------- NIH multi-folder
 
 NIH_2017_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
@@ -424,3 +447,108 @@ def test_chexpert_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"label file not found: expected valid.csv\[.gz\]"):
         adapter.load(release, {}, FIVE, "multilabel")
 
+
+
+# --------------------------------------------------------------------------------------------- preprocessing cache
+
+def _chexpert_with_images(parent: Path, patients: int = 12) -> Path:
+    release = parent / "CheXpert-v1.0-small"
+    rows = []
+    for k in range(patients):
+        for view, fl, appa in (("view1_frontal", "Frontal", "PA"), ("view2_lateral", "Lateral", "")):
+            rel = f"train/patient{k + 1:05d}/study1/{view}.jpg"
+            grey_jpeg(release / rel, seed=k * 2 + (fl == "Lateral"))
+            rows.append(chexpert_row(f"CheXpert-v1.0-small/{rel}", fl, appa,
+                                     ["-1.0", "1.0", "", "0.0", "1.0"] if k % 2 else ["1.0", "-1.0", "0.0", "", ""]))
+    write_csv(release / "train.csv", CHEXPERT_HEADER, rows)
+    write_csv(release / "valid.csv", CHEXPERT_HEADER, rows[:0])
+    return release
+
+
+def test_cache_is_keyed_on_the_images_not_on_labels_or_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another uncertainty policy, label set or split reuses the decoded images; a subset of them (frontal
+    only) reads the same entry through a row map; another size decodes again."""
+    import re
+
+    import medbench.data.cache as cache
+    import medbench.data.image_io as image_io
+    from medbench.utils import writer_tag
+
+    release = _chexpert_with_images(tmp_path / "data")
+    tasks, store = tmp_path / "tasks", tmp_path / "cache"
+    tasks.mkdir()
+    for name, options, labels, seed in (("a", "{uncertainty: U-Ignore}", FIVE, 0),
+                                        ("b", "{uncertainty: U-Ones}", ["Edema", "Atelectasis"], 1),
+                                        ("c", "{frontal_only: true}", FIVE, 0)):
+        (tasks / f"{name}.yaml").write_text(
+            f"task: {name}\nversion: 1\nfamily: f\ntype: multilabel\nlabels: {json.dumps(labels)}\n"
+            f"dataset: {{name: chexpert, adapter: chexpert, options: {options}}}\n"
+            f"splits: {{fractions: {{train: 0.5, val: 0.25, test: 0.25}}, seed: {seed}}}\n")
+    where = DataLocations(None, {"chexpert": release})
+    a, b, c = (load_task_data(Catalog([tasks]).task(t), where).index for t in "abc")
+    assert a.fingerprint() != b.fingerprint()  # labels and splits differ: the run key changes ...
+    assert a.table["split"].to_list() != b.table["split"].to_list()
+
+    decoded: list[Path] = []
+    real_read = image_io.read_image
+    monkeypatch.setattr(image_io, "read_image", lambda p: decoded.append(p) or real_read(p))
+    partials: list[str] = []
+    real_allocate = cache._allocate
+    monkeypatch.setattr(cache, "_allocate", lambda p, n: partials.append(p.name) or real_allocate(p, n))
+
+    first = cache.build_cache(a, 16, 1, workers=1, root=store)
+    assert len(decoded) == a.table.height == 24 and first.bad == []
+    key = cache.cache_key(a, 16, 1)
+    assert first.path == store / "chexpert" / f"{key}.u8"
+    assert re.fullmatch(rf"{key}\.u8\.[0-9a-f]{{32}}\.{re.escape(writer_tag())}\.partial", partials[0])
+    again = cache.build_cache(b, 16, 1, workers=1, root=store)  # ... the cached pixels do not
+    assert len(decoded) == 24 and again.path == first.path and cache.cache_key(b, 16, 1) == key
+    assert np.array_equal(np.asarray(again.pixels), np.asarray(first.pixels))
+
+    frontal = cache.build_cache(c, 16, 1, workers=1, root=store)
+    assert len(decoded) == 24 and frontal.path == first.path and isinstance(frontal.pixels, cache.RowMap)
+    assert frontal.pixels.shape == (12, 1, 16, 16) and frontal.ok.all()
+    row_of = {s: i for i, s in enumerate(a.table["sample_id"].to_list())}
+    same = [row_of[s] for s in c.table["sample_id"].to_list()]
+    assert np.array_equal(frontal.pixels[np.arange(12)], np.asarray(first.pixels)[same])
+    assert np.array_equal(frontal.pixels[5], np.asarray(first.pixels)[same[5]])
+    assert np.array_equal(frontal.pixels[np.array([7, 2, 7])], np.asarray(first.pixels)[[same[7], same[2], same[7]]])
+
+    bigger = cache.build_cache(a, 24, 1, workers=1, root=store)
+    assert len(decoded) == 48 and bigger.path != first.path and bigger.pixels.shape == (24, 1, 24, 24)
+    assert len(list((store / "chexpert").glob("*.u8"))) == 2
+    assert not list((store / "chexpert").glob("*.partial"))
+
+
+def test_cache_key_of_in_memory_pixels_and_partial_files_of_killed_builds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import medbench.data.cache as cache
+    from medbench.data.base import DatasetIndex, label_column
+    from medbench.utils import writer_tag
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (6, 20, 20)).astype(np.uint8)
+    ids = [str(i) for i in range(6)]
+
+    def index(labels: list[int], px: np.ndarray) -> DatasetIndex:
+        return DatasetIndex("mem", pl.DataFrame({"sample_id": ids, "patient_id": ids, label_column("y"): labels}),
+                            ["y"], pixels=px)
+
+    key = cache.cache_key(index([0, 1] * 3, pixels), 16, 1)
+    assert cache.cache_key(index([1, 1, 1, 0, 0, 0], pixels), 16, 1) == key  # labels: same pixels
+    assert cache.cache_key(index([0, 1] * 3, pixels[::-1].copy()), 16, 1) != key  # other pixels
+    assert cache.cache_key(index([0, 1] * 3, pixels), 16, 3) != key
+
+    folder = tmp_path / "mem"
+    folder.mkdir()
+    host = writer_tag().split("@")[1]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    killed = folder / f"{key}.u8.{'0' * 32}.{dead}@{host}.partial"
+    elsewhere = folder / f"{key}.u8.{'1' * 32}.{dead}@other-node.partial"  # maybe still building there
+    for p in (killed, elsewhere):
+        p.write_bytes(b"\0" * 64)
+    built = cache.build_cache(index([0, 1] * 3, pixels), 16, 1, root=tmp_path)
+    assert built.path == folder / f"{key}.u8" and not killed.exists() and elsewhere.exists()

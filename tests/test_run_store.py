@@ -24,7 +24,7 @@ from medbench.train.distributed import prepare_environment
 from medbench.train.finetune import EngineConfig, Finetuner, History
 from medbench.train.hyperrule import make_plan
 from medbench.utils import atomic_path, atomic_write_text
-from tiny_tasks import STEPS_PER_RUN, write_tiny_tasks
+from tiny_tasks import write_tiny_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +168,83 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
     assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # readable by others as open() would make it
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from medbench.utils import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_text("half of the new")
+    print(tmp.name, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_claiming_a_run_removes_temporary_files_of_killed_writers_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from medbench.results import STALE_TEMP_SECONDS
+    from medbench.utils import writer_gone, writer_tag
+
+    run = RunDir(tmp_path / "runs" / "t" / "b" / "r")
+    (run.path / "predictions").mkdir(parents=True)
+    # a writer SIGKILLed inside atomic_path leaves its temporary file (the old file stays whole)
+    atomic_write_text(run.path / "history.json", "old")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(run.path / "history.json")],
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    left = run.path / killed.stdout.strip()
+    assert left.is_file() and left.name.startswith(".history.json.") and writer_gone(left.name) is True
+    host = writer_tag().split("@")[1]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    files = {
+        "predictions/.test.parquet.abc12345.{dead}@{host}.tmp": (None, True),  # exited writer, this host
+        ".metrics.json.abc12345.{alive}@{host}.tmp": (None, False),  # a live writer's file is never touched
+        ".config.json.abc12345.{me}@{host}.tmp": (None, False),  # nor this process's own
+        ".config.json.def67890.{dead}@other-node.tmp": (None, False),  # another host's, written just now
+        ".config.json.0a1b2c3d.{dead}@other-node.tmp": (old, True),  # another host's, unwritten for long
+        ".splits.parquet.k2j3h4g5.tmp": (old, True),  # untagged (older medbench), unwritten for long
+        ".splits.parquet.z9y8x7w6.tmp": (None, False),  # untagged, recent
+        "predictions/test.parquet": (old, False),  # not a temporary file
+    }
+    try:
+        paths = {}
+        for rel, (mtime, _) in files.items():
+            path = run.path / rel.format(dead=dead, alive=alive.pid, me=os.getpid(), host=host)
+            path.write_text("x")
+            if mtime is not None:
+                os.utime(path, (mtime, mtime))
+            paths[rel] = path
+        with run.claim() as mine:
+            assert mine
+            assert not left.exists() and (run.path / "history.json").read_text() == "old"
+            for rel, (_, removed) in files.items():
+                assert paths[rel].exists() != removed, rel
+            assert (run.path / ".lock").is_file()
+            alive.kill()  # the live writer ends while the run is trained ...
+            alive.wait()
+    finally:
+        alive.kill()
+        alive.wait()
+    # ... and before the lock is released the folder is checked again
+    assert not paths[".metrics.json.abc12345.{alive}@{host}.tmp"].exists()
+    assert paths[".config.json.abc12345.{me}@{host}.tmp"].exists()
+
+
+def test_atomic_writes_name_their_writer(tmp_path: Path) -> None:
+    from medbench.utils import writer_gone, writer_tag
+
+    with atomic_path(tmp_path / "result.json") as tmp:
+        assert tmp.name.startswith(".result.json.") and tmp.name.endswith(f".{writer_tag()}.tmp")
+        assert writer_gone(tmp.name) is False
+        tmp.write_text("{}")
+    assert writer_gone(".result.json.x.1@elsewhere.tmp") is None and writer_gone(".result.json.x.tmp") is None
 
 
 # ------------------------------------------------------------------ the runner: resume, failures, locks

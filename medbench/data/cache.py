@@ -2,43 +2,97 @@
 
 Training and evaluation read only the cache. An entry holds the rows of a
 :class:`~medbench.data.base.DatasetIndex` as one uint8 array
-``[N, C, S, S]`` on disk (``<key>.u8``) and a JSON sidecar written last, so a
-half-written entry is never used. The key is the dataset fingerprint (file
-list + labels + metadata, or in-memory pixels), the size, the channels and the
-cache format version.
+``[N, C, S, S]`` on disk (``<key>.u8``), the image paths of its rows in order
+(``<key>.rows.json``) and a JSON sidecar written last (``<key>.json``: shape,
+bad images), so a half-written entry is never used.
+
+The key is what fixes the pixels, and nothing else: the pixel source (the
+resolved dataset folder and the ordered list of image paths, or for in-memory
+datasets such as synthetic and MedMNIST a hash of the pixel array), the size,
+the channels, :data:`~medbench.data.image_io.DECODER_VERSION` and the cache
+format version. Labels, label policies (CheXpert's U-Ignore vs U-Ones), the
+label set and splits are not in it, so tasks that differ only there share one
+entry. A task whose images are a subset or a reordering of an existing entry's
+(the same folder, size, channels and versions; e.g. ``frontal_only`` after the
+full CheXpert) reads that entry through a row map instead of decoding again.
 
 Images wider than 8 bits are min-max scaled per image to 8 bits; images are
-squashed to S x S (Pillow, antialiased bilinear), as BiT does.
+squashed to S x S (Pillow, antialiased bilinear), as BiT does. An entry is
+built into a temporary ``<key>.u8.<uuid>.<pid>@<host>.partial`` (unique across
+the nodes of a shared file system) renamed into place when complete; a partial
+file of a build killed on this host is removed by the next build of that key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from medbench.data.base import DatasetIndex
-from medbench.data.image_io import to_uint8
+from medbench.data.image_io import DECODER_VERSION, to_uint8
 from medbench.errors import DataError, OutputError
 from medbench.paths import cache_dir
-from medbench.utils import atomic_write_json, sha256_json
+from medbench.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    sha256_json,
+    writer_gone,
+    writer_tag,
+)
 
-CACHE_VERSION = 1
+#: bumped when the entry layout or :func:`prepare` changes (2: keyed on the pixel source, rows file)
+CACHE_VERSION = 2
 #: in-memory sources whose prepared images exceed this go through the memory-mapped file instead
 #: (TissueMNIST at 160 px would otherwise hold 6 GB in RAM)
 IN_MEMORY_LIMIT_BYTES = 1 << 30
+
+
+class RowMap:
+    """Some rows of a cache entry's array, in the order a task needs them, indexed like an array
+    ``[len(rows), C, S, S]`` of their own (an int, a slice, an index array or a boolean mask first).
+    Reads from the entry's memory map go in ascending order."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray):
+        self.base = base
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *base.shape[1:])
+        self.dtype = base.dtype
+        self.ndim = base.ndim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        picked = self.rows[key]
+        if np.ndim(picked) == 0:
+            out = np.asarray(self.base[int(picked)])
+        else:
+            order = np.argsort(picked, kind="stable")
+            out = np.empty((len(picked), *self.shape[1:]), dtype=self.dtype)
+            out[order] = self.base[picked[order]]
+        return out[rest] if rest else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 @dataclass
 class CachedImages:
     """Row-aligned uint8 images ``[N, C, S, S]`` and which rows decoded."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | RowMap
     ok: np.ndarray  # bool [N]
     bad: list[dict]  # {"row", "path", "error"}
     path: Path | None
@@ -72,12 +126,40 @@ def prepare(img: np.ndarray, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.uint8)
 
 
-def cache_key(index: DatasetIndex, size: int, channels: int) -> str:
-    # the folder is part of the key: two copies of a dataset with the same file names (e.g. a full and a
-    # downsized one) must not share cached pixels
-    root = str(Path(index.root).resolve()) if index.root is not None else None
-    return sha256_json({"v": CACHE_VERSION, "data": index.fingerprint(), "size": size, "channels": channels,
-                        "root": root})[:24]
+def pixel_source(index: DatasetIndex) -> dict:
+    """Where the pixels of ``index`` come from, without its rows: in-memory pixels by content, files by
+    their folder (two copies of a dataset with the same file names, e.g. a full and a downsized one,
+    must not share cached pixels)."""
+    if index.pixels is not None:
+        h = hashlib.sha256(f"{index.pixels.shape}|{index.pixels.dtype}".encode())
+        h.update(np.ascontiguousarray(index.pixels).view(np.uint8).data)
+        return {"memory": h.hexdigest()}
+    return {"folder": str(Path(index.root if index.root is not None else ".").resolve())}
+
+
+def row_paths(index: DatasetIndex) -> list[str | None]:
+    """The image path of each row, in order (None for in-memory pixels or a row without a path)."""
+    if index.pixels is not None:
+        return [None] * len(index)
+    return index.table["path"].to_list()
+
+
+def _family(source: dict, size: int, channels: int) -> str:
+    """Entries of one family hold the same pixels for the same path: a subset can read another's rows."""
+    return sha256_json({"v": CACHE_VERSION, "decoder": DECODER_VERSION, "source": source, "size": size,
+                        "channels": channels})
+
+
+def cache_key(index: DatasetIndex, size: int, channels: int, *, source: dict | None = None,
+              paths: list[str | None] | None = None) -> str:
+    """The entry of ``index`` at ``size``/``channels``: pixel source, ordered image paths, versions.
+
+    Labels, splits and sample metadata do not enter: they do not change the pixels.
+    """
+    source = pixel_source(index) if source is None else source
+    paths = row_paths(index) if paths is None else paths
+    rows = hashlib.sha256(json.dumps(paths).encode()).hexdigest()
+    return sha256_json({"family": _family(source, size, channels), "rows": rows, "n": len(paths)})[:24]
 
 
 def _decode_rows(args: tuple[DatasetIndex, str, tuple[int, ...], int, int, int]) -> list[dict]:
@@ -119,14 +201,19 @@ def build_cache(
         return CachedImages(pixels=pixels, ok=np.ones(n, dtype=bool), bad=[], path=None)
 
     folder = (root or cache_dir() / "images") / index.name
-    key = cache_key(index, size, channels)
+    source, paths = pixel_source(index), row_paths(index)
+    family = _family(source, size, channels)
+    key = cache_key(index, size, channels, source=source, paths=paths)
     data_path = folder / f"{key}.u8"
     meta_path = folder / f"{key}.json"
-    if meta_path.is_file() and data_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if tuple(meta["shape"]) == shape:
-            return _open(data_path, shape, meta, on_bad_image, index)
-    tmp_path = folder / f"{key}.u8.partial-{os.getpid()}"
+    meta = _read_meta(meta_path)
+    if meta is not None and data_path.is_file() and tuple(meta["shape"]) == shape:
+        return _open(data_path, shape, meta, on_bad_image)
+    covering = _covering_entry(folder, family, paths, shape)
+    if covering is not None:
+        return covering if on_bad_image != "fail" or not covering.bad else _fail_on(covering.bad)
+    _remove_dead_partials(folder, key)
+    tmp_path = folder / f"{key}.u8.{uuid.uuid4().hex}.{writer_tag()}.partial"
     _allocate(tmp_path, int(np.prod(shape)))
     # in-memory pixels are resized in this process: worker processes would each receive a pickled copy
     workers = 1 if index.pixels is not None else (workers or min(os.cpu_count() or 1, 8))
@@ -161,9 +248,74 @@ def build_cache(
         os.replace(tmp_path, data_path)
     except OSError as err:
         raise _cache_error(folder, err) from err
-    meta = {"shape": list(shape), "dataset": index.name, "bad": bad, "version": CACHE_VERSION}
+    rows_file = folder / f"{key}.rows.json"
+    if all(p is not None for p in paths):  # what a later subset looks its rows up in
+        atomic_write_text(rows_file, json.dumps(paths))
+    meta = {"shape": list(shape), "dataset": index.name, "bad": bad, "version": CACHE_VERSION,
+            "decoder": DECODER_VERSION, "family": family, "source": source,
+            "rows": rows_file.name if all(p is not None for p in paths) else None}
     atomic_write_json(meta_path, meta)
-    return _open(data_path, shape, meta, on_bad_image, index)
+    return _open(data_path, shape, meta, on_bad_image)
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and "shape" in meta else None
+
+
+def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...]) -> CachedImages | None:
+    """An existing entry of the same family holding every image of ``paths`` (the smallest such), read
+    through a row map; None when there is none."""
+    if not paths or any(p is None for p in paths) or not folder.is_dir():
+        return None
+    wanted = set(paths)
+    candidates = []
+    for meta_path in folder.glob("*.json"):
+        if meta_path.name.endswith(".rows.json"):
+            continue
+        meta = _read_meta(meta_path)
+        if meta is None or meta.get("family") != family or not meta.get("rows") \
+                or tuple(meta["shape"][1:]) != shape[1:] or meta["shape"][0] < len(wanted):
+            continue
+        candidates.append((meta["shape"][0], meta_path.name, meta_path, meta))
+    for n, _, meta_path, meta in sorted(candidates, key=lambda c: (c[0], c[1])):
+        data_path = meta_path.with_suffix(".u8")
+        try:
+            stored = json.loads((folder / meta["rows"]).read_text())
+        except (OSError, ValueError):
+            continue
+        if len(stored) != n or not data_path.is_file():
+            continue
+        where: dict[str, int] = {}
+        for i, p in enumerate(stored):
+            where.setdefault(p, i)
+        if not wanted <= where.keys():
+            continue
+        rows = np.fromiter((where[p] for p in paths), dtype=np.int64, count=len(paths))
+        base = _open(data_path, (n, *shape[1:]), meta, "skip")
+        bad_at = {b["row"]: b for b in base.bad}
+        bad = [{**bad_at[int(r)], "row": i} for i, r in enumerate(rows) if int(r) in bad_at]
+        return CachedImages(pixels=RowMap(base.pixels, rows), ok=base.ok[rows], bad=bad, path=data_path)
+    return None
+
+
+def _remove_dead_partials(folder: Path, key: str) -> None:
+    """Partial files of earlier builds of ``key`` whose process (on this host) is gone: killed builds."""
+    if not folder.is_dir():
+        return
+    for p in folder.glob(f"{key}.u8.*.partial"):
+        if writer_gone(p.name):
+            p.unlink(missing_ok=True)
+
+
+def _fail_on(bad: list[dict]) -> CachedImages:
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise DataError(f"{first['error']}{more}; set dataset.on_bad_image: skip to leave bad images out",
+                    where=first["path"], field=first.get("field"))
 
 
 def _cache_error(folder: Path, err: OSError) -> OutputError:
@@ -192,12 +344,10 @@ def _allocate(path: Path, nbytes: int) -> None:
         raise _cache_error(path.parent, err) from err
 
 
-def _open(data_path: Path, shape: tuple[int, ...], meta: dict, on_bad_image: str, index: DatasetIndex) -> CachedImages:
+def _open(data_path: Path, shape: tuple[int, ...], meta: dict, on_bad_image: str) -> CachedImages:
     bad = meta.get("bad", [])
     if bad and on_bad_image == "fail":
-        first = bad[0]
-        raise DataError(f"{first['error']}; set dataset.on_bad_image: skip to leave bad images out",
-                        where=first["path"], field=first.get("field"))
+        _fail_on(bad)
     ok = np.ones(shape[0], dtype=bool)
     for b in bad:
         ok[b["row"]] = False

@@ -19,6 +19,9 @@ import numpy as np
 from medbench.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+#: bumped when decoding a file gives other pixels (a format's handling, rescaling, inversion, 8-bit
+#: scaling in :func:`to_uint8`): part of the preprocessing cache key, so cached images are decoded again
+DECODER_VERSION = 1
 
 
 def read_image(path: Path) -> np.ndarray:

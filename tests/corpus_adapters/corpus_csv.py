@@ -1,7 +1,9 @@
 """A minimal CSV + image-folder adapter used only by the malformed-input tests.
 
-It is built the way every real adapter is: options validated by pydantic,
-path options resolved with ``data_path`` (kept inside the dataset folder),
+It is built the way every shipped adapter is: options validated by a pydantic
+model through ``parse_options`` (errors name ``dataset.options.<field>``), the
+dataset folder checked with ``require_root``, path options resolved with
+``data_path`` (kept inside the dataset folder unless the user allows otherwise),
 the label file read with ``read_csv_checked``, and a ``DatasetIndex`` whose
 checks (label values, sample ids, image paths) do the rest. The tests append
 this folder to ``medbench.data.adapters.__path__`` so ``adapter: corpus-csv``
@@ -14,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from medbench.data.adapters._common import parse_options, require_root
 from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
-from medbench.errors import DataError
 
 
 class Options(BaseModel):
@@ -33,12 +35,8 @@ class CorpusCsvAdapter:
     how_to_get = "the test writes it"
 
     def load(self, root: Path | None, options: dict[str, Any], labels: list[str], task_type: str) -> DatasetIndex:
-        try:
-            opts = Options.model_validate(options)
-        except ValidationError as err:
-            e = err.errors()[0]
-            raise DataError(e["msg"], field="dataset.options." + ".".join(map(str, e["loc"]))) from None
-        assert root is not None
+        opts = parse_options(Options, options, self.name)
+        root = require_root(root, self.name)
         csv = data_path(root, opts.csv, field="dataset.options.csv")
         images = data_path(root, opts.images, field="dataset.options.images")
         df = read_csv_checked(csv, required=["file", "patient", "label"], dataset="corpus")

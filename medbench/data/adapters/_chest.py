@@ -7,7 +7,6 @@ Not an adapter itself: modules whose name starts with ``_`` are skipped by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 

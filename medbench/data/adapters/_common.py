@@ -64,12 +64,13 @@ _AGE_UNITS_DAYS = {"d": 1.0, "day": 1.0, "days": 1.0,
                    "months": 30.4375,
                    "y": 365.25, "yr": 365.25, "yrs": 365.25, "year": 365.25, "years": 365.25, "yo": 365.25,
                    "y/o": 365.25, "yearsold": 365.25, "yearold": 365.25}
-_AGE_RE = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?)\s*(y/o|[a-z]+)?(?![\w/])", re.IGNORECASE)
+#: up to three significant digits, any leading zeros (DICOM AS ``058Y``; some exports pad to ``0023Y``)
+_AGE_RE = re.compile(r"(?<![\d.])(0*\d{1,3}(?:\.\d+)?)\s*(y/o|[a-z]+)?(?![\w/])", re.IGNORECASE)
 
 
 def parse_age(value: Any, *, default_unit: str = "y") -> float | None:
-    """Age in years from ``35``, ``"35"``, ``"035Y"`` (DICOM AS), ``"35yrs"``, ``"35 years"``,
-    ``"6M"``/``"6 months"``, ``"10D"``...; ``None`` when there is no plausible age."""
+    """Age in years from ``35``, ``"35"``, ``"035Y"`` (DICOM AS), ``"0023Y"``, ``"35yrs"``, ``"35 years"``,
+    ``"6M"``/``"6 months"``, ``"16month"``, ``"10D"``...; ``None`` when there is no plausible age."""
     if value is None:
         return None
     if isinstance(value, (int, float)):

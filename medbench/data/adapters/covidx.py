@@ -35,7 +35,7 @@ from medbench.data.adapters._common import (
     parse_options,
     require_root,
 )
-from medbench.data.base import DatasetIndex
+from medbench.data.base import DatasetIndex, data_path
 from medbench.errors import DataError
 
 THREE_CLASS = ["normal", "pneumonia", "COVID-19"]
@@ -46,7 +46,7 @@ SPLITS = ("train", "val", "test")
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: split files relative to the dataset folder; null: ``<split>.txt``, else the one ``<split>*.txt``
+    #: split files inside the dataset folder (relative to it); null: ``<split>.txt``, else the one ``<split>*.txt``
     train_file: str | None = None
     test_file: str | None = None
     val_file: str | None = None
@@ -56,7 +56,7 @@ class Options(BaseModel):
 
 def _split_file(root: Path, split: str, given: str | None) -> Path | None:
     if given:
-        p = root / given
+        p = data_path(root, given, field=f"dataset.options.{split}_file")
         if not p.is_file():
             raise DataError(f"{split} split file not found", where=p, field=f"dataset.options.{split}_file")
         return p

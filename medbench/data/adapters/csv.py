@@ -6,7 +6,7 @@ Example (labels from one class column)::
       name: my-derm                    # --data my-derm=/path/to/folder
       adapter: csv
       options:
-        csv: labels.csv                # relative to the dataset folder
+        csv: labels.csv                # inside the dataset folder (see below)
         path_column: file              # image path per row ...
         path_root: images              # ... relative to <folder>/images
         path_suffix: ".png"            # appended when the column holds ids, not file names
@@ -31,6 +31,11 @@ is 1 for its label's values and 0 for ``negative_values`` (default: every other
 non-blank value). A value that maps to nothing is an error naming the file, the
 column and the value (``unmatched: drop`` leaves such rows out instead). Blank
 cells are missing labels.
+
+``csv`` and ``path_root`` are resolved with :func:`~medbench.data.base.data_path`:
+they must stay inside the dataset folder (no absolute path elsewhere, no ``..``
+climbing out) unless the user passes ``--allow-outside-data-root``; the image
+paths the CSV yields are held to the same rule.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medbench.data.adapters._common import class_labels, normalize_sex, parse_age, parse_options, require_root
-from medbench.data.base import DatasetIndex, label_column, read_csv_checked
+from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 
 DEFAULT_VALUE_MAP: dict[str, Optional[int]] = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "": None}
@@ -91,7 +96,11 @@ class CsvAdapter:
     def load(self, root: Path | None, options: dict[str, Any], labels: list[str], task_type: str) -> DatasetIndex:
         opts = parse_options(Options, options, self.name)
         root = require_root(root, self.name)
-        csv_path = root / opts.csv
+        csv_path = data_path(root, opts.csv, field="dataset.options.csv")
+        image_base = ""
+        if opts.path_root:
+            base = data_path(root, opts.path_root, field="dataset.options.path_root")
+            image_base = (base.relative_to(root) if base.is_relative_to(root) else base).as_posix().rstrip("/") + "/"
         label_cols = list(opts.label_columns.values()) if opts.label_columns else [opts.label_column]
         if opts.label_columns is not None:
             missing = [lab for lab in labels if lab not in opts.label_columns]
@@ -126,8 +135,7 @@ class CsvAdapter:
                 cols[label_column(lab)] = raw.replace_strict(lookup, default=None, return_dtype=pl.Int8)
             label_df = pl.DataFrame(cols)
 
-        paths = (pl.lit((opts.path_root.rstrip("/") + "/") if opts.path_root else "") + pl.col(opts.path_column)
-                 + pl.lit(opts.path_suffix))
+        paths = pl.lit(image_base) + pl.col(opts.path_column) + pl.lit(opts.path_suffix)
         table = df.select(sample_id=paths, path=paths,
                           patient_id=pl.col(opts.patient_column) if opts.patient_column else paths)
         if opts.split_column:

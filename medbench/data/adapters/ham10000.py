@@ -34,7 +34,7 @@ from medbench.data.adapters._common import (
     require_root,
     subdirs_ci,
 )
-from medbench.data.base import DatasetIndex, read_csv_checked
+from medbench.data.base import DatasetIndex, data_path, read_csv_checked
 from medbench.errors import DataError
 
 DX = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -47,7 +47,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: metadata file relative to the dataset folder; null: HAM10000_metadata{.csv,.tab,}
+    #: metadata file inside the dataset folder (relative to it); null: HAM10000_metadata{.csv,.tab,}
     metadata: str | None = None
 
 
@@ -84,7 +84,9 @@ class Ham10000Adapter:
         opts = parse_options(Options, options, self.name)
         root = require_root(root, self.name)
         if opts.metadata:
-            meta_path = root / opts.metadata
+            meta_path = data_path(root, opts.metadata, field="dataset.options.metadata")
+            if not meta_path.is_file():
+                raise DataError("metadata file not found", where=meta_path, field="dataset.options.metadata")
         else:
             meta_path = find_file(root, METADATA_NAMES, max_depth=1)
             if meta_path is None:

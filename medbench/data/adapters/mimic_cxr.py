@@ -19,10 +19,13 @@ are left out and counted in ``notes['dropped']``.
 Metadata: ``patient_id`` = ``subject_id``; view = ``ViewPosition`` (upper case;
 blank -> null); site ``BIDMC``; split from the split file (tasks rename
 ``validate`` to ``val``). Sex and age come from MIMIC-IV's ``patients.csv``
-(``subject_id,gender,anchor_age,anchor_year,...``) when given
-(``options.patients_csv``, or ``patients.csv[.gz]`` / ``hosp/patients.csv[.gz]``
-in DIR): sex = ``gender``; age at the study = ``anchor_age`` + (study year -
-``anchor_year``), the two databases sharing each patient's date shift.
+(``subject_id,gender,anchor_age,anchor_year,...``) when given: sex = ``gender``;
+age at the study = ``anchor_age`` + (study year - ``anchor_year``), the two
+databases sharing each patient's date shift. The file is ``options.patients_csv``
+(a path inside DIR), else ``patients.csv[.gz]`` or ``hosp/patients.csv[.gz]`` in
+DIR. MIMIC-IV is a separate PhysioNet project: link its folder into DIR (``ln -s
+/data/mimic-iv/3.1/hosp DIR/hosp``; links inside DIR are followed) or pass
+``--allow-outside-data-root`` to name the file where it is.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from medbench.data.adapters._chest import (
     require_root,
     sex_column,
 )
-from medbench.data.base import DatasetIndex, label_column, read_csv_checked
+from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 
 META_REQUIRED = ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"]
@@ -61,7 +64,8 @@ class Options(BaseModel):
     labeler: Literal["chexpert", "negbio"] = "chexpert"
     #: ViewPosition values to keep (e.g. [PA, AP]); null: all images, blank views included
     views: list[str] | None = None
-    #: MIMIC-IV patients.csv[.gz] (absolute, or relative to the dataset folder); null: look in the folder
+    #: MIMIC-IV patients.csv[.gz] inside the dataset folder (relative to it; a symbolic link to your MIMIC-IV
+    #: copy is fine); null: look for patients.csv[.gz] or hosp/patients.csv[.gz] in the folder
     patients_csv: str | None = None
 
 
@@ -77,8 +81,7 @@ def versioned_file(root: Path, kind: str) -> Path:
 
 def patients_file(root: Path, option: str | None) -> Path | None:
     if option:
-        path = Path(option).expanduser()
-        path = path if path.is_absolute() else root / path
+        path = data_path(root, option, field="dataset.options.patients_csv")
         if not path.is_file():
             raise DataError("MIMIC-IV patients file not found (dataset.options.patients_csv)", where=path)
         return path
@@ -111,6 +114,7 @@ class MimicCxrAdapter:
             raise DataError("MIMIC-CXR labels are independent findings; use type multilabel or binary",
                             where=f"{self.name} adapter", field="type")
         root = require_root(root, self.name)
+        patients_path = patients_file(root, opts.patients_csv)  # first: a bad option fails before any reading
         label_path = versioned_file(root, opts.labeler)
         meta_path = versioned_file(root, "metadata")
         split_path = versioned_file(root, "split")
@@ -156,7 +160,6 @@ class MimicCxrAdapter:
             dropped["view not in options.views"] = n - table.height
 
         sources = [label_path, meta_path, split_path]
-        patients_path = patients_file(root, opts.patients_csv)
         if patients_path is not None:
             pat = read_csv_checked(patients_path, required=PATIENTS_REQUIRED, dataset=self.name)
             people = pl.DataFrame({

@@ -40,7 +40,7 @@ from medbench.data.adapters._chest import (
     require_root,
     sex_column,
 )
-from medbench.data.base import DatasetIndex, label_column, read_csv_checked
+from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 
 FINDINGS = (
@@ -62,11 +62,15 @@ class Options(BaseModel):
 
 
 def label_file(root: Path, name: str | None) -> Path:
+    if name:  # the task's choice: kept inside the dataset folder unless the user allows otherwise
+        given = data_path(root, name, field="dataset.options.labels_file")
+        candidates = [given, Path(f"{given}.gz")]
+    else:
+        candidates = [root / f for n in LABEL_FILES for f in (n, f"{n}.gz")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     names = [name] if name else list(LABEL_FILES)
-    for n in names:
-        for candidate in (root / n, root / f"{n}.gz"):
-            if candidate.is_file():
-                return candidate
     raise DataError(f"label file not found: expected {' or '.join(n + '[.gz]' for n in names)} (dataset 'nih')",
                     where=root)
 

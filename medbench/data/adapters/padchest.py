@@ -45,7 +45,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from medbench.data.adapters._chest import first_bad_row, parse_options, require_root, sex_column
-from medbench.data.base import DatasetIndex, label_column, read_csv_checked
+from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 
 LABEL_FILE_GLOB = "PADCHEST_chest_x_ray_images_labels_*.csv*"
@@ -72,7 +72,7 @@ class Options(BaseModel):
 
 def label_file(root: Path, name: str | None) -> Path:
     if name:
-        path = root / name
+        path = data_path(root, name, field="dataset.options.labels_file")
         if not path.is_file():
             raise DataError("label file not found (dataset 'padchest', option labels_file)", where=path)
         return path

@@ -13,14 +13,21 @@ The label is the file name's last digit. Sex and age come from the clinical
 readings, whose two sets are written differently:
 
 * Montgomery: ``Patient's Sex: M`` / ``Patient's Age: 035Y`` lines (DICOM-style
-  ``nnnY``/``nnnM``/``nnnD`` ages; ``O`` or blank sex is unknown), then the reading;
-* Shenzhen: a first line like ``male 35yrs``, ``Male 35yrs``, ``female, 24yrs``,
-  ``male 35 yrs``, ``female 8yr``, ``male 35`` (case, separators and unit vary),
-  then the reading.
+  ``nnnY``/``nnnM``/``nnnD`` ages; ``O`` or blank sex is unknown; trailing spaces
+  occur: ``Patient's Sex: F ``), then the reading (``normal``, a finding, or ``NO
+  REPORT (same pt as MCUCXR_0162_1)``);
+* Shenzhen: a first line ``<sex> <age><unit>``, then the reading. The spellings of
+  the release (as published parsers of it record them): ``male 45yrs``, ``Female,
+  28yrs``, ``male , 29yrs`` (comma, stray tabs), ``female24yrs`` (no space),
+  ``femal 32yrs`` (typo), infants as ``male 16month`` and ``female 64days``; also
+  ``yr``/``years``/``Y`` units and case variants. A bare number (``male 42``) is
+  read as years.
 
 Files may start with a byte-order mark and use CRLF line ends. A reading without a
-recognisable sex or age leaves that attribute missing (never guessed). Samples are
-the union of images and readings, so label files alone list the dataset.
+recognisable sex or age leaves that attribute missing (never guessed); the
+Shenzhen first-line form is only tried in files without Montgomery's
+``Patient's ...`` lines. Samples are the union of images and readings, so label
+files alone list the dataset.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from medbench.errors import DataError
 NAME_RE = re.compile(r"^(MCUCXR|CHNCXR)_(\d+)_([01])\.(png|txt)$", re.IGNORECASE)
 SETS = {"MCUCXR": "montgomery", "CHNCXR": "shenzhen"}
 _FIELD_RE = re.compile(r"^\s*patient\W{0,2}s\s+(sex|age)\s*:?\s*(.*)$", re.IGNORECASE)
-_SEX_WORD_RE = re.compile(r"\b(female|male|woman|man)\b", re.IGNORECASE)
+#: a sex word not inside another word; digits may follow at once (``female24yrs``); ``femal`` is a typo of the release
+_SEX_WORD_RE = re.compile(r"(?<![a-z])(female|femal|male|woman|man)(?![a-z])", re.IGNORECASE)
+_SEX_WORDS = {"female": "F", "femal": "F", "woman": "F", "male": "M", "man": "M"}
 _LEADING_AGE_RE = re.compile(r"^\s*\d{1,3}\s*(y|yr|yrs|year|years|m|mo|month|months|d|days?)?\b", re.IGNORECASE)
 
 
@@ -59,25 +68,20 @@ def parse_reading(text: str) -> tuple[str | None, float | None]:
     sex: str | None = None
     age: float | None = None
     lines = [ln.strip() for ln in text.replace("\ufeff", "").splitlines() if ln.strip()]
-    demographic = None
-    for ln in lines:
-        m = _FIELD_RE.match(ln)
-        if m:
-            if m.group(1).lower() == "sex":
-                sex = normalize_sex(m.group(2))
-            else:
-                age = parse_age(m.group(2))
-            continue
-        if demographic is None:
-            demographic = ln
-    if demographic is not None and (sex is None or age is None):
-        # Shenzhen: "<sex> <age>yrs" (either order), only when the line looks demographic
+    fields = [m for m in map(_FIELD_RE.match, lines) if m]
+    for m in fields:  # Montgomery
+        if m.group(1).lower() == "sex":
+            sex = normalize_sex(m.group(2))
+        else:
+            age = parse_age(m.group(2))
+    if not fields and lines:
+        # Shenzhen: "<sex> <age><unit>" (either order) on the first line, only when it looks demographic
+        demographic = lines[0]
         word = _SEX_WORD_RE.search(demographic)
         if word or _LEADING_AGE_RE.match(demographic):
-            if sex is None and word:
-                sex = normalize_sex(word.group(1))
-            if age is None:
-                age = parse_age(_SEX_WORD_RE.sub(" ", demographic))
+            if word:
+                sex = _SEX_WORDS[word.group(1).lower()]
+            age = parse_age(_SEX_WORD_RE.sub(" ", demographic))
     return sex, age
 
 
