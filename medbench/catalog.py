@@ -12,6 +12,15 @@ name, and the listing says where each comes from):
 Within one folder every ``*.yaml`` below it is read; files whose name starts
 with ``_`` are include-only bases. A file with ``task:`` is a task, one with
 ``suite:`` a suite.
+
+A broken plug-in (its entry point does not load, names no folder, or its
+folder holds a file that cannot be read as a task or suite) does not hide the
+others: it is skipped as a whole with one warning line on stderr naming the
+entry point and the error (once per process), and the other sources load. Its
+task names cannot be known, so asking for an unknown task or suite while a
+plug-in is broken says so in the same one-line error, with the original
+error. The built-in folder and ``--tasks-dir`` folders are the user's own:
+their errors stop the command as before.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from types import ModuleType
 
 import yaml
 
+from medbench.backbones.registry import plugin_failure, warn_plugin
 from medbench.errors import SpecError
 from medbench.resources import builtin_tasks_dir
 from medbench.specs import ResolvedTask, SuiteSpec, parse_suite_file, parse_task_file
@@ -40,23 +50,33 @@ class CatalogEntry:
     source: str  # "builtin" | "entry point <pkg>" | "dir <path>"
 
 
-def _entry_point_dirs() -> list[tuple[Path, str]]:
-    out = []
+def _entry_point_folder(ep) -> Path:
+    obj = ep.load()
+    if isinstance(obj, ModuleType):
+        path = Path(obj.__file__).parent if getattr(obj, "__file__", None) else Path(list(obj.__path__)[0])
+    elif callable(obj):
+        path = Path(obj())
+    else:
+        path = Path(obj)
+    if not path.is_dir():
+        raise SpecError("names no tasks folder", where=path)
+    return path
+
+
+def _entry_point_dirs() -> tuple[list[tuple[Path, str, object]], list[str]]:
+    """(folder, source, entry point) of every task plug-in that loads, and one line per one that does not."""
+    out, failures = [], []
     for ep in entry_points(group=TASK_ENTRY_POINT_GROUP):
         try:
-            obj = ep.load()
+            path = _entry_point_folder(ep)
         except Exception as err:  # a broken plug-in must not hide the rest
-            raise SpecError(f"cannot load entry point {ep.value!r}: {err}", where=f"entry point {ep.name}",
-                            field=TASK_ENTRY_POINT_GROUP) from err
-        if isinstance(obj, ModuleType):
-            path = Path(obj.__file__).parent if getattr(obj, "__file__", None) else Path(list(obj.__path__)[0])
-        elif callable(obj):
-            path = Path(obj())
-        else:
-            path = Path(obj)
+            line = plugin_failure(TASK_ENTRY_POINT_GROUP, ep, err)
+            warn_plugin(TASK_ENTRY_POINT_GROUP, ep, line)
+            failures.append(line)
+            continue
         dist = ep.dist.name if ep.dist else ep.name
-        out.append((path, f"entry point {dist}"))
-    return out
+        out.append((path, f"entry point {dist}", ep))
+    return out, failures
 
 
 def _env_dirs() -> list[Path]:
@@ -70,18 +90,28 @@ class Catalog:
     def __init__(self, tasks_dirs: list[Path] | None = None, *, entry_points_enabled: bool = True):
         self._entries: dict[tuple[str, str], CatalogEntry] = {}
         self._parsed: dict[str, ResolvedTask] = {}
+        #: one line per task plug-in that did not load (see the module docstring)
+        self.plugin_failures: list[str] = []
         self._scan(builtin_tasks_dir(), "builtin")
         if entry_points_enabled:
-            for path, source in _entry_point_dirs():
-                self._scan(path, source)
+            folders, self.plugin_failures = _entry_point_dirs()
+            for path, source, ep in folders:
+                try:
+                    self._scan(path, source)
+                except SpecError as err:  # one unreadable file: the plug-in is skipped, not half-loaded
+                    line = plugin_failure(TASK_ENTRY_POINT_GROUP, ep, err)
+                    warn_plugin(TASK_ENTRY_POINT_GROUP, ep, line)
+                    self.plugin_failures.append(line)
         for d in [*_env_dirs(), *(tasks_dirs or [])]:
             if not Path(d).is_dir():
                 raise SpecError("tasks folder not found", where=d, field="--tasks-dir")
             self._scan(Path(d), f"dir {d}")
 
     def _scan(self, folder: Path, source: str) -> None:
+        """Add every task and suite below ``folder``; all or nothing (an error adds none of them)."""
         if not folder.is_dir():
             raise SpecError("tasks folder not found", where=folder, field=source)
+        found: dict[tuple[str, str], CatalogEntry] = {}
         for path in sorted(folder.rglob("*.yaml")):
             if path.name.startswith("_"):
                 continue
@@ -107,10 +137,11 @@ class Catalog:
             if not isinstance(name, str):
                 raise SpecError(f"expected a name (string), got {name!r}", where=path, field=kind)
             key = (kind, name)
-            prev = self._entries.get(key)
+            prev = found.get(key) or self._entries.get(key)
             if prev is not None and prev.source == source:
                 raise SpecError(f"{kind} {name!r} is also defined in {prev.path}", where=path, field=kind)
-            self._entries[key] = CatalogEntry(name, kind, path, source)
+            found[key] = CatalogEntry(name, kind, path, source)
+        self._entries.update(found)
 
     # ------------------------------------------------------------------ queries
     def entries(self, kind: str) -> list[CatalogEntry]:
@@ -122,13 +153,17 @@ class Catalog:
     def suite_names(self) -> list[str]:
         return [e.name for e in self.entries("suite")]
 
+    def _broken_plugins_note(self) -> str:
+        """One clause per task plug-in that did not load (an unknown name may be one of theirs)."""
+        return "".join(f"; it may come from a plug-in that does not load: {line}" for line in self.plugin_failures)
+
     def task(self, name: str) -> ResolvedTask:
         if name not in self._parsed:
             entry = self._entries.get(("task", name))
             if entry is None:
                 names = self.task_names()
                 raise SpecError(f"unknown task {name!r}{did_you_mean(name, names)}; "
-                                "see 'medbench list tasks'", field="--task")
+                                f"see 'medbench list tasks'{self._broken_plugins_note()}", field="--task")
             resolved = parse_task_file(entry.path, entry.source)
             if resolved.name != name:  # pragma: no cover - guarded by _scan
                 raise SpecError(f"file declares task {resolved.name!r}", where=entry.path, field="task")
@@ -139,7 +174,7 @@ class Catalog:
         entry = self._entries.get(("suite", name))
         if entry is None:
             raise SpecError(f"unknown suite {name!r}{did_you_mean(name, self.suite_names())}; "
-                            "see 'medbench list suites'", field="--suite")
+                            f"see 'medbench list suites'{self._broken_plugins_note()}", field="--suite")
         return parse_suite_file(entry.path)
 
     def suite_tasks(self, name: str, _stack: tuple[str, ...] = ()) -> list[str]:
@@ -152,11 +187,12 @@ class Catalog:
         out: list[str] = []
         for sub in suite.suites:
             if ("suite", sub) not in self._entries:
-                raise SpecError(f"unknown suite {sub!r}{did_you_mean(sub, self.suite_names())}",
-                                where=path, field="suites")
+                raise SpecError(f"unknown suite {sub!r}{did_you_mean(sub, self.suite_names())}"
+                                f"{self._broken_plugins_note()}", where=path, field="suites")
             out.extend(self.suite_tasks(sub, (*_stack, name)))
         for t in suite.tasks:
             if ("task", t) not in self._entries:
-                raise SpecError(f"unknown task {t!r}{did_you_mean(t, self.task_names())}", where=path, field="tasks")
+                raise SpecError(f"unknown task {t!r}{did_you_mean(t, self.task_names())}{self._broken_plugins_note()}",
+                                where=path, field="tasks")
             out.append(t)
         return list(dict.fromkeys(out))

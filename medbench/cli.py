@@ -127,6 +127,9 @@ def list_cmd(
     if not rows:
         print(f"no {what.value}")
         return
+    if what == ListWhat.backbones:  # one short column for the two triples
+        rows = [{**{k: v for k, v in r.items() if k not in ("mean", "std")},
+                 "normalization": _normalization_label(r["mean"], r["std"])} for r in rows]
     for col in rows[0]:
         table.add_column(col)
     for r in rows:
@@ -134,19 +137,35 @@ def list_cmd(
     _console().print(table)
 
 
+def _normalization_label(mean, std) -> str:
+    """``ImageNet``, ``per timm config``, else the numbers (one when the three channels agree)."""
+    from medbench.backbones.registry import IMAGENET_MEAN, IMAGENET_STD
+
+    if mean is None or std is None:
+        return "per timm config"
+    if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
+        return "ImageNet"
+
+    def triple(values) -> str:
+        return f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{v:g}" for v in values)
+
+    return f"mean {triple(mean)} std {triple(std)}"
+
+
 def _list_rows(what: ListWhat, tasks_dir: list[Path]) -> list[dict]:
     if what == ListWhat.backbones:
         from medbench.backbones.registry import list_backbones
 
+        # mean/std: the per-channel input normalization (RGB; a grey input uses the mean of each triple)
         rows = [
             {"name": b.name, "family": b.family, "pretraining": b.pretraining, "params": b.params,
              "resolution": b.default_resolution, "default_init": b.default_init, "source": b.source,
-             "weights": b.weights}
+             "weights": b.weights, "mean": list(b.mean), "std": list(b.std)}
             for b in list_backbones()
         ]
         rows.append({"name": "timm/<model>", "family": "timm", "pretraining": "per timm tag", "params": None,
                      "resolution": None, "default_init": "pretrained", "source": "timm",
-                     "weights": "hf-hub:timm/<model>"})
+                     "weights": "hf-hub:timm/<model>", "mean": None, "std": None})
         return rows
     from medbench.catalog import Catalog
 
@@ -303,7 +322,9 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     from medbench.runner import Runner, configure_torch, expand_requests
     from medbench.train.finetune import EngineConfig
 
-    init, weights = preflight(bb, init, weights)  # a missing weights file fails here, before any run
+    # a missing weights file fails here, before any run; the runs get the resolved file's path, and its origin
+    # (local weights folder, hub cache, hub download) stays with it (medbench.backbones.weights.file_origin)
+    init, weights = preflight(bb, init, weights)
     from medbench.analysis.similarity import parse_methods
     from medbench.train.freeze import parse_freeze
 
@@ -462,16 +483,22 @@ def _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tf
         n = f"{p.n_train:,} ({p.n_train_source})" if p.n_train else "unknown"
         h = p.hours_per_run
         total_h += (h or 0.0) * p.seeds
+        pflops = "?"
+        if p.pflops_per_run:  # "+?": evaluation unknown (split sizes not counted), training only
+            pflops = f"{p.pflops_per_run:.2f}" + ("" if p.eval_pflops_per_run is not None else "+?")
         table.add_row(p.task, p.dataset, p.data_status, n, str(p.steps or "?"), str(p.batch_size),
-                      f"{p.resize}->{p.crop}", str(p.seeds), f"{p.gflops_per_image:.1f}",
-                      f"{p.train_pflops_per_run:.2f}" if p.train_pflops_per_run else "?",
+                      f"{p.resize}->{p.crop}", str(p.seeds), f"{p.gflops_per_image:.1f}", pflops,
                       f"{h:.2f}" if h is not None else "?",
                       _gb(p.memory))
     con = _console()
     con.print(table)
     runs = sum(p.seeds for p in plans)
+    no_eval = sum(1 for p in plans if p.steps and p.eval_pflops_per_run is None)
     con.print(f"{runs} runs; estimated {total_h:.1f} device-hours at {assume_tflops:g} TFLOP/s sustained "
-              "(training only; schedules of tasks with unknown size not counted)")
+              "(training + evaluation: validation during training, val/test predictions, OOD tests; "
+              "schedules of tasks with unknown size not counted"
+              + (f"; evaluation of {no_eval} task(s) without counted splits not counted ('+?')" if no_eval else "")
+              + ")")
     worst = max((p for p in plans if p.memory), key=lambda p: p.memory["total"], default=None)
     if worst is not None:
         m = worst.memory
@@ -480,10 +507,21 @@ def _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tf
                   f"{m['optimizer'] / 1e9:.2f} + activations {m['activations'] / 1e9:.2f} (measured on the meta "
                   f"device{', fp32 upper bound' if m['activations_upper_bound'] else ''}) = {m['total'] / 1e9:.2f} GB; "
                   "--micro-batch N lowers the activations")
+    told = set()
     for p in plans:
         if p.data_status in ("missing", "incomplete"):
             where = p.data_path or f"--data {p.dataset}=PATH or --data-root DIR"
             con.print(f"[yellow]missing[/yellow] dataset {p.dataset!r} for {p.task} (looked in {where}): {p.how_to_get}")
+            told.add(p.dataset)
+    for p in plans:  # an OOD target without data is skipped and recorded at run time: not an error
+        for o in p.ood or []:
+            if o["data_status"] not in ("missing", "incomplete"):
+                continue
+            where = o["data_path"] or f"--data {o['dataset']}=PATH or --data-root DIR"
+            how = "how to get it: see above" if o["dataset"] in told else o["how_to_get"]
+            told.add(o["dataset"])
+            con.print(f"[yellow]OOD target[/yellow] {o['name']!r} of {p.task} has no data (dataset {o['dataset']!r}, "
+                      f"looked in {where}); it will be skipped and recorded, not an error; {how}")
 
 
 class BinningChoice(str, Enum):

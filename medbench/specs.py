@@ -7,11 +7,18 @@ starts with ``_`` are include-only bases, never tasks themselves.
 
 Every error names the file and the dotted field, e.g.
 ``tasks/nih.yaml: splits.fractions.val: Input should be a valid number``.
+When the bad value comes from an included file, the error names that file
+and the file that included it, e.g.
+``tasks/_base.yaml (included by tasks/t.yaml): hyperrule.batch_size: ...``.
+
+A task's content hash (:func:`task_content_hash`) covers what fixes its
+numbers, not how the file is spelled (see there).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -170,9 +177,13 @@ class ScoringSpec(_Strict):
 
 class TaskSpec(_Strict):
     task: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    #: bump when the task's meaning changes (part of the content hash, like every field that fixes numbers)
     version: Union[int, str]
+    #: informational (listing, grouping); not in the content hash
     family: str
+    #: informational; not in the content hash
     description: str = ""
+    #: informational; not in the content hash
     citation: str | None = None
     dataset: DatasetSpec
     type: TaskType
@@ -188,9 +199,11 @@ class TaskSpec(_Strict):
     hyperrule: HyperRuleSpec = Field(default_factory=HyperRuleSpec)
     #: training sampler: ``balanced`` oversamples minority classes (COVIDx)
     sampler: Literal["uniform", "balanced"] = "uniform"
-    #: seeds run when ``--seeds`` is not given (the protocol's 5; fewer for quick suites)
+    #: seeds run when ``--seeds`` is not given (the protocol's 5; fewer for quick suites); how many runs,
+    #: not what one run computes: not in the content hash
     default_seeds: int = Field(5, ge=1)
-    #: training images in the publisher's release, for ``--dry-run`` planning without the data
+    #: training images in the publisher's release, for ``--dry-run`` planning without the data; not in the
+    #: content hash
     expected_train_size: int | None = Field(None, ge=1)
     #: how scores, intervals, fairness thresholds and calibration bins are computed
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
@@ -227,14 +240,34 @@ class SuiteSpec(_Strict):
     suites: list[str] = Field(default_factory=list)
 
 
+#: TaskSpec fields that never reach a run's numbers: left out of the content hash. ``family``,
+#: ``description`` and ``citation`` are for people; ``default_seeds`` says how many runs a suite makes
+#: (each run's seed is in its own key); ``expected_train_size`` only feeds ``--dry-run``.
+HASH_EXCLUDED_FIELDS = frozenset({"family", "description", "citation", "default_seeds", "expected_train_size"})
+
+
+def task_content_hash(spec: TaskSpec) -> str:
+    """sha256 of what fixes a task's numbers: the resolved spec (includes merged, short forms expanded),
+    every field left at its default omitted, the fields of :data:`HASH_EXCLUDED_FIELDS` left out.
+
+    So the hash does not change when a description or citation is edited, when a default is spelled out
+    (``splits: {seed: 0}`` equals no ``splits:``), or when medbench adds an optional field later (a new
+    field at its default is omitted, like ``runner.run_key`` omits RunRequest fields left at None). It
+    changes with everything else: name, version, dataset and its options, labels, splits, input,
+    metrics, attributes, OOD targets, HyperRule overrides, sampler, scoring. A change of a *default* in
+    medbench's code is not seen here; the run key holds the medbench version for that.
+    """
+    return sha256_json(spec.model_dump(mode="json", exclude_defaults=True, exclude=set(HASH_EXCLUDED_FIELDS)))
+
+
 class ResolvedTask:
-    """A validated task with where it came from and its content hash."""
+    """A validated task with where it came from and its content hash (:func:`task_content_hash`)."""
 
     def __init__(self, spec: TaskSpec, path: Path | None, source: str):
         self.spec = spec
         self.path = path
         self.source = source
-        self.hash = sha256_json(spec.model_dump(mode="json"))
+        self.hash = task_content_hash(spec)
 
     @property
     def name(self) -> str:
@@ -247,7 +280,11 @@ class ResolvedTask:
 # --------------------------------------------------------------------------- YAML loading
 
 
-def _read_yaml(path: Path, *, included_from: Path | None = None) -> dict[str, Any]:
+def _read_yaml(path: Path, *, included_from: str | Path | None = None,
+               shown: str | Path | None = None) -> dict[str, Any]:
+    """``path``'s mapping; errors about its content name it as ``shown`` (default: ``path``), a missing
+    included file names the includer ``included_from``."""
+    shown = path if shown is None else shown
     if not path.is_file():
         where = included_from if included_from else path
         raise SpecError(f"included file not found: {path}" if included_from else "file not found", where=where,
@@ -257,13 +294,13 @@ def _read_yaml(path: Path, *, included_from: Path | None = None) -> dict[str, An
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         line = f"line {mark.line + 1}" if mark is not None else None
-        raise SpecError(f"invalid YAML: {err.problem}", where=path, field=line) from err
+        raise SpecError(f"invalid YAML: {err.problem}", where=shown, field=line) from err
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SpecError(f"invalid YAML: {err}", where=path) from err
+        raise SpecError(f"invalid YAML: {err}", where=shown) from err
     if data is None:
-        raise SpecError("file is empty; expected a mapping with 'task:' or 'suite:'", where=path)
+        raise SpecError("file is empty; expected a mapping with 'task:' or 'suite:'", where=shown)
     if not isinstance(data, dict):
-        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", where=path)
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", where=shown)
     return data
 
 
@@ -278,24 +315,93 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def load_with_includes(path: Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+#: where each leaf of a merged mapping was written: dotted key path -> (file, chain of including files)
+Origins = dict[tuple[str, ...], tuple[Path, tuple[Path, ...]]]
+
+
+def _leaves(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Key paths of the values that are not non-empty mappings (lists are leaves: they replace)."""
+    out = []
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, path))
+        else:
+            out.append(path)
+    return out
+
+
+def load_with_includes(path: Path) -> dict[str, Any]:
     """The file's mapping with its ``include:`` chain merged underneath."""
+    return load_with_origins(path)[0]
+
+
+def load_with_origins(path: Path) -> tuple[dict[str, Any], Origins]:
+    """:func:`load_with_includes` and, for every leaf of the result, the file that wrote it."""
+    return _load(Path(path).resolve(), Path(path), (), ())
+
+
+def _load(path: Path, shown: Path, _stack: tuple[Path, ...],
+          chain: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]:
+    """``path`` (resolved) as ``shown`` in messages; ``chain``: the including files as shown, outermost first."""
     path = path.resolve()
     if path in _stack:
-        chain = " -> ".join(p.name for p in (*_stack, path))
-        raise SpecError(f"include cycle: {chain}", where=_stack[0], field="include")
-    data = _read_yaml(path, included_from=_stack[-1] if _stack else None)
+        cycle = " -> ".join(p.name for p in (*_stack, path))
+        raise SpecError(f"include cycle: {cycle}", where=chain[0] if chain else shown, field="include")
+    described = _describe(shown, chain)
+    data = _read_yaml(path, included_from=_describe(chain[-1], chain[:-1]) if chain else None, shown=described)
     includes = data.pop("include", None)
+    own: Origins = {leaf: (shown, chain) for leaf in _leaves(data)}
     if includes is None:
-        return data
+        return data, own
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise SpecError("expected a file name or a list of file names", where=path, field="include")
+        raise SpecError("expected a file name or a list of file names", where=described, field="include")
     merged: dict[str, Any] = {}
+    origins: Origins = {}
     for inc in includes:
-        merged = deep_merge(merged, load_with_includes(path.parent / inc, (*_stack, path)))
-    return deep_merge(merged, data)
+        inc_shown = Path(os.path.normpath(shown.parent / inc))
+        sub, sub_origins = _load(path.parent / inc, inc_shown, (*_stack, path), (*chain, shown))
+        merged, origins = _merge_with_origins(merged, origins, sub, sub_origins)
+    return _merge_with_origins(merged, origins, data, own)
+
+
+def _merge_with_origins(base: dict[str, Any], base_origins: Origins, override: dict[str, Any],
+                        override_origins: Origins) -> tuple[dict[str, Any], Origins]:
+    merged = deep_merge(base, override)
+    # a leaf of the result is either written by the override or left over from the base
+    origins = {leaf: override_origins.get(leaf) or base_origins[leaf] for leaf in _leaves(merged)
+               if leaf in override_origins or leaf in base_origins}
+    return merged, origins
+
+
+def origin_of(origins: Origins, loc: tuple[Any, ...], default: Path) -> str:
+    """Where to report an error at the field ``loc``: the file that wrote it, with who included it.
+
+    A field written in the task file itself, or assembled from several files (a mapping merged from a
+    base and the task, the top level), is reported at ``default``, the task file.
+    """
+    key = tuple(str(p) for p in loc)
+    found = None
+    for n in range(len(key), 0, -1):  # the longest written prefix: a list or a scalar holding the field
+        if key[:n] in origins:
+            found = {origins[key[:n]]}
+            break
+    if found is None:
+        found = {o for leaf, o in origins.items() if leaf[:len(key)] == key}
+    if len(found) != 1:
+        return str(default)
+    (shown, chain), = found
+    return _describe(shown, chain)
+
+
+def _describe(shown: Path, chain: tuple[Path, ...]) -> str:
+    """``_base.yaml (included by t.yaml)``; through several files ``... (included by t.yaml via _a.yaml)``."""
+    if not chain:
+        return str(shown)
+    via = f" via {', '.join(str(p) for p in chain[1:])}" if len(chain) > 1 else ""
+    return f"{shown} (included by {chain[0]}{via})"
 
 
 def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> tuple[str, str]:
@@ -337,14 +443,15 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
 
 
 def parse_task_file(path: Path, source: str = "file") -> ResolvedTask:
-    data = load_with_includes(Path(path))
+    data, origins = load_with_origins(Path(path))
     if "task" not in data:
         raise SpecError("not a task spec: no 'task:' field", where=path, field="task")
     try:
         spec = TaskSpec.model_validate(data)
     except ValidationError as err:
         field, msg = _format_validation_error(err, TaskSpec)
-        raise SpecError(msg, where=path, field=field) from None
+        where = origin_of(origins, err.errors()[0]["loc"], Path(path))
+        raise SpecError(msg, where=where, field=field) from None
     return ResolvedTask(spec, Path(path), source)
 
 

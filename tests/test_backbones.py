@@ -149,6 +149,62 @@ def test_weights_folder_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert torch.equal(built.model.blocks[3][0].weight, source.blocks[3][0].weight)
 
 
+def test_preflight_weights_keep_their_origin_in_provenance(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI resolves the weights before any run and hands the runs a path: the run's provenance still
+    says the local weights folder, in this process and in a fresh one (a dispatched job)."""
+    from medbench.backbones import weights
+    from medbench.backbones.init import preflight
+
+    _save_safetensors(build_cbr("cbr-tiny", num_classes=5, in_chans=1), tmp_path / "cbr-tiny.safetensors")
+    monkeypatch.setenv("MEDBENCH_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(weights, "_FOUND", {})
+    init, path = preflight(get_backbone("cbr-tiny"), "pretrained", None)  # what cli._run does
+    assert path == tmp_path / "cbr-tiny.safetensors"
+    prov = create_model("cbr-tiny", num_outputs=2, in_chans=1, init=init, weights=path).provenance(hash_weights=False)
+    assert prov["weights_origin"] == "local weights folder" and prov["weights_file"] == str(path)
+    monkeypatch.setattr(weights, "_FOUND", {})  # a fresh process: the origin is read from where the file lies
+    assert create_model("cbr-tiny", num_outputs=2, in_chans=1, init=init, weights=path).weights_origin == \
+        "local weights folder"
+    # the same tensors given as a file elsewhere are a file
+    other = tmp_path / "elsewhere" / "cbr-tiny.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(path.read_bytes())
+    assert create_model("cbr-tiny", num_outputs=2, in_chans=1, init=init, weights=other).weights_origin == "file"
+
+
+def test_hub_weights_keep_their_origin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from medbench.backbones import registry, weights
+    from medbench.backbones.init import preflight
+
+    bb = replace(get_backbone("cbr-tiny"), name="cbr-tiny-hub", hub_id="someone/cbr-tiny")
+    monkeypatch.setitem(registry._REGISTRY, bb.name, bb)
+    monkeypatch.setenv("MEDBENCH_WEIGHTS", str(tmp_path / "empty"))
+    snapshot = tmp_path / "hf" / "models--someone--cbr-tiny" / "snapshots" / "0123abc" / "model.safetensors"
+    snapshot.parent.mkdir(parents=True)
+    _save_safetensors(build_cbr("cbr-tiny", num_classes=5, in_chans=1), snapshot)
+
+    def origin_of_run(path: Path) -> str:
+        return create_model(bb.name, num_outputs=2, in_chans=1, init="pretrained", weights=path).weights_origin
+
+    # in the hub cache
+    monkeypatch.setattr(weights, "_FOUND", {})
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: snapshot)
+    _, path = preflight(bb, "pretrained", None)
+    assert origin_of_run(path) == "hub cache"
+    # downloaded by the preflight (network probe and download faked)
+    monkeypatch.setattr(weights, "_FOUND", {})
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(weights, "hub_offline", lambda: False)
+    monkeypatch.setattr(weights, "network_reachable", lambda timeout=0: True)
+    monkeypatch.setattr(weights, "_download_hub_file", lambda hub_id: snapshot)
+    _, path = preflight(bb, "pretrained", None)
+    assert origin_of_run(path) == "hub download"
+    monkeypatch.setattr(weights, "_FOUND", {})  # a fresh process sees the file in the cache
+    assert origin_of_run(path) == "hub cache"
+
+
 @pytest.mark.parametrize("offline_env", ["1", ""])
 def test_no_network_fails_fast_with_instructions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                  offline_env: str) -> None:
@@ -165,3 +221,103 @@ def test_no_network_fails_fast_with_instructions(monkeypatch: pytest.MonkeyPatch
     msg = str(info.value)
     assert "timm/resnetv2_50x1_bit.goog_in21k" in msg and "--weights FILE" in msg and "--init random" in msg
     assert ("offline" in msg) if offline_env else ("no network" in msg)
+
+
+def test_list_backbones_shows_normalization(capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from medbench.cli import main
+
+    def listing(*args: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(["list", "backbones", *args])
+        assert exc.value.code == 0
+        return capsys.readouterr().out
+
+    rows = {r["name"]: r for r in json.loads(listing("--json"))}
+    for bb in list_backbones():
+        assert (rows[bb.name]["mean"], rows[bb.name]["std"]) == (list(bb.mean), list(bb.std)), bb.name
+    assert rows["resnet50"]["mean"] == [0.485, 0.456, 0.406] and rows["resnet50"]["std"] == [0.229, 0.224, 0.225]
+    assert rows["bit-m-r50x1"]["mean"] == [0.5, 0.5, 0.5] and rows["cbr-tiny"]["std"] == [0.5, 0.5, 0.5]
+    assert rows["timm/<model>"]["mean"] is None  # each timm model's own pretrained config
+    text = listing()
+    assert "┃ normalization" in text and "┃ mean" not in text  # one column for both triples
+    table = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    assert "│ ImageNet " in table["resnet50"] and "│ mean 0.5 std 0.5 " in table["bit-m-r50x1"]
+    assert "per timm config" in table["timm/<model>"]
+
+
+# ------------------------------------------------------------------ plug-ins (entry point group medbench.backbones)
+
+PLUGIN_MODULE = """
+from medbench.backbones.cbr import build_cbr
+
+def build(*, num_classes, in_chans):
+    \"\"\"A toy plug-in network.\"\"\"
+    return build_cbr("cbr-tiny", num_classes=num_classes, in_chans=in_chans)
+
+NOT_A_BACKBONE = 3
+"""
+
+
+@pytest.fixture
+def fake_backbone_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Entry points: two good plug-ins around three broken ones; a registry as in a fresh process."""
+    from importlib.metadata import EntryPoint
+
+    from medbench.backbones import registry
+
+    (tmp_path / "medbench_fake_bb_plugin.py").write_text(PLUGIN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = registry.BACKBONE_ENTRY_POINT_GROUP
+    eps = [EntryPoint("toy-first", "medbench_fake_bb_plugin:build", group),
+           EntryPoint("toy-broken", "medbench_no_such_module:build", group),
+           EntryPoint("toy-wrong", "medbench_fake_bb_plugin:NOT_A_BACKBONE", group),
+           EntryPoint("resnet50", "medbench_fake_bb_plugin:build", group),
+           EntryPoint("toy-last", "medbench_fake_bb_plugin:build", group)]
+    list_backbones()  # built-ins registered before the copy
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if v.source == "medbench"})
+    monkeypatch.setattr(registry, "_PLUGINS_LOADED", False)
+    monkeypatch.setattr(registry, "_PLUGIN_FAILURES", {})
+    monkeypatch.setattr(registry, "_WARNED", set())
+    monkeypatch.setattr(registry, "entry_points", lambda group: eps if group == registry.BACKBONE_ENTRY_POINT_GROUP
+                        else [])
+    return eps
+
+
+def test_broken_backbone_plugins_warn_and_the_rest_load(fake_backbone_plugins, capsys: pytest.CaptureFixture) -> None:
+    names = {b.name: b for b in list_backbones()}
+    assert {"toy-first", "toy-last"} <= set(names) and not {"toy-broken", "toy-wrong"} & set(names)
+    assert names["resnet50"].source == "medbench"  # a plug-in cannot take a built-in name
+    assert names["toy-last"].description == "A toy plug-in network."
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        "medbench: warning: entry point 'toy-broken' (medbench.backbones = 'medbench_no_such_module:build') failed "
+        "to load: ModuleNotFoundError: No module named 'medbench_no_such_module'; skipped",
+        "medbench: warning: entry point 'toy-wrong' (medbench.backbones = 'medbench_fake_bb_plugin:NOT_A_BACKBONE') "
+        "failed to load: loads to int, neither a medbench Backbone nor a callable; skipped",
+        "medbench: warning: entry point 'resnet50' (medbench.backbones = 'medbench_fake_bb_plugin:build') failed to "
+        "load: registers 'resnet50', a built-in name; choose another; skipped",
+    ]
+    list_backbones()
+    assert capsys.readouterr().err == ""  # once per process
+    with pytest.raises(BackboneError) as info:
+        get_backbone("toy-broken")
+    message = str(info.value)
+    assert message.startswith("--backbone: backbone 'toy-broken' comes from a plug-in that does not load: entry point "
+                              "'toy-broken' (medbench.backbones = 'medbench_no_such_module:build')")
+    assert message.endswith("ModuleNotFoundError: No module named 'medbench_no_such_module'") and "\n" not in message
+
+
+def test_asking_for_a_broken_backbone_first_keeps_the_others(fake_backbone_plugins,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """The first plug-in lookup of the process names the broken one: its error, and the later plug-ins load."""
+    with pytest.raises(BackboneError, match=r"'toy-broken' comes from a plug-in .*No module named"):
+        get_backbone("toy-broken")
+    err = capsys.readouterr().err
+    assert "toy-broken" not in err and "toy-wrong" in err  # the error says it; the others are warned about
+    built = create_model("toy-last", num_outputs=2, in_chans=1, init="random")
+    assert built.backbone.source == "entry point ?" and built.model(torch.randn(1, 1, 32, 32)).shape == (1, 2)
+    with pytest.raises(BackboneError, match=r"unknown backbone 'toy-nope'"):
+        get_backbone("toy-nope")
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medbench.plan import activation_bytes, memory_estimate, parameter_count
+from medbench.plan import activation_bytes, memory_estimate, parameter_count, plan_runs, validation_passes
 
 
 def real_saved_bytes(backbone: str, batch: int, size: int, channels: int = 3) -> int:
@@ -66,3 +66,108 @@ def test_dry_run_prints_memory_per_device(capsys: pytest.CaptureFixture) -> None
     assert "GB/device" in out
     line = next(li for li in out.splitlines() if li.startswith("memory per device"))
     assert "micro-batch 8" in line and "activations" in line and "measured on the meta device" in line
+
+
+# ------------------------------------------------------------------ OOD targets and evaluation FLOPs
+
+TB_WITH_OOD = """
+task: tb-with-ood
+version: 1
+family: tuberculosis
+dataset: {name: smoke, adapter: synthetic, options: {family: tb, n_patients: 60, image_size: 24}}
+type: binary
+labels: [tuberculosis]
+input: {resize: 24, crop: 20, channels: 1}
+splits: {method: grouped, fractions: {train: 0.6, val: 0.2, test: 0.2}}
+hyperrule: {batch_size: 8, schedule: [2, 10, 20, 30, 95]}
+ood:
+  - {task: smoke-tb-siteb, name: site-b}
+  - {task: nih, label_map: {tuberculosis: Effusion}}
+"""
+
+
+def _no_data(monkeypatch: pytest.MonkeyPatch, tmp_path) -> "DataLocations":
+    import os
+
+    from medbench.data.locate import DataLocations
+
+    for var in [v for v in os.environ if v.startswith("MEDBENCH_DATA")]:
+        monkeypatch.delenv(var)
+    return DataLocations.from_cli(tmp_path / "no-data", [])
+
+
+def test_validation_passes_follow_the_training_loop() -> None:
+    """As many evaluations as Finetuner.fit makes: every plan.eval_every steps before the end, then once
+    after the last step."""
+    import torch
+
+    from medbench.specs import HyperRuleSpec
+    from medbench.train.distributed import prepare_environment
+    from medbench.train.finetune import EngineConfig, Finetuner
+    from medbench.train.hyperrule import make_plan
+
+    dist = prepare_environment()
+    for total in (1, 2, 5, 9, 10, 11, 80, 95):
+        plan = make_plan(100, HyperRuleSpec(batch_size=2), max_steps=total)
+        assert plan.total_steps == total
+        tuner = Finetuner(torch.nn.Linear(3, 1), plan, "binary", EngineConfig(engine="torch"), dist, seed=0)
+        calls = []
+        batches = ((s, torch.zeros(2, 3), torch.ones(2, 1)) for s in range(total))
+        tuner.fit(batches, evaluate=lambda: calls.append(1) or 0.5, eval_every=plan.eval_every)
+        assert validation_passes(plan) == len(calls), total
+
+
+def test_dry_run_counts_evaluation_and_lists_ood_targets(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from medbench.catalog import Catalog
+    from medbench.data.task_data import load_task_data
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tb-with-ood.yaml").write_text(TB_WITH_OOD)
+    catalog = Catalog([tmp_path / "tasks"])
+    locations = _no_data(monkeypatch, tmp_path)
+    (plan,) = plan_runs(catalog, ["tb-with-ood"], "cbr-tiny", 1, locations)
+
+    def sizes(name: str) -> dict:
+        split = load_task_data(catalog.task(name), locations).index.table["split"]
+        return {s: int((split == s).sum()) for s in ("train", "val", "test")}
+
+    own, site_b = sizes("tb-with-ood"), sizes("smoke-tb-siteb")
+    assert (plan.n_train, plan.n_val, plan.n_test, plan.steps) == (own["train"], own["val"], own["test"], 95)
+    assert [(o["name"], o["task"], o["data_status"]) for o in plan.ood] == [
+        ("site-b", "smoke-tb-siteb", "embedded"), ("nih", "nih", "missing")]
+    assert plan.ood[0]["n_test"] == site_b["test"] and plan.ood[0]["how_to_get"] is None
+    assert plan.ood[1]["n_test"] is None and "nihcc.app.box.com" in plan.ood[1]["how_to_get"]
+    # val at 11 points (every 9 steps before 95, and after step 95: also the saved val predictions), the test
+    # predictions, the test split of site-b; nih has no data: skipped at run time, nothing evaluated
+    assert plan.val_evaluations == 11
+    assert plan.eval_images == own["val"] * 11 + own["test"] + site_b["test"]
+    assert plan.eval_pflops_per_run == pytest.approx(plan.eval_images * plan.gflops_per_image / 1e6)
+    assert plan.train_pflops_per_run == pytest.approx(95 * 8 * 3 * plan.gflops_per_image / 1e6)
+    assert plan.pflops_per_run == pytest.approx(plan.train_pflops_per_run + plan.eval_pflops_per_run)
+    assert plan.hours_per_run == pytest.approx(plan.pflops_per_run * 1e15 / 100e12 / 3600)
+
+
+def test_dry_run_without_data_names_missing_ood_datasets(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from medbench.catalog import Catalog
+    from medbench.cli import main
+
+    locations = _no_data(monkeypatch, tmp_path)
+    (plan,) = plan_runs(Catalog(), ["chexpert"], "cbr-tiny", 1, locations)
+    assert [(o["task"], o["data_status"]) for o in plan.ood] == [("nih", "missing"), ("mimic-cxr", "missing"),
+                                                                 ("padchest", "missing")]
+    assert plan.eval_pflops_per_run is None and plan.eval_images is None  # split sizes unknown without data
+    assert plan.pflops_per_run == plan.train_pflops_per_run
+
+    monkeypatch.setenv("MEDBENCH_DATA", str(tmp_path / "no-data"))
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--backbone", "cbr-tiny", "--task", "chexpert", "--task", "nih", "--dry-run"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("missing dataset") == 2  # the planned tasks' own datasets, as before
+    for target, hint in (("nih", "how to get it: see above"), ("mimic-cxr", "physionet.org/content/mimic-cxr-jpg"),
+                         ("padchest", "bimcv.cipf.es")):
+        line = out.split(f"OOD target '{target}' of chexpert has no data")[1].split("OOD target")[0]
+        assert f"dataset '{target}'" in line and "skipped and recorded, not an error" in line and hint in line
+    assert f"{plan.pflops_per_run:.2f}+?" in out and "evaluation of 2 task(s) without counted splits" in out
+

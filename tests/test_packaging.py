@@ -69,6 +69,7 @@ version = "0.1"
 [project.entry-points."medbench.backbones"]
 toy-net = "medbench_toy_plugin:TOY"
 toy-callable = "medbench_toy_plugin:build"
+toy-broken = "medbench_toy_plugin.not_shipped:build"
 
 [project.entry-points."medbench.tasks"]
 toy = "medbench_toy_plugin:tasks_dir"
@@ -156,3 +157,24 @@ def test_plugin_backbone_is_listed_and_trains(plugin_site: Path, tmp_path: Path)
     board = json.loads((tmp_path / "leaderboard.json").read_text())
     assert {(e["task"], e["backbone"]) for e in board["entries"]} == {("toy-task", "toy-net"), ("smoke-tb", "toy-net")}
     assert next(e for e in board["entries"] if e["task"] == "toy-task")["provenance"]["task_version"] == 7
+
+
+def test_broken_plugin_entry_point_warns_and_the_rest_work(plugin_site: Path) -> None:
+    """An installed distribution with one broken entry point: one warning line, its other plug-ins listed;
+    asking for the broken one by name is a one-line error naming the entry point and the import error."""
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin_site), os.environ.get("PYTHONPATH", "")])}
+    proc = run_cli("list", "backbones", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    names = {b["name"] for b in json.loads(proc.stdout)}
+    assert {"toy-net", "toy-callable", "cbr-tiny"} <= names and "toy-broken" not in names
+    assert proc.stderr.splitlines() == [
+        "medbench: warning: entry point 'toy-broken' (medbench.backbones = 'medbench_toy_plugin.not_shipped:build' "
+        "of medbench-toy-plugin) failed to load: ModuleNotFoundError: No module named "
+        "'medbench_toy_plugin.not_shipped'; skipped"]
+    proc = run_cli("run", "--backbone", "toy-broken", "--task", "toy-task", "--dry-run", env=env)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("medbench: error: --backbone: backbone 'toy-broken' comes from a plug-in that does not "
+                           "load: entry point 'toy-broken'")
+    assert line.endswith("No module named 'medbench_toy_plugin.not_shipped'")
+

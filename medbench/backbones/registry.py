@@ -6,6 +6,12 @@ an entry point loads to a :class:`Backbone` or to a callable
 ``build(*, num_classes, in_chans) -> nn.Module`` (metadata then defaults to
 "third-party"). ``timm/<model>`` builds any timm architecture.
 
+A broken plug-in (its module does not import, it loads to something else, it
+claims a built-in name) does not hide the others: the first time plug-ins are
+loaded in a process it gives one warning line on stderr naming the entry point
+and the error, and the rest load. Asking for its name (``get_backbone``) then
+fails with one line naming the entry point and the original error.
+
 Only :func:`create_model` builds networks; it returns the network with its
 head replaced for the task and zero-initialised (BiT-HyperRule), and the
 weights applied by the chosen init scheme.
@@ -13,12 +19,13 @@ weights applied by the chosen init scheme.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from medbench.errors import BackboneError
+from medbench.errors import BackboneError, MedbenchError
 from medbench.utils import did_you_mean
 
 if TYPE_CHECKING:  # torch is imported only when a network is built
@@ -67,6 +74,28 @@ class Backbone:
 
 _REGISTRY: dict[str, Backbone] = {}
 _PLUGINS_LOADED = False
+#: entry points that failed to load: backbone name -> the one-line error
+_PLUGIN_FAILURES: dict[str, str] = {}
+#: plug-in failures already warned about in this process (group, name, value)
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def plugin_failure(group: str, ep: Any, err: BaseException) -> str:
+    """One line naming the entry point (group, name, value, distribution) and its error."""
+    dist = getattr(getattr(ep, "dist", None), "name", None)
+    of = f" of {dist}" if dist else ""
+    detail = " ".join(str(err).split())
+    if not isinstance(err, MedbenchError):  # ours are self-explanatory; name a foreign exception's type
+        detail = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+    return f"entry point {ep.name!r} ({group} = {ep.value!r}{of}) failed to load: {detail}"
+
+
+def warn_plugin(group: str, ep: Any, line: str) -> None:
+    """Print ``line`` (a :func:`plugin_failure`) once per process as a ``medbench: warning:`` line on stderr."""
+    key = (group, ep.name, ep.value)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"medbench: warning: {line}; skipped", file=sys.stderr)
 
 
 def register_backbone(backbone: Backbone, *, overwrite: bool = False) -> Backbone:
@@ -82,30 +111,39 @@ def _load_builtin() -> None:
         import medbench.backbones.builtin  # noqa: F401  (registers on import)
 
 
-def _load_plugins() -> None:
+def _plugin_backbone(ep: Any) -> Backbone:
+    dist = ep.dist.name if getattr(ep, "dist", None) else "?"
+    obj = ep.load()
+    if isinstance(obj, Backbone):
+        bb = replace(obj, name=ep.name, source=f"entry point {dist}")
+    elif callable(obj):
+        bb = Backbone(name=ep.name, build=obj, source=f"entry point {dist}",
+                      description=(obj.__doc__ or "").strip().split("\n")[0])
+    else:
+        raise BackboneError(f"loads to {type(obj).__name__}, neither a medbench Backbone nor a callable")
+    if ep.name in _REGISTRY and _REGISTRY[ep.name].source == "medbench":
+        raise BackboneError(f"registers {ep.name!r}, a built-in name; choose another")
+    return bb
+
+
+def _load_plugins(wanted: str | None = None) -> None:
+    """Register every entry point of ``medbench.backbones`` that loads; warn about the others (not about
+    ``wanted``, whose error the caller raises)."""
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
-    _PLUGINS_LOADED = True
     for ep in entry_points(group=BACKBONE_ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist else "?"
         try:
-            obj = ep.load()
-        except Exception as err:
-            raise BackboneError(f"cannot load entry point {ep.value!r} of {dist}: {err}",
-                                where=f"entry point {ep.name}", field=BACKBONE_ENTRY_POINT_GROUP) from err
-        if isinstance(obj, Backbone):
-            bb = replace(obj, name=ep.name, source=f"entry point {dist}")
-        elif callable(obj):
-            bb = Backbone(name=ep.name, build=obj, source=f"entry point {dist}",
-                          description=(obj.__doc__ or "").strip().split("\n")[0])
-        else:
-            raise BackboneError(f"entry point {ep.value!r} is neither a medbench Backbone nor a callable",
-                                where=f"entry point {ep.name}", field=BACKBONE_ENTRY_POINT_GROUP)
-        if ep.name in _REGISTRY and _REGISTRY[ep.name].source == "medbench":
-            raise BackboneError(f"{dist} registers {ep.name!r}, a built-in name; choose another",
-                                where=f"entry point {ep.name}", field=BACKBONE_ENTRY_POINT_GROUP)
+            bb = _plugin_backbone(ep)
+        except Exception as err:  # a broken plug-in must not hide the rest
+            line = plugin_failure(BACKBONE_ENTRY_POINT_GROUP, ep, err)
+            _PLUGIN_FAILURES[ep.name] = line
+            if ep.name != wanted:
+                warn_plugin(BACKBONE_ENTRY_POINT_GROUP, ep, line)
+            continue
+        _PLUGIN_FAILURES.pop(ep.name, None)
         _REGISTRY[ep.name] = bb
+    _PLUGINS_LOADED = True  # only once every entry point was tried
 
 
 def list_backbones() -> list[Backbone]:
@@ -121,7 +159,10 @@ def get_backbone(name: str) -> Backbone:
 
         return timm_backbone(name.removeprefix("timm/"))
     if name not in _REGISTRY:
-        _load_plugins()
+        _load_plugins(wanted=name)
+    if name not in _REGISTRY and name in _PLUGIN_FAILURES:
+        raise BackboneError(f"backbone {name!r} comes from a plug-in that does not load: {_PLUGIN_FAILURES[name]}",
+                            field="--backbone")
     if name not in _REGISTRY:
         names = sorted(_REGISTRY)
         raise BackboneError(

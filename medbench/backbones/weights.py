@@ -11,6 +11,16 @@ Order of lookup for a backbone's pre-trained weights:
 
 When none works the error says, in one line, which file to get and where to
 put it, or to use ``--init random``.
+
+Where the file came from (``file``, ``local weights folder``, ``hub cache``,
+``hub download``) is recorded in the run's provenance. The CLI resolves the
+weights once before any run and hands the runs the file's path, so a path
+given back to :func:`resolve_weights_file` keeps the origin it was found
+with in this process; in another process (a dispatched job) the origin is
+read from where the file lies: the backbone's file in the local weights
+folder, or the backbone's repository in the Hugging Face cache layout
+(``models--ORG--NAME/snapshots/...``: ``hub cache``, also for a file a
+preflight downloaded); any other path is ``file``.
 """
 
 from __future__ import annotations
@@ -95,8 +105,42 @@ def _download_hub_file(hub_id: str) -> Path:
     raise BackboneError(f"download from the Hugging Face hub failed: {last}", where=f"hf-hub:{hub_id}")
 
 
+#: files :func:`resolve_weights_file` found itself in this process: absolute path -> origin
+_FOUND: dict[str, str] = {}
+
+
+def _absolute(path: Path) -> str:
+    return os.path.abspath(Path(path).expanduser())
+
+
+def _found(path: Path, origin: str) -> tuple[Path, str]:
+    _FOUND[_absolute(path)] = origin
+    return path, origin
+
+
+def _in_hub_cache_layout(path: Path, hub_id: str) -> bool:
+    """``path`` is a snapshot file of ``hub_id`` in a Hugging Face cache (``models--ORG--NAME/snapshots/REV/F``)."""
+    parts = Path(path).parts
+    repo = "models--" + hub_id.replace("/", "--")
+    return len(parts) >= 4 and parts[-4] == repo and parts[-3] == "snapshots"
+
+
+def file_origin(backbone: "Backbone", path: Path) -> str:
+    """Where the weights file ``path`` (handed over as a path) came from; see the module docstring."""
+    remembered = _FOUND.get(_absolute(path))
+    if remembered is not None:
+        return remembered
+    absolute = Path(_absolute(path))
+    if absolute.parent == Path(_absolute(weights_dir())) and \
+            absolute.name in {f"{backbone.name}{suffix}" for suffix in WEIGHT_SUFFIXES}:
+        return "local weights folder"
+    if backbone.hub_id and _in_hub_cache_layout(absolute, backbone.hub_id):
+        return "hub cache"
+    return "file"
+
+
 def resolve_weights_file(backbone: "Backbone", explicit: Path | None) -> tuple[Path, str]:
-    """The weights file for ``backbone`` and where it was found."""
+    """The weights file for ``backbone`` and where it came from (:func:`file_origin` for ``explicit``)."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -104,25 +148,25 @@ def resolve_weights_file(backbone: "Backbone", explicit: Path | None) -> tuple[P
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
             raise BackboneError(f"unsupported weights file type {path.suffix!r}; expected one of "
                                 f"{', '.join(WEIGHT_SUFFIXES)}", where=path, field="--weights")
-        return path, "file"
+        return path, file_origin(backbone, path)
     folder = weights_dir()
     for suffix in WEIGHT_SUFFIXES:
         candidate = folder / f"{backbone.name}{suffix}"
         if candidate.is_file():
-            return candidate, "local weights folder"
+            return _found(candidate, "local weights folder")
     help_line = (backbone.weights_help or "get the weights file and pass --weights FILE, or save it as "
                  "{weights_dir}/" + backbone.name + ".safetensors").replace("{weights_dir}", str(folder))
     if backbone.hub_id:
         cached = _cached_hub_file(backbone.hub_id)
         if cached is not None:
-            return cached, "hub cache"
+            return _found(cached, "hub cache")
         if hub_offline():
             raise BackboneError(f"offline (HF_HUB_OFFLINE/MEDBENCH_OFFLINE set) and hf-hub:{backbone.hub_id} is not in "
                                 f"the local cache; {help_line}; or use --init random", field=backbone.name)
         if not network_reachable():
             raise BackboneError(f"no network: cannot download hf-hub:{backbone.hub_id}; {help_line}; "
                                 "or use --init random", field=backbone.name)
-        return _download_hub_file(backbone.hub_id), "hub download"
+        return _found(_download_hub_file(backbone.hub_id), "hub download")
     raise BackboneError(f"no pre-trained weights found; {help_line}; or use --init random", field=backbone.name)
 
 
@@ -157,7 +201,6 @@ def load_state_dict_into(model: "nn.Module", path: Path, *, classifier: str) -> 
     first conv with another number of input channels is adapted (timm's
     ``adapt_input_conv``: summed for one channel, repeated for more).
     """
-    import torch
     from timm.models import adapt_input_conv
 
     sd = read_state_dict(path)

@@ -71,6 +71,12 @@ class TrainPlan:
                 lr /= 10
         return lr
 
+    @property
+    def eval_every(self) -> int:
+        """Steps between validation evaluations during training (the convergence curve): a tenth of the
+        schedule, at least 1; ``Finetuner.fit`` also evaluates after the last step."""
+        return max(1, self.total_steps // 10)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
