@@ -398,6 +398,12 @@ def _finish(outcomes, store) -> None:
     con = _console()
     if skipped:
         con.print(f"{skipped} run(s) were already complete and reused.")
+    mine = {r.path.resolve() for r in done}
+    others = [r for r in store.completed() if r.path.resolve() not in mine]
+    if others:  # this leaderboard is this command's runs; the store may hold other backbones or settings
+        con.print(f"{len(others)} other complete run(s) in {store.out} are not in this leaderboard (other "
+                  f"backbones, tasks or settings); 'medbench leaderboard RUN_DIR... -o FILE' combines runs.",
+                  soft_wrap=True)
     if busy:
         con.print(f"{len(busy)} run(s) are being trained by another medbench process; rerun to include them.")
     for o in failed:

@@ -27,7 +27,9 @@ from medbench.utils import atomic_write_json
 
 SCHEMA_NAME = "medbench-leaderboard"
 #: 2: JSON Schema ``medbench/schemas/leaderboard-v2.schema.json``; provenance names backbone, weights sha256,
-#: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method
+#: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method.
+#: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
+#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump
 SCHEMA_VERSION = 2
 
 
@@ -69,6 +71,51 @@ def _rows(runs: list[RunDir]) -> pl.DataFrame:
     return pl.DataFrame(records, schema=schema)
 
 
+def _setting(run: RunDir) -> dict[str, Any]:
+    """What the seeds pooled into one entry must share: everything in the run key but the seed (the request
+    without seed, weights path and similarity option, which do not change the numbers; the weights by
+    their sha256), the task hash, the data fingerprint, the training plan and the input geometry."""
+    from medbench.results import CONFIG
+
+    config = run.read_json(CONFIG)
+    request = {k: v for k, v in (config.get("request") or {}).items() if k not in ("seed", "weights", "similarity")}
+    return {"request": request, "task_hash": config.get("task_hash"),
+            "data": (config.get("data") or {}).get("fingerprint"), "plan": config.get("plan"),
+            "input": config.get("input"),
+            "weights_sha256": (run.result().get("provenance", {}).get("model") or {}).get("weights_sha256")}
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+        return None
+    return None if a == b else f"{path} ({a!r} vs {b!r})"
+
+
+def check_poolable(name: str, runs: list[RunDir]) -> None:
+    """Refuse to pool runs of one entry that are not seeds of one setting: a seed twice, or runs trained
+    differently (another ``--max-steps``, engine, weights, task version or data). One line naming both
+    run folders; narrow the RUN_DIRs to one setting."""
+    from medbench.errors import UsageError
+
+    by_seed: dict[int, RunDir] = {}
+    first = runs[0]
+    base = _setting(first)
+    for run in runs:
+        seed = run.result()["seed"]
+        if seed in by_seed:
+            raise UsageError(f"{name}: seed {seed} has two complete runs, {by_seed[seed].path} and {run.path} "
+                             "(other settings or versions); pass the folders of one", field="RUN_DIR")
+        by_seed[seed] = run
+        diff = _first_difference(base, _setting(run))
+        if diff:
+            raise UsageError(f"{name}: runs {first.path} and {run.path} differ in {diff}, so they are not seeds "
+                             "of one setting; pass the folders of one", field="RUN_DIR")
+
+
 def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict[str, Any]:
     """Entries of ``runs``; ``baseline`` = (backbone, init or None) adds ``relative_to_baseline`` blocks."""
     rows = _rows(runs)
@@ -82,6 +129,8 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                               & (pl.col("regime") == regime))
             seeds = sorted(sub["seed"].unique().to_list())
             run_paths = sorted(sub["run"].unique().to_list())
+            check_poolable(" · ".join(x for x in (task, backbone, init, regime) if x),
+                           [RunDir(Path(p)) for p in run_paths])
             first = results[run_paths[0]]
             metrics: dict[str, Any] = {}
             ood: dict[str, Any] = {}

@@ -66,6 +66,14 @@ def test_same_command_twice_gives_identical_metrics(tmp_path: Path) -> None:
     # a rerun into the same folder reuses the completed runs
     proc = run_cli(*args, "--out", str(tmp_path / "a"))
     assert proc.returncode == 0 and "2 run(s) were already complete and reused" in proc.stdout
+    assert "other complete run" not in proc.stdout
+    # the leaderboard holds this command's runs; the store's others are pointed out, not silently dropped
+    proc = run_cli("run", "--backbone", "cbr-tiny", "--task", "smoke-covidx", "--seeds", "1", "--max-steps", "12",
+                   "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0 and "1 run(s) were already complete and reused" in proc.stdout
+    assert f"1 other complete run(s) in {tmp_path / 'a'} are not in this leaderboard" in " ".join(proc.stdout.split())
+    assert [e["task"] for e in json.loads((tmp_path / "a" / "leaderboard.json").read_text())["entries"]] == \
+        ["smoke-covidx"]
 
 
 def test_real_bit_architecture_runs(tmp_path: Path) -> None:
@@ -169,7 +177,9 @@ def test_smoke_leaderboard_carries_every_axis(smoke_run: Path) -> None:
         assert {"sex", "age_group", "view", "site", "sex & age_group"} <= set(attrs)
         sex = attrs["sex"]
         assert sex["groups"]["F"]["status"] == "ok" and sex["gap"]["auc"]["ci"] is not None
-        assert e["fairness"]["operating_point"]["chosen_on"] in ("val", None)
+        # binary/multilabel thresholds are chosen on validation; multiclass decisions are the argmax
+        multiclass = task in ("smoke-covidx", "smoke-derm")
+        assert e["fairness"]["operating_point"]["chosen_on"] == (None if multiclass else "val"), task
         f_worst += sex["worst_group"]["auc"] == "F" and sex["groups"]["F"]["auc"]["mean"] < sex["groups"]["M"]["auc"]["mean"]
         shift = e["shift"]["site-b"][metric]
         assert shift["in_distribution"]["mean"] == pytest.approx(e["headline"]["mean"])

@@ -114,24 +114,83 @@ def test_broken_board_is_rejected_naming_the_field(fake_board: Path, tmp_path: P
     assert proc.stderr.strip() == f"medbench: error: {bad}: {field}: {text.split(': ', 2)[2]}"
 
 
+def test_string_task_version_is_written_and_read(tmp_path: Path) -> None:
+    """TaskSpec.version may be a string ("1.2"): the board built from such runs is written (validated as
+    built), read back by load_board and rendered; a version of another type is still rejected."""
+    from medbench.leaderboard import write_leaderboard
+    from medbench.results import RESULT
+    from medbench.scoring.runs import rescore
+    from medbench.specs import TaskSpec
+
+    spec = task_spec("smoke-cxr")
+    spec["version"] = "1.2"
+    assert TaskSpec.model_validate(spec).version == "1.2"  # the spec allows it ...
+    for seed in (0, 1):
+        run = write_run(tmp_path / "store", seed=seed, spec=spec)
+        result = json.loads((run.path / RESULT).read_text())
+        result["provenance"]["task_version"] = spec["version"]  # as the runner records it
+        (run.path / RESULT).write_text(json.dumps(result))
+        rescore(run, {"bootstrap": 20})
+    path = tmp_path / "board.json"
+    write_leaderboard(find_run_dirs([tmp_path / "store"]), path)  # ... and so does the board
+    board = load_board(path)
+    assert [e["provenance"]["task_version"] for e in board["entries"]] == ["1.2"]
+    proc = run_cli("render", str(path), "--format", "md", "-o", str(tmp_path / "board.md"))
+    assert proc.returncode == 0, proc.stderr
+    board["entries"][0]["provenance"]["task_version"] = 1  # integer versions (every older board) stay valid
+    validate_board(board)
+    board["entries"][0]["provenance"]["task_version"] = 1.5
+    with pytest.raises(LeaderboardFormatError, match=r"entries\[0\]\.provenance\.task_version: expected integer or "
+                                                     r"string or null, got 1\.5"):
+        validate_board(board)
+
+
 # --------------------------------------------------------------------------- published rows
 
 
-def _protocol() -> str:
+#: CJ21 Table 1 (full-shot transfer; accuracy % for COVIDx and Tuberculosis, mean AUC % for the others;
+#: mean ± std over 5 seeds), transcribed from ../shared/PROTOCOL.md as printed
+CJ21_TABLE1: dict[str, dict[str, tuple[str, str]]] = {
+    "COVIDx": {"R50x1 1K": ("76.30", "1.30"), "R50x1 21K": ("78.35", "1.63"),
+               "R152x4 1K": ("78.10", "0.95"), "R152x4 21K": ("78.90", "0.49")},
+    "Tuberculosis": {"R50x1 1K": ("79.83", "1.50"), "R50x1 21K": ("83.47", "0.83"),
+                     "R152x4 1K": ("81.49", "2.23"), "R152x4 21K": ("80.83", "2.51")},
+    "MIMIC-CXR": {"R50x1 1K": ("85.41", "0.10"), "R50x1 21K": ("86.82", "0.10"),
+                  "R152x4 1K": ("86.85", "0.06"), "R152x4 21K": ("87.79", "0.13")},
+    "CheXpert": {"R50x1 1K": ("84.83", "0.14"), "R50x1 21K": ("86.60", "0.14"),
+                 "R152x4 1K": ("86.82", "0.06"), "R152x4 21K": ("87.77", "0.07")},
+    "PadChest": {"R50x1 1K": ("76.72", "0.27"), "R50x1 21K": ("80.99", "0.22"),
+                 "R152x4 1K": ("79.59", "0.17"), "R152x4 21K": ("83.94", "0.19")},
+    "PadChest-cl": {"R50x1 1K": ("80.17", "0.17"), "R50x1 21K": ("82.03", "0.17"),
+                    "R152x4 1K": ("82.55", "0.05"), "R152x4 21K": ("84.02", "0.24")},
+    "NIH": {"R50x1 1K": ("75.53", "0.47"), "R50x1 21K": ("81.02", "0.57"),
+            "R152x4 1K": ("79.82", "0.38"), "R152x4 21K": ("82.80", "0.41")},
+}
+#: RZ19 (CheXpert, ResNet-50, AUC %): label -> (random init, ImageNet transfer), from ../shared/PROTOCOL.md
+RZ19_TABLE2: dict[str, tuple[str, str]] = {
+    "Atelectasis": ("79.52", "79.76"),
+    "Cardiomegaly": ("75.23", "74.93"),
+    "Consolidation": ("85.49", "84.42"),
+    "Edema": ("88.34", "88.89"),
+    "Pleural Effusion": ("88.70", "88.07"),
+}
+
+
+def _protocol() -> str | None:
+    """../shared/PROTOCOL.md when it sits beside the repository (CI), else None (a user's clone)."""
     path = SHARED_DATA.parent / "PROTOCOL.md"
-    if not path.is_file():
-        pytest.skip(f"the protocol is not available: {path} (../shared sits beside the repository in CI)")
-    return path.read_text()
+    return path.read_text() if path.is_file() else None
 
 
 def _published(name: str) -> dict:
     return json.loads((PUBLISHED / name).read_text(), parse_float=Decimal)
 
 
-def test_cj21_rows_equal_the_papers_table_cell_by_cell() -> None:
-    from medbench.published import PAPER_MODELS, PAPER_TASKS
+def _fraction(percent: str) -> Decimal:
+    return Decimal(percent) / 100  # exact: the paper's percent / 100, as medbench stores scores
 
-    text = _protocol()
+
+def _cj21_from_protocol(text: str) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
     section = text.split("## Reference numbers (CJ21 Table 1", 1)[1].split("\n## ", 1)[0]
     lines = [ln for ln in section.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -141,7 +200,21 @@ def test_cj21_rows_equal_the_papers_table_cell_by_cell() -> None:
         for col, cell in zip(header[1:], row[1:]):
             mean, std = cell.split("±")
             cells[(row[0], col)] = (Decimal(mean.strip()), Decimal(std.strip()))
-    assert len(cells) == 28
+    return cells
+
+
+def _rz19_from_protocol(text: str) -> dict[str, tuple[Decimal, Decimal]]:
+    text = " ".join(text.split())
+    return {lab: (Decimal(a), Decimal(b)) for lab, a, b in re.findall(
+        r"(Atelectasis|Cardiomegaly|Consolidation|Edema|Pleural Effusion) (\d+\.\d+) vs (\d+\.\d+)", text)}
+
+
+def test_cj21_rows_equal_the_papers_table_cell_by_cell() -> None:
+    from medbench.published import PAPER_MODELS, PAPER_TASKS
+
+    expected = {(target, column): (_fraction(mean), _fraction(std))
+                for target, row in CJ21_TABLE1.items() for column, (mean, std) in row.items()}
+    assert len(expected) == 28
     board = _published("cj21-table1.json")
     assert board["published"] is True and "Cherti" in board["citation"]
     seen = {}
@@ -152,26 +225,32 @@ def test_cj21_rows_equal_the_papers_table_cell_by_cell() -> None:
         h = e["headline"]
         assert h["metric"] == ("accuracy" if paper["target"] in ("COVIDx", "Tuberculosis") else "auc")
         assert h["ci"] is None and h["values"] is None and h["seeds"] is None and h["n"] == 5
-        seen[(paper["target"], paper["column"])] = (h["mean"] * 100, h["std"] * 100)
-        assert e["metrics"][h["metric"]]["mean"] == h["mean"]
-    assert seen == cells  # exact decimal equality, every cell
+        assert (paper["target"], paper["column"]) not in seen  # one row per cell
+        seen[(paper["target"], paper["column"])] = (h["mean"], h["std"])
+        assert e["metrics"][h["metric"]]["mean"] == h["mean"] and e["metrics"][h["metric"]]["std"] == h["std"]
+    assert seen == expected  # exact decimal equality, every cell
+    text = _protocol()
+    if text is not None:  # the transcription above is itself checked against the protocol where it is present
+        assert _cj21_from_protocol(text) == {(t, c): (Decimal(m), Decimal(s))
+                                             for t, row in CJ21_TABLE1.items() for c, (m, s) in row.items()}
 
 
 def test_rz19_rows_equal_the_papers_numbers() -> None:
-    text = " ".join(_protocol().split())
-    found = dict((lab, (Decimal(a), Decimal(b))) for lab, a, b in re.findall(
-        r"(Atelectasis|Cardiomegaly|Consolidation|Edema|Pleural Effusion) (\d+\.\d+) vs (\d+\.\d+)", text))
-    assert len(found) == 5
     board = _published("rz19-table2.json")
     rows = {e["init"]: e for e in board["entries"]}
     assert set(rows) == {"random", "pretrained"} and all(e["backbone"] == "resnet50" for e in rows.values())
-    for label, (random_init, imagenet) in found.items():
+    for e in rows.values():
+        assert set(e["metrics"]) == {f"auc/{label}" for label in RZ19_TABLE2}
+    for label, (random_init, imagenet) in RZ19_TABLE2.items():
         for init, expected in (("random", random_init), ("pretrained", imagenet)):
             s = rows[init]["metrics"][f"auc/{label}"]
-            assert s["mean"] * 100 == expected, (label, init)
+            assert s["mean"] == _fraction(expected), (label, init)
             assert s["std"] is None and s["ci"] is None  # the paper gives none
     for e in rows.values():
         assert e["headline"]["mean"] is None  # no mean over labels in the paper: not invented
+    text = _protocol()
+    if text is not None:
+        assert _rz19_from_protocol(text) == {lab: (Decimal(a), Decimal(b)) for lab, (a, b) in RZ19_TABLE2.items()}
 
 
 def test_published_names_are_medbench_tasks_and_backbones() -> None:
@@ -377,3 +456,36 @@ def test_render_usage_errors_exit_2(tmp_path: Path) -> None:
     proc = run_cli("render", str(tmp_path / "none.json"), "-o", str(tmp_path / "x.html"))
     assert proc.returncode == 2 and "none.json: BOARD: no such file" in proc.stderr
     assert not (tmp_path / "x.html").exists()
+
+
+def test_runs_of_other_settings_are_not_pooled_as_seeds(tmp_path) -> None:
+    """Two complete runs of one seed (e.g. a --max-steps 2 trial and the full run in one store), or seeds
+    trained differently, are refused with one line naming both folders, never averaged into one entry."""
+    from medbench.errors import UsageError
+    from medbench.results import CONFIG
+    from medbench.scoring.runs import rescore
+
+    store = tmp_path / "store"
+    runs = [write_run(store, seed=s) for s in (0, 1)]
+    for run in runs:
+        rescore(run)
+    assert build_leaderboard(runs)["entries"][0]["seeds"] == [0, 1]  # one setting: pooled
+
+    def set_plan(run, total_steps):
+        config = json.loads((run.path / CONFIG).read_text())
+        config["plan"] = {"batch_size": 32, "total_steps": total_steps}
+        (run.path / CONFIG).write_text(json.dumps(config))
+
+    set_plan(runs[0], 80)
+    set_plan(runs[1], 2)
+    with pytest.raises(UsageError) as err:
+        build_leaderboard(runs)
+    msg = str(err.value)
+    assert "\n" not in msg and str(runs[0].path) in msg and str(runs[1].path) in msg
+    assert "differ in plan.total_steps (80 vs 2)" in msg and "smoke-cxr · fake-a · random" in msg
+
+    set_plan(runs[1], 80)
+    again = write_run(tmp_path / "other", seed=0)  # seed 0 once more, from another store
+    rescore(again)
+    with pytest.raises(UsageError, match=r"seed 0 has two complete runs"):
+        build_leaderboard([*runs, again])

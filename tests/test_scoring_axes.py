@@ -14,6 +14,7 @@ from conftest import run_cli
 from fake_runs import task_spec, write_run
 from medbench.data.subsets import fraction_subset, shots_subset
 from medbench.leaderboard import build_leaderboard
+from medbench.predictions import Predictions
 from medbench.results import METRICS, find_run_dirs
 from medbench.scoring.convergence import convergence
 from medbench.scoring.efficiency import normalized_area
@@ -168,7 +169,13 @@ def test_leaderboard_carries_every_axis_with_intervals(fake_store: Path) -> None
     assert cal["after"]["ece"]["mean"] < cal["before"]["ece"]["mean"] and cal["after"]["ece"]["ci"]
     sex = e["fairness"]["attributes"]["sex"]
     assert sex["gap"]["auc"]["mean"] > 0 and sex["gap"]["auc"]["ci"] and sex["worst_group"]["auc"] == "F"
-    assert sex["groups"]["F"]["n"] == sex["groups"]["F"]["n"] and isinstance(sex["groups"]["F"]["n"], int)
+    # group sizes are the same test set in every seed: plain counts (not seed summaries), equal to the images
+    test = Predictions.load(find_run_dirs([fake_store])[0].prediction_file("test"))
+    sexes = test.table["sex"].to_list()
+    for g in ("F", "M"):
+        assert type(sex["groups"][g]["n"]) is int and sex["groups"][g]["n"] == sexes.count(g) > 0, g
+    assert sum(grp["n"] for grp in sex["groups"].values()) == len(test)
+    assert isinstance(sex["groups"]["F"]["auc"], dict) and sex["groups"]["F"]["auc"]["n"] == 2  # measured: summary
     assert "per_label" not in sex
     drop = e["shift"]["site-b"]["auc"]["drop"]
     assert drop["mean"] > 0 and drop["ci"]["low"] > 0

@@ -139,6 +139,76 @@ def test_missing_attribute_column_is_reported() -> None:
     assert values["attributes"]["view"]["status"] == "unavailable"
 
 
+@pytest.mark.parametrize("val_kind", ["none", "empty"])
+def test_without_validation_no_threshold_is_claimed(val_kind: str) -> None:
+    """No validation predictions: the operating point says no threshold was chosen and why (never 'val'),
+    no decision rate is reported, AUC and accuracy per group still are, and the bootstrap has no rate."""
+    val_full, test = _preds(200, 41), _preds(400, 42)
+    val = None if val_kind == "none" else val_full.filter(np.zeros(len(val_full), dtype=bool))
+    values, builders = fairness_axis(test, val, ATTRS, ScoringSpec())
+    op = values["operating_point"]
+    assert op["chosen_on"] is None and op["thresholds"] == {name: None for name in test.label_names}
+    assert "no validation predictions" in op["reason"]
+    sex = values["attributes"]["sex"]
+    for g in ("F", "M"):
+        assert sex["groups"][g]["auc"] is not None and sex["groups"][g]["accuracy"] is not None
+        assert all(sex["groups"][g][m] is None for m in ("tpr", "fpr", "fnr", "selection_rate"))
+    assert sex["equalized_odds_difference"] is None and sex["demographic_parity_difference"] is None
+    assert sex["gap"]["auc"] is not None and sex["gap"]["tpr"] is None
+    keys = set(evaluate(len(test), builders, None).point)
+    assert ("fairness", "attributes", "sex", "groups", "F", "auc") in keys
+    assert not any(k[-1] in ("tpr", "fpr", "fnr", "selection_rate", "equalized_odds_difference") for k in keys)
+    # with validation predictions the same call reports thresholds chosen on 'val', no reason
+    with_val, _ = fairness_axis(test, val_full, ATTRS, ScoringSpec())
+    op = with_val["operating_point"]
+    assert op["chosen_on"] == "val" and op["reason"] is None
+    assert all(t is not None and 0 <= t["threshold"] <= 1 for t in op["thresholds"].values())
+    assert with_val["attributes"]["sex"]["groups"]["F"]["tpr"] is not None
+
+
+def test_operating_point_of_multiclass_and_of_a_one_class_validation_label() -> None:
+    val, test = _preds(200, 51, "multiclass"), _preds(300, 52, "multiclass")
+    op = fairness_axis(test, val, ATTRS, ScoringSpec())[0]["operating_point"]
+    assert op["rule"] == "argmax" and op["chosen_on"] is None and op["thresholds"] == {} and "argmax" in op["reason"]
+    val, test = _preds(200, 53), _preds(300, 54)
+    y = val.y_true()
+    y[:, 1] = 0.0
+    val = Predictions.build(val.table.drop([c for c in val.table.columns if c.startswith(("prob:", "label:"))])
+                            .with_columns(**{label_column(f"l{j}"): pl.Series([None if np.isnan(v) else int(v)
+                                                                                for v in y[:, j]], dtype=pl.Int8)
+                                             for j in range(3)}), val.y_prob(), val.label_names, "multilabel")
+    values = fairness_axis(test, val, ATTRS, ScoringSpec())[0]
+    op = values["operating_point"]
+    assert op["chosen_on"] == "val" and op["thresholds"]["l1"] is None and op["thresholds"]["l0"] is not None
+    assert "l1" in op["reason"] and "l0" not in op["reason"]
+    assert set(values["attributes"]["sex"]["per_label"]) == {"l0", "l2"}
+
+
+def test_auc_gap_replicate_is_undefined_when_one_group_is() -> None:
+    """A resample where the small group's AUC is undefined (it drew none of its one positive) has no AUC gap
+    (NaN, as the point value would be None), not a gap of 0."""
+    rng = np.random.default_rng(3)
+    n = 300
+    sex = np.array(["F"] * 25 + ["M"] * (n - 25))
+    y = (rng.random(n) < 0.4).astype(float)
+    y[:25] = 0.0
+    y[0] = 1.0  # the women hold one positive
+    p = 1 / (1 + np.exp(-(1.5 * (2 * y - 1) + rng.standard_normal(n))))
+    table = pl.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "sex": sex.tolist()}).with_columns(
+        **{label_column("l0"): pl.Series(y.astype(np.int8))})
+    test = Predictions.build(table, p[:, None], ["l0"], "binary")
+    values, builders = fairness_axis(test, test, [AttributeSpec(name="sex")], ScoringSpec(min_group_size=20))
+    assert values["attributes"]["sex"]["gap"]["auc"] is not None
+    reps = evaluate(n, builders, Resampling.of(test, n_resamples=200, seed=0, scope="test")).replicates
+    f_auc = reps[("fairness", "attributes", "sex", "groups", "F", "auc")]
+    gap = reps[("fairness", "attributes", "sex", "gap", "auc")]
+    lost = np.isnan(f_auc)
+    assert 10 < lost.sum() < 190  # some resamples lose the positive, most keep it
+    assert np.isnan(gap[lost]).all() and np.isfinite(gap[~lost]).all()
+    worst = reps[("fairness", "attributes", "sex", "worst", "auc")]
+    assert np.array_equal(worst[lost], reps[("fairness", "attributes", "sex", "groups", "M", "auc")][lost])
+
+
 def test_threshold_rules() -> None:
     rng = np.random.default_rng(0)
     y = (rng.random(400) < 0.3).astype(float)

@@ -10,19 +10,40 @@ What is calibrated:
   (sum over classes, range 0..2) and NLL the cross-entropy of the true class.
 
 ECE = sum over bins of (bin share) x |observed frequency - mean confidence|;
-MCE = the largest such gap over non-empty bins. Bins: ``ece_bins`` (15) of
-equal width, or ``adaptive``: equal mass, edges at the quantiles of the
-scored confidences (netcal's convention, first and last edge at 0 and 1).
-Point values come from netcal (ECE, MCE) and scikit-learn (Brier, NLL);
-bootstrap replicates from the same definitions on linear statistics, with the
-bin edges of the scored set held fixed.
+MCE = the largest such gap over non-empty bins. Confidences are clipped to
+``[eps, 1 - eps]`` (netcal's convention) and a confidence ``c`` falls in the bin
+``[e_i, e_i+1)`` (the last bin closed). Bins:
+
+* ``uniform``: ``ece_bins`` (15) bins of equal width;
+* ``adaptive``: equal mass, edges at the quantiles ``0, 1/B, ..., 1`` of the
+  scored (clipped) confidences, first and last edge set to 0 and 1 (netcal's
+  convention). **Ties**: when many confidences are equal (e.g. 180 of 200 at
+  0.3, or rounded probabilities) several quantiles coincide; duplicate edges
+  are merged (``np.unique``), so a tied value never straddles two bins and
+  there are fewer than ``ece_bins`` bins. Merging only removes bins of zero
+  width, which hold no sample under the ``[e_i, e_i+1)`` rule: without ties
+  the edges, and the values, are netcal's (tests check it); with ties netcal
+  (scipy's ``binned_statistic_dd``) raises "The smallest edge difference is
+  numerically 0" instead. The point value and the bootstrap form use the same
+  merged edges (:func:`bin_edges`), so they agree.
+
+Point values: uniform ECE and MCE from netcal, adaptive ones from the merged
+bins above (netcal cannot take explicit edges), Brier and NLL from
+scikit-learn. Bootstrap replicates come from the same definitions on linear
+statistics, with the bin edges of the scored set held fixed.
 
 Temperature scaling (Guo et al. 2017) is fitted on the validation split with
 netcal (maximum likelihood; per label for binary/multilabel, one temperature
 for multiclass) and applied to the test split; every metric is reported
-before and after. A label whose validation split holds one class keeps
-temperature ``None`` (identity). The bootstrap resamples the test split with
-the fitted temperature held fixed.
+before and after. netcal fits the weight ``w = 1 / T`` of the logit without a
+constraint; a temperature must be positive, so the fit is kept only when
+``w > 0``. ``temperature_status`` says per label (or ``all``) what happened:
+``fitted``; ``one_class`` (validation holds one class: nothing to fit);
+``not_positive`` (netcal's ``w <= 0``: validation predictions rank the wrong
+way, and ``T = 1 / w`` would flip the test probabilities). In the last two
+cases the temperature is ``None`` and the label is left unscaled (identity,
+``T = 1``). The bootstrap resamples the test split with the fitted
+temperature held fixed.
 """
 
 from __future__ import annotations
@@ -65,11 +86,14 @@ def calibration_targets(preds: Predictions) -> list[CalibrationTarget]:
 
 
 def bin_edges(confidence: np.ndarray, bins: int, binning: str) -> np.ndarray:
-    """Bin edges on [0, 1]: equal width, or equal mass at the quantiles of ``confidence`` (netcal)."""
+    """Strictly increasing bin edges on [0, 1]: ``bins`` of equal width, or (``adaptive``) equal mass at
+    the quantiles of the clipped ``confidence`` (netcal's edges) with duplicate edges merged, so tied
+    confidences give fewer, never empty zero-width, bins."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     if binning == "adaptive" and confidence.size:
         edges = np.quantile(np.clip(confidence, EPS, 1 - EPS), q=edges)
         edges[0], edges[-1] = 0.0, 1.0
+        edges = np.unique(edges)  # ties: coinciding quantiles become one edge
     return edges
 
 
@@ -82,14 +106,24 @@ def bin_index(confidence: np.ndarray, edges: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- point values (libraries)
 
 
-def _netcal(metric: str, t: CalibrationTarget, config: ScoringSpec) -> float | None:
+def binned_value(metric: str, t: CalibrationTarget, config: ScoringSpec) -> float | None:
+    """ECE or MCE of one target: netcal's for equal-width bins; for adaptive bins, from the merged
+    quantile bins of :func:`bin_edges` (equal to netcal's whenever its edges are distinct, defined
+    also with ties, where netcal fails)."""
     if not t.valid.any():
         return None
-    from netcal.metrics import ECE, MCE
+    if config.ece_binning == "uniform":
+        from netcal.metrics import ECE, MCE
 
-    cls = ECE if metric == "ece" else MCE
-    m = cls(bins=config.ece_bins, equal_intervals=config.ece_binning == "uniform")
-    return float(m.measure(t.confidence[t.valid].astype(np.float64), t.outcome[t.valid].astype(np.int64)))
+        cls = ECE if metric == "ece" else MCE
+        m = cls(bins=config.ece_bins, equal_intervals=True)
+        return float(m.measure(t.confidence[t.valid].astype(np.float64), t.outcome[t.valid].astype(np.int64)))
+    r = reliability(t, config)
+    filled = r["count"] > 0
+    gap = np.abs(r["frequency"][filled] - r["confidence"][filled])
+    if metric == "ece":
+        return float(np.sum(r["count"][filled] * gap) / r["count"].sum())
+    return float(gap.max())
 
 
 def _brier_nll_point(preds: Predictions, metric: str) -> dict[str, float | None]:
@@ -129,7 +163,7 @@ def _aggregate(preds: Predictions, metric: str, per: dict[str, float | None]) ->
 
 def _binned_point(preds: Predictions, config: ScoringSpec, metric: str) -> dict[str, float | None]:
     targets = calibration_targets(preds)
-    per = {t.name: _netcal(metric, t, config) for t in targets}
+    per = {t.name: binned_value(metric, t, config) for t in targets}
     if preds.task_type == "multiclass":
         return {metric: per["top-label"]}
     return _aggregate(preds, metric, per)
@@ -246,32 +280,49 @@ CALIBRATION_METRICS = ("ece", "mce", "brier", "nll")
 
 def fit_temperatures(val: Predictions) -> dict[str, float | None]:
     """Temperature per label (binary/multilabel) or one (multiclass, key ``all``), fitted on ``val``
-    by maximum likelihood with netcal; None where validation holds one class (identity)."""
+    by maximum likelihood with netcal; None (identity) where nothing valid was fitted (see
+    :func:`fit_temperature_details`)."""
+    return fit_temperature_details(val)[0]
+
+
+def _netcal_temperature(p: np.ndarray, y: np.ndarray) -> tuple[float | None, str]:
+    """(T, status) from netcal's fit of ``w = 1 / T``; ``w <= 0`` (or not finite) is rejected."""
     from netcal.scaling import TemperatureScaling
 
+    ts = TemperatureScaling(method="mle")
+    ts.fit(p.astype(np.float64), y.astype(np.int64), tensorboard=False)
+    w = float(np.asarray(ts.temperature).reshape(-1)[0])
+    if not np.isfinite(w) or w <= 0:
+        return None, "not_positive"
+    return 1.0 / w, "fitted"
+
+
+def fit_temperature_details(val: Predictions) -> tuple[dict[str, float | None], dict[str, str]]:
+    """(temperatures, status) per label (binary/multilabel) or for ``all`` (multiclass), fitted on
+    ``val``. Status ``fitted``, ``one_class`` (validation holds one class) or ``not_positive``
+    (netcal's weight ``1 / T`` is <= 0: the predictions rank the wrong way on validation); the
+    temperature is None (identity) unless ``fitted``."""
     from medbench.scoring.classification import check_finite
 
     check_finite(val)
     y, p = val.y_true(), val.y_prob()
-    out: dict[str, float | None] = {}
+    temps: dict[str, float | None] = {}
+    status: dict[str, str] = {}
     if val.task_type == "multiclass":
         keep = ~np.isnan(y).any(1)
         cls = y[keep].argmax(1)
         if keep.sum() < 2 or np.unique(cls).size < 2:
-            return {"all": None}
-        ts = TemperatureScaling(method="mle")
-        ts.fit(p[keep].astype(np.float64), cls.astype(np.int64), tensorboard=False)
-        return {"all": float(1.0 / np.asarray(ts.temperature).reshape(-1)[0])}
+            return {"all": None}, {"all": "one_class"}
+        t, st = _netcal_temperature(p[keep], cls)
+        return {"all": t}, {"all": st}
     for k, name in enumerate(val.label_names):
         keep = ~np.isnan(y[:, k])
         yk = y[keep, k]
         if yk.size < 2 or yk.min() == yk.max():
-            out[name] = None
+            temps[name], status[name] = None, "one_class"
             continue
-        ts = TemperatureScaling(method="mle")
-        ts.fit(p[keep, k].astype(np.float64), yk.astype(np.int64), tensorboard=False)
-        out[name] = float(1.0 / np.asarray(ts.temperature).reshape(-1)[0])
-    return out
+        temps[name], status[name] = _netcal_temperature(p[keep, k], yk)
+    return temps, status
 
 
 def apply_temperatures(preds: Predictions, temperatures: dict[str, float | None]) -> Predictions:
@@ -335,7 +386,7 @@ def reliability_png(before: Predictions, after: Predictions, config: ScoringSpec
             ok = np.isfinite(r["confidence"])
             ax.plot(r["confidence"][ok], r["frequency"][ok], "o-", color=color, ms=3, lw=1.2, label=label)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        eb, ea = _netcal("ece", b, config), _netcal("ece", a, config)
+        eb, ea = binned_value("ece", b, config), binned_value("ece", a, config)
         ax.set_title(f"{b.name}: ECE {eb:.3f} → {ea:.3f}" if eb is not None and ea is not None else b.name,
                      fontsize=9)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="observed frequency")
@@ -356,12 +407,15 @@ def reliability_png(before: Predictions, after: Predictions, config: ScoringSpec
 def calibration_axis(test: Predictions, val: Predictions | None, config: ScoringSpec):
     """(values, builders, calibrated test predictions): metrics before/after temperature scaling.
 
-    ``values`` = ``{"binning", "bins", "temperature": {...}, "before": {...}, "after": {...}}``;
+    ``values`` = ``{"binning", "bins", "temperature": {...}, "temperature_status": {...}, "fitted_on",
+    "before": {...}, "after": {...}}``;
     ``builders`` add the replicate rows of ``before``/``after`` to the test scope."""
-    temps = fit_temperatures(val) if val is not None and len(val) else {}
+    temps, status = fit_temperature_details(val) if val is not None and len(val) else ({}, {})
     after = apply_temperatures(test, temps)
     values: dict = {"binning": config.ece_binning, "bins": config.ece_bins, "temperature": temps,
-                    "fitted_on": "val" if temps else None, "before": {}, "after": {}}
+                    "temperature_status": status,
+                    "fitted_on": "val" if "fitted" in status.values() else None,  # None: nothing was scaled
+                    "before": {}, "after": {}}
     for which, preds in (("before", test), ("after", after)):
         for metric in CALIBRATION_METRICS:
             values[which].update(get_point(metric)(preds, config))

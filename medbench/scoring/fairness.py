@@ -22,7 +22,14 @@ the highest threshold whose validation TPR reaches ``target_sensitivity``),
 then applied to the test predictions (``p >= threshold``). Multiclass: the
 argmax decision, one-vs-rest per class. Rates are computed on decisions,
 never on continuous scores (fairlearn's demographic parity of raw scores is
-silently 0).
+silently 0). ``operating_point`` reports what happened: ``chosen_on`` is
+``"val"`` when thresholds were chosen on validation predictions, and ``None``
+otherwise, with a ``reason``: multiclass (argmax, no threshold), or no
+validation predictions — a threshold is never chosen on the test split, so
+then every threshold is ``None`` and the decision rates (TPR, FPR, FNR,
+selection rate, equalized odds, demographic parity) are not reported; AUC and
+accuracy still are. A label whose validation split holds one class has
+threshold ``None`` (listed in ``reason``).
 
 Per grouping: worst group and its value (AUC, accuracy), gaps (max - min over
 scored groups; for the rates, per label then averaged), the equalized-odds
@@ -160,7 +167,7 @@ def operating_points(val: Predictions | None, config: ScoringSpec) -> dict[str, 
 
 def decisions(test: Predictions, points: dict[str, dict | None]) -> tuple[np.ndarray, np.ndarray]:
     """(decisions ``[N, L]`` as 0/1, which labels have one) on the test predictions."""
-    y, p = test.y_true(), test.y_prob()
+    p = test.y_prob()
     if test.task_type == "multiclass":
         d = np.zeros_like(p)
         d[np.arange(p.shape[0]), p.argmax(1)] = 1.0
@@ -362,9 +369,9 @@ def grouping_rows(stats: LinearStats, test: Predictions, grouping: Grouping, sco
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     out[("worst", m)] = np.nanmin(stack, axis=0)
-                    out[("gap", m)] = np.nanmax(stack, axis=0) - np.nanmin(stack, axis=0)
-                if stack.shape[0] < 2:
-                    out[("gap", m)] = np.full(stack.shape[1], np.nan)
+                    # as the point value: a gap needs two groups where the value is defined in that resample
+                    ok = np.isfinite(stack).sum(0) >= 2
+                    out[("gap", m)] = np.where(ok, np.nanmax(stack, axis=0) - np.nanmin(stack, axis=0), np.nan)
         gaps = {m: [] for m in RATES}
         eods, dps = [], []
         for k in range(n_labels):
@@ -405,15 +412,32 @@ def fairness_axis(test: Predictions, val: Predictions | None, attributes: list[A
     """(values, builders): point values of every grouping and replicate builders of single attributes."""
     if not attributes:
         return None, []
-    points = operating_points(val, config) if test.task_type != "multiclass" else {}
+    multiclass = test.task_type == "multiclass"
+    has_val = val is not None and len(val) > 0
+    if multiclass:
+        points: dict[str, dict | None] = {}
+        chosen_on, reason = None, "multiclass: the argmax decision, no threshold"
+    elif has_val:
+        points = operating_points(val, config)
+        chosen_on = "val"
+        one_class = [name for name, pt in points.items() if pt is None]
+        reason = (f"validation holds one class for {', '.join(one_class)}: no threshold, no decision rates"
+                  if one_class else None)
+    else:
+        points = {name: None for name in test.label_names}
+        chosen_on = None
+        reason = ("no validation predictions: thresholds are chosen on validation only (never on test), so "
+                  "none is chosen and the decision rates (tpr, fpr, fnr, selection_rate, equalized odds, "
+                  "demographic parity) are not reported")
     d, has_decision = decisions(test, points)
     gs, unavailable = groupings(test, attributes, config.intersections)
     values: dict = {
         "operating_point": {
-            "rule": "argmax" if test.task_type == "multiclass" else config.threshold,
+            "rule": "argmax" if multiclass else config.threshold,
             "target_sensitivity": config.target_sensitivity if config.threshold == "sensitivity" else None,
-            "chosen_on": None if test.task_type == "multiclass" else "val",
+            "chosen_on": chosen_on,
             "thresholds": points,
+            "reason": reason,
         },
         "min_group_size": config.min_group_size,
         "attributes": dict(unavailable),
