@@ -206,16 +206,14 @@ def run(
     checkpoint_every: Optional[List[str]] = typer.Option(
         None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
         "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
-    allow_outside_data_root: bool = typer.Option(
-        False, "--allow-outside-data-root", help="Let task specs and label files name absolute paths or paths "
-        "outside the dataset folder (off: such paths are refused). Env: MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1."),
+    allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
     fractions: Optional[str] = typer.Option(None, "--fractions", help="Data efficiency: also fine-tune on these percentages of the training images, e.g. 1,5,10,25,50 ('default': 1,5,10,25,50,100)."),
     shots: Optional[str] = typer.Option(None, "--shots", help="Data efficiency: also fine-tune on k images per class, e.g. 1,5,10 ('default': 1,5,10,100,500)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
     freeze: Optional[str] = typer.Option(None, "--freeze", help="Frozen features: 'head' (train the head only) or L (freeze the first L blocks)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Per-layer similarity initial vs fine-tuned: cka | svcca | cka,svcca."),
     launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
-    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
     cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
 ) -> None:
@@ -300,6 +298,12 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     from medbench.backbones.registry import get_backbone
     from medbench.catalog import Catalog
     from medbench.data.locate import DataLocations
+    from medbench.errors import UsageError
+
+    for flag, key in (("--max-concurrent", "max_concurrent"), ("--cluster-config", "cluster_config")):
+        if dispatch and dispatch["launcher"] == "inline" and dispatch.get(key):
+            raise UsageError("only with --launcher local or slurm (the default, inline, runs one run at a time)",
+                             field=flag)
 
     catalog = Catalog(tasks_dir)
     names = _selected_tasks(catalog, suites, tasks)

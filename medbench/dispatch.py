@@ -212,6 +212,18 @@ def _gpu_slots(executor) -> list[tuple[int, ...]] | None:
     return [tuple(range(i * per_job, (i + 1) * per_job)) for i in range(count // per_job)]
 
 
+def local_sharing(max_concurrent: int | None, threads: int | None, slots: list | None, n_jobs: int,
+                  cores: int) -> tuple[int, int]:
+    """(jobs at once, torch threads per job) for local jobs sharing one machine. Unset, the jobs at once
+    are one per GPU set (``slots``), or on CPU one per ``threads`` cores (one per core when ``threads`` is
+    unset too); unset threads split the cores among the jobs that run at once."""
+    if max_concurrent is None:
+        max_concurrent = len(slots) if slots is not None else max(1, cores // (threads or 1))
+    if threads is None:
+        threads = max(1, cores // max(1, min(max_concurrent, n_jobs)))
+    return max_concurrent, threads
+
+
 def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path], locations, checkpoints,
              threads: int | None, max_concurrent: int | None = None, wait: bool = True,
              config: ClusterConfig | None = None, config_path: Path | None = None, message=print,
@@ -234,8 +246,9 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
                          config_path)
     if preflight is not None:
         preflight()
-    if launcher == "local" and threads is None:  # concurrent local jobs share the cores
-        threads = max(1, (os.cpu_count() or 1) // max(1, min(max_concurrent or len(requests), len(requests))))
+    slots = _gpu_slots(executor) if launcher == "local" else None
+    if launcher == "local":
+        max_concurrent, threads = local_sharing(max_concurrent, threads, slots, len(requests), os.cpu_count() or 1)
     specs = [JobSpec(request=r, name=job_name(r), out=Path(out), tasks_dir=list(tasks_dir), locations=locations,
                      checkpoints=checkpoints, threads=threads) for r in requests]
     records: dict[str, dict] = {}
@@ -279,10 +292,9 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
             jobs[s.name] = job
             record(s, state="submitted", job_id=str(job.job_id), submitted=now_utc())
 
-    slots = _gpu_slots(executor) if launcher == "local" else None
     limit = len(pending_specs)
     if launcher == "local":
-        limit = min(max_concurrent or limit, len(slots) if slots is not None else limit)
+        limit = min(max_concurrent, len(slots) if slots is not None else limit)
     queue = list(pending_specs)
     if launcher == "slurm":
         if queue:

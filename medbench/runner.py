@@ -182,7 +182,9 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
     MixUp) and input geometry, the world size (batch statistics are per rank),
     the medbench version and the store format. Not in the key (they do not
     change the numbers, or are recorded as provenance instead): checkpoint
-    settings, thread count, output folder, git revision, library versions.
+    settings, output folder, git revision, library versions, and the thread
+    count (on CPU it changes the last bits of reductions, far below seed
+    noise; recorded as ``device.torch_threads``).
     """
     import medbench
 
@@ -244,15 +246,13 @@ def _node_rank_first(dist):
     if dist.world_size == 1:
         yield
         return
-    from datetime import timedelta
-
     import torch.distributed as tdist
 
-    from medbench.train.distributed import init_process_group
+    from medbench.train.distributed import init_process_group, side_group
 
     init_process_group(dist)
-    # a gloo side group with a long timeout: decoding a large dataset outlasts the collectives' 10 minutes
-    waiting = tdist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    # the gloo side group with a long timeout: decoding a large dataset outlasts the collectives' minutes
+    waiting = side_group()
     if dist.local_rank != 0:
         tdist.barrier(group=waiting)
     try:
@@ -486,6 +486,7 @@ class Runner:
         from medbench.provenance import code_provenance, now_utc
         from medbench.scoring.runs import rescore
         from medbench.train.checkpoint import CheckpointClock, CheckpointStore
+        from medbench.train.data_parallel import gather_shards, shard, wait_for_all
         from medbench.train.distributed import describe_device
         from medbench.train.finetune import Finetuner, logits_to_probs, predict_logits
 
@@ -515,21 +516,30 @@ class Runner:
                              mixup_alpha=plan.mixup_alpha)  # MixUp over the global batch, any world size
 
         def probs_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
-            logits = predict_logits(tuner.module, eval_batches(pixels, rows, crop=crop, norm=norm,
-                                                              batch_size=EVAL_BATCH), dist.device,
-                                    req.engine.precision)
-            return logits_to_probs(spec.type, logits)
+            """Probabilities ``[len(rows), outputs]``; launched, each rank predicts its shard of the rows."""
+            mine = rows[shard(len(rows), dist.world_size, dist.rank)]
+            probs = np.zeros((0, spec.num_outputs), dtype=np.float32)
+            if len(mine):
+                logits = predict_logits(tuner.module, eval_batches(pixels, mine, crop=crop, norm=norm,
+                                                                  batch_size=EVAL_BATCH), dist.device,
+                                        req.engine.precision)
+                probs = logits_to_probs(spec.type, logits)
+            return gather_shards(probs, len(rows), dist.world_size)
 
         headline = spec.headline
-        val_pred_meta = _prediction_meta(prepared, val_rows, [a.source_column for a in spec.attributes])
+        attrs = [a.source_column for a in spec.attributes]
+        val_pred_meta = _prediction_meta(prepared, val_rows, attrs)
+        final_val: dict = {}  # the validation probabilities after the last step, when fit evaluated them
 
         def evaluate_val() -> float | None:
             if len(val_rows) == 0:
                 return None
             from medbench.scoring import compute_metrics
 
-            preds = Predictions.build(val_pred_meta, probs_for(val_rows, prepared.images.pixels, prepared.crop),
-                                      spec.labels, spec.type)
+            probs = probs_for(val_rows, prepared.images.pixels, prepared.crop)
+            if progress["steps_done"] == plan.total_steps:  # fit's final evaluation (after_step ran last)
+                final_val["probs"] = probs
+            preds = Predictions.build(val_pred_meta, probs, spec.labels, spec.type)
             return compute_metrics(preds, [headline]).get(headline)
 
         clock = CheckpointClock(self.checkpoints)
@@ -550,113 +560,125 @@ class Runner:
                 raise StopRequested(self.stop.signum or 2,
                                     f"in {req.task} seed {req.seed} at step {done}/{plan.total_steps}, {saved}")
 
-        eval_every = max(1, plan.total_steps // 10)
         started = now_utc()
         history = tuner.fit(stream.iterate(start, plan.total_steps), history=history, evaluate=evaluate_val,
-                            eval_every=eval_every, on_step=self.reporter.step, after_step=after_step,
+                            eval_every=plan.eval_every, on_step=self.reporter.step, after_step=after_step,
                             premixed=True)
 
-        if not dist.is_main:
-            return RunOutcome(req, run, "ok")
-        attrs = [a.source_column for a in spec.attributes]
+        # every rank predicts its shard of val, test and each OOD target's test split; rank 0 writes and scores
+        # while the others wait on the long-timeout side group (a failure on rank 0 is recorded, then released)
+        split_probs = {"val": final_val.get("probs"), "test": None}
         for split, rows in (("val", val_rows), ("test", test_rows)):
-            Predictions.build(_prediction_meta(prepared, rows, attrs),
-                              probs_for(rows, prepared.images.pixels, prepared.crop),
-                              spec.labels, spec.type).save(run.prediction_file(split))
-        if req.similarity:
-            _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
-                              lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop, norm=norm,
-                                                        batch_size=EVAL_BATCH), dist.device)
-
-        ood_records = []
+            if split_probs[split] is None:
+                split_probs[split] = probs_for(rows, prepared.images.pixels, prepared.crop)
+        ood_probs: dict[str, np.ndarray] = {}
         for target in spec.ood:
-            tgt_task = self.catalog.task(target.task)
-            absent = missing_dataset(tgt_task, self.locations)
-            if absent is not None:  # OOD is an extra axis: a target without data is skipped and recorded
-                self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
-                ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
-                continue
-            tgt_task, tgt, pairs = self._ood_target(task, target, req.resolution)
-            rows = tgt.rows("test")
-            probs = probs_for(rows, tgt.images.pixels, prepared.crop)
-            src_idx = [spec.labels.index(s) for s, _ in pairs]
-            meta = _prediction_meta(tgt, rows, attrs)
-            keep_cols = [c for c in meta.columns if not c.startswith("label:")]
-            meta = meta.select(keep_cols).with_columns(
-                **{f"label:{s}": tgt.data.index.table[rows.tolist()][f"label:{d}"] for s, d in pairs})
-            sub_probs = probs[:, src_idx]
-            if spec.type == "multiclass":
-                sub_probs = sub_probs / sub_probs.sum(1, keepdims=True)
-            Predictions.build(meta, sub_probs, [s for s, _ in pairs], spec.type).save(
-                run.prediction_file(f"ood-{target.display_name}"))
-            ood_records.append({"name": target.display_name, "task": target.task, "task_hash": tgt_task.hash,
-                                "label_pairs": pairs, "n": int(len(rows)), "data_fingerprint": tgt.fingerprint})
+            if missing_dataset(self.catalog.task(target.task), self.locations) is None:
+                tgt = self._ood_target(task, target, req.resolution)[1]
+                ood_probs[target.display_name] = probs_for(tgt.rows("test"), tgt.images.pixels, prepared.crop)
+        if not dist.is_main:
+            wait_for_all(dist.world_size)
+            return RunOutcome(req, run, "ok")
+        try:
+            for split, rows in (("val", val_rows), ("test", test_rows)):
+                Predictions.build(_prediction_meta(prepared, rows, attrs), split_probs[split],
+                                  spec.labels, spec.type).save(run.prediction_file(split))
+            if req.similarity:
+                _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
+                                  lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop,
+                                                            norm=norm, batch_size=EVAL_BATCH), dist.device)
 
-        fingerprint = prepared.fingerprint
-        config = {
-            "key": key,
-            "request": {**asdict(req), "init": init, "weights": str(req.weights) if req.weights else None},
-            "task": task.name,
-            "task_version": spec.version,
-            "task_hash": task.hash,
-            "task_source": task.source,
-            "task_spec": spec.model_dump(mode="json"),
-            "backbone": req.backbone,
-            "init": init,
-            "seed": req.seed,
-            "plan": plan.as_dict(),
-            "input": {"resize": prepared.resize, "crop": prepared.crop, "channels": spec.input.channels},
-            "engine": asdict(req.engine),
-            "world_size": dist.world_size,
-            "ood_targets": ood_records,
-            "variant": variant,
-            "data": {
-                "dataset": spec.dataset.name,
-                "fingerprint": fingerprint,
-                "n": {"train": int(len(train_rows)), "val": int(len(val_rows)), "test": int(len(test_rows))},
-                "patients": {s: int(prepared.data.index.table.filter(pl.col("split") == s)["patient_id"].n_unique())
-                             for s in ("train", "val", "test")},
-                "skipped_images": len(prepared.images.bad),
-                "split": prepared.data.split_source,
-            },
-        }
-        run.write_json(CONFIG, config)
-        run.write_json(HISTORY, history.as_dict())
-        buf = io.BytesIO()
-        prepared.data.split_table().write_parquet(buf)
-        atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
-        scores = rescore(run)
-        result = {
-            "status": "ok",
-            "key": key,
-            "task": task.name,
-            "backbone": req.backbone,
-            "init": init,
-            "seed": req.seed,
-            "variant": variant,
-            **({"regime": _regime(req.freeze), "freeze": freeze_info} if req.freeze else {}),
-            "headline": {"metric": headline, "value": scores["test"].get(headline)},
-            "metrics": scores,
-            "started": started,
-            "finished": now_utc(),
-            "train_seconds": history.seconds,
-            "training": {"resumed_from_step": progress["resumed_from_step"],
-                         "checkpoints": self.checkpoints.describe() if can_save else "off"},
-            "provenance": {
-                **code_provenance(),
+            ood_records = []
+            for target in spec.ood:
+                tgt_task = self.catalog.task(target.task)
+                absent = missing_dataset(tgt_task, self.locations)
+                if absent is not None:  # OOD is an extra axis: a target without data is skipped and recorded
+                    self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
+                    ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
+                    continue
+                tgt_task, tgt, pairs = self._ood_target(task, target, req.resolution)
+                rows = tgt.rows("test")
+                probs = ood_probs[target.display_name]
+                src_idx = [spec.labels.index(s) for s, _ in pairs]
+                meta = _prediction_meta(tgt, rows, attrs)
+                keep_cols = [c for c in meta.columns if not c.startswith("label:")]
+                meta = meta.select(keep_cols).with_columns(
+                    **{f"label:{s}": tgt.data.index.table[rows.tolist()][f"label:{d}"] for s, d in pairs})
+                sub_probs = probs[:, src_idx]
+                if spec.type == "multiclass":
+                    sub_probs = sub_probs / sub_probs.sum(1, keepdims=True)
+                Predictions.build(meta, sub_probs, [s for s, _ in pairs], spec.type).save(
+                    run.prediction_file(f"ood-{target.display_name}"))
+                ood_records.append({"name": target.display_name, "task": target.task, "task_hash": tgt_task.hash,
+                                    "label_pairs": pairs, "n": int(len(rows)), "data_fingerprint": tgt.fingerprint})
+
+            fingerprint = prepared.fingerprint
+            config = {
+                "key": key,
+                "request": {**asdict(req), "init": init, "weights": str(req.weights) if req.weights else None},
+                "task": task.name,
                 "task_version": spec.version,
                 "task_hash": task.hash,
-                "data_fingerprint": fingerprint,
-                "model": built.provenance(),
-                "device": describe_device(dist),
+                "task_source": task.source,
+                "task_spec": spec.model_dump(mode="json"),
+                "backbone": req.backbone,
+                "init": init,
+                "seed": req.seed,
+                "plan": plan.as_dict(),
+                "input": {"resize": prepared.resize, "crop": prepared.crop, "channels": spec.input.channels},
                 "engine": asdict(req.engine),
-                "torch_deterministic": torch.are_deterministic_algorithms_enabled(),
-            },
-        }
-        run.write_json(METRICS, scores)
-        run.write_result(result)  # last: marks the run complete
-        run.clear_checkpoint()
-        return RunOutcome(req, run, "ok", result=result)
+                "world_size": dist.world_size,
+                "ood_targets": ood_records,
+                "variant": variant,
+                "data": {
+                    "dataset": spec.dataset.name,
+                    "fingerprint": fingerprint,
+                    "n": {"train": int(len(train_rows)), "val": int(len(val_rows)), "test": int(len(test_rows))},
+                    "patients": {s: int(prepared.data.index.table.filter(pl.col("split") == s)["patient_id"].n_unique())
+                                 for s in ("train", "val", "test")},
+                    "skipped_images": len(prepared.images.bad),
+                    "split": prepared.data.split_source,
+                },
+            }
+            run.write_json(CONFIG, config)
+            run.write_json(HISTORY, history.as_dict())
+            buf = io.BytesIO()
+            prepared.data.split_table().write_parquet(buf)
+            atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
+            scores = rescore(run)
+            result = {
+                "status": "ok",
+                "key": key,
+                "task": task.name,
+                "backbone": req.backbone,
+                "init": init,
+                "seed": req.seed,
+                "variant": variant,
+                **({"regime": _regime(req.freeze), "freeze": freeze_info} if req.freeze else {}),
+                "headline": {"metric": headline, "value": scores["test"].get(headline)},
+                "metrics": scores,
+                "started": started,
+                "finished": now_utc(),
+                "train_seconds": history.seconds,
+                "training": {"resumed_from_step": progress["resumed_from_step"],
+                             "checkpoints": self.checkpoints.describe() if can_save else "off"},
+                "provenance": {
+                    **code_provenance(),
+                    "task_version": spec.version,
+                    "task_hash": task.hash,
+                    "data_fingerprint": fingerprint,
+                    "model": built.provenance(),
+                    "device": describe_device(dist),
+                    "engine": asdict(req.engine),
+                    "torch_deterministic": torch.are_deterministic_algorithms_enabled(),
+                },
+            }
+            run.write_json(METRICS, scores)
+            run.write_result(result)  # last: marks the run complete
+            run.clear_checkpoint()
+            return RunOutcome(req, run, "ok", result=result)
+        finally:
+            wait_for_all(dist.world_size)
 
 
 def _variant_record(req: RunRequest, prepared: PreparedData, train_rows: np.ndarray) -> dict | None:

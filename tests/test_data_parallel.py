@@ -112,3 +112,13 @@ def test_mixup_over_the_global_batch_is_the_same_for_any_world_size():
             parts = [_stream(world, r, alpha=0.5).batch(step) for r in range(world)]
             assert torch.equal(torch.cat([p[0] for p in parts]), x)
             assert torch.equal(torch.nan_to_num(torch.cat([p[1] for p in parts]), 9.0), torch.nan_to_num(y, 9.0))
+
+
+def test_evaluation_shards_cover_the_rows_once_in_order():
+    from medbench.train.data_parallel import shard
+
+    for n in range(0, 11):
+        for world in range(1, 5):
+            parts = [np.arange(n)[shard(n, world, r)] for r in range(world)]
+            assert np.concatenate(parts).tolist() == list(range(n))  # every row once, rank order = row order
+            assert [len(p) for p in parts] == [len(a) for a in np.array_split(np.arange(n), world)]

@@ -176,3 +176,16 @@ def test_status_reads_runs_and_job_records(tmp_path):
         "queued": "submitted", "started": "running", "killed": "died", "finished": "ok"}
     assert report["counts"] == {"jobs": {"queued": 1, "running": 1, "done": 1, "failed": 1},
                                 "runs": {"queued": 0, "running": 1, "done": 1, "failed": 2}}
+
+
+def test_local_jobs_share_the_machine_by_default():
+    from medbench.dispatch import local_sharing
+
+    # CPU: one job per core at one thread each, not every job at once
+    assert local_sharing(None, None, None, n_jobs=12, cores=2) == (2, 1)
+    assert local_sharing(None, 4, None, n_jobs=12, cores=16) == (4, 4)
+    # fewer jobs than slots: the cores are split among the jobs that exist
+    assert local_sharing(None, None, None, n_jobs=1, cores=8) == (8, 8)
+    # GPUs: one job per GPU set; the user's choices stand
+    assert local_sharing(None, None, [(0,), (1,), (2,), (3,)], n_jobs=12, cores=32) == (4, 8)
+    assert local_sharing(3, 2, None, n_jobs=12, cores=2) == (3, 2)

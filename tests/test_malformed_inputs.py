@@ -336,6 +336,8 @@ ARGS = {
                                  ["--weights", "does not read weights; drop one"]),
     "out-is-a-file": (args_with_file("out", "x", *RUN, "-b", "cbr-tiny", "-t", "smoke-tb"),
                       ["out", ": --out: ", "exists and is not a folder"]),
+    "max-concurrent-inline": (args(*RUN, "-b", "cbr-tiny", "-t", "smoke-tb", "--max-concurrent", "2"),
+                              [": --max-concurrent: ", "only with --launcher local or slurm"]),
     "checkpoint-every-garbage": (args(*RUN, "-b", "cbr-tiny", "-t", "smoke-tb", "--checkpoint-every", "5 parsecs"),
                                  ["--checkpoint-every", "expected a number of steps (500), a duration"]),
     "checkpoint-every-off-and-more": (args(*RUN, "-b", "cbr-tiny", "-t", "smoke-tb", "--checkpoint-every", "off",

@@ -19,6 +19,11 @@ are per rank and are made global here, after every optimiser step:
   as in the single-process run with the same micro-batch; a different
   micro-batch changes them (that is the math, not the parallelism).
 * **The logged loss** (``history.json``) is averaged over ranks (:func:`mean_over_ranks`).
+
+Evaluation (validation during training, test and OOD predictions) is split
+too: each rank predicts a contiguous shard of the rows (:func:`shard`) and
+:func:`gather_shards` puts the shards together in row order on every rank, so
+W devices share the inference and every rank sees the same validation metric.
 """
 
 from __future__ import annotations
@@ -84,6 +89,44 @@ class RunningStats:
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(var.to(bn.running_var.dtype))
             bn.num_batches_tracked.fill_(n)
+
+
+def shard(n: int, world_size: int, rank: int) -> slice:
+    """The contiguous part of ``n`` rows that ``rank`` evaluates (the sizes of ``numpy.array_split``)."""
+    size, extra = divmod(n, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+def gather_shards(part, n: int, world_size: int):
+    """Every rank's :func:`shard` of an ``[n, K]`` float32 array, concatenated in rank order, on every rank
+    (``part`` itself in a single process). Gathered over the long-timeout gloo side group as CPU tensors."""
+    import numpy as np
+
+    if world_size == 1:
+        return part
+    import torch.distributed as dist
+
+    from medbench.train.distributed import side_group
+
+    sizes = [shard(n, world_size, r).stop - shard(n, world_size, r).start for r in range(world_size)]
+    width = part.shape[1]
+    padded = torch.zeros((max(sizes), width), dtype=torch.float32)
+    padded[: len(part)] = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=side_group())
+    return torch.cat([g[:k] for g, k in zip(gathered, sizes)]).numpy()
+
+
+def wait_for_all(world_size: int) -> None:
+    """A barrier on the long-timeout side group (nothing in a single process): the other ranks wait here
+    while rank 0 writes and scores a run, instead of in the next run's first collective (minutes on NCCL)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        from medbench.train.distributed import side_group
+
+        dist.barrier(group=side_group())
 
 
 def mean_over_ranks(value: float, world_size: int, device: str) -> float:

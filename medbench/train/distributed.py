@@ -70,6 +70,28 @@ def init_process_group(info: DistInfo) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps an existing group
+    if info.world_size > 1:
+        side_group()  # on every rank at its first initialisation, so the collective creation lines up
+
+
+#: hours a rank waits in :func:`side_group` collectives: the other ranks may be decoding a whole dataset into
+#: the preprocessing cache, or rank 0 scoring a run with bootstrap intervals
+SIDE_GROUP_TIMEOUT_HOURS = 24
+_side_group = None
+
+
+def side_group():
+    """A gloo group over all ranks with a long timeout, beside the training group (NCCL on GPUs, whose
+    collectives time out after minutes): for waiting on one rank's long work and for gathering evaluation
+    outputs as CPU tensors. Created once per process, collectively (by :func:`init_process_group`)."""
+    global _side_group
+    if _side_group is None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        _side_group = dist.new_group(backend="gloo", timeout=timedelta(hours=SIDE_GROUP_TIMEOUT_HOURS))
+    return _side_group
 
 
 def describe_device(info: DistInfo) -> dict:
