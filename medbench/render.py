@@ -103,7 +103,7 @@ def published_value(e: dict) -> str:
 
 
 def render_markdown(board: dict, published: list[dict] | None = None) -> str:
-    out = [f"# medbench leaderboard", "",
+    out = ["# medbench leaderboard", "",
            f"Created {board.get('created') or '–'} · medbench {board['provenance'].get('medbench_version', '–')} · "
            f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}", "",
            "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
