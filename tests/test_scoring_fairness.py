@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import numpy as np
@@ -258,3 +259,17 @@ def test_parity_is_measured_on_decisions_not_scores() -> None:
     raw = demographic_parity_difference(y[ok, 0], p[ok, 0], sensitive_features=sex[ok])
     assert raw == 0.0
     assert values["attributes"]["sex"]["per_label"]["l0"]["demographic_parity_difference"] > 0.0
+
+
+def test_the_rates_in_the_metric_frame_equal_fairlearns() -> None:
+    """medbench's TPR/FPR functions (given to MetricFrame) equal fairlearn's, including a class absent."""
+    from medbench.scoring.fairness import _fpr, _tpr
+
+    rng = np.random.default_rng(7)
+    cases = [(rng.integers(0, 2, n), rng.integers(0, 2, n)) for n in (1, 2, 5, 40, 333)]
+    cases += [(np.ones(6, int), rng.integers(0, 2, 6)), (np.zeros(6, int), rng.integers(0, 2, 6))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fairlearn warns when a class is absent
+        for y, d in cases:
+            assert _tpr(y, d) == pytest.approx(true_positive_rate(y, d, pos_label=1), abs=1e-12)
+            assert _fpr(y, d) == pytest.approx(false_positive_rate(y, d, pos_label=1), abs=1e-12)
