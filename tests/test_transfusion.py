@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli, shared_data
 from medbench.analysis.similarity import compare_models, linear_cka, svcca
 from medbench.backbones import create_model, get_backbone
 from medbench.backbones.blocks import block_names, tensor_blocks
@@ -342,3 +342,120 @@ def test_recipe_end_to_end_on_a_smoke_task(tmp_path: Path, tiny_source, resnet_w
     again = run_cli(*args)
     assert again.returncode == 0 and "10 run(s) were already complete and reused" in again.stdout
     assert json.loads((folder / "report.json").read_text())["table1"] == report["table1"]
+
+
+# ---------------------------------------------------------------------------------------------- recipe, real data
+
+#: PneumoniaMNIST (../shared/data/medmnist, real paediatric chest X-rays, 28 px) through a --tasks-dir override of
+#: the built-in task that changes only the compute knobs: native 28 px instead of the 160 -> 128 upscaling, batch
+#: 64, one seed. Dataset, labels, official split and metrics are the built-in task's.
+PNEUMONIA_CPU = ("input: {resize: 28, crop: 24}\n"
+                 "hyperrule: {batch_size: 64, base_lr: 0.2, schedule: [10, 50, 80, 95, 100], mixup_alpha: 0.0}\n"
+                 "default_seeds: 1\n")
+REAL_STEPS = 6
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_recipe_end_to_end_on_real_pneumoniamnist(tmp_path: Path, resnet_weights: Path) -> None:
+    """`medbench transfusion` on real radiographs: CBR-Tiny and ResNet-50 (stand-in weights), four inits and a
+    linear probe; tables, per-run per-layer CKA, convergence plot; the rerun trains nothing."""
+    import polars as pl
+    from PIL import Image
+
+    data = shared_data("medmnist", "pneumoniamnist.npz").parent
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    builtin = REPO / "tasks" / "medmnist" / "pneumoniamnist.yaml"
+    (tasks / "pneumoniamnist.yaml").write_text(f"task: pneumoniamnist\ninclude: {builtin}\n{PNEUMONIA_CPU}")
+    torch.manual_seed(7)  # the CBR stand-in: a seeded net of its own, one input channel like the task
+    tiny = _save(build_cbr("cbr-tiny", num_classes=2, in_chans=1), tmp_path / "cbr-tiny.safetensors")
+    inits = ["random", "pretrained", "mean-var", "transfusion:1"]
+    arms = [*inits, "pretrained+freeze-head"]
+    out = tmp_path / "out"
+    args = ["transfusion", "--task", "pneumoniamnist", "--tasks-dir", str(tasks), "--data", f"medmnist={data}",
+            "--backbones", "cbr-tiny,resnet50", "--inits", ",".join(inits), "--freeze", "head",
+            "--weights", f"cbr-tiny={tiny}", "--weights", f"resnet50={resnet_weights}",
+            "--seeds", "1", "--max-steps", str(REAL_STEPS), "--out", str(out)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = out / "transfusion" / "pneumoniamnist"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["skipped"] == []  # both backbones had weights: every arm was planned
+    assert report["arms"] == arms and report["headline"] == "auc" and len(report["runs"]) == 10
+
+    # the runs read the real file: the publisher's split of this copy, not a synthetic stand-in
+    run_root = out / "runs" / "pneumoniamnist"
+    runs = {(bb, json.loads((p / "result.json").read_text())["init"], "freeze-head" in p.name): p
+            for bb in ("cbr-tiny", "resnet50") for p in (run_root / bb).iterdir()}
+    assert len(runs) == 10
+    for path in runs.values():
+        config = json.loads((path / "config.json").read_text())
+        assert config["data"]["n"] == {"train": 2428, "val": 270, "test": 468}, path.name
+
+    # Table 1: a row per backbone, a numeric test AUC in every arm's column (report.json, CSV and Markdown agree)
+    t1 = {r["backbone"]: r for r in report["table1"]}
+    assert t1["cbr-tiny"]["params_rz19_convention"] == 1_076_480 and t1["cbr-tiny"]["params_as_run"] == 1_077_440
+    assert t1["resnet50"]["params_as_run"] == 23_501_760  # one input channel, no head
+    csv1 = {r["backbone"]: r for r in pl.read_csv(folder / "table1.csv").to_dicts()}
+    md1 = {line.split("|")[1].strip(): line for line in (folder / "table1.md").read_text().splitlines()[2:]}
+    assert set(t1) == set(csv1) == set(md1) == {"cbr-tiny", "resnet50"}
+    header = [c.strip() for c in (folder / "table1.md").read_text().splitlines()[0].strip("|").split("|")]
+    assert header[-len(arms):] == arms
+    for bb, row in t1.items():
+        cells = [c.strip() for c in md1[bb].strip("|").split("|")][-len(arms):]
+        for arm, cell in zip(arms, cells):
+            value = row[arm]["mean"]
+            assert isinstance(value, float) and 0.0 <= value <= 1.0 and row[arm]["n"] == 1, (bb, arm)
+            assert csv1[bb][arm] == pytest.approx(value) and cell == f"{value:.4f}", (bb, arm)
+    # real images carry signal even after a few steps: the best CBR arm is well above chance
+    assert max(t1["cbr-tiny"][arm]["mean"] for arm in arms) > 0.7, t1["cbr-tiny"]
+
+    # Table 2: per-label AUC from the saved predictions = the runs' own headline (one binary label)
+    (t2,) = report["table2"]
+    assert t2["label"] == "pneumonia"
+    assert set(t2) == {"label"} | {f"{bb} {arm}" for bb in t1 for arm in ("random", "pretrained")}
+    for bb in t1:
+        for arm in ("random", "pretrained"):
+            assert t2[f"{bb} {arm}"]["mean"] == pytest.approx(t1[bb][arm]["mean"], abs=1e-6), (bb, arm)
+    assert pl.read_csv(folder / "table2.csv")["cbr-tiny random"][0] == pytest.approx(t2["cbr-tiny random"]["mean"])
+
+    # per-layer CKA stored in every run: one value per block, in [0, 1]; exactly the initial network when frozen
+    for (bb, init, frozen), path in runs.items():
+        sim = json.loads((path / "similarity.json").read_text())
+        assert [layer["name"] for layer in sim["layers"]] == list(get_backbone(bb).blocks), path.name
+        cka = [layer["cka"] for layer in sim["layers"]]
+        assert all(isinstance(v, float) and -1e-9 <= v <= 1.0 + 1e-9 for v in cka), (path.name, cka)
+        if frozen:
+            assert cka == pytest.approx([1.0] * len(cka), abs=1e-6), path.name
+        else:  # fine-tuning on real images moved the deepest block
+            assert cka[-1] < 0.999, (path.name, cka)
+        arm = init + ("+freeze-head" if frozen else "")
+        assert report["similarity"][bb][arm]["cka"] == pytest.approx(cka), (bb, arm)
+    sim_rows = pl.read_csv(folder / "similarity.csv")
+    assert sim_rows.height == sum(len(get_backbone(bb).blocks) for bb in t1) * len(arms)
+
+    # convergence: a validation curve per (backbone, arm) over every step, and a real two-panel PNG
+    for bb in t1:
+        assert list(report["convergence"][bb]) == arms
+        for arm, curve in report["convergence"][bb].items():
+            assert curve["step"] == list(range(1, REAL_STEPS + 1)), (bb, arm)
+            assert all(0.0 <= v <= 1.0 for v in curve["val_metric"]), (bb, arm)
+    with Image.open(folder / "convergence.png") as img:
+        assert img.format == "PNG" and img.width > 2 * img.height  # a panel per backbone, side by side
+        img.load()
+        lo, hi = img.convert("L").getextrema()
+        assert hi - lo > 100  # something was drawn
+    assert (folder / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same command again: every run reused (no run folder written to), the same tables
+    stamps = {p: [(f, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()] for p in runs.values()}
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "10 run(s) were already complete and reused" in again.stdout
+    assert {p.name for bb in t1 for p in (run_root / bb).iterdir()} == {p.name for p in runs.values()}
+    for p, files in stamps.items():
+        assert [(f, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file()] == files, p.name
+    rebuilt = json.loads((folder / "report.json").read_text())
+    assert rebuilt["table1"] == report["table1"] and rebuilt["table2"] == report["table2"]
+    assert rebuilt["similarity"] == report["similarity"]
