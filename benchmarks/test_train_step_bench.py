@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 

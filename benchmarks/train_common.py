@@ -53,3 +53,24 @@ def load_average() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "unknown"
+
+
+def busy_cores(seconds: float = 2.0) -> float:
+    """How many cores other processes keep busy, measured over ``seconds`` while this process sleeps
+    (from /proc/stat; nan where it is unreadable). The load average cannot tell: it still counts a run
+    that ended a minute ago."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    try:
+        busy0, total0 = ticks()
+        time.sleep(seconds)
+        busy1, total1 = ticks()
+    except (OSError, ValueError):
+        return float("nan")
+    import os
+
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)

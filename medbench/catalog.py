@@ -177,6 +177,26 @@ class Catalog:
                             f"see 'medbench list suites'{self._broken_plugins_note()}", field="--suite")
         return parse_suite_file(entry.path)
 
+    def suite_variants(self, name: str, _stack: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+        """Per task, the variant runs the suite (and its nested suites) declare, in order, without repeats;
+        a variant for a task outside the suite is an error naming the suite file."""
+        if name in _stack:  # suite_tasks reports the cycle
+            return {}
+        suite = self.suite(name)
+        path = self._entries[("suite", name)].path
+        out: dict[str, list[dict]] = {}
+        for sub in suite.suites:
+            for task, variants in self.suite_variants(sub, (*_stack, name)).items():
+                out.setdefault(task, []).extend(variants)
+        members = set(self.suite_tasks(name, _stack))
+        for i, block in enumerate(suite.variants):
+            for task in block.tasks:
+                if task not in members:
+                    raise SpecError(f"task {task!r} is not in the suite{did_you_mean(task, sorted(members))}",
+                                    where=path, field=f"variants.{i}.tasks")
+                out.setdefault(task, []).extend(block.runs())
+        return {t: [dict(v) for v in dict.fromkeys(tuple(sorted(v.items())) for v in vs)] for t, vs in out.items()}
+
     def suite_tasks(self, name: str, _stack: tuple[str, ...] = ()) -> list[str]:
         """The suite's tasks in order, nested suites expanded, duplicates removed."""
         if name in _stack:

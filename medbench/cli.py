@@ -277,6 +277,21 @@ def _variants(fractions: str | None, shots: str | None, resolutions: str | None)
     return out
 
 
+def _task_variants(catalog, names: list[str], suites: list[str], variants: list[dict]) -> dict[str, list[dict]]:
+    """Per task, its variant runs: the command line's for every task, then those its suites declare; no
+    repeats, and no resolution point at the task's own crop (that is the plain run)."""
+    declared: dict[str, list[dict]] = {}
+    for suite in suites:
+        for task, vs in catalog.suite_variants(suite).items():
+            declared.setdefault(task, []).extend(vs)
+    out = {}
+    for name in names:
+        crop = catalog.task(name).spec.input.crop
+        unique = [dict(v) for v in dict.fromkeys(tuple(sorted(v.items())) for v in [*variants, *declared.get(name, [])])]
+        out[name] = [v for v in unique if v.get("resolution") is None or v["resolution"] != crop]
+    return out
+
+
 def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
     from medbench.errors import UsageError
 
@@ -307,6 +322,7 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
 
     catalog = Catalog(tasks_dir)
     names = _selected_tasks(catalog, suites, tasks)
+    per_task = _task_variants(catalog, names, suites, list(variants))
     bb = get_backbone(backbone)
     locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
     from medbench.train.checkpoint import CheckpointPolicy
@@ -317,9 +333,10 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
             parse_init(init)
         _print_plan(catalog, names, backbone, seeds, locations, max_steps, assume_tflops,
                     engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch})
-        if variants:
-            _console().print(f"plus {len(variants)} variant run(s) (--fractions/--shots/--resolutions) per task and "
-                             "seed, each on its own (smaller) schedule")
+        extra = {t: len(v) for t, v in per_task.items() if v}
+        if extra:
+            _console().print("plus variant runs (--fractions/--shots/--resolutions, and the suite's own) per seed, "
+                             "each on its own schedule: " + ", ".join(f"{t} {k}" for t, k in extra.items()))
         return
 
     from medbench.results import RunStore
@@ -338,10 +355,8 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     requests = []
     for name in names:
         n = seeds or catalog.task(name).spec.default_seeds
-        crop = catalog.task(name).spec.input.crop  # a sweep point at the task's own crop is the plain run
-        task_variants = [v for v in variants if v.get("resolution") is None or v["resolution"] != crop]
         requests += expand_requests([name], backbone, list(range(n)), init=init, weights=weights,
-                                    max_steps=max_steps, engine=engine_cfg, variants=task_variants,
+                                    max_steps=max_steps, engine=engine_cfg, variants=per_task[name],
                                     freeze=freeze, similarity=similarity)
     store = RunStore(out)
     _check_writable(out)

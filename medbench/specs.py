@@ -232,12 +232,54 @@ class TaskSpec(_Strict):
         return 1 if self.type == "binary" else len(self.labels)
 
 
+class SuiteVariants(_Strict):
+    """Variant runs a suite adds for some of its tasks, as ``--fractions``/``--shots``/``--resolutions``
+    would for every task: data-efficiency and resolution points that belong to the suite's leaderboard."""
+
+    tasks: list[str] = Field(min_length=1)
+    #: percentages of the training images, in (0, 100] (100 is the plain run itself)
+    fractions: list[float] = Field(default_factory=list)
+    #: training images per class (medbench.data.subsets)
+    shots: list[int] = Field(default_factory=list)
+    #: other crop sizes in px (the task's own crop is the plain run)
+    resolutions: list[int] = Field(default_factory=list)
+
+    @field_validator("fractions")
+    @classmethod
+    def _percentages(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0 < x <= 100]
+        if bad:
+            raise ValueError(f"percentages must be in (0, 100], got {bad[0]:g}")
+        return v
+
+    @field_validator("shots")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("shots must be >= 1")
+        return v
+
+    @field_validator("resolutions")
+    @classmethod
+    def _pixels(cls, v: list[int]) -> list[int]:
+        if any(r < 8 for r in v):
+            raise ValueError("resolutions must be >= 8 px")
+        return v
+
+    def runs(self) -> list[dict]:
+        """The variants as ``RunRequest`` fields (``{"fraction": 0.25}``, ``{"shots": 10}``, ...)."""
+        return ([{"fraction": pct / 100} for pct in self.fractions if pct < 100]
+                + [{"shots": k} for k in self.shots] + [{"resolution": r} for r in self.resolutions])
+
+
 class SuiteSpec(_Strict):
     suite: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
     tasks: list[str] = Field(default_factory=list)
     #: other suites whose tasks are included, in order
     suites: list[str] = Field(default_factory=list)
+    #: variant runs for some of the tasks (data efficiency, resolution), besides each task's plain runs
+    variants: list[SuiteVariants] = Field(default_factory=list)
 
 
 #: TaskSpec fields that never reach a run's numbers: left out of the content hash. ``family``,

@@ -14,7 +14,7 @@ from conftest import run_cli
 def variant_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("variants")
     proc = run_cli("run", "--backbone", "cbr-tiny", "--task", "smoke-tb", "--seeds", "1", "--max-steps", "4",
-                   "--fractions", "25,100", "--shots", "5", "--resolutions", "24,32", "--out", str(out))
+                   "--fractions", "25,100", "--shots", "5", "--resolutions", "24,28", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -27,7 +27,7 @@ def _configs(out: Path) -> dict[str, dict]:
 
 def test_variant_runs_have_their_own_folders_keys_and_subsets(variant_store: Path) -> None:
     configs = _configs(variant_store)
-    # 100 % is the plain run, and 32 px is the task's own crop: neither is run twice
+    # 100 % is the plain run, and 28 px is the task's own crop: neither is run twice
     assert sorted(configs) == ["frac25", "plain", "res24", "shots5"]
     keys = {c["key"] for c in configs.values()}
     assert len(keys) == 4
@@ -55,7 +55,7 @@ def test_variant_leaderboard_blocks_and_reuse(variant_store: Path) -> None:
     assert fr["area"]["ci"] is not None
     assert [p["shots"] for p in e["data_efficiency"]["shots"]["points"]] == [5]
     res = e["resolution"]
-    assert [p["crop"] for p in res["points"]] == [24, 32] and res["points"][0]["relative_to_default"]["ci"]
+    assert [p["crop"] for p in res["points"]] == [24, 28] and res["points"][0]["relative_to_default"]["ci"]
     proc = run_cli("run", "--backbone", "cbr-tiny", "--task", "smoke-tb", "--seeds", "1", "--max-steps", "4",
                    "--fractions", "25", "--shots", "5", "--resolutions", "24", "--out", str(variant_store))
     assert proc.returncode == 0 and "4 run(s) were already complete and reused" in proc.stdout

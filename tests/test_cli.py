@@ -47,8 +47,8 @@ def test_run_folder_holds_predictions_and_provenance(smoke_run: Path) -> None:
     sides = splits.group_by("patient_id").agg(pl.col("split").n_unique())
     assert sides["split"].max() == 1  # no patient on two sides
     history = json.loads((run / "history.json").read_text())
-    assert len(history["loss"]) == config["plan"]["total_steps"] == 80
-    assert history["val_step"][-1] == 80 and len(history["val_metric"]) == len(history["val_step"])
+    assert len(history["loss"]) == config["plan"]["total_steps"] == 50
+    assert history["val_step"][-1] == 50 and len(history["val_metric"]) == len(history["val_step"])
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "ok" and result["key"] == config["key"]
 
@@ -185,10 +185,20 @@ def test_smoke_leaderboard_carries_every_axis(smoke_run: Path) -> None:
         assert shift["in_distribution"]["mean"] == pytest.approx(e["headline"]["mean"])
         drops += shift["drop"]["mean"] > 0 and shift["relative_drop"]["mean"] > 0
         conv = e["convergence"]
-        assert conv["steps_to_95"]["n"] == 2 and conv["steps_to_95"]["mean"] <= conv["steps_to_99"]["mean"] <= 80
+        assert conv["steps_to_95"]["n"] == 2 and conv["steps_to_95"]["mean"] <= conv["steps_to_99"]["mean"] <= 50
         for run in e["runs"]:
             assert (Path(run) / "calibration" / "reliability-test.png").is_file()
             assert (Path(run) / "bootstrap.parquet").is_file()
+    # the suite's own variant runs (tasks/suites/smoke.yaml): data efficiency and resolution on smoke-mammo
+    mammo = entries["smoke-mammo"]
+    assert len(mammo["variant_runs"]) == 6  # 3 variants x 2 seeds
+    fraction = mammo["data_efficiency"]["fraction"]
+    assert [p["fraction"] for p in fraction["points"]] == [0.25, 1.0]
+    assert fraction["area"]["n"] == 2 and fraction["area"]["ci"] is not None
+    (shots,) = mammo["data_efficiency"]["shots"]["points"]
+    assert shots["shots"] == 10 and shots["n_train"]["mean"] == 20 and shots["metrics"]["auc"]["n"] == 2
+    assert [p["crop"] for p in mammo["resolution"]["points"]] == [24, 28]
+    assert all("data_efficiency" not in e and "resolution" not in e for t, e in entries.items() if t != "smoke-mammo")
     assert drops == len(entries)  # site B is harder for every task
     assert f_worst >= len(entries) - 1  # the female subgroup carries the weaker signal
     assert ece_lower >= len(entries) - 1

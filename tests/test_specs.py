@@ -230,6 +230,33 @@ def test_suite_naming_unknown_task_is_an_error(tmp_path: Path) -> None:
         Catalog([tmp_path]).suite_tasks("s")
 
 
+def test_suites_declare_variant_runs_for_their_tasks(tmp_path: Path) -> None:
+    assert Catalog().suite_variants("smoke") == {
+        "smoke-mammo": [{"fraction": 0.25}, {"shots": 10}, {"resolution": 24}]}
+    # nested suites pass theirs on; repeats are dropped; 100 % is the plain run, not a variant
+    write(tmp_path, "outer.yaml", "suite: outer\nsuites: [smoke]\n"
+          "variants: [{tasks: [smoke-mammo, smoke-tb], fractions: [25, 100], shots: [5]}]\n")
+    assert Catalog([tmp_path]).suite_variants("outer") == {
+        "smoke-mammo": [{"fraction": 0.25}, {"shots": 10}, {"resolution": 24}, {"shots": 5}],
+        "smoke-tb": [{"fraction": 0.25}, {"shots": 5}]}
+
+
+@pytest.mark.parametrize(("variants", "field", "fragment"), [
+    ("[{tasks: [smoke-cxr], fractions: [0]}]", "variants.0.fractions", "percentages must be in (0, 100]"),
+    ("[{tasks: [smoke-cxr], shots: [0]}]", "variants.0.shots", "shots must be >= 1"),
+    ("[{tasks: [smoke-cxr], resolutions: [4]}]", "variants.0.resolutions", "resolutions must be >= 8 px"),
+    ("[{tasks: [], shots: [5]}]", "variants.0.tasks", "at least 1 item"),
+    ("[{tasks: [smoke-cxr], epochs: [5]}]", "variants.0.epochs", "unknown field; expected one of: fractions"),
+    ("[{tasks: [smoke-tb], shots: [5]}]", "variants.0.tasks", "task 'smoke-tb' is not in the suite"),
+])
+def test_suite_variant_errors_name_the_file_and_field(tmp_path: Path, variants: str, field: str,
+                                                      fragment: str) -> None:
+    path = write(tmp_path, "s.yaml", f"suite: s\ntasks: [smoke-cxr]\nvariants: {variants}\n")
+    with pytest.raises(SpecError) as err:
+        Catalog([tmp_path]).suite_variants("s")
+    assert str(err.value).startswith(f"{path}: {field}: ") and fragment in str(err.value), str(err.value)
+
+
 def test_broken_task_plugins_warn_and_the_rest_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     from importlib.metadata import EntryPoint
