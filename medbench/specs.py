@@ -109,6 +109,9 @@ class HyperRuleSpec(_Strict):
     mixup_alpha: float | None = Field(None, ge=0)
     #: adaptive gradient clipping factor (CJ21); null: off
     agc_clip: float | None = Field(None, gt=0)
+    #: validation evaluations during training, evenly spaced (the convergence axis, M21 Fig. 3); each is a
+    #: forward pass over the validation split. Not part of BiT-HyperRule's optimisation
+    validation_points: int = Field(10, ge=1)
 
     @field_validator("schedule")
     @classmethod

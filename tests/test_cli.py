@@ -48,7 +48,7 @@ def test_run_folder_holds_predictions_and_provenance(smoke_run: Path) -> None:
     assert sides["split"].max() == 1  # no patient on two sides
     history = json.loads((run / "history.json").read_text())
     assert len(history["loss"]) == config["plan"]["total_steps"] == 50
-    assert history["val_step"][-1] == 50 and len(history["val_metric"]) == len(history["val_step"])
+    assert history["val_step"] == [10, 20, 30, 40, 50] and len(history["val_metric"]) == 5  # validation_points: 5
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "ok" and result["key"] == config["key"]
 

@@ -107,8 +107,9 @@ def test_validation_passes_follow_the_training_loop() -> None:
     from medbench.train.hyperrule import make_plan
 
     dist = prepare_environment()
-    for total in (1, 2, 5, 9, 10, 11, 80, 95):
-        plan = make_plan(100, HyperRuleSpec(batch_size=2), max_steps=total)
+    for total, points in ((1, 10), (2, 10), (5, 10), (9, 10), (10, 10), (11, 10), (80, 10), (95, 10), (50, 5),
+                          (7, 3), (12, 1)):
+        plan = make_plan(100, HyperRuleSpec(batch_size=2, validation_points=points), max_steps=total)
         assert plan.total_steps == total
         tuner = Finetuner(torch.nn.Linear(3, 1), plan, "binary", EngineConfig(engine="torch"), dist, seed=0)
         calls = []

@@ -60,6 +60,8 @@ class TrainPlan:
     total_steps: int
     mixup_alpha: float
     agc_clip: float | None
+    #: validation evaluations during training (the convergence curve), the last one after the last step
+    validation_points: int = 10
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimisation step ``step`` (0-based), as BiT's ``get_lr``."""
@@ -73,9 +75,9 @@ class TrainPlan:
 
     @property
     def eval_every(self) -> int:
-        """Steps between validation evaluations during training (the convergence curve): a tenth of the
-        schedule, at least 1; ``Finetuner.fit`` also evaluates after the last step."""
-        return max(1, self.total_steps // 10)
+        """Steps between validation evaluations during training (the convergence curve): the schedule
+        divided by ``validation_points``, at least 1; ``Finetuner.fit`` also evaluates after the last step."""
+        return max(1, self.total_steps // self.validation_points)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +101,7 @@ def make_plan(n_train: int, spec: HyperRuleSpec, *, max_steps: int | None = None
         total_steps=bounds[4],
         mixup_alpha=alpha,
         agc_clip=spec.agc_clip,
+        validation_points=spec.validation_points,
     )
 
 
