@@ -258,23 +258,19 @@ def _number_list(text: str | None, option: str, default: str | None, cast) -> li
 
 def _variants(fractions: str | None, shots: str | None, resolutions: str | None) -> list[dict]:
     """Variant runs asked for on the command line (the 100 % fraction is the plain run itself)."""
-    from medbench.errors import UsageError
+    from pydantic import ValidationError
 
-    out: list[dict] = []
-    for pct in _number_list(fractions, "--fractions", DEFAULT_FRACTIONS, float):
-        if not 0 < pct <= 100:
-            raise UsageError(f"percentages must be in (0, 100], got {pct:g}", field="--fractions")
-        if pct < 100:
-            out.append({"fraction": pct / 100})
-    for k in _number_list(shots, "--shots", DEFAULT_SHOTS, int):
-        if k < 1:
-            raise UsageError(f"shots must be >= 1, got {k}", field="--shots")
-        out.append({"shots": k})
-    for r in _number_list(resolutions, "--resolutions", None, int):
-        if r < 8:
-            raise UsageError(f"resolutions must be >= 8 px, got {r}", field="--resolutions")
-        out.append({"resolution": r})
-    return out
+    from medbench.errors import UsageError
+    from medbench.specs import VariantRuns
+
+    values = {"fractions": _number_list(fractions, "--fractions", DEFAULT_FRACTIONS, float),
+              "shots": _number_list(shots, "--shots", DEFAULT_SHOTS, int),
+              "resolutions": _number_list(resolutions, "--resolutions", None, int)}
+    try:
+        return VariantRuns(**values).runs()
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UsageError(first["msg"].removeprefix("Value error, "), field=f"--{first['loc'][0]}") from None
 
 
 def _task_variants(catalog, names: list[str], suites: list[str], variants: list[dict]) -> dict[str, list[dict]]:

@@ -235,11 +235,10 @@ class TaskSpec(_Strict):
         return 1 if self.type == "binary" else len(self.labels)
 
 
-class SuiteVariants(_Strict):
-    """Variant runs a suite adds for some of its tasks, as ``--fractions``/``--shots``/``--resolutions``
-    would for every task: data-efficiency and resolution points that belong to the suite's leaderboard."""
+class VariantRuns(_Strict):
+    """Data-efficiency and resolution runs besides a task's plain runs (``--fractions``/``--shots``/
+    ``--resolutions``, or a suite's ``variants:``)."""
 
-    tasks: list[str] = Field(min_length=1)
     #: percentages of the training images, in (0, 100] (100 is the plain run itself)
     fractions: list[float] = Field(default_factory=list)
     #: training images per class (medbench.data.subsets)
@@ -255,24 +254,26 @@ class SuiteVariants(_Strict):
             raise ValueError(f"percentages must be in (0, 100], got {bad[0]:g}")
         return v
 
-    @field_validator("shots")
+    @field_validator("shots", "resolutions")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError("shots must be >= 1")
-        return v
-
-    @field_validator("resolutions")
-    @classmethod
-    def _pixels(cls, v: list[int]) -> list[int]:
-        if any(r < 8 for r in v):
-            raise ValueError("resolutions must be >= 8 px")
+    def _at_least(cls, v: list[int], info) -> list[int]:
+        low, what = (1, "shots must be >= 1") if info.field_name == "shots" else (8, "resolutions must be >= 8 px")
+        bad = [x for x in v if x < low]
+        if bad:
+            raise ValueError(f"{what}, got {bad[0]}")
         return v
 
     def runs(self) -> list[dict]:
         """The variants as ``RunRequest`` fields (``{"fraction": 0.25}``, ``{"shots": 10}``, ...)."""
         return ([{"fraction": pct / 100} for pct in self.fractions if pct < 100]
                 + [{"shots": k} for k in self.shots] + [{"resolution": r} for r in self.resolutions])
+
+
+class SuiteVariants(VariantRuns):
+    """Variant runs a suite adds for some of its tasks, as the command-line options would for every task:
+    data-efficiency and resolution points that belong to the suite's leaderboard."""
+
+    tasks: list[str] = Field(min_length=1)
 
 
 class SuiteSpec(_Strict):
