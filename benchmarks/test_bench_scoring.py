@@ -1,7 +1,7 @@
 """Scoring speed (P3): every bootstrapped score of a 100k-image x 14-label test set with 1000 resamples,
 vectorized (``medbench score``) against a per-resample loop over sklearn/netcal/fairlearn (the usual way).
 
-"Every score" is what :func:`medbench.scoring.runs.score_run` bootstraps for a multilabel task with two
+"Every score" is what :func:`medbench.store.scores.score_run` bootstraps for a multilabel task with two
 subgroup attributes and one OOD target, i.e. every column of ``bootstrap.parquet``:
 
 * ``test``: auc, accuracy, ece, mce, brier, nll (per label and the mean over labels);
@@ -46,18 +46,31 @@ from functools import partial
 import numpy as np
 import polars as pl
 import pytest
-from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equalized_odds_difference,
-                               false_negative_rate, false_positive_rate, selection_rate, true_positive_rate)
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    false_negative_rate,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
 from netcal.metrics import ECE, MCE
 from netcal.scaling import TemperatureScaling
-from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
 
 from medbench.data.base import label_column
 from medbench.predictions import Predictions
-from medbench.results import CONFIG, RunDir
 from medbench.scoring.bootstrap import Resampling
-from medbench.scoring.runs import score_run
-from medbench.specs import ScoringSpec
+from medbench.spec import ScoringSpec
+from medbench.store import CONFIG, RunDir
+from medbench.store.scores import score_run
 
 FULL_N, FULL_RESAMPLES = 100_000, 1000
 N = int(os.environ.get("MEDBENCH_BENCH_N", str(FULL_N)))

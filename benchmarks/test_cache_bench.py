@@ -20,7 +20,6 @@ both epochs in turn in one session (min and median, target >= 20x).
 
 from __future__ import annotations
 
-
 import numpy as np
 import polars as pl
 import pytest

@@ -20,7 +20,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-
 from train_common import interleaved, load_average, matmul_rate, summary
 
 BACKBONE, RESIZE, CROP, CHANNELS, OUTPUTS = "cbr-small", 160, 128, 1, 5
@@ -50,12 +49,13 @@ def cached(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_data_wait_fraction(benchmark, cached) -> None:
+    from medbench.backbones import get_backbone
+    from medbench.backbones.create import create_model
     from medbench.data.loader import Normalization, TrainStream
-    from medbench.plan import forward_gflops
-    from medbench.runner import configure_torch
+    from medbench.run.plan import forward_gflops
+    from medbench.run.runner import configure_torch
     from medbench.train.distributed import prepare_environment
     from medbench.train.finetune import EngineConfig, Finetuner, History
-    from medbench.backbones.create import create_model
     from medbench.train.hyperrule import TrainPlan
 
     images, labels = cached
@@ -87,7 +87,7 @@ def test_data_wait_fraction(benchmark, cached) -> None:
     rate = max(rate_before, matmul_rate())
     for k in waits:
         waits[k] = waits[k][1:]  # the warm-up round
-    gflop_step = 3 * forward_gflops(BACKBONE, OUTPUTS, CHANNELS, CROP) * BATCH
+    gflop_step = 3 * forward_gflops(get_backbone(BACKBONE), OUTPUTS, CHANNELS, CROP) * BATCH
     info = {"backbone": BACKBONE, "crop": CROP, "batch": BATCH, "threads": torch.get_num_threads(),
             "load_average": load_average(), "matmul_gflops": rate / 1e9, "train_gflop_per_step": gflop_step}
     print(f"\n{BACKBONE} {CROP}px batch {BATCH}, {info['threads']} threads, load {info['load_average']}; "

@@ -12,7 +12,7 @@ Run with ``PYTHONPATH=. python -m pytest benchmarks/test_suite_bench.py --benchm
   (:func:`train_common.busy_cores`; they slow a 2-thread run several-fold), reported otherwise.
 * ``test_step_nan_fill``: one smoke training step (cbr-small, 28 px, batch 32) with
   ``torch.utils.deterministic.fill_uninitialized_memory`` on (PyTorch's default under
-  ``use_deterministic_algorithms``) and off (what :func:`medbench.runner.configure_torch` sets), in
+  ``use_deterministic_algorithms``) and off (what :func:`medbench.run.runner.configure_torch` sets), in
   turn; the two networks must stay bit-identical.
 """
 
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from train_common import busy_cores, interleaved, load_average, summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +37,7 @@ def test_step_nan_fill(benchmark) -> None:
     import torch.utils.deterministic as deterministic
 
     from medbench.backbones.create import create_model
-    from medbench.runner import configure_torch
+    from medbench.run.runner import configure_torch
 
     configure_torch(torch.get_num_threads())
     torch.manual_seed(0)

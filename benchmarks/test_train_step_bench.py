@@ -27,7 +27,6 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from train_common import interleaved, load_average, matmul_rate, summary
 
 BACKBONE, SIZE, CHANNELS, OUTPUTS = "bit-m-r50x1", 128, 3, 14
@@ -50,8 +49,9 @@ def _model():
 
 
 def test_training_step_overhead(benchmark) -> None:
-    from medbench.plan import forward_gflops
-    from medbench.runner import configure_torch
+    from medbench.backbones import get_backbone
+    from medbench.run.plan import forward_gflops
+    from medbench.run.runner import configure_torch
     from medbench.train.distributed import prepare_environment
     from medbench.train.finetune import EngineConfig, Finetuner
 
@@ -109,7 +109,7 @@ def test_training_step_overhead(benchmark) -> None:
     stats = {k: summary(v) for k, v in result.items()}
     cpu_stats = {k: summary(v) for k, v in cpu.items()}
     base, cpu_base = stats["torch-loop"], cpu_stats["torch-loop"]
-    gflop_step = 3 * forward_gflops(BACKBONE, OUTPUTS, CHANNELS, SIZE) * BATCH
+    gflop_step = 3 * forward_gflops(get_backbone(BACKBONE), OUTPUTS, CHANNELS, SIZE) * BATCH
     info = {"backbone": BACKBONE, "size": SIZE, "batch": BATCH, "threads": threads, "rounds": ROUNDS,
             "load_average": load_average(), "matmul_gflops": rate / 1e9, "train_gflop_per_step": gflop_step}
     print(f"\n{BACKBONE} {SIZE}px batch {BATCH}, {threads} threads, load {info['load_average']}; "

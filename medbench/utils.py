@@ -57,6 +57,11 @@ def writer_gone(name: str) -> bool | None:
     return False
 
 
+def safe_name(name: str) -> str:
+    """A name as one path component: ``timm/resnet50`` -> ``timm--resnet50``, ``transfusion:1`` -> ``transfusion-1``."""
+    return name.replace("/", "--").replace(":", "-")
+
+
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """`` (did you mean 'x'?)`` when a close match exists, else ``""``."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)

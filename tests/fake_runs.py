@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from medbench.catalog import Catalog
 from medbench.data.base import label_column
 from medbench.predictions import Predictions
-from medbench.results import CONFIG, HISTORY, RESULT, RunDir, RunStore
+from medbench.spec.catalog import Catalog
+from medbench.store import CONFIG, HISTORY, RESULT, RunDir, RunStore
 
 
 def make_table(n: int, labels: list[str], task_type: str, seed: int, *, images_per_patient: int = 2,
@@ -70,7 +70,7 @@ def write_run(out: Path, *, task: str = "smoke-cxr", backbone: str = "fake-a", i
               strength: float = 1.5, female_strength: float = 0.6, overconfidence: float = 1.0,
               ood_strength: float = 0.7, variant: dict | None = None, spec: dict | None = None,
               history: dict | None = None) -> RunDir:
-    """A complete (unscored) run folder under ``out``; score it with ``medbench.scoring.runs.rescore``."""
+    """A complete (unscored) run folder under ``out``; score it with ``medbench.store.scores.rescore``."""
     spec = spec or task_spec(task)
     labels, task_type = spec["labels"], spec["type"]
     ms = seed if model_seed is None else model_seed

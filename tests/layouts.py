@@ -42,7 +42,12 @@ def dicom(path: Path, arr: np.ndarray, *, syntax: str = "explicit", photometric:
     """A DICOM file; ``syntax``: explicit (uncompressed), rle or j2k (JPEG 2000 lossless)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        RLELossless,
+        generate_uid,
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(arr)

@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from layouts import (
+    CALC_HEADER,
+    MASS_HEADER,
+    cbis_row,
+    dicom,
+    grey,
+    palette_png,
+    png,
+    png16,
+)
 
-from layouts import CALC_HEADER, MASS_HEADER, cbis_row, dicom, grey, palette_png, png, png16
 from medbench.data.base import get_adapter, label_column
 from medbench.data.cache import build_cache
 from medbench.errors import DataError, MedbenchError
@@ -198,8 +207,8 @@ def test_covidx_malformed_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_covidx_task_oversamples_the_minority_class(tmp_path: Path) -> None:
-    from medbench.catalog import Catalog
     from medbench.data.loader import Normalization, TrainStream
+    from medbench.spec.catalog import Catalog
 
     task = Catalog().task("covidx").spec
     assert task.sampler == "balanced" and task.splits.method == "official"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import shared_data
+
 from medbench.data.base import DatasetIndex, label_column
 from medbench.data.image_io import read_image
 from medbench.data.splits import assign_splits
@@ -20,7 +20,7 @@ from medbench.scoring import compute_metrics
 from medbench.scoring.bootstrap import Resampling, evaluate
 from medbench.scoring.calibration import calibration_axis, reliability_png
 from medbench.scoring.fairness import fairness_axis
-from medbench.specs import AttributeSpec, ScoringSpec, SplitSpec
+from medbench.spec import AttributeSpec, ScoringSpec, SplitSpec
 
 pytestmark = pytest.mark.shared
 FINDINGS = ["Effusion", "Infiltration", "Atelectasis", "Cardiomegaly"]

@@ -265,6 +265,7 @@ def fake_backbone_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Entry points: two good plug-ins around three broken ones; a registry as in a fresh process."""
     from importlib.metadata import EntryPoint
 
+    from medbench import plugins
     from medbench.backbones import registry
 
     (tmp_path / "medbench_fake_bb_plugin.py").write_text(PLUGIN_MODULE)
@@ -279,7 +280,7 @@ def fake_backbone_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if v.source == "medbench"})
     monkeypatch.setattr(registry, "_PLUGINS_LOADED", False)
     monkeypatch.setattr(registry, "_PLUGIN_FAILURES", {})
-    monkeypatch.setattr(registry, "_WARNED", set())
+    monkeypatch.setattr(plugins, "_WARNED", set())
     monkeypatch.setattr(registry, "entry_points", lambda group: eps if group == registry.BACKBONE_ENTRY_POINT_GROUP
                         else [])
     return eps

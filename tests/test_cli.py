@@ -7,7 +7,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from conftest import run_cli
 
 SMOKE_TASKS = ["smoke-cxr", "smoke-padchest", "smoke-tb", "smoke-covidx", "smoke-derm", "smoke-mammo"]

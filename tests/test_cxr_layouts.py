@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import run_cli, shared_data
 from PIL import Image
 
-from conftest import run_cli, shared_data
-from medbench.catalog import Catalog
 from medbench.data.adapters._chest import CHEXPERT_OBSERVATIONS
 from medbench.data.base import get_adapter
 from medbench.data.cache import build_cache
 from medbench.data.locate import DataLocations
 from medbench.data.task_data import load_task_data
 from medbench.errors import DataError
+from medbench.spec.catalog import Catalog
 
 FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 

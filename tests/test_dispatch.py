@@ -15,7 +15,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import PROCESS_GROUP_VARS, REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -140,7 +139,7 @@ def test_status_reads_runs_and_job_records(tmp_path):
     checkpoint step; job records: the worker's state wins over 'submitted', a dead local pid is 'died'."""
     import fcntl
 
-    from medbench.status import collect
+    from medbench.run.status import collect
 
     out = tmp_path / "out"
     runs = out / "runs" / "smoke-tb" / "cbr-tiny"
@@ -179,7 +178,7 @@ def test_status_reads_runs_and_job_records(tmp_path):
 
 
 def test_local_jobs_share_the_machine_by_default():
-    from medbench.dispatch import local_sharing
+    from medbench.run.dispatch import local_sharing
 
     # CPU: one job per core at one thread each, not every job at once
     assert local_sharing(None, None, None, n_jobs=12, cores=2) == (2, 1)

@@ -13,8 +13,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA, run_cli
+
 from medbench.data.download import RemoteFile, download, download_files, write_manifest
 from medbench.errors import DataError
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medbench.plan import activation_bytes, memory_estimate, parameter_count, plan_runs, validation_passes
+from medbench.backbones import get_backbone
+from medbench.run.plan import (
+    activation_bytes,
+    memory_estimate,
+    parameter_count,
+    plan_runs,
+    validation_passes,
+)
 
 
 def real_saved_bytes(backbone: str, batch: int, size: int, channels: int = 3) -> int:
@@ -31,29 +38,30 @@ def real_saved_bytes(backbone: str, batch: int, size: int, channels: int = 3) ->
 
 @pytest.mark.parametrize("backbone", ["cbr-tiny", "timm/test_resnet"])
 def test_meta_measurement_equals_a_real_forward(backbone: str) -> None:
-    assert activation_bytes(backbone, 2, 3, 64, 2) == real_saved_bytes(backbone, 2, 64)
+    assert activation_bytes(get_backbone(backbone), 2, 3, 64, 2) == real_saved_bytes(backbone, 2, 64)
 
 
 def test_activations_scale_with_micro_batch_and_resolution() -> None:
-    a4, a8 = activation_bytes("resnet50", 2, 3, 64, 4), activation_bytes("resnet50", 2, 3, 64, 8)  # meta: free
+    bb = get_backbone("resnet50")
+    a4, a8 = activation_bytes(bb, 2, 3, 64, 4), activation_bytes(bb, 2, 3, 64, 8)  # meta: free
     assert 1.95 < a8 / a4 <= 2.0  # linear but for per-channel statistics
-    assert 3.5 < activation_bytes("resnet50", 2, 3, 128, 4) / a4 < 4.5  # ~ pixels
+    assert 3.5 < activation_bytes(get_backbone("resnet50"), 2, 3, 128, 4) / a4 < 4.5  # ~ pixels
 
 
 def test_zero_stages_partition_optimizer_state_and_gradients() -> None:
     from medbench.backbones import create_model
 
-    n = parameter_count("cbr-small", 5, 1)
+    n = parameter_count(get_backbone("cbr-small"), 5, 1)
     assert n == sum(p.numel() for p in create_model("cbr-small", num_outputs=5, in_chans=1).model.parameters())
-    stage0 = memory_estimate("cbr-small", 5, 1, 32, 8)
+    stage0 = memory_estimate(get_backbone("cbr-small"), 5, 1, 32, 8)
     assert (stage0["params"], stage0["grads"], stage0["optimizer"]) == (4 * n, 4 * n, 4 * n)
-    stage1 = memory_estimate("cbr-small", 5, 1, 32, 8, zero_stage=1, world_size=4)
+    stage1 = memory_estimate(get_backbone("cbr-small"), 5, 1, 32, 8, zero_stage=1, world_size=4)
     # momentum and the fp32 master copy, each split over 4 ranks; gradients whole
     assert stage1["optimizer"] == 4 * n // 4 + 4 * n // 4 and stage1["grads"] == 4 * n
-    stage2 = memory_estimate("cbr-small", 5, 1, 32, 8, zero_stage=2, world_size=4)
+    stage2 = memory_estimate(get_backbone("cbr-small"), 5, 1, 32, 8, zero_stage=2, world_size=4)
     assert stage2["grads"] == 4 * n // 4
     assert stage0["total"] == sum(stage0[k] for k in ("params", "grads", "optimizer", "activations"))
-    assert memory_estimate("cbr-small", 5, 1, 32, 8, precision="bf16")["activations_upper_bound"]
+    assert memory_estimate(get_backbone("cbr-small"), 5, 1, 32, 8, precision="bf16")["activations_upper_bound"]
 
 
 def test_dry_run_prints_memory_per_device(capsys: pytest.CaptureFixture) -> None:
@@ -101,7 +109,7 @@ def test_validation_passes_follow_the_training_loop() -> None:
     after the last step."""
     import torch
 
-    from medbench.specs import HyperRuleSpec
+    from medbench.spec import HyperRuleSpec
     from medbench.train.distributed import prepare_environment
     from medbench.train.finetune import EngineConfig, Finetuner
     from medbench.train.hyperrule import make_plan
@@ -119,14 +127,14 @@ def test_validation_passes_follow_the_training_loop() -> None:
 
 
 def test_dry_run_counts_evaluation_and_lists_ood_targets(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from medbench.catalog import Catalog
     from medbench.data.task_data import load_task_data
+    from medbench.spec.catalog import Catalog
 
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tb-with-ood.yaml").write_text(TB_WITH_OOD)
     catalog = Catalog([tmp_path / "tasks"])
     locations = _no_data(monkeypatch, tmp_path)
-    (plan,) = plan_runs(catalog, ["tb-with-ood"], "cbr-tiny", 1, locations)
+    (plan,) = plan_runs(catalog, ["tb-with-ood"], get_backbone("cbr-tiny"), 1, locations)
 
     def sizes(name: str) -> dict:
         split = load_task_data(catalog.task(name), locations).index.table["split"]
@@ -150,11 +158,11 @@ def test_dry_run_counts_evaluation_and_lists_ood_targets(monkeypatch: pytest.Mon
 
 def test_dry_run_without_data_names_missing_ood_datasets(monkeypatch: pytest.MonkeyPatch, tmp_path,
                                                            capsys: pytest.CaptureFixture) -> None:
-    from medbench.catalog import Catalog
     from medbench.cli import main
+    from medbench.spec.catalog import Catalog
 
     locations = _no_data(monkeypatch, tmp_path)
-    (plan,) = plan_runs(Catalog(), ["chexpert"], "cbr-tiny", 1, locations)
+    (plan,) = plan_runs(Catalog(), ["chexpert"], get_backbone("cbr-tiny"), 1, locations)
     assert [(o["task"], o["data_status"]) for o in plan.ood] == [("nih", "missing"), ("mimic-cxr", "missing"),
                                                                  ("padchest", "missing")]
     assert plan.eval_pflops_per_run is None and plan.eval_images is None  # split sizes unknown without data

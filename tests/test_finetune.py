@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medbench.backbones import create_model
-from medbench.specs import HyperRuleSpec
+from medbench.spec import HyperRuleSpec
 from medbench.train.distributed import prepare_environment
 from medbench.train.finetune import EngineConfig, Finetuner, mixup, task_loss
 from medbench.train.hyperrule import make_plan

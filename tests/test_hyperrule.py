@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from medbench.specs import HyperRuleSpec, InputSpec
-from medbench.train.hyperrule import make_plan, resolve_input, rule_mixup_alpha, rule_resolution, rule_schedule
+from medbench.spec import HyperRuleSpec, InputSpec
+from medbench.train.hyperrule import (
+    make_plan,
+    resolve_input,
+    rule_mixup_alpha,
+    rule_resolution,
+    rule_schedule,
+)
 
 
 def bit_get_lr(step: int, dataset_size: int, base_lr: float = 0.003) -> float | None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from layouts import dicom, palette_png, png16
+
 from medbench.data.image_io import read_image, to_uint8
 from medbench.errors import DataError
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from tiny_tasks import RUNS, STEPS_PER_RUN, write_tiny_tasks
 

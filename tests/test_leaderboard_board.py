@@ -16,13 +16,17 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SHARED_DATA, run_cli
 from fake_runs import task_spec, write_run
 
-from medbench.board_schema import LeaderboardFormatError, load_board, validate_board
-from medbench.leaderboard import SCHEMA_VERSION, build_leaderboard
-from medbench.results import find_run_dirs
+from medbench.board.aggregate import build_leaderboard
+from medbench.board.schema import (
+    SCHEMA_VERSION,
+    LeaderboardFormatError,
+    load_board,
+    validate_board,
+)
+from medbench.store import find_run_dirs
 
 SMOKE_CPU = REPO / "leaderboards" / "smoke-cpu.json"
 PUBLISHED = REPO / "leaderboards" / "published"
@@ -36,7 +40,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def fake_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """smoke-cxr x 2 seeds for three backbones: 'strong', 'twin' (as strong, other noise: tied with it) and
     'weak'; strong and weak also on 10% and 50% of the data. Scored with 100 resamples."""
-    from medbench.scoring.runs import rescore
+    from medbench.store.scores import rescore
 
     out = tmp_path_factory.mktemp("board-store")
     lean = task_spec("smoke-cxr")
@@ -71,7 +75,7 @@ def entries_by_backbone(board: dict) -> dict[str, dict]:
 
 
 def test_written_boards_follow_the_shipped_schema(fake_board: Path) -> None:
-    from medbench.board_schema import schema_file
+    from medbench.board.schema import schema_file
 
     assert schema_file().is_file() and schema_file().parent.name == "schemas"
     for path in (fake_board, SMOKE_CPU, *sorted(PUBLISHED.glob("*.json"))):
@@ -117,10 +121,10 @@ def test_broken_board_is_rejected_naming_the_field(fake_board: Path, tmp_path: P
 def test_string_task_version_is_written_and_read(tmp_path: Path) -> None:
     """TaskSpec.version may be a string ("1.2"): the board built from such runs is written (validated as
     built), read back by load_board and rendered; a version of another type is still rejected."""
-    from medbench.leaderboard import write_leaderboard
-    from medbench.results import RESULT
-    from medbench.scoring.runs import rescore
-    from medbench.specs import TaskSpec
+    from medbench.board.aggregate import write_leaderboard
+    from medbench.spec import TaskSpec
+    from medbench.store import RESULT
+    from medbench.store.scores import rescore
 
     spec = task_spec("smoke-cxr")
     spec["version"] = "1.2"
@@ -210,7 +214,7 @@ def _rz19_from_protocol(text: str) -> dict[str, tuple[Decimal, Decimal]]:
 
 
 def test_cj21_rows_equal_the_papers_table_cell_by_cell() -> None:
-    from medbench.published import PAPER_MODELS, PAPER_TASKS
+    from medbench.board.published import PAPER_MODELS, PAPER_TASKS
 
     expected = {(target, column): (_fraction(mean), _fraction(std))
                 for target, row in CJ21_TABLE1.items() for column, (mean, std) in row.items()}
@@ -255,8 +259,8 @@ def test_rz19_rows_equal_the_papers_numbers() -> None:
 
 def test_published_names_are_medbench_tasks_and_backbones() -> None:
     from medbench.backbones.registry import get_backbone
-    from medbench.catalog import Catalog
-    from medbench.published import PAPER_MODELS, PAPER_TASKS, published_for
+    from medbench.board.published import PAPER_MODELS, PAPER_TASKS, published_for
+    from medbench.spec.catalog import Catalog
 
     catalog = Catalog([])
     for task in PAPER_TASKS.values():
@@ -277,7 +281,7 @@ def test_leaderboard_published_shows_rows_beside_the_users(fake_store: Path, tmp
 
 
 def test_entries_tied_with_the_best_are_marked(fake_store: Path, fake_board: Path) -> None:
-    from medbench.scoring.paired import compare_runs
+    from medbench.board.paired import compare_runs
 
     board = load_board(fake_board)
     e = entries_by_backbone(board)
@@ -332,7 +336,7 @@ def test_compare_passes_itself_and_fails_on_an_auc_lowered_by_0_1(tmp_path: Path
 
 
 def test_tolerance_follows_seed_noise_and_intervals(fake_board: Path, tmp_path: Path) -> None:
-    from medbench.compare import Tolerance
+    from medbench.board.compare import Tolerance
 
     board = json.loads(fake_board.read_text())
     h = entries_by_backbone(board)["fake-weak"]["headline"]
@@ -462,8 +466,8 @@ def test_runs_of_other_settings_are_not_pooled_as_seeds(tmp_path) -> None:
     """Two complete runs of one seed (e.g. a --max-steps 2 trial and the full run in one store), or seeds
     trained differently, are refused with one line naming both folders, never averaged into one entry."""
     from medbench.errors import UsageError
-    from medbench.results import CONFIG
-    from medbench.scoring.runs import rescore
+    from medbench.store import CONFIG
+    from medbench.store.scores import rescore
 
     store = tmp_path / "store"
     runs = [write_run(store, seed=s) for s in (0, 1)]

@@ -398,10 +398,11 @@ def test_malformed_input_gives_one_clear_line(case: str, tmp_path: Path, capsys:
 
 def test_corpus_baseline_is_valid(tmp_path: Path) -> None:
     """The unbroken corpus dataset passes every check, so each case fails for its own defect."""
-    from medbench.catalog import Catalog
     from medbench.data.locate import DataLocations
-    from medbench.results import RunStore
-    from medbench.runner import Runner, RunRequest
+    from medbench.run.request import RunRequest
+    from medbench.run.runner import Runner
+    from medbench.spec.catalog import Catalog
+    from medbench.store import RunStore
 
     tasks, root = corpus_dataset(tmp_path)
     runner = Runner(Catalog([tasks]), DataLocations(None, {"corpus": root}), RunStore(tmp_path / "out"))
@@ -434,12 +435,12 @@ def test_errors_inside_the_progress_display_stay_one_line(tmp_path: Path, capsys
 
 
 def test_interrupt_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import medbench.runner
+    import medbench.run.runner
 
     def interrupted(self, requests):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(medbench.runner.Runner, "preflight", interrupted)
+    monkeypatch.setattr(medbench.run.runner.Runner, "preflight", interrupted)
     code, _, err = invoke(["run", "-b", "cbr-tiny", "-t", "smoke-tb", "--threads", "1", "--out", str(tmp_path)], capsys)
     assert code == 130
     assert err.strip().count("\n") == 0 and "interrupted" in err and "rerun the same command" in err
@@ -447,12 +448,12 @@ def test_interrupt_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, mo
 
 def test_unexpected_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import medbench.runner
+    import medbench.run.runner
 
     def broken(self, requests):
         raise ZeroDivisionError("a bug\nover two lines")
 
-    monkeypatch.setattr(medbench.runner.Runner, "preflight", broken)
+    monkeypatch.setattr(medbench.run.runner.Runner, "preflight", broken)
     code, _, err = invoke(["run", "-b", "cbr-tiny", "-t", "smoke-tb", "--threads", "1", "--out", str(tmp_path)], capsys)
     assert code == 2 and "Traceback" not in err
     assert err.strip() == ("medbench: error: unexpected ZeroDivisionError: a bug over two lines "

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tiny_tasks import write_tiny_tasks
 
 

@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -45,8 +44,8 @@ def test_wheel_contains_tasks_and_published_leaderboards(wheel: Path) -> None:
 def test_installed_wheel_finds_its_tasks(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     pip("install", "--no-deps", "--target", str(site), str(wheel))
-    code = ("import medbench, json; from medbench.catalog import Catalog; c = Catalog(); "
-            "from medbench.published import published_for; from medbench.board_schema import schema_file; "
+    code = ("import medbench, json; from medbench.spec.catalog import Catalog; c = Catalog(); "
+            "from medbench.board.published import published_for; from medbench.board.schema import schema_file; "
             "assert len(published_for({'chexpert'})) == 6 and schema_file().is_file(); "
             "print(json.dumps([medbench.__file__, c.suite_tasks('smoke')]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,

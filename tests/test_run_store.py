@@ -10,21 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_tasks import write_tiny_tasks
 
 from medbench.backbones import create_model
-from medbench.catalog import Catalog
 from medbench.data.locate import DataLocations
 from medbench.errors import RunFailed
-from medbench.failures import StopRequested
-from medbench.results import RunDir, RunStore, find_run_dirs
-from medbench.runner import Runner, RunRequest, run_key
-from medbench.specs import HyperRuleSpec
+from medbench.run.failures import StopRequested
+from medbench.run.request import RunRequest, run_key
+from medbench.run.runner import Runner
+from medbench.spec import HyperRuleSpec
+from medbench.spec.catalog import Catalog
+from medbench.store import RunDir, RunStore, find_run_dirs
 from medbench.train.checkpoint import CheckpointPolicy, CheckpointStore
 from medbench.train.distributed import prepare_environment
 from medbench.train.finetune import EngineConfig, Finetuner, History
 from medbench.train.hyperrule import make_plan
 from medbench.utils import atomic_path, atomic_write_text
-from tiny_tasks import write_tiny_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +187,7 @@ def test_claiming_a_run_removes_temporary_files_of_killed_writers_only(tmp_path:
     import sys
     import time
 
-    from medbench.results import STALE_TEMP_SECONDS
+    from medbench.store.rundir import STALE_TEMP_SECONDS
     from medbench.utils import writer_gone, writer_tag
 
     run = RunDir(tmp_path / "runs" / "t" / "b" / "r")
@@ -421,7 +422,7 @@ def test_seed_fixes_the_initialisation() -> None:
     (KeyError("conv1.weight"), "crash"),
 ])
 def test_failures_are_classified_with_what_to_do(error: BaseException, kind: str) -> None:
-    from medbench.failures import failure_record
+    from medbench.run.failures import failure_record
 
     record = failure_record(error, task="t")
     assert record["kind"] == kind and record["status"] == "failed" and record["task"] == "t"

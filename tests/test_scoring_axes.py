@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import run_cli
 from fake_runs import task_spec, write_run
+
+from medbench.board.aggregate import build_leaderboard
 from medbench.data.subsets import fraction_subset, shots_subset
-from medbench.leaderboard import build_leaderboard
 from medbench.predictions import Predictions
-from medbench.results import METRICS, find_run_dirs
 from medbench.scoring.convergence import convergence
 from medbench.scoring.efficiency import normalized_area
-from medbench.scoring.runs import BOOTSTRAP, RELIABILITY, read_replicates, rescore
 from medbench.scoring.shift import restrict_labels
+from medbench.store import METRICS, find_run_dirs
+from medbench.store.scores import BOOTSTRAP, RELIABILITY, read_replicates, rescore
 
 
 def _train_table(n: int = 600, seed: int = 0) -> tuple[pl.DataFrame, np.ndarray]:
@@ -90,6 +90,7 @@ def test_normalized_area_and_convergence() -> None:
 
 def test_shift_compares_the_same_labels() -> None:
     from fake_runs import make_probs, make_table
+
     from medbench.predictions import Predictions
 
     labels = ["normal", "pneumonia", "COVID-19"]

@@ -11,10 +11,16 @@ from medbench.data.base import label_column
 from medbench.errors import DataError
 from medbench.predictions import Predictions
 from medbench.scoring import compute_metrics, get_metric
-from medbench.scoring.bootstrap import LinearStats, Resampling, evaluate, interval, per_resample_loop
+from medbench.scoring.bootstrap import (
+    LinearStats,
+    Resampling,
+    evaluate,
+    interval,
+    per_resample_loop,
+)
 from medbench.scoring.classification import auc_rows
 from medbench.scoring.paired import paired_bootstrap, paired_difference
-from medbench.specs import ScoringSpec
+from medbench.spec import ScoringSpec
 
 
 def _preds(y: np.ndarray, p: np.ndarray, task_type: str, patients: list[str] | None = None) -> Predictions:

@@ -7,18 +7,24 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from conftest import run_cli
+from fake_runs import write_run
 from netcal.metrics import ECE, MCE
 from sklearn.metrics import brier_score_loss, log_loss
 
-from conftest import run_cli
-from fake_runs import write_run
 from medbench.data.base import label_column
 from medbench.predictions import Predictions
 from medbench.scoring import compute_metrics, get_metric
 from medbench.scoring.bootstrap import Resampling, evaluate
-from medbench.scoring.calibration import (apply_temperatures, bin_edges, calibration_axis, fit_temperature_details,
-                                          fit_temperatures, reliability_png)
-from medbench.specs import ScoringSpec
+from medbench.scoring.calibration import (
+    apply_temperatures,
+    bin_edges,
+    calibration_axis,
+    fit_temperature_details,
+    fit_temperatures,
+    reliability_png,
+)
+from medbench.spec import ScoringSpec
 
 
 def _preds(y: np.ndarray, p: np.ndarray, task_type: str) -> Predictions:

@@ -8,8 +8,15 @@ from functools import partial
 import numpy as np
 import polars as pl
 import pytest
-from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equalized_odds_difference,
-                               false_negative_rate, false_positive_rate, selection_rate, true_positive_rate)
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    false_negative_rate,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
 from sklearn.metrics import roc_auc_score
 
 from medbench.data.base import label_column
@@ -17,7 +24,7 @@ from medbench.predictions import Predictions
 from medbench.scoring import fairness
 from medbench.scoring.bootstrap import Resampling, evaluate
 from medbench.scoring.fairness import MISSING, choose_threshold, fairness_axis
-from medbench.specs import AttributeSpec, ScoringSpec
+from medbench.spec import AttributeSpec, ScoringSpec
 
 ATTRS = [AttributeSpec(name="sex"), AttributeSpec(name="age_group", column="age", bins=[0, 40, 65, 200]),
          AttributeSpec(name="site")]

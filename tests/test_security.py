@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import REPO
 
 SOURCES = sorted((REPO / "medbench").rglob("*.py"))
@@ -74,7 +73,7 @@ def test_no_pickle_anywhere(trees) -> None:
 
 def test_yaml_tags_cannot_run_code(tmp_path: Path) -> None:
     from medbench.errors import SpecError
-    from medbench.specs import parse_task_file
+    from medbench.spec import parse_task_file
 
     marker = tmp_path / "ran"
     spec = tmp_path / "t.yaml"
@@ -167,7 +166,7 @@ def test_label_file_paths_stay_inside_the_data_root(tmp_path: Path) -> None:
 def test_the_switch_is_the_users_not_the_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the command line (or the environment) allows outside paths: a task spec has no such field."""
     from medbench.data.locate import DataLocations
-    from medbench.specs import DatasetSpec
+    from medbench.spec import DatasetSpec
 
     assert not DataLocations.from_cli(None, []).allow_outside_root
     assert DataLocations.from_cli(None, [], allow_outside_root=True).allow_outside_root
@@ -179,10 +178,10 @@ def test_the_switch_is_the_users_not_the_specs(tmp_path: Path, monkeypatch: pyte
 def test_load_task_data_applies_the_switch(tmp_path: Path) -> None:
     """End to end through an adapter: refused by default, read with --allow-outside-data-root."""
     import medbench.data.adapters as pkg
-    from medbench.catalog import Catalog
     from medbench.data.locate import DataLocations
     from medbench.data.task_data import load_task_data
     from medbench.errors import DataError
+    from medbench.spec.catalog import Catalog
 
     root, elsewhere, tasks = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "tasks"
     for d in (root / "images", elsewhere, tasks):
@@ -489,10 +488,10 @@ def _task_file(tasks: Path, name: str, dataset: str, adapter: str, options: str,
 
 
 def test_the_shipped_csv_adapter_keeps_its_files_inside_the_data_root(tmp_path: Path) -> None:
-    from medbench.catalog import Catalog
     from medbench.data.locate import DataLocations
     from medbench.data.task_data import load_task_data
     from medbench.errors import DataError
+    from medbench.spec.catalog import Catalog
 
     root, elsewhere, tasks = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "tasks"
     root.mkdir()
@@ -530,10 +529,10 @@ NIH_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Pati
 
 
 def test_a_shipped_chest_adapter_keeps_its_label_file_inside_the_data_root(tmp_path: Path) -> None:
-    from medbench.catalog import Catalog
     from medbench.data.locate import DataLocations
     from medbench.data.task_data import load_task_data
     from medbench.errors import DataError
+    from medbench.spec.catalog import Catalog
 
     root, elsewhere, tasks = tmp_path / "nih", tmp_path / "elsewhere", tmp_path / "tasks"
     root.mkdir()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from medbench.catalog import Catalog
 from medbench.errors import SpecError
-from medbench.specs import TaskSpec, parse_task_file, task_content_hash
+from medbench.spec import TaskSpec, parse_task_file, task_content_hash
+from medbench.spec.catalog import Catalog
 
 BASE = """
 version: 3
@@ -261,8 +261,8 @@ def test_broken_task_plugins_warn_and_the_rest_load(monkeypatch: pytest.MonkeyPa
                                                     capsys: pytest.CaptureFixture) -> None:
     from importlib.metadata import EntryPoint
 
-    from medbench import catalog as catalog_module
-    from medbench.backbones import registry
+    from medbench.spec import catalog as catalog_module
+    from medbench import plugins
 
     good, half = tmp_path / "good", tmp_path / "half"
     for folder in (good, half):
@@ -281,7 +281,7 @@ def test_broken_task_plugins_warn_and_the_rest_load(monkeypatch: pytest.MonkeyPa
            EntryPoint("half", "medbench_fake_task_plugin:HALF", group_name),
            EntryPoint("good", "medbench_fake_task_plugin:tasks_dir", group_name)]
     monkeypatch.setattr(catalog_module, "entry_points", lambda group: eps if group == group_name else [])
-    monkeypatch.setattr(registry, "_WARNED", set())
+    monkeypatch.setattr(plugins, "_WARNED", set())
 
     catalog = Catalog()
     assert "plug-task" in catalog.task_names() and "smoke-tb" in catalog.task_names()

@@ -9,7 +9,7 @@ import pytest
 from medbench.data.base import DatasetIndex, label_column
 from medbench.data.splits import assign_splits
 from medbench.errors import DataError
-from medbench.specs import SplitSpec
+from medbench.spec import SplitSpec
 
 
 def make_index(n_patients: int = 300, seed: int = 0, official: list[str | None] | None = None) -> DatasetIndex:

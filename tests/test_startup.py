@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROCESS_GROUP_VARS, REPO
 
 HEAVY = ("torch", "deepspeed", "timm", "polars", "sklearn", "scipy", "torchmetrics", "netcal", "fairlearn")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
-from medbench.catalog import Catalog
+
 from medbench.data.base import get_adapter
 from medbench.data.medmnist_info import SETS
+from medbench.spec.catalog import Catalog
 
 SUITES = {
     "tuberculosis": ["tuberculosis"],

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli, shared_data
+
 from medbench.analysis.similarity import compare_models, linear_cka, svcca
 from medbench.backbones import create_model, get_backbone
 from medbench.backbones.blocks import block_names, tensor_blocks
@@ -237,7 +237,7 @@ def _batches(n: int):
 
 @pytest.mark.parametrize(("freeze", "moving"), [("head", ("fc.",)), ("2", ("fc.", "blocks.2.", "blocks.3."))])
 def test_frozen_run_changes_only_the_allowed_tensors(freeze: str, moving: tuple[str, ...]) -> None:
-    from medbench.specs import HyperRuleSpec
+    from medbench.spec import HyperRuleSpec
     from medbench.train.distributed import prepare_environment
     from medbench.train.finetune import EngineConfig, Finetuner
     from medbench.train.freeze import apply_freeze, parse_freeze

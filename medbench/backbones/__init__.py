@@ -1,6 +1,8 @@
 """Backbones: the registry, built-in architectures, weights and init schemes."""
 
-from medbench.backbones.registry import Backbone, get_backbone, list_backbones, register_backbone
+from medbench.backbones import builtin  # noqa: F401,E402  (registers the built-in backbones)
+from medbench.backbones.backbone import Backbone
+from medbench.backbones.registry import get_backbone, list_backbones, register_backbone
 
 __all__ = ["Backbone", "create_model", "get_backbone", "list_backbones", "register_backbone"]
 

@@ -32,7 +32,7 @@ from medbench.errors import BackboneError
 if TYPE_CHECKING:
     from torch import nn
 
-    from medbench.backbones.registry import Backbone
+    from medbench.backbones.backbone import Backbone
 
 
 def block_names(backbone: "Backbone", model: "nn.Module") -> tuple[str, ...]:
@@ -53,10 +53,20 @@ def block_names(backbone: "Backbone", model: "nn.Module") -> tuple[str, ...]:
     return names
 
 
+def classifier_of(model: "nn.Module") -> "nn.Module":
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        raise BackboneError(f"{type(model).__name__} has no get_classifier(); medbench needs it to reset the head",
+                            field="backbone")
+    head = get()
+    if not hasattr(head, "weight"):
+        raise BackboneError(f"{type(model).__name__}.get_classifier() returned {type(head).__name__}, not a layer "
+                            "with weights", field="backbone")
+    return head
+
+
 def head_prefix(model: "nn.Module") -> str:
     """Dotted path of the head module (``get_classifier()``)."""
-    from medbench.backbones.create import classifier_of
-
     head = classifier_of(model)
     for name, module in model.named_modules():
         if module is head:

@@ -10,7 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medbench.backbones.registry import HALF, IMAGENET_MEAN, IMAGENET_STD, Backbone, register_backbone
+from medbench.backbones.backbone import HALF, IMAGENET_MEAN, IMAGENET_STD, Backbone
+from medbench.backbones.registry import register_backbone, register_prefix
 from medbench.errors import BackboneError
 
 if TYPE_CHECKING:
@@ -195,3 +196,6 @@ def timm_backbone(arch_or_tag: str) -> Backbone:
         load_weights=_load_timm_weights if hub_id else None,
         description=f"timm {arch_or_tag}",
     )
+
+
+register_prefix("timm/", timm_backbone)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medbench.backbones.backbone import Backbone
+from medbench.backbones.blocks import classifier_of
 from medbench.backbones.init import InitContext, apply_init, needs_weights, parse_init
-from medbench.backbones.registry import Backbone, get_backbone
+from medbench.backbones.registry import get_backbone
 from medbench.errors import BackboneError
 
 if TYPE_CHECKING:
@@ -38,18 +40,6 @@ class BuiltModel:
         }
 
 
-def classifier_of(model: "nn.Module") -> "nn.Module":
-    get = getattr(model, "get_classifier", None)
-    if get is None:
-        raise BackboneError(f"{type(model).__name__} has no get_classifier(); medbench needs it to reset the head",
-                            field="backbone")
-    head = get()
-    if not hasattr(head, "weight"):
-        raise BackboneError(f"{type(model).__name__}.get_classifier() returned {type(head).__name__}, not a layer "
-                            "with weights", field="backbone")
-    return head
-
-
 def zero_init_head(model: "nn.Module") -> None:
     import torch
 
@@ -61,7 +51,7 @@ def zero_init_head(model: "nn.Module") -> None:
 
 
 def create_model(
-    name: str,
+    name: "str | Backbone",
     *,
     num_outputs: int,
     in_chans: int,
@@ -69,14 +59,15 @@ def create_model(
     weights: Path | None = None,
     seed: int = 0,
 ) -> BuiltModel:
-    """The backbone ``name`` with a fresh head of ``num_outputs`` for ``in_chans`` inputs.
+    """The backbone ``name`` (a registry name or a resolved :class:`Backbone`) with a fresh head of ``num_outputs`` for ``in_chans`` inputs.
 
     ``init`` defaults to ``pretrained`` for backbones with weights, ``random``
     otherwise. Random parts are drawn from ``seed``.
     """
     import torch
 
-    backbone = get_backbone(name)
+    backbone = name if isinstance(name, Backbone) else get_backbone(name)
+    name = backbone.name
     init = init or backbone.default_init
     scheme, arg = parse_init(init)
     torch.manual_seed(seed)

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from medbench.backbones.registry import Backbone
+    from medbench.backbones.backbone import Backbone
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The backbone registry: name -> constructor + metadata (after timm's registry).
 
-Built-in names are registered in :mod:`medbench.backbones.builtin`. Other
+Built-in names are registered by :mod:`medbench.backbones.builtin` (imported with the package). Other
 packages add backbones through the entry point group ``medbench.backbones``;
 an entry point loads to a :class:`Backbone` or to a callable
 ``build(*, num_classes, in_chans) -> nn.Module`` (metadata then defaults to
@@ -19,83 +19,20 @@ weights applied by the chosen init scheme.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from medbench.errors import BackboneError, MedbenchError
+from medbench.backbones.backbone import Backbone
+from medbench.errors import BackboneError
+from medbench.plugins import plugin_failure, warn_plugin
 from medbench.utils import did_you_mean
 
-if TYPE_CHECKING:  # torch is imported only when a network is built
-    from torch import nn
-
 BACKBONE_ENTRY_POINT_GROUP = "medbench.backbones"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """What medbench knows about a backbone before building it."""
-
-    name: str
-    #: ``build(num_classes=..., in_chans=...) -> nn.Module`` with random weights
-    build: Callable[..., "nn.Module"]
-    family: str = "third-party"
-    #: the pre-training data, e.g. "ImageNet-21k"; "none" when there are no pre-trained weights
-    pretraining: str = "none"
-    #: parameters without the classification head, for 3 input channels
-    params: int | None = None
-    default_resolution: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    #: where the name is defined: "medbench", "timm", "entry point <distribution>"
-    source: str = "medbench"
-    #: where pre-trained weights come from, for people
-    weights: str = "none"
-    #: hub repository of the weights (Hugging Face), if any
-    hub_id: str | None = None
-    #: loads pre-trained weights from a local file into a built network; None: no pre-trained weights
-    load_weights: Callable[["nn.Module", Path], None] | None = None
-    #: how to get the weights file when the hub cannot serve it
-    weights_help: str = ""
-    description: str = ""
-    #: names of the stages transfusion counts, in order (dotted module paths)
-    blocks: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def default_init(self) -> str:
-        return "pretrained" if self.load_weights is not None and self.pretraining != "none" else "random"
-
-
 _REGISTRY: dict[str, Backbone] = {}
 _PLUGINS_LOADED = False
 #: entry points that failed to load: backbone name -> the one-line error
 _PLUGIN_FAILURES: dict[str, str] = {}
-#: plug-in failures already warned about in this process (group, name, value)
-_WARNED: set[tuple[str, str, str]] = set()
-
-
-def plugin_failure(group: str, ep: Any, err: BaseException) -> str:
-    """One line naming the entry point (group, name, value, distribution) and its error."""
-    dist = getattr(getattr(ep, "dist", None), "name", None)
-    of = f" of {dist}" if dist else ""
-    detail = " ".join(str(err).split())
-    if not isinstance(err, MedbenchError):  # ours are self-explanatory; name a foreign exception's type
-        detail = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
-    return f"entry point {ep.name!r} ({group} = {ep.value!r}{of}) failed to load: {detail}"
-
-
-def warn_plugin(group: str, ep: Any, line: str) -> None:
-    """Print ``line`` (a :func:`plugin_failure`) once per process as a ``medbench: warning:`` line on stderr."""
-    key = (group, ep.name, ep.value)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        print(f"medbench: warning: {line}; skipped", file=sys.stderr)
 
 
 def register_backbone(backbone: Backbone, *, overwrite: bool = False) -> Backbone:
@@ -106,9 +43,13 @@ def register_backbone(backbone: Backbone, *, overwrite: bool = False) -> Backbon
     return backbone
 
 
-def _load_builtin() -> None:
-    if not _REGISTRY:
-        import medbench.backbones.builtin  # noqa: F401  (registers on import)
+#: name prefix -> resolver of the rest of the name (``timm/<model>``), registered by the module defining it
+_PREFIXES: dict[str, Callable[[str], Backbone]] = {}
+
+
+def register_prefix(prefix: str, resolve: Callable[[str], Backbone]) -> None:
+    """Names starting with ``prefix`` are resolved by ``resolve(rest_of_name)`` (e.g. ``timm/<model>``)."""
+    _PREFIXES[prefix] = resolve
 
 
 def _plugin_backbone(ep: Any) -> Backbone:
@@ -147,17 +88,14 @@ def _load_plugins(wanted: str | None = None) -> None:
 
 
 def list_backbones() -> list[Backbone]:
-    _load_builtin()
     _load_plugins()
     return sorted(_REGISTRY.values(), key=lambda b: b.source != "medbench")  # stable: registration order
 
 
 def get_backbone(name: str) -> Backbone:
-    _load_builtin()
-    if name.startswith("timm/"):
-        from medbench.backbones.builtin import timm_backbone
-
-        return timm_backbone(name.removeprefix("timm/"))
+    for prefix, resolve in _PREFIXES.items():
+        if name.startswith(prefix):
+            return resolve(name.removeprefix(prefix))
     if name not in _REGISTRY:
         _load_plugins(wanted=name)
     if name not in _REGISTRY and name in _PLUGIN_FAILURES:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from medbench.backbones.registry import Backbone
+    from medbench.backbones.backbone import Backbone
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")

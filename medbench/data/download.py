@@ -445,7 +445,13 @@ def download_command(name: str | None, *, data_root: Path | None, data: list[str
     if dest is None:
         raise UsageError(f"where should {name} go? pass --data-root DIR (it lands in DIR/{name}), --data {name}=PATH "
                          f"or set {env_name(name)}", field="--data-root")
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     bars: dict[str, int] = {}
     show = sys.stderr.isatty() or bool(os.environ.get("MEDBENCH_PROGRESS"))

@@ -19,7 +19,7 @@ import polars as pl
 from medbench.data.base import DatasetIndex
 from medbench.data.locate import DataLocations
 from medbench.data.task_data import load_task_data
-from medbench.specs import AttributeSpec, ResolvedTask
+from medbench.spec import AttributeSpec, ResolvedTask
 
 SPLIT_ORDER = ("train", "val", "test")
 UNKNOWN = "unknown"

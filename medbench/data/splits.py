@@ -20,7 +20,7 @@ import polars as pl
 
 from medbench.data.base import DatasetIndex
 from medbench.errors import DataError
-from medbench.specs import SplitSpec
+from medbench.spec import SplitSpec
 
 SPLITS = ("train", "val", "test")
 

@@ -24,7 +24,7 @@ from medbench.data.base import DatasetIndex, get_adapter, paths_outside_root_all
 from medbench.data.locate import DataLocations, env_name
 from medbench.data.splits import assign_splits, leaking_groups
 from medbench.errors import DataError
-from medbench.specs import ResolvedTask
+from medbench.spec import ResolvedTask
 from medbench.utils import atomic_write_bytes, sha256_json
 
 
@@ -78,7 +78,7 @@ def missing_dataset(task: ResolvedTask, locations: DataLocations) -> str | None:
 
 
 def stored_split_path(store: Path, task: ResolvedTask, index: DatasetIndex) -> Path:
-    from medbench.results import safe_name
+    from medbench.utils import safe_name
 
     key = sha256_json({"splits": task.spec.splits.model_dump(mode="json"), "data": index.fingerprint()})[:16]
     return Path(store) / safe_name(task.spec.dataset.name) / f"{key}.parquet"

@@ -2,7 +2,7 @@
 
 ``medbench transfusion --task T`` plans one run per (backbone, init, seed)
 (plus, with ``--freeze``, pre-trained runs with frozen features), executes them
-through the normal :class:`~medbench.runner.Runner` into the normal run store
+through the normal :class:`~medbench.run.runner.Runner` into the normal run store
 (so completed runs are reused and every run folder is an ordinary run with
 predictions, history and ``similarity.json``), then writes a report under
 ``<out>/transfusion/<task>/``:
@@ -42,9 +42,10 @@ from medbench.errors import BackboneError, UsageError
 if TYPE_CHECKING:
     import polars as pl
 
-    from medbench.catalog import Catalog
-    from medbench.results import RunDir
-    from medbench.runner import RunOutcome, RunRequest
+    from medbench.run.request import RunRequest
+    from medbench.run.runner import RunOutcome
+    from medbench.spec.catalog import Catalog
+    from medbench.store import RunDir
     from medbench.train.finetune import EngineConfig
 
 #: RZ19's comparison: ResNet-50 and the four CBR nets
@@ -108,7 +109,7 @@ def plan_requests(cfg: RecipeConfig) -> tuple[list["RunRequest"], list[dict]]:
     from medbench.analysis.similarity import parse_methods
     from medbench.backbones.init import needs_weights, parse_init, preflight
     from medbench.backbones.registry import get_backbone
-    from medbench.runner import RunRequest
+    from medbench.run.request import RunRequest
     from medbench.train.finetune import EngineConfig
     from medbench.train.freeze import parse_freeze
 
@@ -192,7 +193,7 @@ def _collect(runs: list["RunDir"]) -> list[_Run]:
 
 
 def _summary(values: list[float | None]) -> dict:
-    from medbench.leaderboard import summarize
+    from medbench.board.summary import summarize
 
     return summarize(values)
 
@@ -235,7 +236,7 @@ def build_report(task_name: str, runs: list["RunDir"], *, inits: tuple[str, ...]
                  in_chans: int, skipped: list[dict]) -> dict[str, Any]:
     """Every number of the report from completed run folders (nothing is recomputed but per-label AUCs)."""
     from medbench.backbones.registry import get_backbone
-    from medbench.results import HISTORY
+    from medbench.store import HISTORY
 
     collected = [r for r in _collect(runs) if r.result["task"] == task_name]
     arms = _arms_in_order(collected, inits)
@@ -387,9 +388,8 @@ def plot_convergence(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medbench.utils import atomic_write_bytes
-
     from medbench.analysis.similarity import line_colors
+    from medbench.utils import atomic_write_bytes
 
     panels = [bb for bb in report["backbones"] if report["convergence"].get(bb)]
     n = max(1, len(panels))
@@ -472,7 +472,7 @@ def write_report(report: dict, folder: Path) -> dict[str, Path]:
 
 def run_recipe(cfg: RecipeConfig, catalog: "Catalog", runner, out: Path) -> tuple[list["RunOutcome"], dict, dict]:
     """Plan, run (reusing complete runs), and report: (outcomes, report, written files)."""
-    from medbench.leaderboard import write_leaderboard
+    from medbench.board.aggregate import write_leaderboard
 
     task = catalog.task(cfg.task)
     requests, skipped = plan_requests(cfg)

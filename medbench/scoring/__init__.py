@@ -13,87 +13,19 @@ bootstrap replicates in one vectorized pass. A metric without one is
 bootstrapped by a per-resample loop.
 
 The axes (calibration, fairness, shift, convergence, data efficiency) are one
-module each in this package; :mod:`medbench.scoring.runs` scores a run folder.
+module each in this package; :mod:`medbench.store.scores` scores a run folder.
 """
 
-from __future__ import annotations
+from medbench.scoring import calibration, classification  # noqa: E402,F401  (they register the metrics)
+from medbench.scoring.registry import (
+    MetricDef,
+    check_metrics,
+    compute_metrics,
+    get_metric,
+    higher_is_better,
+    metric_names,
+    register_metric,
+)
 
-import inspect
-from dataclasses import dataclass
-from typing import Callable
-
-from medbench.errors import SpecError
-from medbench.predictions import Predictions
-from medbench.specs import ScoringSpec
-from medbench.utils import did_you_mean
-
-MetricFn = Callable[..., dict[str, "float | None"]]
-#: ``builder(preds, config, stats) -> finalizer``; see :mod:`medbench.scoring.bootstrap`
-LinearBuilder = Callable[..., Callable]
-
-
-@dataclass(frozen=True)
-class MetricDef:
-    name: str
-    fn: MetricFn
-    task_types: tuple[str, ...]
-    higher_is_better: bool
-    linear: LinearBuilder | None
-    takes_config: bool
-
-    def __call__(self, preds: Predictions, config: ScoringSpec | None = None) -> dict[str, float | None]:
-        return self.fn(preds, config or ScoringSpec()) if self.takes_config else self.fn(preds)
-
-
-_METRICS: dict[str, MetricDef] = {}
-
-
-def register_metric(name: str, *, task_types: tuple[str, ...] = ("binary", "multiclass", "multilabel"),
-                    higher_is_better: bool = True, linear: LinearBuilder | None = None
-                    ) -> Callable[[MetricFn], MetricFn]:
-    def deco(fn: MetricFn) -> MetricFn:
-        takes_config = len(inspect.signature(fn).parameters) >= 2
-        _METRICS[name] = MetricDef(name, fn, task_types, higher_is_better, linear, takes_config)
-        return fn
-
-    return deco
-
-
-def _load() -> None:
-    import medbench.scoring.calibration  # noqa: F401
-    import medbench.scoring.classification  # noqa: F401
-
-
-def metric_names() -> list[str]:
-    _load()
-    return sorted(_METRICS)
-
-
-def get_metric(name: str) -> MetricDef:
-    _load()
-    return _METRICS[name]
-
-
-def higher_is_better(name: str) -> bool:
-    _load()
-    base = name.split("/")[0]
-    return _METRICS[base].higher_is_better if base in _METRICS else True
-
-
-def check_metrics(names: list[str], task_type: str, *, where: str | None = None) -> None:
-    _load()
-    for n in names:
-        if n not in _METRICS:
-            raise SpecError(f"unknown metric {n!r}{did_you_mean(n, list(_METRICS))}; expected one of: "
-                            f"{', '.join(sorted(_METRICS))}", where=where, field="metrics")
-        if task_type not in _METRICS[n].task_types:
-            raise SpecError(f"metric {n!r} does not apply to {task_type} tasks", where=where, field="metrics")
-
-
-def compute_metrics(preds: Predictions, names: list[str], config: ScoringSpec | None = None) -> dict[str, float | None]:
-    """Every named metric on ``preds``, flattened into one mapping."""
-    _load()
-    out: dict[str, float | None] = {}
-    for n in names:
-        out.update(_METRICS[n](preds, config))
-    return out
+__all__ = ["MetricDef", "check_metrics", "compute_metrics", "get_metric", "higher_is_better", "metric_names",
+           "register_metric"]

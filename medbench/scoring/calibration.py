@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from medbench.predictions import Predictions
-from medbench.scoring import register_metric
 from medbench.scoring.bootstrap import LinearStats, mean_defined, ratio
-from medbench.specs import ScoringSpec
+from medbench.scoring.registry import register_metric
+from medbench.spec import ScoringSpec
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -431,6 +431,6 @@ def calibration_axis(test: Predictions, val: Predictions | None, config: Scoring
 
 
 def get_point(metric: str):
-    from medbench.scoring import get_metric
+    from medbench.scoring.registry import get_metric
 
     return get_metric(metric)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from medbench.predictions import Predictions
-from medbench.scoring import register_metric
 from medbench.scoring.bootstrap import LinearStats, mean_defined, ratio
+from medbench.scoring.registry import register_metric
 
 
 def check_finite(preds: Predictions, where: str | None = None) -> None:

@@ -62,7 +62,7 @@ import numpy as np
 
 from medbench.predictions import Predictions
 from medbench.scoring.bootstrap import LinearStats, mean_defined, ratio
-from medbench.specs import AttributeSpec, ScoringSpec
+from medbench.spec import AttributeSpec, ScoringSpec
 
 MISSING = "(missing)"
 OUT_OF_BINS = "(out of bins)"
@@ -277,7 +277,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def group_sizes(test: Predictions, grouping: Grouping, config: ScoringSpec) -> dict[str, dict]:
     """Per declared group: ``n``, ``status`` and, when scored, the task's AUC and accuracy."""
-    from medbench.scoring import compute_metrics
+    from medbench.scoring.registry import compute_metrics
 
     groups: dict[str, dict] = {}
     scored: list[str] = []

@@ -12,8 +12,8 @@ resolution of ``B`` resamples).
 
 :func:`paired_difference` works on point values and replicates (what
 ``metrics.json`` and ``bootstrap.parquet`` hold, so the leaderboard and
-``medbench paired`` need no predictions); :func:`compare_runs` loads them
-from run folders; :func:`paired_bootstrap` recomputes from predictions.
+``medbench paired`` need no predictions: :func:`medbench.board.paired.compare_runs`
+loads them from run folders); :func:`paired_bootstrap` recomputes from predictions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import numpy as np
 
 from medbench.errors import UsageError
 from medbench.predictions import Predictions
-from medbench.results import METRICS, RunDir
 
 
 def paired_difference(point_a: float | None, reps_a: np.ndarray | None, point_b: float | None,
@@ -65,48 +64,12 @@ def seed_mean(points: Sequence[float | None], reps: Sequence[np.ndarray | None])
     return point, np.mean(np.vstack(reps), axis=0)
 
 
-def _value(tree: dict, path: tuple):
-    node = tree
-    for p in path:
-        if not isinstance(node, dict) or p not in node:
-            return None
-        node = node[p]
-    return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
-
-
-def compare_runs(runs_a: Sequence[RunDir], runs_b: Sequence[RunDir], path: tuple = ("test", "auc"), *,
-                 level: float | None = None) -> dict:
-    """Paired comparison of two sets of scored runs of one task (seeds averaged on each side)."""
-    from medbench.scoring import higher_is_better
-    from medbench.scoring.runs import read_replicates
-
-    sides = []
-    for runs in (runs_a, runs_b):
-        if not runs:
-            raise UsageError("no scored runs on one side of the comparison", field="RUN_DIR")
-        metrics = [r.read_json(METRICS) for r in runs]
-        sides.append((metrics, [read_replicates(r).get(path) for r in runs]))
-    resampling = {str(m["scoring"].get("resampling")) for ms, _ in sides for m in ms}
-    if len(resampling) > 1:
-        raise UsageError("the runs were not resampled alike (other test set or bootstrap settings); "
-                         "rescore them with the same 'medbench score --bootstrap' options", field="RUN_DIR")
-    level = level or sides[0][0][0]["scoring"]["ci_level"]
-    (ma, ra), (mb, rb) = sides
-    pa, reps_a = seed_mean([_value(m, path) for m in ma], ra)
-    pb, reps_b = seed_mean([_value(m, path) for m in mb], rb)
-    metric = path[-1] if path[0] != "test" else path[1]
-    out = paired_difference(pa, reps_a, pb, reps_b, level=level, higher_is_better=higher_is_better(metric))
-    out["path"] = list(path)
-    out["seeds"] = {"a": len(ma), "b": len(mb)}
-    return out
-
-
 def paired_bootstrap(preds_a: Predictions, preds_b: Predictions, metric: str, *, n_resamples: int = 1000,
                      seed: int = 0, level: float = 0.95) -> dict:
     """Paired comparison recomputed from two prediction tables of the same test samples."""
-    from medbench.scoring import get_metric
     from medbench.scoring.bootstrap import Resampling, evaluate, per_resample_loop
-    from medbench.specs import ScoringSpec
+    from medbench.scoring.registry import get_metric
+    from medbench.spec import ScoringSpec
 
     ids_a = preds_a.table["sample_id"].to_list()
     if ids_a != preds_b.table["sample_id"].to_list():

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from medbench.predictions import Predictions, prob_column
-from medbench.scoring import compute_metrics, get_metric, higher_is_better
-from medbench.specs import ScoringSpec
+from medbench.scoring.registry import compute_metrics, get_metric, higher_is_better
+from medbench.spec import ScoringSpec
 
 
 def restrict_labels(preds: Predictions, labels: list[str]) -> Predictions:

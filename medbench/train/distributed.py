@@ -10,7 +10,7 @@ before deepspeed is imported.
 
 Launch commands (docs/scaling.md): ``torchrun --nproc_per_node N -m medbench.cli run ...`` or
 ``deepspeed --num_gpus N --no_local_rank --module medbench.cli run ...`` (``--hostfile`` for several
-nodes); a submitit job with several tasks sets the same variables (:mod:`medbench.dispatch`).
+nodes); a submitit job with several tasks sets the same variables (:mod:`medbench.run.dispatch`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from medbench.errors import UsageError
 if TYPE_CHECKING:
     from torch import nn
 
-    from medbench.backbones.registry import Backbone
+    from medbench.backbones.backbone import Backbone
 
 FIELD = "--freeze"
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from medbench.specs import HyperRuleSpec, InputSpec
+from medbench.spec import HyperRuleSpec, InputSpec
 
 SMALL, MEDIUM = 20_000, 500_000
 SCHEDULES = {

@@ -13,7 +13,6 @@ import polars as pl
 from medbench.data.adapters._common import parse_options  # noqa: F401  (re-exported for the chest adapters)
 from medbench.errors import DataError
 
-
 #: the 14 observations of the CheXpert labeler (CheXpert ``train.csv`` and MIMIC-CXR-JPG's label files)
 CHEXPERT_OBSERVATIONS = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",

@@ -35,7 +35,12 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from medbench.data.adapters._common import drop_train_groups_in_test, find_file, parse_options, require_root
+from medbench.data.adapters._common import (
+    drop_train_groups_in_test,
+    find_file,
+    parse_options,
+    require_root,
+)
 from medbench.data.base import DatasetIndex, label_column, read_csv_checked
 from medbench.errors import DataError
 

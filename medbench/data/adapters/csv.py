@@ -46,7 +46,13 @@ from typing import Any, Literal, Optional
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medbench.data.adapters._common import class_labels, normalize_sex, parse_age, parse_options, require_root
+from medbench.data.adapters._common import (
+    class_labels,
+    normalize_sex,
+    parse_age,
+    parse_options,
+    require_root,
+)
 from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 

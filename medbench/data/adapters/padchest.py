@@ -44,7 +44,12 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from medbench.data.adapters._chest import first_bad_row, parse_options, require_root, sex_column
+from medbench.data.adapters._chest import (
+    first_bad_row,
+    parse_options,
+    require_root,
+    sex_column,
+)
 from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 

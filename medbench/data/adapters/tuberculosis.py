@@ -40,7 +40,12 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-from medbench.data.adapters._common import normalize_sex, parse_age, parse_options, require_root
+from medbench.data.adapters._common import (
+    normalize_sex,
+    parse_age,
+    parse_options,
+    require_root,
+)
 from medbench.data.base import DatasetIndex, label_column
 from medbench.errors import DataError
 

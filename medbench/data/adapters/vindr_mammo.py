@@ -28,7 +28,13 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medbench.data.adapters._common import check_task_labels, class_labels, find_file, parse_options, require_root
+from medbench.data.adapters._common import (
+    check_task_labels,
+    class_labels,
+    find_file,
+    parse_options,
+    require_root,
+)
 from medbench.data.base import DatasetIndex, label_column, read_csv_checked
 from medbench.errors import DataError
 

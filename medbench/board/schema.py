@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from medbench.errors import MedbenchError
-from medbench.leaderboard import SCHEMA_NAME, SCHEMA_VERSION
+
+SCHEMA_NAME = "medbench-leaderboard"
+#: 2: JSON Schema ``medbench/schemas/leaderboard-v2.schema.json``; provenance names backbone, weights sha256,
+#: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method.
+#: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
+#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump
+SCHEMA_VERSION = 2
 
 
 class LeaderboardFormatError(MedbenchError):

@@ -14,7 +14,7 @@ not resampled alike (other test set, other bootstrap settings) or have no
 replicates, ``tied_with_best`` is null and ``reason`` says why.
 
 Reads only ``metrics.json``/``bootstrap.parquet`` through
-:class:`medbench.scoring.board.SeedAggregate`, never predictions.
+:class:`medbench.board.axes.SeedAggregate`, never predictions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from medbench.results import RunDir
+from medbench.store import RunDir
 
 TEST_NAME = "paired bootstrap of the headline metric on the same test resamples (seed means), two-sided"
 GROUP_BY = ["task", "regime"]
@@ -35,8 +35,8 @@ def method(alpha: float) -> dict[str, Any]:
 
 def mark_significance(entries: list[dict], runs: list[RunDir]) -> dict | None:
     """Add a ``significance`` block to every entry of a group with two or more entries; returns the method."""
+    from medbench.board.axes import RunRecord, SeedAggregate
     from medbench.scoring import higher_is_better
-    from medbench.scoring.board import RunRecord, SeedAggregate
     from medbench.scoring.paired import paired_difference
 
     groups: dict[tuple, list[dict]] = {}

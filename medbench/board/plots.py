@@ -1,7 +1,7 @@
 """Leaderboard plots as inline SVG text (matplotlib, Agg; no files, no network).
 
 Each function takes leaderboard blocks and returns an ``<svg>`` string, or
-None when the board holds nothing to plot. Used by :mod:`medbench.render`.
+None when the board holds nothing to plot. Used by :mod:`medbench.board.render`.
 """
 
 from __future__ import annotations

@@ -11,74 +11,34 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import polars as pl
 
-from medbench.catalog import Catalog
-from medbench.data.cache import CachedImages, build_cache
 from medbench.data.locate import DataLocations
-from medbench.data.task_data import TaskData, load_task_data, missing_dataset
+from medbench.data.task_data import missing_dataset
 from medbench.errors import DataError, OutputError, RunFailed
-from medbench.failures import GracefulStop, StopRequested, failure_record, one_line, release_memory
 from medbench.predictions import Predictions
-from medbench.results import CONFIG, HISTORY, METRICS, STORE_FORMAT, RunDir, RunStore
-from medbench.specs import ResolvedTask
+from medbench.run.failures import (
+    GracefulStop,
+    StopRequested,
+    failure_record,
+    one_line,
+    release_memory,
+)
+from medbench.run.prepare import PreparedData, prepare_data
+from medbench.run.request import RunRequest, _canonical_variant, run_key
+from medbench.spec import ResolvedTask
+from medbench.spec.catalog import Catalog
+from medbench.store import CONFIG, HISTORY, METRICS, RunDir, RunStore
 from medbench.train.checkpoint import CheckpointPolicy
-from medbench.train.finetune import EngineConfig
-from medbench.train.hyperrule import make_plan, resolve_input
-from medbench.utils import atomic_write_bytes, sha256_json
+from medbench.train.hyperrule import make_plan
+from medbench.utils import atomic_write_bytes
 
 EVAL_BATCH = 128
 CANONICAL_META = ["sample_id", "patient_id", "split", "sex", "age", "view", "site"]
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    task: str
-    backbone: str
-    seed: int
-    init: str | None = None
-    weights: Path | None = None
-    max_steps: int | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    #: data-efficiency and resolution variants (at most one): a fraction (0, 1) of the training images,
-    #: k training images per class, or another crop size (see medbench.data.subsets)
-    fraction: float | None = None
-    shots: int | None = None
-    resolution: int | None = None
-    #: frozen features (medbench.train.freeze): None, "head" or "<L>"
-    freeze: str | None = None
-    #: representation similarity initial vs fine-tuned (medbench.analysis.similarity): None, "cka", "cka,svcca"
-    similarity: str | None = None
-
-    @property
-    def variant(self) -> str:
-        """Run-folder suffix of the variant; "" for the plain run."""
-        if self.fraction is not None:
-            return f"frac{self.fraction * 100:g}"
-        if self.shots is not None:
-            return f"shots{self.shots}"
-        if self.resolution is not None:
-            return f"res{self.resolution}"
-        return ""
-
-    @property
-    def folder_suffix(self) -> str:
-        """Run-folder suffix: the data variant and the training regime (e.g. ``frac10``, ``freeze-head``)."""
-        from medbench.train.freeze import freeze_variant
-
-        return "-".join(x for x in (self.variant, freeze_variant(self.freeze)) if x)
-
-    def variant_spec(self) -> dict | None:
-        set_ = [(k, v) for k, v in (("fraction", self.fraction), ("shots", self.shots),
-                                    ("resolution", self.resolution)) if v is not None]
-        if len(set_) > 1:
-            raise ValueError(f"a run has at most one variant, got {dict(set_)}")
-        return {"kind": set_[0][0], "value": set_[0][1]} if set_ else None
 
 
 @dataclass
@@ -109,98 +69,6 @@ class SilentReporter:
 
     def message(self, text: str) -> None:
         pass
-
-
-@dataclass
-class PreparedData:
-    """A task's data ready for training: splits, cached pixels, labels, input geometry."""
-
-    data: TaskData
-    images: CachedImages
-    labels: np.ndarray  # float32 [N, L], NaN missing
-    resize: int
-    crop: int
-
-    @property
-    def fingerprint(self) -> str:
-        if not hasattr(self, "_fingerprint"):
-            self._fingerprint = self.data.index.fingerprint()
-        return self._fingerprint
-
-    def rows(self, split: str) -> np.ndarray:
-        rows = self.data.rows(split)
-        return rows[self.images.ok[rows]]
-
-    def train_rows(self, task_type: str) -> np.ndarray:
-        rows = self.rows("train")
-        y = self.labels[rows]
-        labelled = ~np.isnan(y).all(1) if task_type != "multiclass" else ~np.isnan(y).any(1)
-        return rows[labelled]
-
-
-def native_size(index, tries: int = 20) -> tuple[int, int]:
-    """Height and width of the first readable image (a bad image is reported by the cache, per on_bad_image)."""
-    first_error = None
-    for row in range(min(len(index), tries)):
-        try:
-            img = index.read_image(row)
-        except DataError as err:
-            first_error = first_error or err
-            continue
-        return int(img.shape[0]), int(img.shape[1])
-    if first_error is not None:
-        raise first_error
-    raise DataError("the dataset has no images", where=index.name)
-
-
-def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Reporter, *,
-                 split_store: Path | None = None, resolution: int | None = None) -> PreparedData:
-    data = load_task_data(task, locations, split_store=split_store)
-    spec = task.spec
-    need_native = spec.input.resize is None or spec.input.crop is None
-    resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
-    if resolution is not None:  # resolution sweep: another crop, the task's resize/crop ratio kept
-        resize, crop = max(resolution, int(round(resolution * resize / crop))), resolution
-    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image)
-    if images.bad:
-        reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
-    return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop)
-
-
-def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_id: str | None, *,
-            plan: dict | None = None, input_geometry: dict | None = None, ood: list | None = None,
-            world_size: int = 1) -> str:
-    """The run store key: a sha256 of everything that fixes a run's numbers (see :mod:`medbench.results`).
-
-    ``request`` has its init resolved. Every field of :class:`RunRequest` enters
-    the key, so a field added later (a data fraction, a frozen-layer option)
-    separates runs without touching this function; fields that are None are
-    left out, so adding an optional field keeps the keys of earlier runs.
-    ``weights`` enters as ``weights_id`` (the file's sha256), not as its path.
-    Beside the request: the task's content hash, the data fingerprint, the OOD
-    targets' hashes and fingerprints, the resolved plan (schedule, batch, lr,
-    MixUp) and input geometry, the world size (batch statistics are per rank),
-    the medbench version and the store format. Not in the key (they do not
-    change the numbers, or are recorded as provenance instead): checkpoint
-    settings, output folder, git revision, library versions, and the thread
-    count (on CPU it changes the last bits of reductions, far below seed
-    noise; recorded as ``device.torch_threads``).
-    """
-    import medbench
-
-    fields = {k: v for k, v in asdict(request).items() if v is not None}
-    fields["weights"] = weights_id
-    return sha256_json({
-        "store_format": STORE_FORMAT,
-        "request": fields,
-        "task_hash": task.hash,
-        "data": fingerprint,
-        "ood": ood or [],
-        "plan": plan,
-        "input": input_geometry,
-        "world_size": world_size,
-        "medbench": medbench.__version__,
-    })
 
 
 def _ood_label_pairs(task: ResolvedTask, target: ResolvedTask, label_map: dict[str, str]) -> list[tuple[str, str]]:
@@ -292,6 +160,7 @@ class Runner:
         self.checkpoints = checkpoints or CheckpointPolicy()
         self.stop = GracefulStop()  # installed (signal handlers) by run_all
         self._prepared: dict[str, PreparedData] = {}
+        self._backbones: dict = {}
 
     def prepared(self, task_name: str, resolution: int | None = None) -> PreparedData:
         key = task_name if resolution is None else f"{task_name}@{resolution}"
@@ -299,6 +168,15 @@ class Runner:
             self._prepared[key] = prepare_data(self.catalog.task(task_name), self.locations, self.reporter,
                                                split_store=self.store.out / "splits", resolution=resolution)
         return self._prepared[key]
+
+    def backbone(self, name: str):
+        """The registry entry of ``name``, resolved once per runner (the request keeps the name: it is part
+        of the run key)."""
+        if name not in self._backbones:
+            from medbench.backbones import get_backbone
+
+            self._backbones[name] = get_backbone(name)
+        return self._backbones[name]
 
     def _ood_target(self, task: ResolvedTask, target, resolution: int | None = None
                     ) -> tuple[ResolvedTask, PreparedData, list[tuple[str, str]]]:
@@ -321,7 +199,6 @@ class Runner:
 
     def preflight(self, requests: list[RunRequest]) -> None:
         """Check every request before anything trains; raises a MedbenchError naming file and field."""
-        from medbench.backbones.registry import get_backbone
         from medbench.scoring import check_metrics
         from medbench.train.distributed import prepare_environment
         from medbench.train.finetune import check_engine
@@ -339,7 +216,7 @@ class Runner:
                         continue  # skipped (and recorded) when the run gets there
                     self._ood_target(task, target)
             for req in requests:
-                get_backbone(req.backbone)
+                self.backbone(req.backbone)
                 spec = self.catalog.task(req.task).spec
                 plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
                                  max_steps=req.max_steps)
@@ -374,13 +251,12 @@ class Runner:
 
     def _locate(self, req: RunRequest, world_size: int | None = None) -> tuple:
         """(canonical request, task, init, prepared data, training rows, variant record, plan, key, run folder)."""
-        from medbench.backbones.registry import get_backbone
         from medbench.backbones.weights import weights_sha256
         from medbench.train.distributed import prepare_environment
 
         task = self.catalog.task(req.task)
         spec = task.spec
-        backbone = get_backbone(req.backbone)
+        backbone = self.backbone(req.backbone)
         req = _canonical_variant(req, backbone)
         init = req.init or backbone.default_init
         prepared = self.prepared(req.task, req.resolution)
@@ -481,17 +357,16 @@ class Runner:
         import torch
 
         from medbench.backbones.create import create_model
-        from medbench.backbones.registry import get_backbone
         from medbench.data.loader import Normalization, TrainStream, eval_batches
         from medbench.provenance import code_provenance, now_utc
-        from medbench.scoring.runs import rescore
+        from medbench.store.scores import rescore
         from medbench.train.checkpoint import CheckpointClock, CheckpointStore
         from medbench.train.data_parallel import gather_shards, shard, wait_for_all
         from medbench.train.distributed import describe_device
         from medbench.train.finetune import Finetuner, logits_to_probs, predict_logits
 
         spec = task.spec
-        backbone = get_backbone(req.backbone)
+        backbone = self.backbone(req.backbone)
         val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
         if dist.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
@@ -499,7 +374,7 @@ class Runner:
 
         def build():
             nonlocal built, freeze_info
-            built = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
+            built = create_model(backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
                                  init=init, weights=req.weights, seed=req.seed)
             freeze_info = _apply_freeze(built.model, backbone, req.freeze)
             return Finetuner(built.model, plan, spec.type, req.engine, dist, req.seed)
@@ -709,19 +584,6 @@ def _regime(freeze: str | None) -> str:
     return freeze_variant(freeze)
 
 
-def _canonical_variant(req: RunRequest, backbone) -> RunRequest:
-    """``freeze``/``similarity`` validated and spelled one way, so equal settings give equal run keys."""
-    if not req.freeze and not req.similarity:
-        return req
-    from dataclasses import replace
-
-    from medbench.analysis.similarity import parse_methods
-    from medbench.train.freeze import parse_freeze
-
-    return replace(req, freeze=parse_freeze(req.freeze, backbone),
-                   similarity=",".join(parse_methods(req.similarity)) or None)
-
-
 def _apply_freeze(model, backbone, freeze: str | None) -> dict | None:
     if not freeze:
         return None
@@ -736,12 +598,17 @@ def _write_similarity(run: RunDir, req: RunRequest, init: str, spec, tuned, back
 
     The initial network is built again (create_model is a pure function of its arguments and the seed), so
     nothing is held during training and a resumed run compares against the same network."""
-    from medbench.analysis.similarity import (compare_models, parse_methods, sample_rows, similarity_record,
-                                              write_run_similarity)
+    from medbench.analysis.similarity import (
+        compare_models,
+        parse_methods,
+        sample_rows,
+        similarity_record,
+        write_run_similarity,
+    )
     from medbench.backbones.blocks import block_names
     from medbench.backbones.create import create_model
 
-    initial = create_model(req.backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels, init=init,
+    initial = create_model(backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels, init=init,
                            weights=req.weights, seed=req.seed).model
     methods = parse_methods(req.similarity)
     rows = sample_rows(test_rows)
@@ -767,13 +634,3 @@ def configure_torch(threads: int | None = None, deterministic: bool = True) -> N
         import torch.utils.deterministic
 
         torch.utils.deterministic.fill_uninitialized_memory = False
-
-
-def expand_requests(tasks: list[str], backbone: str, seeds: list[int], *, init: str | None, weights: Path | None,
-                    max_steps: int | None, engine: EngineConfig, variants: list[dict] | None = None,
-                    freeze: str | None = None, similarity: str | None = None) -> list[RunRequest]:
-    """The plain run of every task x seed, then each variant (``{"fraction": 0.1}``, ``{"shots": 5}``,
-    ``{"resolution": 64}``) of every task x seed; ``freeze``/``similarity`` apply to all of them."""
-    return [RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights, max_steps=max_steps,
-                       engine=engine, freeze=freeze, similarity=similarity, **v)
-            for v in [{}, *(variants or [])] for t in tasks for s in seeds]

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from medbench.predictions import Predictions
-from medbench.results import CONFIG, HISTORY, METRICS, RunDir
 from medbench.scoring import compute_metrics, get_metric, higher_is_better
 from medbench.scoring.bootstrap import Resampling, evaluate, interval, per_resample_loop
-from medbench.specs import AttributeSpec, ScoringSpec
+from medbench.spec import AttributeSpec, ScoringSpec
+from medbench.store import CONFIG, HISTORY, METRICS, RunDir
 from medbench.utils import atomic_write_bytes
 
 BOOTSTRAP = "bootstrap.parquet"

@@ -1,12 +1,12 @@
 """``medbench run --launcher local|slurm``: a sweep's independent runs as jobs of an existing engine (submitit).
 
-One job per :class:`~medbench.runner.RunRequest`. The parent checks every
+One job per :class:`~medbench.run.request.RunRequest`. The parent checks every
 request first (``Runner.preflight``: specs, data loaded and cached, engine
 settings), so bad input stops the sweep before anything is queued and the
 jobs find the preprocessing cache built. Each job is a fresh Python process
 started by submitit (``local``: its ``LocalExecutor``, processes on this
 machine; ``slurm``: ``sbatch``) that runs :func:`run_job`: an ordinary
-:class:`~medbench.runner.Runner` on that one request, writing into the same
+:class:`~medbench.run.runner.Runner` on that one request, writing into the same
 run store. Runs are keyed and locked there, so a rerun of the same command
 skips what finished (the job returns ``skipped`` at once), resumes what was
 interrupted from its checkpoint, and two jobs never train the same run.
@@ -18,7 +18,7 @@ Job records (``OUT/jobs/``), one writer per file:
 * ``<name>.worker.json``: written by the job's rank 0: host, pid, start time, state
   (``running``, then the run's outcome ``ok|skipped|failed|busy``) and the run folder.
 
-``medbench status OUT`` (:mod:`medbench.status`) reads them with the run store.
+``medbench status OUT`` (:mod:`medbench.run.status`) reads them with the run store.
 
 With ``gpus_per_node: N`` in the cluster YAML a SLURM job starts N tasks
 (``tasks_per_node`` = N): :func:`run_job` turns submitit's job environment
@@ -59,7 +59,7 @@ class JobSpec:
 
 def job_name(request) -> str:
     """A stable, readable name for a request's job (its record file name)."""
-    from medbench.results import safe_name
+    from medbench.utils import safe_name
 
     variant = f"-{request.folder_suffix}" if request.folder_suffix else ""
     digest = sha256_json({k: str(v) for k, v in asdict(request).items() if v is not None})[:8]
@@ -98,9 +98,9 @@ def _launcher_environment() -> None:
 def run_job(spec: JobSpec) -> dict:
     """One job: run one request into the store; returns (and records) its outcome."""
     _launcher_environment()
-    from medbench.catalog import Catalog
-    from medbench.results import RunStore
-    from medbench.runner import Runner, configure_torch
+    from medbench.run.runner import Runner, configure_torch
+    from medbench.spec.catalog import Catalog
+    from medbench.store import RunStore
     from medbench.train.distributed import prepare_environment
 
     main = prepare_environment().is_main
@@ -257,7 +257,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
         records[spec.name] = {**records.get(spec.name, {}), **fields}
         _write_record(folder / f"{spec.name}.json", records[spec.name])
 
-    from medbench.runner import RunOutcome
+    from medbench.run.runner import RunOutcome
 
     world = _job_world_size(config or ClusterConfig())
     reused: dict[str, Any] = {}
@@ -307,7 +307,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
             f"records in {folder}; 'medbench status {out}' shows progress")
     if not wait:
         return []
-    from medbench.failures import GracefulStop
+    from medbench.run.failures import GracefulStop
 
     try:
         with GracefulStop():  # SIGTERM too becomes a KeyboardInterrupt (StopRequested) here
@@ -358,8 +358,8 @@ def _stop_local_job(folder: Path, name: str, job) -> None:
 def _wait(jobs: dict, specs: list[JobSpec], queue: list[JobSpec], submit, record) -> list:
     """Poll the jobs until every spec has an outcome, submitting waiting specs as slots free up."""
     from medbench.provenance import now_utc
-    from medbench.results import RunDir
-    from medbench.runner import RunOutcome
+    from medbench.run.runner import RunOutcome
+    from medbench.store import RunDir
 
     outcomes: dict[str, Any] = {}
     by_name = {s.name: s for s in specs}

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 
-from medbench.catalog import Catalog
+from medbench.backbones import Backbone
 from medbench.data.base import get_adapter
 from medbench.data.locate import DataLocations
 from medbench.errors import MedbenchError
-from medbench.specs import ResolvedTask
+from medbench.spec import ResolvedTask
+from medbench.spec.catalog import Catalog
 from medbench.train.hyperrule import TrainPlan, make_plan, rule_resolution
 
 
@@ -88,15 +88,28 @@ class TaskPlan:
         return dict(self.__dict__)
 
 
-@lru_cache(maxsize=64)
-def forward_gflops(backbone: str, num_outputs: int, channels: int, size: int) -> float:
+def _memo(fn):
+    """Cache a function of a resolved :class:`Backbone` (not hashable: it holds a dict) and plain
+    arguments, keyed on the backbone's name and source."""
+    cache: dict = {}
+
+    def wrapper(bb: Backbone, *args):
+        key = (bb.name, bb.source, *args)
+        if key not in cache:
+            cache[key] = fn(bb, *args)
+        return cache[key]
+
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+@_memo
+def forward_gflops(bb: Backbone, num_outputs: int, channels: int, size: int) -> float:
     """Forward GFLOPs (2 per multiply-add) of one image, counted on the meta device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medbench.backbones.registry import get_backbone
-
-    bb = get_backbone(backbone)
     with torch.device("meta"):
         model = bb.build(num_classes=num_outputs, in_chans=channels)
         x = torch.empty(1, channels, size, size)
@@ -105,16 +118,13 @@ def forward_gflops(backbone: str, num_outputs: int, channels: int, size: int) ->
     return counter.get_total_flops() / 1e9
 
 
-@lru_cache(maxsize=64)
-def activation_bytes(backbone: str, num_outputs: int, channels: int, size: int, batch: int) -> int:
+@_memo
+def activation_bytes(bb: Backbone, num_outputs: int, channels: int, size: int, batch: int) -> int:
     """Bytes autograd keeps for backward after one training forward of ``batch`` images of ``size``²:
     the storages of the tensors saved for backward, each counted once, parameters excluded. Measured on
     the meta device (shapes and dtypes only, nothing allocated)."""
     import torch
 
-    from medbench.backbones.registry import get_backbone
-
-    bb = get_backbone(backbone)
     with torch.device("meta"):
         model = bb.build(num_classes=num_outputs, in_chans=channels)
         x = torch.empty(batch, channels, size, size)
@@ -133,18 +143,16 @@ def activation_bytes(backbone: str, num_outputs: int, channels: int, size: int, 
     return sum(saved.values())
 
 
-@lru_cache(maxsize=64)
-def parameter_count(backbone: str, num_outputs: int, channels: int) -> int:
+@_memo
+def parameter_count(bb: Backbone, num_outputs: int, channels: int) -> int:
     import torch
 
-    from medbench.backbones.registry import get_backbone
-
     with torch.device("meta"):
-        model = get_backbone(backbone).build(num_classes=num_outputs, in_chans=channels)
+        model = bb.build(num_classes=num_outputs, in_chans=channels)
     return sum(p.numel() for p in model.parameters())
 
 
-def memory_estimate(backbone: str, num_outputs: int, channels: int, crop: int, micro_batch: int, *,
+def memory_estimate(backbone: Backbone, num_outputs: int, channels: int, crop: int, micro_batch: int, *,
                     zero_stage: int = 0, precision: str = "fp32", world_size: int = 1) -> dict:
     """Training memory per device in bytes (see the module docstring for what is counted)."""
     n = parameter_count(backbone, num_outputs, channels)
@@ -217,7 +225,7 @@ def _ood_plans(task: ResolvedTask, catalog: Catalog | None, locations: DataLocat
     return out
 
 
-def plan_task(task: ResolvedTask, backbone: str, seeds: int, locations: DataLocations, *,
+def plan_task(task: ResolvedTask, backbone: Backbone, seeds: int, locations: DataLocations, *,
               max_steps: int | None, assume_tflops: float, engine: dict | None = None,
               catalog: Catalog | None = None, located: dict | None = None) -> TaskPlan:
     """The plan of one task; ``catalog`` resolves its OOD targets (without one they are not planned);
@@ -266,11 +274,10 @@ def plan_task(task: ResolvedTask, backbone: str, seeds: int, locations: DataLoca
                     eval_pflops_per_run=eval_pflops, ood=ood)
 
 
-def plan_runs(catalog: Catalog, tasks: list[str], backbone: str, seeds: int | None, locations: DataLocations, *,
-              max_steps: int | None = None, assume_tflops: float = 100.0, engine: dict | None = None) -> list[TaskPlan]:
-    from medbench.backbones.registry import get_backbone
-
-    get_backbone(backbone)  # unknown names fail before any planning
+def plan_runs(catalog: Catalog, tasks: list[str], backbone: Backbone, seeds: int | None, locations: DataLocations,
+              *, max_steps: int | None = None, assume_tflops: float = 100.0, engine: dict | None = None
+              ) -> list[TaskPlan]:
+    """The plan of every task for the resolved ``backbone`` (the command line resolves its name once)."""
     out = []
     located: dict = {}
     for name in tasks:

@@ -9,42 +9,27 @@ Scores are read from each run's ``metrics.json`` (rewritten by ``medbench
 score``), falling back to ``result.json``. The scoring axes (bootstrap
 intervals, calibration, fairness, shift, convergence, data efficiency,
 resolution, comparison with a baseline backbone, the suite's shift matrix)
-are added by :func:`medbench.scoring.board.enrich`; variant runs (training
+are added by :func:`medbench.board.axes.enrich`; variant runs (training
 subsets, resolutions) feed those blocks, not the entry's seeds.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from medbench.board.schema import SCHEMA_NAME, SCHEMA_VERSION
+from medbench.board.summary import summarize
 from medbench.provenance import code_provenance, now_utc
-from medbench.results import RunDir
+from medbench.store import RunDir
 from medbench.utils import atomic_write_json
-
-SCHEMA_NAME = "medbench-leaderboard"
-#: 2: JSON Schema ``medbench/schemas/leaderboard-v2.schema.json``; provenance names backbone, weights sha256,
-#: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method.
-#: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
-#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump
-SCHEMA_VERSION = 2
-
-
-def summarize(values: list[float | None]) -> dict[str, Any]:
-    """mean, std (ddof=1; None for one value), n and the values; undefined values are counted, not averaged."""
-    defined = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    n = len(defined)
-    mean = sum(defined) / n if n else None
-    std = (math.sqrt(sum((v - mean) ** 2 for v in defined) / (n - 1)) if n > 1 else None) if mean is not None else None
-    return {"mean": mean, "std": std, "n": n, "values": values}
 
 
 def _scores(run: RunDir, result: dict) -> dict:
     """The run's scores: ``metrics.json`` (kept current by ``medbench score``), else ``result.json``'s."""
-    from medbench.results import METRICS
+    from medbench.store import METRICS
 
     return run.read_json(METRICS) if (run.path / METRICS).is_file() else result["metrics"]
 
@@ -75,7 +60,7 @@ def _setting(run: RunDir) -> dict[str, Any]:
     """What the seeds pooled into one entry must share: everything in the run key but the seed (the request
     without seed, weights path and similarity option, which do not change the numbers; the weights by
     their sha256), the task hash, the data fingerprint, the training plan and the input geometry."""
-    from medbench.results import CONFIG
+    from medbench.store import CONFIG
 
     config = run.read_json(CONFIG)
     request = {k: v for k, v in (config.get("request") or {}).items() if k not in ("seed", "weights", "similarity")}
@@ -166,7 +151,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                     "finished": max(results[p]["finished"] for p in run_paths),
                 },
             })
-    from medbench.scoring.board import enrich
+    from medbench.board.axes import enrich
 
     extra = enrich(entries, runs, baseline)
     for entry in entries:  # every entry (also one made from variant runs alone) has the same fields
@@ -176,7 +161,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
         prov.setdefault("weights_sha256", (prov.get("model") or {}).get("weights_sha256"))
         prov.setdefault("seeds", entry["seeds"])
         prov.setdefault("date", prov.get("finished"))
-    from medbench.scoring.significance import mark_significance
+    from medbench.board.significance import mark_significance
 
     significance = mark_significance(entries, runs)
     return {
@@ -192,7 +177,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
 
 def write_leaderboard(runs: list[RunDir], path: Path, baseline: tuple[str, str | None] | None = None
                       ) -> dict[str, Any]:
-    from medbench.board_schema import validate_board
+    from medbench.board.schema import validate_board
 
     board = build_leaderboard(runs, baseline)
     validate_board(board, where=f"{path} (as built)")  # what is written always follows the schema

@@ -18,7 +18,7 @@ Layout under the output folder::
                              killed writer is removed when the run is next claimed (see RunDir.claim)
     leaderboard.json
 
-**The key.** ``<key>`` is :func:`medbench.runner.run_key`: a sha256 of
+**The key.** ``<key>`` is :func:`medbench.run.request.run_key`: a sha256 of
 everything that fixes the run's numbers: every field of the run request (task,
 backbone, resolved init, the *content* hash of the weights file, seed, step
 cap, engine settings, and any field added later), the task's content hash,
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medbench.utils import atomic_write_json, writer_gone
+from medbench.utils import atomic_write_json, safe_name, writer_gone
 
 RESULT = "result.json"
 CONFIG = "config.json"
@@ -63,10 +63,6 @@ STORE_FORMAT = 2
 #: that did not tag its temporary files) counts as left behind when nothing has written to it for this long
 #: while the run's lock is held: an atomic write renames its file within seconds of its last write
 STALE_TEMP_SECONDS = 15 * 60
-
-
-def safe_name(name: str) -> str:
-    return name.replace("/", "--").replace(":", "-")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Numbers are stored unrounded; they are rounded here only (``DIGITS``). Best
 entry per task (and regime) in bold; entries *not significantly different from
 the best* (``significance.tied_with_best``, paired bootstrap, see
-:mod:`medbench.scoring.significance`) in italics, as CJ21 does. Published
+:mod:`medbench.board.significance`) in italics, as CJ21 does. Published
 reference rows (``--published``) are listed beside the user's rows of the same
 tasks, marked with their citation.
 
@@ -278,7 +278,7 @@ def _reliability_images(e: dict, limit: int = 1) -> list[str]:
 
 
 def _calibration(board: dict) -> str:
-    from medbench.plots import calibration_bars
+    from medbench.board.plots import calibration_bars
 
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("ece_b", "ECE"), ("ece_a", "ECE (T-scaled)"),
                ("brier_b", "Brier"), ("nll_b", "NLL")]
@@ -300,7 +300,7 @@ def _calibration(board: dict) -> str:
 
 
 def _fairness(board: dict) -> str:
-    from medbench.plots import fairness_groups
+    from medbench.board.plots import fairness_groups
 
     parts = []
     for e in board["entries"]:
@@ -325,7 +325,7 @@ def _fairness(board: dict) -> str:
 
 
 def _shift(board: dict) -> str:
-    from medbench.plots import shift_heatmap
+    from medbench.board.plots import shift_heatmap
 
     parts = []
     for m in board.get("shift_matrix") or []:
@@ -356,7 +356,7 @@ def _convergence(board: dict) -> str:
 
 
 def _efficiency(board: dict) -> str:
-    from medbench.plots import efficiency_curves
+    from medbench.board.plots import efficiency_curves
 
     plots = [p for p in (efficiency_curves(board["entries"], k) for k in ("fraction", "shots")) if p]
     rows = []

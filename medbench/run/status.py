@@ -7,7 +7,7 @@ lock: on a cluster file system, locks held on other nodes are not visible
 there and the job records tell instead), and a checkpoint means it was
 interrupted and resumes at that step.
 
-Job records (``OUT/jobs/``, written by :mod:`medbench.dispatch`): the
+Job records (``OUT/jobs/``, written by :mod:`medbench.run.dispatch`): the
 dispatcher's state (``pending``, ``submitted``, the run's outcome, or
 ``died``) combined with the job's own record (``running`` with host and pid).
 """
@@ -19,7 +19,7 @@ import os
 import socket
 from pathlib import Path
 
-from medbench.results import CHECKPOINT, LOCK, RunStore
+from medbench.store import CHECKPOINT, LOCK, RunStore
 
 #: state -> the category ``medbench status`` counts it in
 CATEGORY = {

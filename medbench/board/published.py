@@ -44,7 +44,7 @@ def published_files(folder: Path | None = None) -> list[Path]:
 
 def published_entries(folder: Path | None = None) -> list[dict]:
     """Every published reference row (validated against the leaderboard schema)."""
-    from medbench.board_schema import load_board
+    from medbench.board.schema import load_board
 
     out = []
     for path in published_files(folder):

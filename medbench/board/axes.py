@@ -1,4 +1,4 @@
-"""The scoring axes of runs aggregated into leaderboard blocks (called by :mod:`medbench.leaderboard`).
+"""The scoring axes of runs aggregated into leaderboard blocks (called by :mod:`medbench.board.aggregate`).
 
 Reads only what scoring wrote (``metrics.json``, ``bootstrap.parquet``) and
 run metadata (``result.json``, ``config.json``), never predictions.
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from medbench.results import CONFIG, METRICS, RunDir
+from medbench.store import CONFIG, METRICS, RunDir
 
 SKIP_IN_BOARD = {"per_label", "curve", "reliability_diagram"}
 #: sizes and settings, the same in every seed: kept as plain numbers (every measured number is a summary)
@@ -73,7 +73,7 @@ class RunRecord:
 
     def replicates(self) -> dict[tuple, np.ndarray]:
         if self._reps is None:
-            from medbench.scoring.runs import read_replicates
+            from medbench.store.scores import read_replicates
 
             self._reps = read_replicates(self.run)
         return self._reps
@@ -131,7 +131,7 @@ class SeedAggregate:
         return {**ci, "level": self.level} if ci else None
 
     def summary(self, path: tuple, values: list | None = None) -> dict:
-        from medbench.leaderboard import summarize
+        from medbench.board.summary import summarize
 
         if values is None:
             values = [get_path(r.metrics, path) for r in self.records]
@@ -249,7 +249,7 @@ def efficiency_block(ctx: EntryContext) -> dict | None:
 
 
 def _area_summary(metric: str, xs: list, aggs: list[SeedAggregate], area_fn) -> dict | None:
-    from medbench.leaderboard import summarize
+    from medbench.board.summary import summarize
     from medbench.scoring.bootstrap import interval
 
     if len(xs) < 2:

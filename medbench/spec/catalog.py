@@ -33,10 +33,10 @@ from types import ModuleType
 
 import yaml
 
-from medbench.backbones.registry import plugin_failure, warn_plugin
 from medbench.errors import SpecError
+from medbench.plugins import plugin_failure, warn_plugin
 from medbench.resources import builtin_tasks_dir
-from medbench.specs import ResolvedTask, SuiteSpec, parse_suite_file, parse_task_file
+from medbench.spec import ResolvedTask, SuiteSpec, parse_suite_file, parse_task_file
 from medbench.utils import did_you_mean
 
 TASK_ENTRY_POINT_GROUP = "medbench.tasks"

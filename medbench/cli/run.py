@@ -1,0 +1,279 @@
+"""``medbench run``: tasks x seeds of one backbone, inline or dispatched; ``--dry-run`` prints the plan."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from medbench.cli.app import (
+    ALLOW_OUTSIDE_OPT,
+    TASKS_DIR_OPT,
+    EngineChoice,
+    LauncherChoice,
+    PrecisionChoice,
+    app,
+)
+from medbench.cli.console import (
+    RichReporter,
+    console,
+    fail,
+    interrupted,
+    print_board,
+    print_plan,
+)
+
+
+@app.command()
+def run(
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Registered backbone name (see 'medbench list backbones')."),
+    suite: Optional[List[str]] = typer.Option(None, "--suite", "-s", help="Suite to run (repeatable)."),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to run (repeatable)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds 0..N-1 per task (default: the task's)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
+    out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + leaderboard)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
+    init: Optional[str] = typer.Option(None, "--init", help="pretrained | random | mean-var | transfusion:K | gabor (default: pretrained if the backbone has weights)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Pre-trained weights file for the backbone."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; train nothing."),
+    tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
+    engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
+    zero_stage: int = typer.Option(0, "--zero-stage", min=0, max=2, help="DeepSpeed ZeRO stage."),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32, "--precision", help="fp32 | bf16 | fp16 (CUDA)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
+    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, help="Sustained TFLOP/s for --dry-run time estimates."),
+    checkpoint_every: Optional[List[str]] = typer.Option(
+        None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
+        "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
+    allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
+    fractions: Optional[str] = typer.Option(None, "--fractions", help="Data efficiency: also fine-tune on these percentages of the training images, e.g. 1,5,10,25,50 ('default': 1,5,10,25,50,100)."),
+    shots: Optional[str] = typer.Option(None, "--shots", help="Data efficiency: also fine-tune on k images per class, e.g. 1,5,10 ('default': 1,5,10,100,500)."),
+    resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
+    freeze: Optional[str] = typer.Option(None, "--freeze", help="Frozen features: 'head' (train the head only) or L (freeze the first L blocks)."),
+    similarity: Optional[str] = typer.Option(None, "--similarity", help="Per-layer similarity initial vs fine-tuned: cka | svcca | cka,svcca."),
+    launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
+    cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
+) -> None:
+    """Fine-tune BACKBONE on every task of the suites/tasks and write the leaderboard."""
+    try:
+        variants = _variants(fractions, shots, resolutions)
+        _run(backbone=backbone, suites=suite or [], tasks=task or [], seeds=seeds, data_root=data_root,
+             data=data or [], out=out, max_steps=max_steps, init=init, weights=weights, dry_run=dry_run,
+             tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
+             micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
+             checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
+             variants=variants, freeze=freeze, similarity=similarity,
+             dispatch={"launcher": launcher.value, "max_concurrent": max_concurrent, "wait": not no_wait,
+                       "cluster_config": cluster_config, "threads": threads, "tasks_dir": tasks_dir or []})
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt as err:
+        interrupted(err)
+    except Exception as err:
+        fail(err)
+
+
+DEFAULT_FRACTIONS = "1,5,10,25,50,100"
+DEFAULT_SHOTS = "1,5,10,100,500"
+
+
+def _number_list(text: str | None, option: str, default: str | None, cast) -> list:
+    from medbench.errors import UsageError
+
+    if text is None:
+        return []
+    if text.strip() == "default" and default is not None:
+        text = default
+    try:
+        values = [cast(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"expected comma-separated numbers, got {text!r}", field=option) from None
+    if not values:
+        raise UsageError("expected at least one number", field=option)
+    return list(dict.fromkeys(values))
+
+
+def _variants(fractions: str | None, shots: str | None, resolutions: str | None) -> list[dict]:
+    """Variant runs asked for on the command line (the 100 % fraction is the plain run itself)."""
+    from pydantic import ValidationError
+
+    from medbench.errors import UsageError
+    from medbench.spec import VariantRuns
+
+    values = {"fractions": _number_list(fractions, "--fractions", DEFAULT_FRACTIONS, float),
+              "shots": _number_list(shots, "--shots", DEFAULT_SHOTS, int),
+              "resolutions": _number_list(resolutions, "--resolutions", None, int)}
+    try:
+        return VariantRuns(**values).runs()
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UsageError(first["msg"].removeprefix("Value error, "), field=f"--{first['loc'][0]}") from None
+
+
+def _task_variants(catalog, names: list[str], suites: list[str], variants: list[dict]) -> dict[str, list[dict]]:
+    """Per task, its variant runs: the command line's for every task, then those its suites declare; no
+    repeats, and no resolution point at the task's own crop (that is the plain run)."""
+    declared: dict[str, list[dict]] = {}
+    for suite in suites:
+        for task, vs in catalog.suite_variants(suite).items():
+            declared.setdefault(task, []).extend(vs)
+    out = {}
+    for name in names:
+        crop = catalog.task(name).spec.input.crop
+        unique = [dict(v) for v in dict.fromkeys(tuple(sorted(v.items())) for v in [*variants, *declared.get(name, [])])]
+        out[name] = [v for v in unique if v.get("resolution") is None or v["resolution"] != crop]
+    return out
+
+
+def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
+    from medbench.errors import UsageError
+
+    if not suites and not tasks:
+        raise UsageError("name at least one --suite or --task (see 'medbench list suites')", field="--suite")
+    names: list[str] = []
+    for s in suites:
+        names.extend(catalog.suite_tasks(s))
+    for t in tasks:
+        catalog.task(t)
+        names.append(t)
+    return list(dict.fromkeys(names))
+
+
+def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
+         engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
+         allow_outside_data_root, variants=(), freeze=None, similarity=None, dispatch=None) -> None:
+    from medbench.backbones.init import parse_init, preflight
+    from medbench.backbones.registry import get_backbone
+    from medbench.data.locate import DataLocations
+    from medbench.errors import UsageError
+    from medbench.spec.catalog import Catalog
+
+    for flag, key in (("--max-concurrent", "max_concurrent"), ("--cluster-config", "cluster_config")):
+        if dispatch and dispatch["launcher"] == "inline" and dispatch.get(key):
+            raise UsageError("only with --launcher local or slurm (the default, inline, runs one run at a time)",
+                             field=flag)
+
+    catalog = Catalog(tasks_dir)
+    names = _selected_tasks(catalog, suites, tasks)
+    per_task = _task_variants(catalog, names, suites, list(variants))
+    bb = get_backbone(backbone)
+    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
+    from medbench.train.checkpoint import CheckpointPolicy
+
+    checkpoints = CheckpointPolicy.parse(checkpoint_every)
+    if dry_run:
+        if init is not None:
+            parse_init(init)
+        from medbench.run.plan import plan_runs
+
+        plans = plan_runs(catalog, names, bb, seeds, locations, max_steps=max_steps, assume_tflops=assume_tflops,
+                          engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch})
+        print_plan(plans, backbone, assume_tflops)
+        extra = {t: len(v) for t, v in per_task.items() if v}
+        if extra:
+            console().print("plus variant runs (--fractions/--shots/--resolutions, and the suite's own) per seed, "
+                             "each on its own schedule: " + ", ".join(f"{t} {k}" for t, k in extra.items()))
+        return
+
+    from medbench.run.request import expand_requests
+    from medbench.run.runner import Runner, configure_torch
+    from medbench.store import RunStore
+    from medbench.train.finetune import EngineConfig
+
+    # a missing weights file fails here, before any run; the runs get the resolved file's path, and its origin
+    # (local weights folder, hub cache, hub download) stays with it (medbench.backbones.weights.file_origin)
+    init, weights = preflight(bb, init, weights)
+    from medbench.analysis.similarity import parse_methods
+    from medbench.train.freeze import parse_freeze
+
+    freeze, similarity = parse_freeze(freeze, bb), ",".join(parse_methods(similarity)) or None
+    configure_torch(threads or os.cpu_count())
+    engine_cfg = EngineConfig(engine=engine, zero_stage=zero_stage, precision=precision, micro_batch_size=micro_batch)
+    requests = []
+    for name in names:
+        n = seeds or catalog.task(name).spec.default_seeds
+        requests += expand_requests([name], backbone, list(range(n)), init=init, weights=weights,
+                                    max_steps=max_steps, engine=engine_cfg, variants=per_task[name],
+                                    freeze=freeze, similarity=similarity)
+    store = RunStore(out)
+    check_writable(out)
+    if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.run.dispatch)
+        _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
+        return
+    with RichReporter() as reporter:
+        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
+        outcomes = runner.run_all(requests)
+    _finish(outcomes, store)
+
+
+def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max_concurrent, wait, cluster_config,
+              threads, tasks_dir) -> None:
+    from medbench.run.dispatch import ClusterConfig, dispatch
+    from medbench.run.runner import Runner
+
+    config = ClusterConfig.load(cluster_config)
+    runner = Runner(catalog, locations, store, checkpoints=checkpoints)
+    outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
+                        checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
+                        config=config, config_path=cluster_config, message=console().print,
+                        preflight=lambda: runner.preflight(requests),  # bad input stops before any job
+                        locate=lambda req, world: runner.locate(req, world_size=world))
+    if wait:
+        _finish(outcomes, store)
+
+
+def check_writable(out: Path) -> None:
+    from medbench.errors import OutputError
+
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a folder; expected a folder for the run store", where=out, field="--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".medbench-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"output folder is not writable ({err.strerror or err}); expected a folder this user "
+                          "can write", where=out, field="--out") from err
+
+
+def _finish(outcomes, store) -> None:
+    from medbench.board.aggregate import write_leaderboard
+    from medbench.train.distributed import prepare_environment
+
+    if not prepare_environment().is_main:
+        return
+    # a run another process was training counts once it is complete
+    done = [o.run_dir for o in outcomes if o.run_dir is not None and
+            (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
+    board = write_leaderboard(done, store.leaderboard_path())
+    print_board(board)
+    failed = [o for o in outcomes if o.status == "failed"]
+    busy = [o for o in outcomes if o.status == "busy" and not o.run_dir.complete]
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    con = console()
+    if skipped:
+        con.print(f"{skipped} run(s) were already complete and reused.")
+    mine = {r.path.resolve() for r in done}
+    others = [r for r in store.completed() if r.path.resolve() not in mine]
+    if others:  # this leaderboard is this command's runs; the store may hold other backbones or settings
+        con.print(f"{len(others)} other complete run(s) in {store.out} are not in this leaderboard (other "
+                  f"backbones, tasks or settings); 'medbench leaderboard RUN_DIR... -o FILE' combines runs.",
+                  soft_wrap=True)
+    if busy:
+        con.print(f"{len(busy)} run(s) are being trained by another medbench process; rerun to include them.")
+    for o in failed:
+        where = f" (details: {o.run_dir.path / 'result.json'})" if o.run_dir else ""
+        con.print(f"[red]failed[/red] {o.request.task} seed {o.request.seed}: {o.error}{where}", soft_wrap=True)
+    con.print(f"leaderboard: {store.leaderboard_path()}")
+    sys.stdout.flush()
+    if failed:
+        raise typer.Exit(1)
