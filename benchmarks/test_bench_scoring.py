@@ -26,7 +26,7 @@ medbench's replicates (atol 1e-6), and it must produce exactly the set of replic
 only: ``calibration.before`` equals the ``test`` calibration scores and ``shift.*.in_distribution`` is the
 mean of the ``test`` per-label values over the target's labels, so it reuses them.
 
-Run the full benchmark with ``python -m pytest benchmarks/test_bench_scoring.py --benchmark-only -s``
+Run the full benchmark with ``python -m pytest benchmarks/test_bench_scoring.py -n 0 --benchmark-only -s``
 (minutes; not part of the default test run). Environment knobs (a smaller size proves the comparison works;
 the >= 50x target is asserted only at the full size, 100 000 x 1000):
 

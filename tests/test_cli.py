@@ -135,8 +135,11 @@ def test_list_commands_json() -> None:
     assert tasks["smoke-derm"]["labels"] == 7 and tasks["smoke-derm"]["source"] == "builtin"
 
 
-def test_score_recomputes_from_predictions(smoke_run: Path) -> None:
-    run = sorted((smoke_run / "runs" / "smoke-tb" / "cbr-small").iterdir())[0]
+def test_score_recomputes_from_predictions(smoke_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    # a copy: the session's smoke store is shared by tests running in parallel
+    run = shutil.copytree(sorted((smoke_run / "runs" / "smoke-tb" / "cbr-small").iterdir())[0], tmp_path / "run")
     before = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").unlink()
     proc = run_cli("score", str(run))
