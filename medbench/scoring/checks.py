@@ -50,11 +50,8 @@ def warning(code: str, subject: str, message: str) -> dict:
 
 
 def prediction_warnings(split: str, preds: Predictions) -> list[dict]:
-    """Warnings about one split's predictions: no logits, constant scores, unlabelled multiclass rows."""
+    """Warnings about one split's predictions: constant scores, unlabelled multiclass rows."""
     out = []
-    if len(preds) and not preds.has_logits:
-        out.append(warning("probabilities_only", split, f"{split}: predictions hold probabilities only (no logits; "
-                           "written before medbench kept them): saturated scores tie and their NLL is clipped"))
     if len(preds) >= 2:
         scores = preds.y_score()
         constant = [name for k, name in enumerate(preds.label_names) if np.ptp(scores[:, k]) == 0]
@@ -108,6 +105,11 @@ def score_warnings(scores: dict, preds: dict[str, Predictions], *, headline: str
     """Every warning of a scored run: ``scores`` is the ``metrics.json`` tree (with ``ci``), ``preds`` the
     prediction tables by split name (``val``, ``test``, ``ood-<target>``)."""
     out: list[dict] = []
+    no_logits = [split for split, p in preds.items() if len(p) and not p.has_logits]
+    if no_logits:
+        out.append(warning("probabilities_only", "predictions", f"predictions of {', '.join(no_logits)} hold "
+                           "probabilities only (no logits; written before medbench kept them): saturated scores tie "
+                           "and their NLL is clipped"))
     for split, p in preds.items():
         out += prediction_warnings(split, p)
     ci = scores.get("ci") or {}
