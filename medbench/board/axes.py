@@ -36,7 +36,8 @@ from medbench.store import CONFIG, METRICS, RunDir
 
 SKIP_IN_BOARD = {"per_label", "curve", "reliability_diagram"}
 #: sizes and settings, the same in every seed: kept as plain numbers (every measured number is a summary)
-COUNT_KEYS = {"n", "n_pos", "n_neg", "bins", "min_group_size", "total_steps", "eval_every", "n_scored_groups"}
+COUNT_KEYS = {"n", "n_pos", "n_neg", "bins", "min_group_size", "total_steps", "eval_every", "n_scored_groups",
+              "min_val_images", "min_val_per_class", "t_min", "t_max"}
 
 
 # --------------------------------------------------------------------------- run records
