@@ -37,9 +37,10 @@ binned calibration errors (ECE, MCE), whose plug-in estimate is biased upward
 (so that bootstrap replicates are biased upward once more, and the percentile
 interval can sit above its own point estimate), the interval is the percentile
 interval of the *bias-corrected* replicates ``theta* - (mean(theta*) - theta)``
-(Efron & Tibshirani 1993, ch. 10): it describes the sampling spread of the
-reported estimate around itself, and ``bias`` reports the bootstrap estimate
-of the upward bias (see docs/metrics.md).
+(Efron & Tibshirani 1993, ch. 10), kept within the metric's range [0, 1]: it
+describes the sampling spread of the reported estimate around itself, and
+``bias`` reports the bootstrap estimate of the upward bias (see
+docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -345,6 +346,8 @@ def interval(replicates: np.ndarray, level: float, *, rule: str = "percentile", 
         raise ValueError(f"unknown interval rule {rule!r}")
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(ok, [alpha, 1.0 - alpha])
+    if "bias" in out:  # a calibration error lies in [0, 1]: the shifted interval is kept inside that range
+        low, high = min(max(low, 0.0), 1.0), min(max(high, 0.0), 1.0)
     return {"low": float(low), "high": float(high), "se": float(ok.std(ddof=1)) if ok.size > 1 else None,
             "n_undefined": int(reps.size - ok.size), **out}
 

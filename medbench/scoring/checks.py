@@ -13,8 +13,9 @@ Codes:
   (e.g. the test split holds one class);
 * ``undefined``: another test or OOD value is undefined (``auc/Edema`` with one
   class in the test split);
-* ``undefined_resamples``: some bootstrap replicates of a test or OOD metric
-  are undefined (``118 of 1000``): the interval is over the defined ones only;
+* ``undefined_resamples``: some bootstrap replicates of a test or OOD metric,
+  or of an attribute's worst group, gap or difference, are undefined
+  (``118 of 1000``): the interval is over the defined ones only;
 * ``no_interval``: a defined value has no interval (every replicate undefined);
 * ``constant_scores``: every prediction of a label is the same on a split (a
   collapsed network: AUC 0.5, accuracy the base rate);
@@ -100,6 +101,26 @@ def _interval_warnings(scope: str, values: dict, ci: dict, n_resamples: int) -> 
     return out
 
 
+def _fairness_interval_warnings(scores: dict, n_resamples: int) -> list[dict]:
+    """Per resampled attribute: the largest share of undefined replicates among its worst-group and gap values
+    (a group that drew one class of a label makes them undefined, see docs/metrics.md)."""
+    out = []
+    attrs = ((scores.get("ci") or {}).get("fairness") or {}).get("attributes") or {}
+    for name, tree in attrs.items():
+        worst = [(f"{kind}.{m}", c.get("n_undefined", 0)) for kind in ("worst", "gap")
+                 for m, c in (tree.get(kind) or {}).items() if isinstance(c, dict)]
+        worst += [(key, tree[key].get("n_undefined", 0)) for key in ("equalized_odds_difference",
+                                                                      "demographic_parity_difference")
+                  if isinstance(tree.get(key), dict)]
+        bad = [(k, n) for k, n in worst if n]
+        if bad and n_resamples:
+            k, n = max(bad, key=lambda kn: kn[1])
+            out.append(warning("undefined_resamples", f"fairness.{name}", f"fairness {name}: {k} is undefined in "
+                               f"{n} of {n_resamples} resamples (a group drew one class of a label); its interval "
+                               f"is over the {n_resamples - n} defined"))
+    return out
+
+
 def score_warnings(scores: dict, preds: dict[str, Predictions], *, headline: str | None,
                    ood_records: list[dict] | None = None, has_history: bool = False) -> list[dict]:
     """Every warning of a scored run: ``scores`` is the ``metrics.json`` tree (with ``ci``), ``preds`` the
@@ -121,6 +142,7 @@ def score_warnings(scores: dict, preds: dict[str, Predictions], *, headline: str
         out += _undefined_values(f"ood.{name}", values, None)
         out += _interval_warnings(f"ood.{name}", values, (ci.get("ood") or {}).get(name) or {},
                                   (resampling.get(f"ood:{name}") or {}).get("n_resamples", 0))
+    out += _fairness_interval_warnings(scores, (resampling.get("test") or {}).get("n_resamples", 0))
     status = (scores.get("calibration") or {}).get("temperature_status") or {}
     by_status: dict[str, list[str]] = {}
     for label, st in status.items():
