@@ -311,7 +311,14 @@ class Loop:
                 gaps[m].append(((attribute, "gap", m, k), self._agg("gap", comps, 2)))
                 for (key, v), g in zip(comps, scored):
                     rates[g][m].append((key, v))
-            dps.append(((attribute, "dp", k), gaps["selection_rate"][-1][1]))
+            sel_groups = [g for g in scored if self.defined.get((attribute, "rate", g, "selection_rate", k))]
+            sel_lost = any(g not in table.index for g in sel_groups)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dp = (np.nan if sel_lost else float(demographic_parity_difference(
+                    yy[np.isin(gg, sel_groups)], dd[np.isin(gg, sel_groups)],
+                    sensitive_features=gg[np.isin(gg, sel_groups)]))) if len(sel_groups) >= 2 else np.nan
+            dps.append(((attribute, "dp", k), dp))
         for g in scored:
             for m in RATES:
                 out[(*prefix, "groups", g, m)] = self._agg("mean", rates[g][m])

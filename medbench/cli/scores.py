@@ -87,7 +87,6 @@ def leaderboard(
         from medbench.board.aggregate import write_leaderboard
         from medbench.errors import UsageError
         from medbench.store import find_run_dirs
-
         from medbench.store.scores import rescore_outdated
 
         runs = find_run_dirs(run_dirs)

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medbench.predictions import Predictions
-from medbench.scoring.bootstrap import LinearStats, defined_at_point, evaluate, ratio, strict_extreme, strict_mean
+from medbench.scoring.bootstrap import LinearStats, evaluate, ratio, strict_extreme, strict_mean
 from medbench.spec import AttributeSpec, ScoringSpec
 
 MISSING = "(missing)"
