@@ -11,6 +11,13 @@ intervals, calibration, fairness, shift, convergence, data efficiency,
 resolution, comparison with a baseline backbone, the suite's shift matrix)
 are added by :func:`medbench.board.axes.enrich`; variant runs (training
 subsets, resolutions) feed those blocks, not the entry's seeds.
+
+A board never mixes training numerics: every run's ``config.json`` records the
+training-numerics version it was trained with (:mod:`medbench.train.numerics`;
+absent for runs made before it existed), and :func:`check_numerics` refuses a
+set of runs holding two versions, naming a run of each (retrain the older ones
+with ``medbench run``). Each entry's ``warnings`` gathers its runs' warnings
+(:func:`medbench.board.axes.entry_warnings`).
 """
 
 from __future__ import annotations
@@ -80,6 +87,35 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b else f"{path} ({a!r} vs {b!r})"
 
 
+def training_numerics(run: RunDir) -> int | None:
+    """The training-numerics version a run was trained with (None: before medbench recorded it)."""
+    from medbench.store import CONFIG
+
+    try:
+        value = run.read_json(CONFIG).get("training_numerics")
+    except (OSError, ValueError):
+        return None
+    return int(value) if value is not None else None
+
+
+def check_numerics(runs: list[RunDir]) -> None:
+    """Refuse runs trained by different training numerics (one line naming a run of each and why)."""
+    from medbench.errors import UsageError
+    from medbench.train.numerics import TRAINING_NUMERICS
+
+    seen: dict = {}
+    for run in runs:
+        seen.setdefault(training_numerics(run), run)
+    if len(seen) < 2:
+        return
+    (va, ra), (vb, rb) = sorted(seen.items(), key=lambda kv: -1 if kv[0] is None else kv[0])[:2]
+    name = lambda v: "unrecorded (trained before medbench recorded it)" if v is None else str(v)  # noqa: E731
+    raise UsageError(f"runs trained by different training numerics cannot share a leaderboard: {ra.path} has "
+                     f"version {name(va)}, {rb.path} has {name(vb)} (a code change altered the trained numbers; "
+                     f"this medbench trains with version {TRAINING_NUMERICS}); retrain the older runs with "
+                     "'medbench run', or pass the folders of one version", field="RUN_DIR")
+
+
 def check_poolable(name: str, runs: list[RunDir]) -> None:
     """Refuse to pool runs of one entry that are not seeds of one setting: a seed twice, or runs trained
     differently (another ``--max-steps``, engine, weights, task version or data). One line naming both
@@ -103,6 +139,7 @@ def check_poolable(name: str, runs: list[RunDir]) -> None:
 
 def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict[str, Any]:
     """Entries of ``runs``; ``baseline`` = (backbone, init or None) adds ``relative_to_baseline`` blocks."""
+    check_numerics(runs)
     rows = _rows(runs)
     results = {str(run.path): run.result() for run in runs}
     entries = []
@@ -146,6 +183,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                     "device": prov["device"],
                     "engine": prov["engine"],
                     "medbench_version": prov["medbench_version"],
+                    "training_numerics": training_numerics(RunDir(Path(run_paths[0]))),
                     "git_sha": prov["git_sha"],
                     "libraries": prov["libraries"],
                     "finished": max(results[p]["finished"] for p in run_paths),
@@ -156,6 +194,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
     extra = enrich(entries, runs, baseline)
     for entry in entries:  # every entry (also one made from variant runs alone) has the same fields
         entry["headline"] = {**summarize([]), "seeds": [], "ci": None, **entry["headline"]}
+        entry.setdefault("warnings", [])
         prov = entry["provenance"]
         prov.setdefault("backbone", entry["backbone"])
         prov.setdefault("weights_sha256", (prov.get("model") or {}).get("weights_sha256"))

@@ -36,7 +36,8 @@ from medbench.store import CONFIG, METRICS, RunDir
 
 SKIP_IN_BOARD = {"per_label", "curve", "reliability_diagram"}
 #: sizes and settings, the same in every seed: kept as plain numbers (every measured number is a summary)
-COUNT_KEYS = {"n", "n_pos", "n_neg", "bins", "min_group_size", "total_steps", "eval_every", "n_scored_groups"}
+COUNT_KEYS = {"n", "n_pos", "n_neg", "bins", "min_group_size", "total_steps", "eval_every", "n_scored_groups",
+              "min_val_images", "min_val_per_class", "t_min", "t_max"}
 
 
 # --------------------------------------------------------------------------- run records
@@ -121,13 +122,16 @@ class SeedAggregate:
             return None
         return np.mean(np.vstack(reps), axis=0)
 
-    def interval(self, path: tuple) -> dict | None:
+    def interval(self, path: tuple, point: float | None = None) -> dict | None:
+        """The interval of the seed mean at ``path`` (the value's interval rule; ``point`` is the seed mean,
+        which the bias-corrected rule of ECE/MCE centres on)."""
         from medbench.scoring.bootstrap import interval
+        from medbench.scoring.registry import interval_rule
 
         reps = self.replicates(path)
         if reps is None:
             return None
-        ci = interval(reps, self.level)
+        ci = interval(reps, self.level, rule=interval_rule(path), point=point)
         return {**ci, "level": self.level} if ci else None
 
     def summary(self, path: tuple, values: list | None = None) -> dict:
@@ -137,7 +141,8 @@ class SeedAggregate:
             values = [get_path(r.metrics, path) for r in self.records]
         s = summarize([v if _is_number(v) else None for v in values])
         s["seeds"] = self.seeds
-        s["ci"] = self.interval(path)
+        # the seed mean over runs that all define the value (as the replicates, averaged over every seed)
+        s["ci"] = self.interval(path, s["mean"] if s["n"] == len(self.records) else None)
         return s
 
     def tree(self, path: tuple, skip: set[str] = SKIP_IN_BOARD) -> Any:
@@ -185,15 +190,43 @@ class EntryContext:
     variants: dict[tuple[str, Any], SeedAggregate] = field(default_factory=dict)
 
 
+def _seed_mean(s: dict, agg: SeedAggregate) -> float | None:
+    """A summary's mean when every seed defines the value (the point the bias-corrected interval centres on)."""
+    return s.get("mean") if s.get("n") == len(agg.records) else None
+
+
 def attach_intervals(entry: dict, agg: SeedAggregate) -> None:
     """Seed-mean intervals on the entry's test and OOD metric summaries."""
     for metric, s in entry.get("metrics", {}).items():
-        s["ci"] = agg.interval(("test", metric))
+        s["ci"] = agg.interval(("test", metric), _seed_mean(s, agg))
     for target, scores in entry.get("ood", {}).items():
         for metric, s in scores.items():
-            s["ci"] = agg.interval(("ood", target, metric))
+            s["ci"] = agg.interval(("ood", target, metric), _seed_mean(s, agg))
     if entry.get("headline", {}).get("metric") in entry.get("metrics", {}):
         entry["headline"]["ci"] = entry["metrics"][entry["headline"]["metric"]]["ci"]
+
+
+def entry_warnings(records: list[RunRecord]) -> list[dict]:
+    """The warnings of an entry's runs, one per (code, subject, variant): the seeds that raised it and its
+    message (the seeds' messages joined when they differ)."""
+    merged: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: (json.dumps(r.variant, sort_keys=True) if r.variant else "", r.seed)):
+        variant = None
+        if r.variant:
+            variant = f"{r.variant.get('kind')}={r.variant.get('value')}"
+        for w in r.metrics.get("warnings") or []:
+            key = (w.get("code"), w.get("subject"), variant)
+            m = merged.setdefault(key, {"code": w.get("code"), "subject": w.get("subject"),
+                                        **({"variant": variant} if variant else {}), "seeds": [], "messages": []})
+            m["seeds"].append(r.seed)
+            m["messages"].append(w.get("message", ""))
+    out = []
+    for m in merged.values():
+        msgs = m.pop("messages")
+        seeds = m["seeds"]
+        m["message"] = msgs[0] if len(set(msgs)) == 1 else "; ".join(f"seed {s}: {t}" for s, t in zip(seeds, msgs))
+        out.append(m)
+    return out
 
 
 def axes_blocks(agg: SeedAggregate) -> dict:
@@ -457,6 +490,7 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
         if res:
             entry["resolution"] = res
         entry["variant_runs"] = sorted(str(r.run.path) for aggs in ctx.variants.values() for r in aggs.records)
+        entry["warnings"] = entry_warnings(ctx.plain.records + [r for a in ctx.variants.values() for r in a.records])
         if base_key is not None and key[1:] != (*base_key, "") and (key[0], *base_key, "") in contexts:
             entry["relative_to_baseline"] = relative_block(ctx, contexts[(key[0], *base_key, "")])
     entries.sort(key=lambda e: (e["task"], e["backbone"], e["init"], e.get("regime", "")))

@@ -87,6 +87,42 @@ def ece_text(e: dict) -> str:
     return f"{num(b)} → {num(a)}" if b is not None else "–"
 
 
+def temperature_text(e: dict) -> str:
+    """Temperature scaling's status of an entry: ``fitted``, or which labels were left unscaled and why
+    (``too_few: Edema``; statuses differing between seeds are all listed)."""
+    status = ((e.get("calibration") or {}).get("temperature_status")) or {}
+    by: dict[str, list[str]] = {}
+    for label, v in status.items():
+        values = v.get("values", []) if isinstance(v, dict) else [v]
+        for x in dict.fromkeys(x for x in values if x is not None):
+            by.setdefault(str(x), []).append("all classes" if label == "all" else str(label))
+    if not by:
+        return "–"
+    if set(by) == {"fitted"}:
+        return "fitted"
+    parts = [f"{st}: {', '.join(labels)}" for st, labels in by.items() if st != "fitted"]
+    if "fitted" in by:
+        parts.insert(0, f"fitted: {', '.join(by['fitted'])}")
+    return "; ".join(parts)
+
+
+def warning_codes(e: dict) -> str:
+    """The codes of an entry's warnings, each once (``–`` without any)."""
+    return ", ".join(dict.fromkeys(w["code"] for w in e.get("warnings") or [])) or "–"
+
+
+def warning_lines(e: dict) -> list[str]:
+    """One line per warning of an entry: code, seeds (and variant), message."""
+    out = []
+    for w in e.get("warnings") or []:
+        seeds = w.get("seeds") or []
+        where = (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else "")
+        if w.get("variant"):
+            where = f"{w['variant']}, {where}" if where else w["variant"]
+        out.append(f"{w['code']}" + (f" ({where})" if where else "") + f": {w.get('message', '')}")
+    return out
+
+
 def p_text(e: dict) -> str:
     vs = (e.get("significance") or {}).get("vs_best") or {}
     return num(vs.get("p_value")) if vs else "–"
@@ -108,14 +144,22 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
            f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}", "",
            "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
            "*italics*: not significantly different from the best" + _method_note(board) + ".", "",
-           "| task | backbone | init | metric | mean ± std | interval | seeds | p vs best | OOD (drop) | ECE → T-scaled |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| task | backbone | init | metric | mean ± std | interval | seeds | p vs best | OOD (drop) | ECE → T-scaled "
+           "| temperature | warnings |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in board["entries"]:
         value = mean_std(e["headline"])
         m = mark(e)
         value = f"**{value}**" if m == "best" else (f"*{value}*" if m == "tied" else value)
         out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | {value} | "
-                   f"{interval(e['headline'])} | {len(e.get('seeds') or [])} | {p_text(e)} | {ood_text(e)} | {ece_text(e)} |")
+                   f"{interval(e['headline'])} | {len(e.get('seeds') or [])} | {p_text(e)} | {ood_text(e)} | {ece_text(e)} "
+                   f"| {temperature_text(e)} | {warning_codes(e)} |")
+    warned = [e for e in board["entries"] if e.get("warnings")]
+    if warned:
+        out += ["", "## Warnings", ""]
+        for e in warned:
+            out.append(f"* {e['task']} · {e['backbone']} · {label(e)}:")
+            out += [f"  * {line}" for line in warning_lines(e)]
     if published:
         out += ["", "## Published reference rows (same tasks)", "",
                 "| task | backbone | init | metric | mean ± std | source | paper's row / column |", "|---|---|---|---|---|---|---|"]
@@ -224,7 +268,8 @@ def _table(headers: list[tuple[str, str]], rows: list[str], *, table_id: str = "
 def _overview(board: dict, published: list[dict]) -> str:
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
                ("mean", "mean ± std"), ("interval", "interval"), ("seeds", "seeds"), ("p", "p vs best"),
-               ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"), ("source", "source")]
+               ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"), ("temperature", "temperature"),
+               ("warnings", "warnings"), ("source", "source")]
     rows = []
     for e in board["entries"]:
         h = e["headline"]
@@ -233,16 +278,30 @@ def _overview(board: dict, published: list[dict]) -> str:
                     + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
                     + _td(mean_std(h), h.get("mean"), "value") + _td(interval(h), ci.get("low"))
                     + _td(len(e.get("seeds") or []), len(e.get("seeds") or [])) + _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value"))
-                    + _td(ood_text(e)) + _td(ece_text(e)) + _td("this board") + "</tr>")
+                    + _td(ood_text(e)) + _td(ece_text(e)) + _td(temperature_text(e)) + _td(warning_codes(e))
+                    + _td("this board") + "</tr>")
     for e in published:
         h = e["headline"]
         rows.append('<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
                     + _td(published_value(e), h.get("mean"), "value") + _td("–") + _td(h.get("n") or "–", h.get("n"))
-                    + _td("–") + _td("–") + _td("–") + _td(f"published: {e.get('citation')}") + "</tr>")
+                    + _td("–") + _td("–") + _td("–") + _td("–") + _td("–") + _td(f"published: {e.get('citation')}")
+                    + "</tr>")
     note = ("<p class='note'>Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed "
             "mean over test resamples. <b>Bold</b>: best entry of its task; <i>italics</i>: not significantly "
             f"different from the best{E(_method_note(board))}. Click a header to sort.</p>")
-    return note + _table(headers, rows, table_id="board-table")
+    return note + _table(headers, rows, table_id="board-table") + _warnings(board)
+
+
+def _warnings(board: dict) -> str:
+    items = []
+    for e in board["entries"]:
+        lines = warning_lines(e)
+        if lines:
+            items.append(f"<li>{E(e['task'])} · {E(e['backbone'])} ({E(label(e))})<ul>"
+                         + "".join(f"<li>{E(line)}</li>" for line in lines) + "</ul></li>")
+    if not items:
+        return ""
+    return "<h3>Warnings</h3><ul class='warnings'>" + "".join(items) + "</ul>"
 
 
 def _significance(board: dict) -> str:
@@ -281,7 +340,7 @@ def _calibration(board: dict) -> str:
     from medbench.board.plots import calibration_bars
 
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("ece_b", "ECE"), ("ece_a", "ECE (T-scaled)"),
-               ("brier_b", "Brier"), ("nll_b", "NLL")]
+               ("brier_b", "Brier"), ("nll_b", "NLL"), ("temperature", "temperature scaling")]
     rows = []
     imgs: list[str] = []
     for e in board["entries"]:
@@ -291,7 +350,7 @@ def _calibration(board: dict) -> str:
         b, a = cal.get("before") or {}, cal.get("after") or {}
         rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
                     + "".join(_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll")))
-                    + "</tr>")
+                    + _td(temperature_text(e)) + "</tr>")
         imgs += _reliability_images(e)
     if not rows:
         return "<p class='note'>No calibration blocks in this board.</p>"

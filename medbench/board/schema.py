@@ -20,7 +20,9 @@ SCHEMA_NAME = "medbench-leaderboard"
 #: 2: JSON Schema ``medbench/schemas/leaderboard-v2.schema.json``; provenance names backbone, weights sha256,
 #: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method.
 #: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
-#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump
+#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump.
+#: Entries' optional ``warnings`` list (codes and one-line messages, see medbench.scoring.checks) was added the
+#: same way: optional, so every earlier version-2 board stays valid
 SCHEMA_VERSION = 2
 
 

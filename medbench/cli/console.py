@@ -71,11 +71,14 @@ def _fmt(summary: dict | None, pct: bool = False) -> str:
 
 
 def print_board(board: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
+
+    from medbench.board.render import temperature_text, warning_codes, warning_lines
 
     table = Table(title="medbench results (test split; mean ± std over seeds, interval of the mean over test resamples)")
     for col in ("task", "backbone", "init", "headline", "value", "interval", "accuracy", "seeds", "OOD (drop)",
-                "ECE → T-scaled", "largest AUC gap"):
+                "ECE → T-scaled", "temperature", "largest AUC gap", "warnings"):
         table.add_column(col)
     for e in board["entries"]:
         metric = e["headline"]["metric"]
@@ -90,8 +93,15 @@ def print_board(board: dict) -> None:
         value = f"[bold]{value}[/bold]" if sig.get("best") else (f"[italic]{value}[/italic]" if sig.get("tied_with_best") else value)
         table.add_row(e["task"], e["backbone"], init, metric, value,
                       f"[{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "-",
-                      _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, _largest_gap(e))
-    console().print(table)
+                      _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, temperature_text(e),
+                      _largest_gap(e), warning_codes(e))
+    con = console()
+    con.print(table)
+    for e in board["entries"]:
+        for line in warning_lines(e):
+            init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+            con.print(f"[yellow]warning[/yellow] {escape(e['task'])} · {escape(e['backbone'])} · {escape(init)}: "
+                      f"{escape(line)}", soft_wrap=True)
 
 
 def _drop(entry: dict, target: str, metric: str) -> str:
@@ -183,7 +193,9 @@ def score_line(scores: dict) -> str:
         parts.append(f"{k} {v:.4f}" + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if ci else ""))
     cal = scores.get("calibration")
     if cal and cal["before"].get("ece") is not None and cal["after"].get("ece") is not None:
-        parts.append(f"ECE {cal['before']['ece']:.4f} -> {cal['after']['ece']:.4f} (temperature scaling)")
+        status = sorted(set((cal.get("temperature_status") or {}).values()))
+        parts.append(f"ECE {cal['before']['ece']:.4f} -> {cal['after']['ece']:.4f} (temperature scaling: "
+                     f"{', '.join(status) or '-'})")
     for name, attr in (scores.get("fairness") or {}).get("attributes", {}).items():
         if len(attr.get("attributes", [])) == 1 and attr.get("gap", {}).get("auc") is not None:
             parts.append(f"AUC gap {name} {attr['gap']['auc']:.4f} (worst {attr['worst_group']['auc']})")

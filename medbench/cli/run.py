@@ -251,9 +251,12 @@ def _finish(outcomes, store) -> None:
 
     if not prepare_environment().is_main:
         return
+    from medbench.store.scores import rescore_outdated
+
     # a run another process was training counts once it is complete
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
+    rescore_outdated(done, console().print)  # runs reused by a launcher, scored by older scoring code
     board = write_leaderboard(done, store.leaderboard_path())
     print_board(board)
     failed = [o for o in outcomes if o.status == "failed"]

@@ -70,13 +70,17 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
     Beside the request: the task's content hash, the data fingerprint, the OOD
     targets' hashes and fingerprints, the resolved plan (schedule, batch, lr,
     MixUp) and input geometry, the world size (batch statistics are per rank),
-    the medbench version and the store format. Not in the key (they do not
-    change the numbers, or are recorded as provenance instead): checkpoint
-    settings, output folder, git revision, library versions, and the thread
+    the training-numerics version (:data:`medbench.train.numerics.TRAINING_NUMERICS`:
+    bumped by any code change that changes the trained numbers, so such a change
+    retrains) and the store format. Not in the key (they do not change the
+    numbers, or are recorded as provenance instead): checkpoint settings, output
+    folder, git revision, ``medbench.__version__``, library versions, the scoring
+    version (a run scored by older scoring code is re-scored from its saved
+    predictions instead, see :mod:`medbench.scoring.version`), and the thread
     count (on CPU it changes the last bits of reductions, far below seed
     noise; recorded as ``device.torch_threads``).
     """
-    import medbench
+    from medbench.train.numerics import TRAINING_NUMERICS
 
     fields = {k: v for k, v in asdict(request).items() if v is not None}
     fields["weights"] = weights_id
@@ -89,7 +93,7 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
         "plan": plan,
         "input": input_geometry,
         "world_size": world_size,
-        "medbench": medbench.__version__,
+        "training_numerics": TRAINING_NUMERICS,
     })
 
 

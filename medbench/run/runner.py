@@ -289,6 +289,9 @@ class Runner:
         if run.complete:
             if dist.is_main:
                 run.clear_checkpoint()  # left behind by a kill between result.json and its removal
+                from medbench.store.scores import rescore_outdated
+
+                rescore_outdated([run], self.reporter.message)  # scored by older scoring code: from its predictions
             return RunOutcome(req, run, "skipped", result=run.result())
         # rank 0 holds the lock for all ranks of a launched run; every rank learns whether it got it
         if dist.world_size > 1:
@@ -363,7 +366,8 @@ class Runner:
         from medbench.train.checkpoint import CheckpointClock, CheckpointStore
         from medbench.train.data_parallel import gather_shards, shard, wait_for_all
         from medbench.train.distributed import describe_device
-        from medbench.train.finetune import Finetuner, logits_to_probs, predict_logits
+        from medbench.train.finetune import Finetuner, predict_logits
+        from medbench.train.numerics import TRAINING_NUMERICS
 
         spec = task.spec
         backbone = self.backbone(req.backbone)
@@ -390,31 +394,31 @@ class Runner:
                              balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size,
                              mixup_alpha=plan.mixup_alpha)  # MixUp over the global batch, any world size
 
-        def probs_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
-            """Probabilities ``[len(rows), outputs]``; launched, each rank predicts its shard of the rows."""
+        def logits_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
+            """Logits ``[len(rows), outputs]`` (float32; probabilities are derived in float64 where scores are
+            computed, see medbench.predictions); launched, each rank predicts its shard of the rows."""
             mine = rows[shard(len(rows), dist.world_size, dist.rank)]
-            probs = np.zeros((0, spec.num_outputs), dtype=np.float32)
+            logits = np.zeros((0, spec.num_outputs), dtype=np.float32)
             if len(mine):
                 logits = predict_logits(tuner.module, eval_batches(pixels, mine, crop=crop, norm=norm,
-                                                                  batch_size=EVAL_BATCH), dist.device,
+                                                                   batch_size=EVAL_BATCH), dist.device,
                                         req.engine.precision)
-                probs = logits_to_probs(spec.type, logits)
-            return gather_shards(probs, len(rows), dist.world_size)
+            return gather_shards(logits, len(rows), dist.world_size)
 
         headline = spec.headline
         attrs = [a.source_column for a in spec.attributes]
         val_pred_meta = _prediction_meta(prepared, val_rows, attrs)
-        final_val: dict = {}  # the validation probabilities after the last step, when fit evaluated them
+        final_val: dict = {}  # the validation logits after the last step, when fit evaluated them
 
         def evaluate_val() -> float | None:
             if len(val_rows) == 0:
                 return None
             from medbench.scoring import compute_metrics
 
-            probs = probs_for(val_rows, prepared.images.pixels, prepared.crop)
+            logits = logits_for(val_rows, prepared.images.pixels, prepared.crop)
             if progress["steps_done"] == plan.total_steps:  # fit's final evaluation (after_step ran last)
-                final_val["probs"] = probs
-            preds = Predictions.build(val_pred_meta, probs, spec.labels, spec.type)
+                final_val["logits"] = logits
+            preds = Predictions.from_logits(val_pred_meta, logits, spec.labels, spec.type)
             return compute_metrics(preds, [headline]).get(headline)
 
         clock = CheckpointClock(self.checkpoints)
@@ -442,22 +446,22 @@ class Runner:
 
         # every rank predicts its shard of val, test and each OOD target's test split; rank 0 writes and scores
         # while the others wait on the long-timeout side group (a failure on rank 0 is recorded, then released)
-        split_probs = {"val": final_val.get("probs"), "test": None}
+        split_logits = {"val": final_val.get("logits"), "test": None}
         for split, rows in (("val", val_rows), ("test", test_rows)):
-            if split_probs[split] is None:
-                split_probs[split] = probs_for(rows, prepared.images.pixels, prepared.crop)
-        ood_probs: dict[str, np.ndarray] = {}
+            if split_logits[split] is None:
+                split_logits[split] = logits_for(rows, prepared.images.pixels, prepared.crop)
+        ood_logits: dict[str, np.ndarray] = {}
         for target in spec.ood:
             if missing_dataset(self.catalog.task(target.task), self.locations) is None:
                 tgt = self._ood_target(task, target, req.resolution)[1]
-                ood_probs[target.display_name] = probs_for(tgt.rows("test"), tgt.images.pixels, prepared.crop)
+                ood_logits[target.display_name] = logits_for(tgt.rows("test"), tgt.images.pixels, prepared.crop)
         if not dist.is_main:
             wait_for_all(dist.world_size)
             return RunOutcome(req, run, "ok")
         try:
             for split, rows in (("val", val_rows), ("test", test_rows)):
-                Predictions.build(_prediction_meta(prepared, rows, attrs), split_probs[split],
-                                  spec.labels, spec.type).save(run.prediction_file(split))
+                Predictions.from_logits(_prediction_meta(prepared, rows, attrs), split_logits[split],
+                                        spec.labels, spec.type).save(run.prediction_file(split))
             if req.similarity:
                 _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
                                   lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop,
@@ -473,23 +477,22 @@ class Runner:
                     continue
                 tgt_task, tgt, pairs = self._ood_target(task, target, req.resolution)
                 rows = tgt.rows("test")
-                probs = ood_probs[target.display_name]
                 src_idx = [spec.labels.index(s) for s, _ in pairs]
                 meta = _prediction_meta(tgt, rows, attrs)
                 keep_cols = [c for c in meta.columns if not c.startswith("label:")]
                 meta = meta.select(keep_cols).with_columns(
                     **{f"label:{s}": tgt.data.index.table[rows.tolist()][f"label:{d}"] for s, d in pairs})
-                sub_probs = probs[:, src_idx]
-                if spec.type == "multiclass":
-                    sub_probs = sub_probs / sub_probs.sum(1, keepdims=True)
-                Predictions.build(meta, sub_probs, [s for s, _ in pairs], spec.type).save(
-                    run.prediction_file(f"ood-{target.display_name}"))
+                # the mapped labels' logits; multiclass: their softmax is the probability renormalized over the
+                # mapped classes, and target images of an unmapped class are not labelled (medbench.predictions)
+                Predictions.from_logits(meta, ood_logits[target.display_name][:, src_idx], [s for s, _ in pairs],
+                                        spec.type).save(run.prediction_file(f"ood-{target.display_name}"))
                 ood_records.append({"name": target.display_name, "task": target.task, "task_hash": tgt_task.hash,
                                     "label_pairs": pairs, "n": int(len(rows)), "data_fingerprint": tgt.fingerprint})
 
             fingerprint = prepared.fingerprint
             config = {
                 "key": key,
+                "training_numerics": TRAINING_NUMERICS,
                 "request": {**asdict(req), "init": init, "weights": str(req.weights) if req.weights else None},
                 "task": task.name,
                 "task_version": spec.version,
@@ -531,6 +534,7 @@ class Runner:
                 "variant": variant,
                 **({"regime": _regime(req.freeze), "freeze": freeze_info} if req.freeze else {}),
                 "headline": {"metric": headline, "value": scores["test"].get(headline)},
+                "warnings": scores.get("warnings", []),
                 "metrics": scores,
                 "started": started,
                 "finished": now_utc(),
