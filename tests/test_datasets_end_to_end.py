@@ -118,7 +118,7 @@ def test_skipped_images_are_counted_in_the_results(tmp_path: Path) -> None:
         "task: toy-skip\nversion: 1\nfamily: test\n"
         "dataset: {name: toy, adapter: csv, on_bad_image: skip,\n"
         "          options: {csv: labels.csv, path_column: file, path_root: img, patient_column: patient,\n"
-        "                    label_column: dx, classes: {mel: [mel]}}}\n"
+        "                    label_column: dx, classes: {mel: [mel]}, negative_values: [nv]}}\n"
         "type: binary\nlabels: [mel]\nmetrics: [auc, accuracy]\nheadline: auc\n"
         "splits: {method: grouped, fractions: {train: 0.6, val: 0.2, test: 0.2}}\n"
         "input: {resize: 16, crop: 12, channels: 1}\n"

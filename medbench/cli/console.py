@@ -270,14 +270,20 @@ def print_inspection(summary: dict) -> None:
     con.print(f"task {summary['task']} (dataset {summary['dataset']}, adapter {summary['adapter']}, "
               f"root {summary['root'] or '-'}): {summary['n']:,} images, {summary['patients']:,} patients")
     splits = summary["splits"]
-    table = Table(title="labels per split: positive / negative / missing")
+    table = Table(title="labels per split: positive / negative / missing (prevalence: positive share of the "
+                        "labelled images)")
     table.add_column("label")
     for name, part in splits.items():
         table.add_column(f"{name} ({part['n']:,} img, {part['patients']:,} pat)")
     labels = next(iter(splits.values()))["labels"]
+
+    def cell(c: dict) -> str:
+        prev = c.get("prevalence")
+        return (f"{c['pos']:,} / {c['neg']:,} / {c['missing']:,}"
+                + (f" ({100 * prev:.1f} %)" if prev is not None else ""))
+
     for label in labels:
-        table.add_row(label, *[f"{p['labels'][label]['pos']:,} / {p['labels'][label]['neg']:,} / "
-                               f"{p['labels'][label]['missing']:,}" for p in splits.values()])
+        table.add_row(label, *[cell(p["labels"][label]) for p in splits.values()])
     con.print(table)
     attrs = Table(title="attributes per split")
     attrs.add_column("attribute")
@@ -293,7 +299,11 @@ def print_inspection(summary: dict) -> None:
         con.print(f"image files: {summary['files_checked']:,} checked, {summary['missing_files']:,} missing"
                   + (f" (e.g. {', '.join(summary['missing_examples'][:3])})" if summary["missing_files"] else ""))
     for key, value in summary["notes"].items():
-        con.print(f"{key}: {value}", soft_wrap=True)
+        con.print(f"{key}: {value}", soft_wrap=True, markup=False)
+    from rich.markup import escape
+
+    for problem in summary.get("problems") or []:  # what would stop 'medbench run' before training
+        con.print(f"[red]problem[/red]: {escape(problem)}", soft_wrap=True)
 
 
 class RichReporter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -46,7 +47,8 @@ def data_inspect(
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
 ) -> None:
-    """Splits, patients, label and attribute counts of TASK from its label files (images may be absent)."""
+    """Splits, patients, label counts and prevalence, attribute counts of TASK from its label files (images may be
+    absent); exits 2 when 'medbench run' would refuse the task (the problems are listed)."""
     try:
         from medbench.data.inspect import inspect_task
         from medbench.data.locate import DataLocations
@@ -61,5 +63,9 @@ def data_inspect(
         return
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
-        return
-    print_inspection(summary)
+    else:
+        print_inspection(summary)
+    if summary["problems"]:  # 'medbench run' would refuse this task before training: say so in the exit code
+        print(f"medbench: error: {len(summary['problems'])} problem(s) above would stop 'medbench run' before "
+              f"training; the first: {summary['problems'][0]}", file=sys.stderr)
+        raise typer.Exit(2)
