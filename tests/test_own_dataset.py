@@ -136,3 +136,196 @@ def test_content_check_catches_what_size_and_mtime_cannot(dataset: Path, tmp_pat
         st = os.stat(data / p)
         assert s == f"{st.st_size}:{st.st_mtime_ns}"
         assert c == hashlib.sha256((data / p).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- checks before training
+
+
+def _one_line_exit_2(proc, where: Path, field: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("medbench: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"medbench: error: {where}: {field}: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["misspelled-attribute", "single-group-attribute", "one-class-train"])
+def test_checks_refuse_before_training_in_one_line(dataset: Path, tmp_path: Path, case: str) -> None:
+    """Issue 17: a misspelled attribute trained in full and then failed writing the leaderboard; an attribute
+    with one group and a training split with one class (issue 14 item 9: every value mapped to negative)
+    trained to exit 0 with undefined numbers. Each is now one line naming the task file and the field, with
+    what was seen and the option that fixes it, exit 2, and no run folder."""
+    extra, options = {
+        "misspelled-attribute": ("attributes: [sex, scaner]\n", ""),
+        "single-group-attribute": ("attributes: [sex, site]\n", "    site: Hospital A\n"),
+        "one-class-train": ("", '    value_map: {"1": 0, "0": 0, "": null}\n'),
+    }[case]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    text = BINARY.format(name="own", extra=extra).replace("    age_column: age\n", "    age_column: age\n" + options)
+    (tasks / "own.yaml").write_text(text)
+    out = tmp_path / "out"
+    proc = run_cli("run", "-b", "cbr-tiny", "-t", "own", "--tasks-dir", str(tasks), "--data", f"mydata={dataset}",
+                   "--out", str(out))
+    field = {"misspelled-attribute": "attributes[1]", "single-group-attribute": "attributes[1]",
+             "one-class-train": "labels"}[case]
+    line = _one_line_exit_2(proc, tasks / "own.yaml", field)
+    expected = {
+        "misspelled-attribute": "column 'scaner' is not in the dataset (did you mean 'scanner'?)",
+        "single-group-attribute": "attribute 'site' has one group in the test split (column 'site': "
+                                  "{'Hospital A': ",
+        "one-class-train": "label 'abnormal' has one class in the train split (0 positive, ",
+    }[case]
+    assert expected in line
+    fix = {"misspelled-attribute": "expected one of: ", "single-group-attribute": "remove it from attributes",
+           "one-class-train": "no image of the dataset is positive for it: check how its values map "
+                              "(dataset.options: label_columns/value_map"}[case]
+    assert fix in line
+    assert not (out / "runs").exists()  # nothing trained
+
+
+def test_data_inspect_prints_prevalence_and_the_problems(dataset: Path, tmp_path: Path) -> None:
+    tasks = write_task(tmp_path / "tasks", extra="attributes: [sex, scaner]\n")
+    proc = run_cli("data", "inspect", "own", "--tasks-dir", str(tasks), "--data", f"mydata={dataset}", "--json")
+    assert proc.returncode == 2
+    summary = json.loads(proc.stdout)
+    assert len(summary["problems"]) == 1 and "did you mean 'scanner'?" in summary["problems"][0]
+    # prevalence per split against a count of the CSV rows of each split's patients
+    table = pl.read_csv(dataset / "labels.csv")
+    catalog = Catalog([tasks])
+    from medbench.data.task_data import load_task_data
+
+    split_of = dict(zip(*load_task_data(catalog.task("own"), DataLocations(overrides={"mydata": dataset}))
+                        .index.table.select("patient_id", "split").unique().to_dict(as_series=False).values()))
+    for split in ("train", "val", "test"):
+        rows = [r for r in table.iter_rows(named=True) if split_of[r["patient"]] == split]
+        pos = sum(r["abnormal"] == 1 for r in rows)
+        got = summary["splits"][split]["labels"]["abnormal"]
+        assert (got["pos"], got["neg"]) == (pos, len(rows) - pos)
+        assert got["prevalence"] == pytest.approx(pos / len(rows))
+    text = run_cli("data", "inspect", "own", "--tasks-dir", str(tasks), "--data", f"mydata={dataset}")
+    assert "problem: " in text.stdout and "did you mean 'scanner'?" in text.stdout
+    assert f"({100 * summary['splits']['test']['labels']['abnormal']['prevalence']:.1f} %)" in text.stdout
+
+
+def test_csv_blank_split_cells_are_left_out_and_counted(dataset: Path, tmp_path: Path) -> None:
+    """Issue 14 item 6 through a csv task: a blank cell of the split column crashed carving validation."""
+    from medbench.data.task_data import load_task_data
+
+    data = _copy(dataset, tmp_path / "mydata")
+    table = pl.read_csv(data / "labels.csv", infer_schema=False)
+    first = table["patient"][0]
+    table = table.with_columns(split=pl.when(pl.col("patient") == first).then(None)
+                               .when(pl.col("split") == "val").then(pl.lit("train")).otherwise(pl.col("split")))
+    table.write_csv(data / "labels.csv")
+    blank = int((table["patient"] == first).sum())
+    tasks = write_task(tmp_path / "tasks", extra="")
+    text = (tasks / "own.yaml").read_text().replace("    age_column: age\n", "    age_column: age\n"
+                                                    "    split_column: split\n")
+    text = text.replace("splits: {method: grouped, fractions: {train: 0.6, val: 0.2, test: 0.2}}",
+                        "splits: {method: official, val_fraction: 0.2}")
+    (tasks / "own.yaml").write_text(text)
+    data_ = load_task_data(Catalog([tasks]).task("own"), DataLocations(overrides={"mydata": data}))
+    assert data_.index.table.height == table.height - blank
+    assert first not in set(data_.index.table["patient_id"])
+    assert data_.index.notes["rows_without_official_split"] == f"{blank} left out (no official split)"
+    assert set(data_.index.table["split"]) == {"train", "val", "test"}
+
+
+# --------------------------------------------------------------------------- evaluation-only sets, builtin include
+
+EXTERNAL = """task: external
+version: 1
+family: own
+dataset:
+  name: external
+  adapter: csv
+  options: {{csv: labels.csv, path_column: image, path_root: images, patient_column: patient,
+            label_columns: {{abnormal: abnormal}}}}
+type: binary
+labels: [abnormal]
+splits: {{method: grouped, fractions: {{test: 1}}}}
+input: {input}
+"""
+
+
+def test_evaluation_only_set_is_scored_whole_as_an_ood_target(dataset: Path, tmp_path: Path) -> None:
+    """Issue 17: an external set could only be an OOD target with train > 0 fractions, so only a slice of it
+    was scored; now ``fractions: {test: 1}`` scores all of it, and it cannot be trained."""
+    external = make_csv_dataset(tmp_path / "external", n_patients=30, site="B")
+    tasks = write_task(tmp_path / "tasks", extra="ood: [{task: external}]\n")
+    (tasks / "external.yaml").write_text(EXTERNAL.format(input="{resize: 24, crop: 20, channels: 1}"))
+    out = tmp_path / "out"
+    args = ["--tasks-dir", str(tasks), "--data", f"mydata={dataset}", "--data", f"external={external}",
+            "--out", str(out)]
+    proc = run_cli("run", "-b", "cbr-tiny", "-t", "own", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (out / "runs" / "own" / "cbr-tiny").iterdir()
+    ood = pl.read_parquet(run / "predictions" / "ood-external.parquet")
+    assert ood.height == pl.read_csv(external / "labels.csv").height  # every image, not a slice
+    result = json.loads((run / "result.json").read_text())
+    assert result["metrics"]["ood"]["external"]["auc"] is not None
+    refused = run_cli("run", "-b", "cbr-tiny", "-t", "external", *args)
+    line = _one_line_exit_2(refused, tasks / "external.yaml", "splits.fractions")
+    assert "is evaluation-only" in line and "OOD target" in line
+
+
+def test_ood_target_input_mismatch_says_how_to_align(dataset: Path, tmp_path: Path) -> None:
+    """Issue 17: the message ended mid-sentence ('align their input:')."""
+    from medbench.run.request import RunRequest
+    from medbench.run.runner import Runner
+    from medbench.store import RunStore
+
+    external = make_csv_dataset(tmp_path / "external", n_patients=12, site="B")
+    tasks = write_task(tmp_path / "tasks", extra="ood: [{task: external}]\n")
+    (tasks / "external.yaml").write_text(EXTERNAL.format(input="{resize: 32, crop: 28, channels: 3}"))
+    runner = Runner(Catalog([tasks]), DataLocations(overrides={"mydata": dataset, "external": external}),
+                    RunStore(tmp_path / "out"))
+    with pytest.raises(DataError) as err:
+        runner.preflight([RunRequest(task="own", backbone="cbr-tiny", seed=0)])
+    assert str(err.value) == (f"{tasks / 'own.yaml'}: ood: OOD target 'external' is cached at 32px/3ch, the task at "
+                              f"24px/1ch; give both the same input (input: {{resize: 24, crop: 20, channels: 1}} in "
+                              f"{tasks / 'external.yaml'})")
+
+
+def test_include_a_builtin_task_by_name(tmp_path: Path) -> None:
+    """Issue 17: a built-in task could only be included by its absolute path inside site-packages."""
+    from medbench.resources import builtin_tasks_dir
+    from medbench.spec import parse_task_file
+
+    (tmp_path / "a.yaml").write_text("task: my-chexpert\ninclude: builtin:chexpert\nhyperrule: {batch_size: 64}\n")
+    mine = parse_task_file(tmp_path / "a.yaml").spec
+    builtin = parse_task_file(builtin_tasks_dir() / "chest-xray" / "chexpert.yaml").spec
+    assert mine.hyperrule.batch_size == 64
+    assert mine.model_dump(exclude={"task", "hyperrule"}) == builtin.model_dump(exclude={"task", "hyperrule"})
+    (tmp_path / "b.yaml").write_text("task: my-base\ninclude: builtin:_chest-xray-base\ntype: binary\n"
+                                     "labels: [Edema]\ndataset: {name: nih, adapter: nih}\n")
+    assert parse_task_file(tmp_path / "b.yaml").spec.input.crop == 224
+    (tmp_path / "c.yaml").write_text("task: x\ninclude: builtin:chexpret\n")
+    with pytest.raises(SpecError) as err:
+        parse_task_file(tmp_path / "c.yaml")
+    assert str(err.value).startswith(f"{tmp_path / 'c.yaml'}: include: no built-in task or base file 'chexpret' "
+                                     "(did you mean 'chexpert'?)")
+
+
+def test_an_unavailable_attribute_is_reported_in_the_board_not_a_schema_failure(tmp_path: Path) -> None:
+    """Issue 17: a run whose attribute has no column in the predictions failed writing the leaderboard
+    (``entries[0].fairness.attributes.tisue.groups: required field is missing``) after training."""
+    from fake_runs import task_spec, write_run
+
+    from medbench.board.aggregate import write_leaderboard
+    from medbench.board.render import render_markdown
+    from medbench.store.scores import rescore
+
+    spec = task_spec("smoke-cxr")
+    spec["attributes"] = [*spec["attributes"], {"name": "tisue", "column": None, "bins": None}]
+    runs = []
+    for seed in (0, 1):
+        run = write_run(tmp_path / "store", seed=seed, spec=spec)
+        rescore(run, {"bootstrap": 20})
+        runs.append(run)
+    board = write_leaderboard(runs, tmp_path / "board.json")
+    block = board["entries"][0]["fairness"]["attributes"]["tisue"]
+    assert block["groups"] == {} and block["status"] == "unavailable"
+    assert "'tisue' is not in the predictions" in block["reason"]
+    assert "| tisue | unavailable" in render_markdown(board)

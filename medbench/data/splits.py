@@ -10,10 +10,11 @@ of multi-label data", with patients as the examples):
 
 1. each split ``s`` wants ``fraction_s x total`` of every stratum and of the images;
 2. take the stratum with the fewest images among the units not yet assigned
-   (ties: the task's label order); its units go, one by one in the seeded
-   order, to the split that still wants the most of that stratum (ties: the
-   split that wants the most images, then train, val, test), and every want
-   is reduced by the unit's counts;
+   (ties: the task's label order); its units go, one by one (those with the
+   most images of the stratum first, equals in the seeded order), to the split
+   that still wants the most of that stratum (ties: the split that wants the
+   most images, then train, val, test), and every want is reduced by the
+   unit's counts;
 3. repeat until every stratum is placed; units without a label go, in the
    seeded order, to the split that wants the most images.
 
@@ -114,7 +115,12 @@ def stratified_assignment(groups: list[str], sizes: np.ndarray, counts: np.ndarr
     want_images = frac * sizes.sum()                         # [S]
     split_of = np.full(len(groups), -1, dtype=np.int64)
     left = counts.sum(0)                                     # stratum images not yet placed
-    by_stratum = [order[counts[order, k] > 0] for k in range(counts.shape[1])]
+    position = np.empty(len(groups), dtype=np.int64)
+    position[order] = np.arange(len(groups))
+    # within a stratum, units with more of its images first (seeded order among equals): big patients are
+    # placed while every split still wants many, small ones then fill what is left
+    by_stratum = [order[np.lexsort((position[order], -counts[order, k]))][: int((counts[:, k] > 0).sum())]
+                  for k in range(counts.shape[1])]
 
     def place(g: int, s: int) -> None:
         split_of[g] = s
