@@ -19,12 +19,12 @@ from medbench.cli.app import (
     app,
 )
 from medbench.cli.console import (
-    RichReporter,
     console,
     fail,
     interrupted,
     print_board,
     print_plan,
+    progress_reporter,
 )
 
 
@@ -212,7 +212,7 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.run.dispatch)
         _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
         return
-    with RichReporter() as reporter:
+    with progress_reporter() as reporter:
         runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
@@ -258,7 +258,10 @@ def _finish(outcomes, store) -> None:
     # a run another process was training counts once it is complete
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
-    board = write_leaderboard(done, store.leaderboard_path())
+    from medbench.utils import undefined_numbers_reported
+
+    with undefined_numbers_reported():
+        board = write_leaderboard(done, store.leaderboard_path())
     print_board(board)
     failed = [o for o in outcomes if o.status == "failed"]
     busy = [o for o in outcomes if o.status == "busy" and not o.run_dir.complete]

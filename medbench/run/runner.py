@@ -35,7 +35,7 @@ from medbench.spec.catalog import Catalog
 from medbench.store import CONFIG, HISTORY, METRICS, RunDir, RunStore
 from medbench.train.checkpoint import CheckpointPolicy
 from medbench.train.hyperrule import make_plan
-from medbench.utils import atomic_write_bytes
+from medbench.utils import atomic_write_bytes, undefined_numbers_reported
 
 EVAL_BATCH = 128
 CANONICAL_META = ["sample_id", "patient_id", "split", "sex", "age", "view", "site"]
@@ -529,7 +529,8 @@ class Runner:
             buf = io.BytesIO()
             prepared.data.split_table().write_parquet(buf)
             atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
-            scores = rescore(run)
+            with undefined_numbers_reported():  # undefined values are recorded as such in the scores
+                scores = rescore(run)
             result = {
                 "status": "ok",
                 "key": key,
