@@ -525,7 +525,8 @@ def test_csv_adapter_label_columns_and_errors(csv_root: Path) -> None:
     with pytest.raises(DataError, match=r"multi.csv: edema: values \['-1.0'\] of label 'Edema' are not in value_map"):
         get_adapter("csv").load(csv_root, {**opts, "value_map": {"1.0": 1, "0.0": 0, "0": 0, "": None}},
                                 ["Edema", "Effusion"], "multilabel")
-    with pytest.raises(DataError, match=r"labels.csv: diagnosis: 4 rows have values \['nevus'\] .*dataset.options.classes"):
+    with pytest.raises(DataError,
+                       match=r"labels.csv: diagnosis: 4 rows have values \['nevus'\] .*dataset.options.classes"):
         get_adapter("csv").load(csv_root, {**CSV_OPTIONS, "classes": {"mel": ["melanoma", "MEL"], "bcc": ["bcc"]}},
                                 ["mel", "bcc"], "multiclass")
     with pytest.raises(DataError) as err:

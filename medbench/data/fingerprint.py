@@ -36,6 +36,7 @@ from pathlib import Path
 PIXEL_CHECKS = ("stat", "content")
 ENV = "MEDBENCH_VERIFY_PIXELS"
 _CHUNK = 1 << 20
+THREADED_FROM = 20_000
 
 
 def pixel_check_mode(verify: bool = False) -> str:
@@ -63,18 +64,20 @@ def _content_stamp(path: str) -> str:
     return h.hexdigest()
 
 
-def file_stamps(root: Path | None, paths: list[str | None], mode: str = "stat", *, workers: int = 8) -> list[str | None]:
+def file_stamps(root: Path | None, paths: list[str | None], mode: str = "stat", *, workers: int = 8,
+                threaded_from: int = THREADED_FROM) -> list[str | None]:
     """One stamp per path (None where a row has no path), relative paths under ``root``.
 
-    Reads run in a few threads: ``stat`` and file reads wait on the file system (a network file system
-    above all), not on the CPU."""
+    Large datasets (``threaded_from`` files or more) are stamped by ``workers`` threads: on a network file
+    system each ``stat`` waits for a round trip, not for the CPU. Below that one thread is faster on a local
+    disk (``benchmarks/test_pixel_stamps_bench.py``, docs/performance.md)."""
     if mode not in PIXEL_CHECKS:
         raise ValueError(f"pixel check {mode!r}; expected one of {PIXEL_CHECKS}")
     stamp = _stat_stamp if mode == "stat" else _content_stamp
     base = os.fspath(root if root is not None else Path("."))
     full = [None if p is None else os.path.join(base, p) for p in paths]
     todo = [p for p in full if p is not None]
-    if len(todo) < 256 or workers <= 1:
+    if len(todo) < threaded_from or workers <= 1:
         done = [stamp(p) for p in todo]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:

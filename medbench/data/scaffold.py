@@ -31,8 +31,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
-
 from medbench.errors import DataError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -331,8 +329,8 @@ def propose(name: str, csv: Path, *, root: Path | None = None, labels: list[str]
     attrs, attr_why = _attributes(cols, used, options)
     why.update({f"attribute {k}": v for k, v in attr_why.items()})
     options = {"csv": rel, **({"separator": separator} if separator != "," else {}), **options}
-    return Proposal(name=name, dataset=dataset or name, csv=csv, root=root, type=ttype, labels=task_labels, options=options, splits=splits,
-                    attributes=attrs, why=why)
+    return Proposal(name=name, dataset=dataset or name, csv=csv, root=root, type=ttype, labels=task_labels,
+                    options=options, splits=splits, attributes=attrs, why=why)
 
 
 def _attr_name(a) -> str:

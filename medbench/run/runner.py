@@ -212,8 +212,8 @@ class Runner:
                 task = self.catalog.task(name)
                 check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
                 if task.spec.splits.evaluation_only:
-                    raise DataError(f"task {name!r} is evaluation-only (splits.fractions: {{test: 1}}): it is scored as "
-                                    "another task's OOD target (ood: [{task: " + name + "}]), never trained",
+                    raise DataError(f"task {name!r} is evaluation-only (splits.fractions: {{test: 1}}): it is scored "
+                                    "as another task's OOD target (ood: [{task: " + name + "}]), never trained",
                                     where=str(task.path), field="splits.fractions")
                 prepared = self.prepared(name)
                 check_task_data(prepared.data)  # attributes, one-class splits: one line, before any training

@@ -11,7 +11,7 @@ Example (labels from one class column)::
         path_root: images              # ... relative to <folder>/images
         path_suffix: ".png"            # appended when the column holds ids, not file names
         patient_column: patient        # the group kept on one side of a split (default: one per image)
-        patient_pattern: '^(P\d+)_'    # optional: the patient is this part of the column (named group
+        patient_pattern: '^(P\\d+)_'   # optional: the patient is this part of the column (named group
                                        # 'patient', else the first group); e.g. COVID-00040a -> COVID-00040
         split_column: fold             # optional: the publisher's split; map names with split_values
         split_values: {training: train, validation: val, testing: test}
