@@ -329,3 +329,63 @@ def test_an_unavailable_attribute_is_reported_in_the_board_not_a_schema_failure(
     assert block["groups"] == {} and block["status"] == "unavailable"
     assert "'tisue' is not in the predictions" in block["reason"]
     assert "| tisue | unavailable" in render_markdown(board)
+
+
+# --------------------------------------------------------------------------- medbench task new
+
+
+def test_task_new_proposes_columns_from_the_csv(tmp_path: Path) -> None:
+    """Ids without a suffix in a sub-folder, a 'subject' column, a two-valued class column, the publisher's
+    split under other names, sex/site columns by name, and an attribute with one group left out."""
+    from PIL import Image
+
+    from medbench.data.scaffold import checked_proposal, propose, task_yaml
+    from medbench.data.task_data import load_task_data
+    from medbench.spec import parse_task_file
+
+    root = tmp_path / "derm"
+    (root / "imgs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["file,subject,finding,gender,hospital,fold,device"]
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / "imgs" / f"im{i:03d}.png")
+        fold = "testing" if (i // 2) % 5 == 0 else "training"
+        lines.append(f"im{i:03d},s{i // 2},{'malignant' if i % 3 == 0 else 'benign'},{'FM'[i % 2]},H{i % 2},"
+                     f"{fold},D1")
+    (root / "meta.csv").write_text("\n".join(lines) + "\n")
+    p = propose("derm-x", root / "meta.csv")
+    assert p.type == "binary" and p.labels == ["malignant"]
+    o = p.options
+    assert (o["csv"], o["path_column"], o["path_root"], o["path_suffix"]) == ("meta.csv", "file", "imgs", ".png")
+    assert o["patient_column"] == "subject" and o["split_column"] == "fold"
+    assert o["split_values"] == {"testing": "test", "training": "train"}
+    assert o["classes"] == {"malignant": ["malignant"]} and o["negative_values"] == ["benign"]
+    assert (o["sex_column"], o["site_column"]) == ("gender", "hospital")
+    assert p.splits["method"] == "official"
+    names = [a if isinstance(a, str) else a["name"] for a in p.attributes]
+    assert names == ["sex", "site"]  # 'device' has one value: no attribute at all
+    p.attributes.append("device")  # as a user would add it: the check leaves it out, with the reason
+    p, problems = checked_proposal(p, tmp_path)
+    assert problems == [] and p.attributes == ["sex", "site"]
+    text = task_yaml(p)
+    assert "# left out: device: attribute 'device' has one group in the test split" in text
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "derm-x.yaml").write_text(text)
+    data = load_task_data(parse_task_file(tmp_path / "tasks" / "derm-x.yaml"),
+                          DataLocations(overrides={"derm-x": root}))
+    expected = [1 if i % 3 == 0 else 0 for i in range(60)]
+    assert data.index.table.sort("sample_id")["label:malignant"].to_list() == expected
+    assert data.index.table["patient_id"].n_unique() == 30
+
+
+def test_task_new_cli_writes_the_yaml_and_never_overwrites(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tasks" / "mine.yaml"
+    args = ["task", "new", "mine", "--csv", str(dataset / "labels.csv"), "--label", "diagnosis", "--out", str(out)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "type: multiclass" in out.read_text() and "labels: [benign, malignant, normal]" in out.read_text()
+    assert "task mine (dataset mine, adapter csv" in proc.stdout and "next: medbench data inspect mine" in proc.stdout
+    before = out.read_text()
+    again = run_cli(*args)
+    assert again.returncode == 2 and "exists; choose another --out or pass --force" in again.stderr
+    assert out.read_text() == before
