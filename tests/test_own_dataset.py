@@ -186,8 +186,9 @@ def test_checks_refuse_before_training_in_one_line(dataset: Path, tmp_path: Path
 
 def test_data_inspect_prints_prevalence_and_the_problems(dataset: Path, tmp_path: Path) -> None:
     tasks = write_task(tmp_path / "tasks", extra="attributes: [sex, scaner]\n")
-    proc = run_cli("data", "inspect", "own", "--tasks-dir", str(tasks), "--data", f"mydata={dataset}", "--json")
-    assert proc.returncode == 2
+    proc = run_cli("data", "inspect", "own", "--tasks-dir", str(tasks), "--data", f"mydata={dataset}", "--json",
+                   "--check")
+    assert proc.returncode == 2 and "would stop 'medbench run' before training" in proc.stderr
     summary = json.loads(proc.stdout)
     assert len(summary["problems"]) == 1 and "did you mean 'scanner'?" in summary["problems"][0]
     # prevalence per split against a count of the CSV rows of each split's patients
@@ -204,6 +205,7 @@ def test_data_inspect_prints_prevalence_and_the_problems(dataset: Path, tmp_path
         assert (got["pos"], got["neg"]) == (pos, len(rows) - pos)
         assert got["prevalence"] == pytest.approx(pos / len(rows))
     text = run_cli("data", "inspect", "own", "--tasks-dir", str(tasks), "--data", f"mydata={dataset}")
+    assert text.returncode == 0  # without --check the summary is the answer
     assert "problem: " in text.stdout and "did you mean 'scanner'?" in text.stdout
     assert f"({100 * summary['splits']['test']['labels']['abnormal']['prevalence']:.1f} %)" in text.stdout
 

@@ -325,8 +325,12 @@ def print_inspection(summary: dict) -> None:
         con.print(f"{key}: {value}", soft_wrap=True, markup=False)
     from rich.markup import escape
 
-    for problem in summary.get("problems") or []:  # what would stop 'medbench run' before training
+    problems = summary.get("problems") or []
+    for problem in problems:  # what would stop 'medbench run' before training
         con.print(f"[red]problem[/red]: {escape(problem)}", soft_wrap=True)
+    if problems:
+        con.print(f"{len(problems)} problem(s): 'medbench run' refuses this task before training until they are "
+                  "fixed", soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -80,6 +79,5 @@ def task_new(
               f"      medbench run --backbone BACKBONE --task {name} --tasks-dir {tasks_dir} {data} --dry-run",
               markup=False, soft_wrap=True)
     if problems:
-        print(f"medbench: error: {len(problems)} problem(s) above would stop 'medbench run' before training; "
-              f"fix them in {target}", file=sys.stderr)
-        raise typer.Exit(2)
+        con.print(f"fix them in {target} (the problems above), then check again with the first command",
+                  markup=False, soft_wrap=True)

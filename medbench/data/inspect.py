@@ -6,7 +6,7 @@ missing and prevalence (positives over labelled images), and the count of every
 value of the task's subgroup attributes (binned as the task bins them). Image
 files are only checked for existence. ``problems`` lists what would stop
 ``medbench run`` before training (:mod:`medbench.data.checks`: attribute columns,
-single-group attributes, one-class splits); the command prints them and exits 2.
+single-group attributes, one-class splits); the command prints them (``--check``: and exits 2).
 Generic over :class:`~medbench.data.base.DatasetIndex`, so it works for every
 adapter, the synthetic smoke tasks included.
 """
