@@ -23,6 +23,12 @@ of multi-label data", with patients as the examples):
 3. repeat until every stratum is placed; units without a label go, in the
    seeded order, by the same rule with the images as their stratum.
 
+Before a stratum is apportioned by want, it reaches every split once, in the
+order train (to be learnt), test (to be scored), validation: its first units go
+to the first split that has none of it yet. A class of 2 or 3 patients is then
+in train and test (and validation) rather than all in train, which rounding by
+want would do; for common strata this moves nothing measurable.
+
 No patient holds more than a tenth of a smaller split's images (or twice the
 median patient's, for tiny splits): heavier patients are trained on, so a
 validation or test split is never a study of a few patients (the NIH sample
@@ -171,6 +177,16 @@ def stratified_assignment(groups: list[str], sizes: np.ndarray, counts: np.ndarr
         want_images[s] -= sizes[g]
         left[:] -= counts[g]
 
+    # a stratum reaches train first (to be learnt), then test (to be scored), then validation, before its
+    # units are apportioned by want: with 2-3 patients of a class, rounding would otherwise give it all to train
+    presence = [names.index(s) for s in ("train", "test", "val") if s in names]
+
+    def first_lacking(g: int, k: int) -> int | None:
+        for s in presence:
+            if want[s, k] >= target[s, k] and sizes[g] <= cap[s]:  # nothing of stratum k there yet
+                return s
+        return None
+
     by_stratum = [stratum_order(k) for k in range(counts.shape[1])]
     while True:
         open_ = np.nonzero(left > 0)[0]
@@ -179,7 +195,8 @@ def stratified_assignment(groups: list[str], sizes: np.ndarray, counts: np.ndarr
         k = int(open_[np.argmin(left[open_])])                # the rarest stratum still to place (lowest index on ties)
         for g in by_stratum[k]:
             if split_of[g] < 0:
-                place(int(g), best_split(int(g), k))
+                lacking = first_lacking(int(g), k)
+                place(int(g), lacking if lacking is not None else best_split(int(g), k))
     for g in order:
         if split_of[g] < 0:
             place(int(g), best_split(int(g), None))
