@@ -242,6 +242,9 @@ def axes_blocks(agg: SeedAggregate) -> dict:
             if r.metrics.get("calibration", {}).get("reliability_diagram")]
     if "convergence" in out:
         out["convergence"]["curve"] = mean_curve(agg)
+    for attr in ((out.get("fairness") or {}).get("attributes") or {}).values():
+        if isinstance(attr, dict) and "groups" not in attr:  # unavailable (no such column in the predictions):
+            attr["groups"] = {}                               # reported with its status and reason, no groups
     return out
 
 

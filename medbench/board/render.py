@@ -138,36 +138,208 @@ def published_value(e: dict) -> str:
 # --------------------------------------------------------------------------- Markdown
 
 
+def md_cell(v: Any) -> str:
+    """A Markdown table cell: ``|`` escaped, line breaks folded."""
+    return " ".join(str(v).split()).replace("|", "\\|")
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows)]
+
+
+def steps_text(s: Any) -> str:
+    """A step count over seeds: whole steps (a mean of whole numbers gets one decimal when it is not whole)."""
+    if not isinstance(s, dict):
+        return "–" if s is None else str(s)
+    m = s.get("mean")
+    if m is None:
+        return "undefined"
+    text = f"{m:.0f}" if float(m).is_integer() else f"{m:.1f}"
+    return text + (f" ± {s['std']:.1f}" if s.get("std") is not None else "")
+
+
+def _md_section(title: str, lines: list[str], empty: str) -> list[str]:
+    return ["", f"## {title}", "", *(lines or [f"_{empty}_"])]
+
+
 def render_markdown(board: dict, published: list[dict] | None = None) -> str:
+    """The board as Markdown tables, one section per axis of the HTML page (overview, significance,
+    calibration, fairness, OOD shift, convergence, data efficiency, resolution, published rows, provenance),
+    for a pull-request comment or a paper draft."""
+    published = published or []
     out = ["# medbench leaderboard", "",
            f"Created {board.get('created') or '–'} · medbench {board['provenance'].get('medbench_version', '–')} · "
            f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}", "",
            "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
-           "*italics*: not significantly different from the best" + _method_note(board) + ".", "",
-           "| task | backbone | init | metric | mean ± std | interval | seeds | p vs best | OOD (drop) | ECE → T-scaled "
-           "| temperature | warnings |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "*italics*: not significantly different from the best" + _method_note(board) + ".", ""]
+    rows = []
     for e in board["entries"]:
         value = mean_std(e["headline"])
         m = mark(e)
         value = f"**{value}**" if m == "best" else (f"*{value}*" if m == "tied" else value)
-        out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | {value} | "
-                   f"{interval(e['headline'])} | {len(e.get('seeds') or [])} | {p_text(e)} | {ood_text(e)} | {ece_text(e)} "
-                   f"| {temperature_text(e)} | {warning_codes(e)} |")
+        rows.append([e["task"], e["backbone"], label(e), e["headline"]["metric"], value, interval(e["headline"]),
+                     len(e.get("seeds") or []), p_text(e), ood_text(e), ece_text(e), temperature_text(e),
+                     warning_codes(e)])
+    out += md_table(["task", "backbone", "init", "metric", "mean ± std", "interval", "seeds", "p vs best",
+                     "OOD (drop)", "ECE → T-scaled", "temperature", "warnings"], rows)
     warned = [e for e in board["entries"] if e.get("warnings")]
     if warned:
         out += ["", "## Warnings", ""]
         for e in warned:
-            out.append(f"* {e['task']} · {e['backbone']} · {label(e)}:")
-            out += [f"  * {line}" for line in warning_lines(e)]
+            out.append(f"* {md_cell(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
+            out += [f"  * {md_cell(line)}" for line in warning_lines(e)]
+    for title, section, empty in (
+            ("Significance", _md_significance(board), "One entry per task: nothing to compare."),
+            ("Calibration", _md_calibration(board), "No calibration blocks in this board."),
+            ("Fairness", _md_fairness(board), "No fairness blocks in this board."),
+            ("OOD shift", _md_shift(board), "No OOD targets in this board."),
+            ("Convergence", _md_convergence(board), "No convergence blocks in this board."),
+            ("Data efficiency", _md_efficiency(board), "No data-efficiency runs (--fractions/--shots) in this board."),
+            ("Resolution", _md_resolution(board), "No resolution runs (--resolutions) in this board.")):
+        out += _md_section(title, section, empty)
     if published:
-        out += ["", "## Published reference rows (same tasks)", "",
-                "| task | backbone | init | metric | mean ± std | source | paper's row / column |", "|---|---|---|---|---|---|---|"]
-        for e in published:
-            paper = e.get("paper") or {}
-            out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | "
-                       f"{published_value(e)} | {e.get('citation')} | {paper.get('target', '')} / {paper.get('column', '')} |")
+        out += _md_section("Published reference rows (same tasks)", md_table(
+            ["task", "backbone", "init", "metric", "mean ± std", "source", "paper's row / column"],
+            [[e["task"], e["backbone"], label(e), e["headline"]["metric"], published_value(e), e.get("citation"),
+              f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}"]
+             for e in published]), "")
+    out += _md_section("Provenance", _md_provenance(board), "")
     return "\n".join(out) + "\n"
+
+
+def _md_significance(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        sig = e.get("significance")
+        if not sig:
+            continue
+        vs = sig.get("vs_best") or {}
+        ci = vs.get("ci") or {}
+        rows.append([e["task"], e["backbone"], label(e), num(sig["best"]),
+                     num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""),
+                     num(vs.get("delta")), f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–",
+                     num(vs.get("p_value"))])
+    if not rows:
+        return []
+    method = board.get("significance") or {}
+    note = (f"Test: {method.get('test')}; alpha = {method.get('alpha')}; grouped by "
+            f"{', '.join(method.get('group_by') or [])}.") if method else ""
+    return [note, "", *md_table(["task", "backbone", "init", "best", "tied with best", "Δ vs best", "paired interval",
+                                 "p"], rows)]
+
+
+def _md_calibration(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        cal = e.get("calibration")
+        if not cal:
+            continue
+        b, a = cal.get("before") or {}, cal.get("after") or {}
+        rows.append([e["task"], e["backbone"], label(e), *(mean_std(s.get(k)) for s, k in (
+            (b, "ece"), (a, "ece"), (b, "mce"), (a, "mce"), (b, "brier"), (a, "brier"), (b, "nll"), (a, "nll")))])
+    return md_table(["task", "backbone", "init", "ECE", "ECE (T-scaled)", "MCE", "MCE (T-scaled)", "Brier",
+                     "Brier (T-scaled)", "NLL", "NLL (T-scaled)"], rows) if rows else []
+
+
+def _md_fairness(board: dict) -> list[str]:
+    out: list[str] = []
+    for e in board["entries"]:
+        attrs = (e.get("fairness") or {}).get("attributes") or {}
+        if not attrs:
+            continue
+        rows = []
+        for name, a in attrs.items():
+            if a.get("status") == "unavailable" or (not a.get("groups") and a.get("reason")):
+                rows.append([name, "unavailable", a.get("reason") or "–", "–", "–", "–"])
+                continue
+            worst = a.get("worst_group")
+            worst = worst.get("auc") if isinstance(worst, dict) else worst
+            groups = "; ".join(
+                f"{g}: n {b.get('n', '–')}, AUC {num(_m(b.get('auc')))}" + (f" ({b['status']})" if b.get("status")
+                                                                            not in (None, "ok") else "")
+                for g, b in (a.get("groups") or {}).items() if isinstance(b, dict))
+            rows.append([name, worst if isinstance(worst, str) else "varies over seeds",
+                         mean_std((a.get("gap") or {}).get("auc")), mean_std(a.get("equalized_odds_difference")),
+                         mean_std(a.get("demographic_parity_difference")), groups or "–"])
+        out += ["", f"### {e['task']} · {e['backbone']} ({label(e)})", "",
+                *md_table(["attribute", "worst group (AUC)", "AUC gap", "equalized odds diff.",
+                           "demographic parity diff.", "groups"], rows)]
+    return out[1:] if out else []
+
+
+def _md_shift(board: dict) -> list[str]:
+    out: list[str] = []
+    for m in board.get("shift_matrix") or []:
+        rows = [[c["trained_on"], c["evaluated_on"], c["metric"],
+                 mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]),
+                 mean_std(c["drop"]) if c.get("drop") else "–"] for c in m["cells"]]
+        out += ["", f"### {m['backbone']} ({m['init']})", "",
+                *md_table(["trained on", "evaluated on", "metric", "value", "drop"], rows)]
+    rows = []
+    for e in board["entries"]:
+        for target, metrics in (e.get("shift") or {}).items():
+            for metric, v in metrics.items():
+                if isinstance(v, dict) and "drop" in v:
+                    rows.append([e["task"], e["backbone"], label(e), target, metric, mean_std(v.get("in_distribution")),
+                                 mean_std(v.get("target")), mean_std(v.get("drop")), mean_std(v.get("relative_drop"))])
+    if rows:
+        out += ["", "### Per entry", "", *md_table(["task", "backbone", "init", "target", "metric", "in distribution",
+                                                    "target value", "drop", "relative drop"], rows)]
+    return out[1:] if out else []
+
+
+def _md_convergence(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        c = e.get("convergence")
+        if not c:
+            continue
+        rows.append([e["task"], e["backbone"], label(e), c.get("metric", ""), steps_text(c.get("steps_to_95")),
+                     steps_text(c.get("steps_to_99")), steps_text(c.get("total_steps"))])
+    return md_table(["task", "backbone", "init", "validation metric", "steps to 95%", "steps to 99%", "total steps"],
+                    rows) if rows else []
+
+
+def _md_efficiency(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        for kind, curve in (e.get("data_efficiency") or {}).items():
+            for p in curve["points"]:
+                s = (p.get("metrics") or {}).get(curve["metric"])
+                n = p.get("n_train")
+                rows.append([e["task"], e["backbone"], label(e), kind, num(p[curve["x"]]),
+                             steps_text(n) if isinstance(n, dict) else num(n), mean_std(s)])
+            rows.append([e["task"], e["backbone"], label(e), f"{kind}: normalized area", "–", "–",
+                         mean_std(curve.get("area"))])
+    return md_table(["task", "backbone", "init", "kind", "x", "training images", "headline"], rows) if rows else []
+
+
+def _md_resolution(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        res = e.get("resolution")
+        if not res:
+            continue
+        for p in res["points"]:
+            rel = p.get("relative_to_default") or {}
+            rows.append([e["task"], e["backbone"], label(e), p["crop"], mean_std((p.get("metrics") or {}).get(res["metric"])),
+                         num(rel.get("delta")), num(rel.get("p_value"))])
+    return md_table(["task", "backbone", "init", "crop", "headline", "Δ vs default", "p"], rows) if rows else []
+
+
+def _md_provenance(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        p = e.get("provenance") or {}
+        rows.append([e["task"], e["backbone"], label(e), p.get("task_version"), (p.get("task_hash") or "")[:12],
+                     (p.get("data_fingerprint") or "")[:12], (p.get("weights_sha256") or "–")[:12],
+                     ", ".join(map(str, p.get("seeds") or [])), (p.get("device") or {}).get("device", "–"),
+                     p.get("medbench_version"), (p.get("git_sha") or "–")[:12], p.get("date")])
+    libs = board["provenance"].get("libraries") or {}
+    return [*md_table(["task", "backbone", "init", "task version", "task hash", "data fingerprint", "weights sha256",
+                       "seeds", "device", "medbench", "git sha", "date"], rows),
+            "", "Libraries: " + (", ".join(f"{k} {v}" for k, v in libs.items() if v) or "–")]
 
 
 def _method_note(board: dict) -> str:

@@ -12,18 +12,19 @@ import typer
 from medbench.cli.app import (
     ALLOW_OUTSIDE_OPT,
     TASKS_DIR_OPT,
+    VERIFY_PIXELS_OPT,
     EngineChoice,
     LauncherChoice,
     PrecisionChoice,
     app,
 )
 from medbench.cli.console import (
-    RichReporter,
     console,
     fail,
     interrupted,
     print_board,
     print_plan,
+    progress_reporter,
 )
 
 
@@ -52,6 +53,7 @@ def run(
         None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
         "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
     allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
+    verify_pixels: bool = VERIFY_PIXELS_OPT,
     fractions: Optional[str] = typer.Option(None, "--fractions", help="Data efficiency: also fine-tune on these percentages of the training images, e.g. 1,5,10,25,50 ('default': 1,5,10,25,50,100)."),
     shots: Optional[str] = typer.Option(None, "--shots", help="Data efficiency: also fine-tune on k images per class, e.g. 1,5,10 ('default': 1,5,10,100,500)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
@@ -70,7 +72,7 @@ def run(
              tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
              micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
              checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
-             variants=variants, freeze=freeze, similarity=similarity,
+             verify_pixels=verify_pixels, variants=variants, freeze=freeze, similarity=similarity,
              dispatch={"launcher": launcher.value, "max_concurrent": max_concurrent, "wait": not no_wait,
                        "cluster_config": cluster_config, "threads": threads, "tasks_dir": tasks_dir or []})
     except typer.Exit:
@@ -149,7 +151,8 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
-         allow_outside_data_root, variants=(), freeze=None, similarity=None, dispatch=None) -> None:
+         allow_outside_data_root, verify_pixels=False, variants=(), freeze=None, similarity=None,
+         dispatch=None) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.data.locate import DataLocations
@@ -165,7 +168,8 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     names = _selected_tasks(catalog, suites, tasks)
     per_task = _task_variants(catalog, names, suites, list(variants))
     bb = get_backbone(backbone)
-    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
+    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root,
+                                       verify_pixels=verify_pixels)
     from medbench.train.checkpoint import CheckpointPolicy
 
     checkpoints = CheckpointPolicy.parse(checkpoint_every)
@@ -208,7 +212,7 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.run.dispatch)
         _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
         return
-    with RichReporter() as reporter:
+    with progress_reporter() as reporter:
         runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
@@ -257,7 +261,10 @@ def _finish(outcomes, store) -> None:
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
     rescore_outdated(done, console().print)  # runs reused by a launcher, scored by older scoring code
-    board = write_leaderboard(done, store.leaderboard_path())
+    from medbench.utils import undefined_numbers_reported
+
+    with undefined_numbers_reported():
+        board = write_leaderboard(done, store.leaderboard_path())
     print_board(board)
     failed = [o for o in outcomes if o.status == "failed"]
     busy = [o for o in outcomes if o.status == "busy" and not o.run_dir.complete]

@@ -67,7 +67,8 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
     separates runs without touching this function; fields that are None are
     left out, so adding an optional field keeps the keys of earlier runs.
     ``weights`` enters as ``weights_id`` (the file's sha256), not as its path.
-    Beside the request: the task's content hash, the data fingerprint, the OOD
+    Beside the request: the task's content hash, the data fingerprint (``PreparedData.fingerprint``: rows,
+    labels, metadata and the image files' stamps, so replaced images make a new run), the OOD
     targets' hashes and fingerprints, the resolved plan (schedule, batch, lr,
     MixUp) and input geometry, the world size (batch statistics are per rank),
     the training-numerics version (:data:`medbench.train.numerics.TRAINING_NUMERICS`:

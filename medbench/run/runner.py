@@ -35,7 +35,7 @@ from medbench.spec.catalog import Catalog
 from medbench.store import CONFIG, HISTORY, METRICS, RunDir, RunStore
 from medbench.train.checkpoint import CheckpointPolicy
 from medbench.train.hyperrule import make_plan
-from medbench.utils import atomic_write_bytes
+from medbench.utils import atomic_write_bytes, undefined_numbers_reported
 
 EVAL_BATCH = 128
 CANONICAL_META = ["sample_id", "patient_id", "split", "sex", "age", "view", "site"]
@@ -193,8 +193,9 @@ class Runner:
         src = self.prepared(task.name, resolution)
         if tgt.images.size != src.images.size or tgt.images.channels != src.images.channels:
             raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
-                            f"the task at {src.images.size}px/{src.images.channels}ch; align their input:",
-                            where=str(task.path), field="ood")
+                            f"the task at {src.images.size}px/{src.images.channels}ch; give both the same input "
+                            f"(input: {{resize: {src.images.size}, crop: {src.crop}, channels: "
+                            f"{src.images.channels}}} in {tgt_task.path})", where=str(task.path), field="ood")
         return tgt_task, tgt, pairs
 
     def preflight(self, requests: list[RunRequest]) -> None:
@@ -203,12 +204,20 @@ class Runner:
         from medbench.train.distributed import prepare_environment
         from medbench.train.finetune import check_engine
 
+        from medbench.data.checks import check_task_data
+
         dist = prepare_environment()
         with _node_rank_first(dist):  # launched: one process per node builds the caches, then the others
             for name in dict.fromkeys(r.task for r in requests):
                 task = self.catalog.task(name)
                 check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
-                if len(self.prepared(name).train_rows(task.spec.type)) == 0:
+                if task.spec.splits.evaluation_only:
+                    raise DataError(f"task {name!r} is evaluation-only (splits.fractions: {{test: 1}}): it is scored "
+                                    "as another task's OOD target (ood: [{task: " + name + "}]), never trained",
+                                    where=str(task.path), field="splits.fractions")
+                prepared = self.prepared(name)
+                check_task_data(prepared.data)  # attributes, one-class splits: one line, before any training
+                if len(prepared.train_rows(task.spec.type)) == 0:
                     raise DataError("no labelled training image", where=str(task.path), field="labels")
                 for target in task.spec.ood:
                     if target.task in self.catalog.task_names() and \
@@ -523,7 +532,8 @@ class Runner:
             buf = io.BytesIO()
             prepared.data.split_table().write_parquet(buf)
             atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
-            scores = rescore(run)
+            with undefined_numbers_reported():  # undefined values are recorded as such in the scores
+                scores = rescore(run)
             result = {
                 "status": "ok",
                 "key": key,

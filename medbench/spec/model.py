@@ -36,12 +36,18 @@ class DatasetSpec(_Strict):
 
 class SplitSpec(_Strict):
     #: ``official``: the publisher's split column (val carved from train by group when absent);
-    #: ``grouped``: every group (patient / lesion) assigned to one split, by seeded hash order
+    #: ``grouped``: every group (patient / lesion) assigned to one split (see medbench.data.splits)
     method: Literal["official", "grouped"] = "grouped"
     group_by: str = "patient_id"
+    #: image fractions of ``grouped``; ``{test: 1}`` makes the task evaluation-only (an external test set:
+    #: scored as another task's OOD target, never trained)
     fractions: dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2}
     )
+    #: ``grouped`` (and validation carved from an official train split): label-stratified iterative
+    #: assignment of whole groups, so every split gets each label's prevalence; false: the groups in seeded
+    #: hash order cut at the fractions, labels ignored
+    stratify: bool = True
     #: with ``official``: fraction of the official train groups held out as validation when the
     #: publisher ships no validation split
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -61,9 +67,16 @@ class SplitSpec(_Strict):
         total = sum(v.values())
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"fractions must sum to 1 (they sum to {total:g})")
-        if v.get("train", 0) <= 0 or v.get("test", 0) <= 0:
-            raise ValueError("fractions need train > 0 and test > 0")
+        if v.get("test", 0) <= 0:
+            raise ValueError("fractions need test > 0")
+        if v.get("train", 0) <= 0 and v.get("val", 0) > 0:
+            raise ValueError("an evaluation-only task (train: 0) has no validation split; use fractions: {test: 1}")
         return v
+
+    @property
+    def evaluation_only(self) -> bool:
+        """The whole dataset is a test set (``fractions: {test: 1}`` with ``grouped``): never trained."""
+        return self.method == "grouped" and self.fractions.get("train", 0) <= 0
 
 
 class InputSpec(_Strict):

@@ -24,7 +24,9 @@ Layout under the output folder::
 everything that fixes the run's numbers: every field of the run request (task,
 backbone, resolved init, the *content* hash of the weights file, seed, step
 cap, engine settings, and any field added later), the task's content hash,
-the data fingerprint of the task and of each OOD target, the resolved training
+the data fingerprint of the task and of each OOD target (rows, labels, metadata
+and each image file's stamp: size and mtime, or its sha256 with
+``--verify-pixels``; see :mod:`medbench.data.fingerprint`), the resolved training
 plan and input geometry, the world size, the training-numerics version and the
 store format. Changing any of them makes a new run; nothing else does
 (checkpoint settings, thread count, output paths, ``medbench.__version__``).
