@@ -190,15 +190,15 @@ def test_hub_weights_keep_their_origin(monkeypatch: pytest.MonkeyPatch, tmp_path
 
     # in the hub cache
     monkeypatch.setattr(weights, "_FOUND", {})
-    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: snapshot)
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id, *names: snapshot)
     _, path = preflight(bb, "pretrained", None)
     assert origin_of_run(path) == "hub cache"
     # downloaded by the preflight (network probe and download faked)
     monkeypatch.setattr(weights, "_FOUND", {})
-    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id, *names: None)
     monkeypatch.setattr(weights, "hub_offline", lambda: False)
     monkeypatch.setattr(weights, "network_reachable", lambda timeout=0: True)
-    monkeypatch.setattr(weights, "_download_hub_file", lambda hub_id: snapshot)
+    monkeypatch.setattr(weights, "_download_hub_file", lambda hub_id, *names: snapshot)
     _, path = preflight(bb, "pretrained", None)
     assert origin_of_run(path) == "hub download"
     monkeypatch.setattr(weights, "_FOUND", {})  # a fresh process sees the file in the cache
