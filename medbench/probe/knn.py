@@ -81,7 +81,7 @@ class KNNProbe:
         """Probabilities ``[n, outputs]`` for each k in ``ks``."""
         torch = self.torch
         q = self._normalise(x)
-        out = {k: np.zeros((len(q), self.outputs), dtype=np.float32) for k in ks}
+        out = {k: np.zeros((len(q), self.outputs), dtype=np.float64) for k in ks}
         if not ks or len(q) == 0:
             return out
         columns = [None] if self.known is None or self.known.all() else list(range(self.outputs))
@@ -127,7 +127,7 @@ def fit_knn_probe(x_train: np.ndarray, y_train: np.ndarray, task_type: str, x_va
         raise DataError("no training image carries a label to vote with", field="labels")
     val = probe.predict_proba(x_val, ks)
     best, chosen = choose(ks, lambda i: val[ks[i]], selection)
-    record = {"n_train": int(len(x_train)), "features": int(np.asarray(x_train).shape[1]), "chosen": {"k": ks[best]},
+    record = {"n_train": int(len(x_train)), "chosen": {"k": ks[best]},
               **{k: v for k, v in chosen.items() if k != "scores"},
               "sweep": [{"k": k, "val_score": s} for k, s in zip(ks, chosen["scores"])],
               "temperature": probe.temperature, "device": device,

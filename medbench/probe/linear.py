@@ -77,7 +77,9 @@ class LinearProbe:
     constant: dict[int, float]
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities ``[n, outputs]``: softmax over classes (multiclass) or a sigmoid per label."""
+        """Probabilities ``[n, outputs]`` (float64: a strongly regularised probe's probabilities differ in
+        digits float32 would round away, and rankings, hence AUC, with them): softmax over classes
+        (multiclass) or a sigmoid per label."""
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
         logits = z @ self.weight + self.bias
         if self.task_type == "multiclass":
@@ -85,11 +87,11 @@ class LinearProbe:
             logits = logits - logits.max(1, keepdims=True)
             e = np.exp(logits)
             out[:, self.classes] = e / e.sum(1, keepdims=True)
-            return out.astype(np.float32)
+            return out
         out = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the logistic function without overflow
         for k, p in self.constant.items():
             out[:, k] = p
-        return out.astype(np.float32)
+        return out
 
 
 def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +220,7 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, task_type: str, x
     best, chosen = choose(lambdas, lambda i: probes[i].predict_proba(x_val), selection)
     for f, s in zip(fits, chosen.pop("scores")):
         f["val_score"] = s
-    record = {"n_train": n, "features": int(z.shape[1]), "chosen": {"lambda": lambdas[best], "C": 1.0 / (lambdas[best] * n)},
+    record = {"n_train": n, "chosen": {"lambda": lambdas[best], "C": 1.0 / (lambdas[best] * n)},
               **chosen, "sweep": fits, "converged": fits[best]["converged"],
               "constant_labels": sorted(constant), "classes_fitted": classes.tolist() if classes is not None else None,
               "device": device, "dtype": str(problem.dtype).removeprefix("torch."),

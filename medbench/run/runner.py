@@ -614,7 +614,7 @@ class Runner:
                          "split": split, "rows": rows_digest(rows), "n": int(len(rows)), "resize": data.images.size,
                          "crop": crop, "channels": data.images.channels}}
         entry = self.feature_store.entry(task=task_name, backbone=backbone.name, split=split, spec=spec,
-                                         n_rows=len(rows))
+                                         n_rows=len(rows), world_size=dist.world_size)
         norm = Normalization(backbone.mean, backbone.std)
         for attempt in range(2):
             lock = entry.lock(wait_message=self.reporter.message) if dist.is_main else contextlib.nullcontext()
@@ -639,7 +639,8 @@ class Runner:
                         a, b = entry.part_range(i)
                         entry.write_part(i, embed_rows(model.get(), data.images.pixels, rows[a:b], crop=crop,
                                                        norm=norm, pooling=req.pooling, device=dist.device,
-                                                       precision=req.engine.precision, batch_size=EVAL_BATCH))
+                                                       precision=req.engine.precision, batch_size=EVAL_BATCH),
+                                         meta={"rank": dist.rank, "world_size": dist.world_size})
                         computed += b - a
                     usage["embed_seconds"] += time.perf_counter() - started
                     wait_for_all(dist.world_size)

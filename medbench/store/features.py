@@ -5,6 +5,7 @@ Layout under the output folder::
     features/<task>/<backbone>/<init>[-seed<k>]-<pooling>-<crop>px-<split>-<key[:12]>/
         spec.json              what the features are (the full key material), written first
         part-00000.npy         float32 [rows, D] of rows 0..1023 of the entry, then 1024..2047, ...
+                               (smaller parts when that gives every rank of a launched run one)
         part-00000.json        its row range, shape and sha256, written after the .npy
         manifest.json          written last: the entry is complete iff it exists (every part listed with
                                its sha256, the network's provenance, how the features were made)
@@ -22,8 +23,9 @@ split is the same entry as that task's own test split.
 only with its sidecar and a matching sha256, and the manifest is written after every part is checked,
 so a half-written or damaged part is never used: it is computed again. Reading verifies each part
 against the manifest's sha256. **Resumable**: an interrupted extraction keeps its finished parts; the
-next run computes the others. **Sharded**: with W processes, part ``i`` is computed by rank ``i % W``
-(see :mod:`medbench.run.runner`); rank 0 checks all parts and writes the manifest.
+next run computes the others. **Sharded**: with W processes, part ``i`` is computed by rank ``i % W`` (a
+new entry has at least W parts; each part's sidecar names its rank), see
+:mod:`medbench.run.runner`; rank 0 checks all parts and writes the manifest.
 """
 
 from __future__ import annotations
@@ -70,13 +72,16 @@ class FeatureEntry:
     key: str
     spec: dict
     n_rows: int
+    #: rows per part, fixed when the entry is started (``spec.json``): :data:`PART_ROWS`, or fewer so that
+    #: every rank of a launched run gets a part
+    part_rows: int = PART_ROWS
 
     @property
     def n_parts(self) -> int:
-        return (self.n_rows + PART_ROWS - 1) // PART_ROWS
+        return (self.n_rows + self.part_rows - 1) // self.part_rows
 
     def part_range(self, i: int) -> tuple[int, int]:
-        return i * PART_ROWS, min(self.n_rows, (i + 1) * PART_ROWS)
+        return i * self.part_rows, min(self.n_rows, (i + 1) * self.part_rows)
 
     def _part(self, i: int) -> Path:
         return self.path / f"part-{i:05d}.npy"
@@ -120,7 +125,7 @@ class FeatureEntry:
     def missing_parts(self) -> list[int]:
         return [i for i in range(self.n_parts) if self._read_part(i) is None]
 
-    def write_part(self, i: int, features: np.ndarray) -> None:
+    def write_part(self, i: int, features: np.ndarray, meta: dict | None = None) -> None:
         start, stop = self.part_range(i)
         arr = np.ascontiguousarray(features, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[0] != stop - start:
@@ -130,12 +135,12 @@ class FeatureEntry:
         data = buf.getvalue()
         atomic_write_bytes(self._part(i), data)
         atomic_write_json(self._part_meta(i), {"rows": [start, stop], "shape": list(arr.shape),
-                                               "sha256": hashlib.sha256(data).hexdigest()})
+                                               "sha256": hashlib.sha256(data).hexdigest(), **(meta or {})})
 
     def write_spec(self) -> None:
         if not (self.path / SPEC).is_file():
             atomic_write_json(self.path / SPEC, {"key": self.key, "format": FEATURE_FORMAT, "spec": self.spec,
-                                                 "n_rows": self.n_rows, "part_rows": PART_ROWS})
+                                                 "n_rows": self.n_rows, "part_rows": self.part_rows})
 
     def finish(self, info: dict[str, Any]) -> dict:
         """Check every part and write the manifest (the entry is then complete); raises FeatureCacheDamaged
@@ -200,10 +205,21 @@ class FeatureStore:
     def __init__(self, out_dir: Path):
         self.root = Path(out_dir) / FEATURES
 
-    def entry(self, *, task: str, backbone: str, split: str, spec: dict, n_rows: int) -> FeatureEntry:
+    def entry(self, *, task: str, backbone: str, split: str, spec: dict, n_rows: int, world_size: int = 1
+              ) -> FeatureEntry:
+        """The entry of ``spec``; a new one is cut into parts of at most :data:`PART_ROWS` rows, at least one per
+        rank; a started one keeps the parts it was started with (the layout does not change the features)."""
         extractor, data = spec["extractor"], spec["data"]
         seed = "" if extractor.get("seed") is None else f"-seed{extractor['seed']}"
         key = feature_key(spec)
         leaf = (f"{safe_name(extractor['init'])}{seed}-{safe_name(extractor['pooling'])}-{data['crop']}px-"
                 f"{safe_name(split)}-{key[:12]}")
-        return FeatureEntry(self.root / safe_name(task) / safe_name(backbone) / leaf, key, spec, n_rows)
+        path = self.root / safe_name(task) / safe_name(backbone) / leaf
+        part_rows = max(1, min(PART_ROWS, -(-n_rows // max(1, world_size))))
+        try:
+            started = json.loads((path / SPEC).read_text())
+            if started.get("key") == key and int(started.get("part_rows", 0)) > 0:
+                part_rows = int(started["part_rows"])
+        except (OSError, ValueError, TypeError):
+            pass
+        return FeatureEntry(path, key, spec, n_rows, part_rows)
