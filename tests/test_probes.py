@@ -577,3 +577,24 @@ def test_cli_protocol_errors_are_one_line(cli, tmp_path: Path) -> None:
                str(tmp_path))
     assert proc.returncode == 2 and "--freeze: applies to --protocol finetune" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("backbone, pooling, dim", [("timm/test_vit", "cls+mean", 128), ("timm/resnet18", None, 512)])
+def test_probes_of_timm_architectures_end_to_end(toy, tmp_path: Path, backbone: str, pooling: str | None,
+                                                 dim: int) -> None:
+    """A small ViT (its class and patch tokens) and a ResNet from timm, random init, through the runner."""
+    data, _ = toy
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy-derm.yaml").write_text(TOY.replace("input: {resize: 16, crop: 12, channels: 1}",
+                                                     "input: {resize: 32, crop: 32, channels: 1}"))
+    runner = Runner(Catalog([tasks]), DataLocations(None, {"toy": data}), RunStore(tmp_path / "out"),
+                    reporter=Messages(), fail_fast=True)
+    reqs = [RunRequest(task="toy-derm", backbone=backbone, seed=0, init="random", protocol=p, pooling=pooling)
+            for p in ("linear", "knn")]
+    linear, knn = runner.run_all(reqs)
+    assert linear.status == knn.status == "ok"
+    assert linear.result["probe"]["features"]["dim"] == dim
+    assert linear.result["probe"]["pooling"]["name"] == (pooling or "model")
+    assert knn.result["probe"]["features"]["embedded_images"] == 0
+    assert (linear.run_dir.path / "predictions" / "test.parquet").is_file()
