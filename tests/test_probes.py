@@ -598,3 +598,33 @@ def test_probes_of_timm_architectures_end_to_end(toy, tmp_path: Path, backbone: 
     assert linear.result["probe"]["pooling"]["name"] == (pooling or "model")
     assert knn.result["probe"]["features"]["embedded_images"] == 0
     assert (linear.run_dir.path / "predictions" / "test.parquet").is_file()
+
+
+@pytest.mark.slow
+def test_feature_extraction_sharded_over_launched_ranks_equals_one_process(tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes: each computes part of every feature entry; the probe equals one process's."""
+    import socket
+    import sys
+
+    from conftest import PROCESS_GROUP_VARS, REPO, run_cli
+
+    args = ["run", "-b", "cbr-tiny", "-t", "smoke-tb", "--seeds", "1", "--init", "random", "--protocol", "linear",
+            "--threads", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run_cli(*args, "-o", str(one))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARS}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                         "127.0.0.1", "--master_port", str(port), "-m", "medbench.cli", *args, "-o", str(two)],
+                        capture_output=True, text=True, env=env, timeout=900)
+    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-3000:]
+    [run1], [run2] = ([p for p in (o / "runs").glob("*/*/*") if p.is_dir()] for o in (one, two))
+    assert run1.name == run2.name  # a probe's key does not depend on the world size
+    ranks = {json.loads(p.read_text()).get("rank") for p in (two / "features").rglob("part-*.json")}
+    assert ranks == {0, 1}
+    for split in ("val", "test"):
+        np.testing.assert_allclose(_probs(run1, split), _probs(run2, split), atol=1e-5)
