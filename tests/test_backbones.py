@@ -244,7 +244,7 @@ def test_list_backbones_shows_normalization(capsys: pytest.CaptureFixture) -> No
     assert "┃ normalization" in text and "┃ mean" not in text  # one column for both triples
     table = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
     assert "│ ImageNet " in table["resnet50"] and "│ mean 0.5 std 0.5 " in table["bit-m-r50x1"]
-    assert "per timm config" in table["timm/<model>"]
+    assert "per model config" in table["timm/<model>"]
 
 
 # ------------------------------------------------------------------ plug-ins (entry point group medbench.backbones)

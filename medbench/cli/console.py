@@ -47,11 +47,11 @@ def interrupted(err: KeyboardInterrupt) -> None:
 
 
 def normalization_label(mean, std) -> str:
-    """``ImageNet``, ``per timm config``, else the numbers (one when the three channels agree)."""
+    """``ImageNet``, ``per model config``, else the numbers (one when the three channels agree)."""
     from medbench.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD
 
     if mean is None or std is None:
-        return "per timm config"
+        return "per model config"
     if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
         return "ImageNet"
 

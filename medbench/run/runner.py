@@ -662,8 +662,7 @@ class Runner:
                     self.reporter.message(f"{entry.path}: {err}; computing the damaged parts again")
                     continue
                 raise
-            if not computed:
-                usage["cached_images"] += len(rows)
+            usage["cached_images"] += len(rows) - computed
             usage["entries"].append(str(entry.path.relative_to(self.store.out)))
             return features, manifest
         raise AssertionError("unreachable")
@@ -676,8 +675,6 @@ class Runner:
         """Rank 0 writes a finished run (fine-tuned or probed) the one way: per-sample predictions of val,
         test and every OOD target (``ood_probs``: the model's outputs on the target's test rows, mapped here
         through the label pairs), config, history (fine-tuning), splits, scores, and ``result.json`` last."""
-        import torch  # noqa: F401  (provenance below describes the torch build)
-
         from medbench.provenance import code_provenance, now_utc
         from medbench.store.scores import rescore
         from medbench.train.distributed import describe_device
@@ -790,16 +787,22 @@ def _probe_settings(protocol: str) -> dict:
 
 def _fit_probe(protocol: str, x_train: np.ndarray, y_train: np.ndarray, spec, x_val: np.ndarray, selection,
                device: str):
-    """(predict: features -> probabilities, record) of the fitted probe."""
+    """(predict: features -> probabilities, record) of the fitted probe (an empty split predicts nothing)."""
     if protocol == "linear":
         from medbench.probe.linear import fit_linear_probe
 
         probe, record = fit_linear_probe(x_train, y_train, spec.type, x_val, selection, device=device)
-        return probe.predict_proba, record
-    from medbench.probe.knn import fit_knn_probe
+        fitted = probe.predict_proba
+    else:
+        from medbench.probe.knn import fit_knn_probe
 
-    probe, k, record = fit_knn_probe(x_train, y_train, spec.type, x_val, selection, device=device)
-    return (lambda x: probe.predict_proba(x, [k])[k]), record
+        knn, k, record = fit_knn_probe(x_train, y_train, spec.type, x_val, selection, device=device)
+        fitted = lambda x: knn.predict_proba(x, [k])[k]  # noqa: E731
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return fitted(x) if len(x) else np.zeros((0, spec.num_outputs))
+
+    return predict, record
 
 
 class _LazyModel:
