@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from medbench.backbones import get_backbone, register_backbone
 from medbench.data.locate import DataLocations
 from medbench.probe.knn import TEMPERATURE, KNNProbe, candidate_ks
-from medbench.probe.linear import LAMBDAS, fit_linear_probe, standardisation
+from medbench.probe.linear import LAMBDAS, PATIENCE, fit_linear_probe, standardisation
 from medbench.probe.selection import Selection
 from medbench.run.request import RunRequest, run_key
 from medbench.run.runner import Runner
@@ -94,8 +94,17 @@ def test_linear_probe_equals_scikit_learn_at_the_regularisation_it_chose(task_ty
             cols.append(_sklearn_probs(z_train[known], y_train[known, k], z, c)[:, 1])
         return np.stack(cols, 1)
 
-    val_scores = [score(sk(1 / (lam * n), z_val)) for lam in LAMBDAS]
-    best = int(np.argmax(np.round(val_scores, 9)))
+    # the documented rule on scikit-learn's validation scores: strong to weak, the first best, stop after
+    # PATIENCE weaker values without a better one
+    best, best_score, fitted = None, None, 0
+    for i, lam in enumerate(LAMBDAS):
+        fitted += 1
+        value = score(sk(1 / (lam * n), z_val))
+        if best_score is None or value > best_score:
+            best, best_score = i, value
+        if i - best >= PATIENCE:
+            break
+    assert [f["lambda"] for f in record["sweep"]] == list(LAMBDAS[:fitted])
     assert record["chosen"]["lambda"] == LAMBDAS[best]
     assert record["chosen"]["C"] == pytest.approx(1 / (LAMBDAS[best] * n))
     np.testing.assert_allclose(probe.predict_proba(x_test), sk(record["chosen"]["C"], z_test), atol=2e-5)
