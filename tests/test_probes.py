@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from scipy.special import expit, softmax
 from sklearn.linear_model import LogisticRegression
 
 from medbench.backbones import get_backbone, register_backbone
@@ -59,6 +60,10 @@ def _sklearn_probs(z_train, y, z_test, c: float) -> np.ndarray:
     return model.fit(z_train, y).predict_proba(z_test)
 
 
+def _probs_of(task_type: str, logits: np.ndarray) -> np.ndarray:
+    return softmax(logits, axis=1) if task_type == "multiclass" else expit(logits)
+
+
 def _val_auc(y: np.ndarray):
     from sklearn.metrics import roc_auc_score
 
@@ -77,7 +82,8 @@ def test_linear_probe_equals_scikit_learn_at_the_regularisation_it_chose(task_ty
     y_val = _labels(x_val, task_type, outputs, 4)
     y_val_score = y_val.argmax(1) if task_type == "multiclass" else y_val
     score = _val_auc(y_val_score) if task_type != "multiclass" else (lambda p: float((p.argmax(1) == y_val_score).mean()))
-    probe, record = fit_linear_probe(x_train, y_train, task_type, x_val, Selection(("val", score)))
+    probe, record = fit_linear_probe(x_train, y_train, task_type, x_val,
+                                     Selection(("val", lambda logits: score(_probs_of(task_type, logits)))))
     assert record["converged"] and all(f["converged"] for f in record["sweep"])
 
     mean, scale = standardisation(x_train)
@@ -107,7 +113,7 @@ def test_linear_probe_equals_scikit_learn_at_the_regularisation_it_chose(task_ty
     assert [f["lambda"] for f in record["sweep"]] == list(LAMBDAS[:fitted])
     assert record["chosen"]["lambda"] == LAMBDAS[best]
     assert record["chosen"]["C"] == pytest.approx(1 / (LAMBDAS[best] * n))
-    np.testing.assert_allclose(probe.predict_proba(x_test), sk(record["chosen"]["C"], z_test), atol=2e-5)
+    np.testing.assert_allclose(_probs_of(task_type, probe.logits(x_test)), sk(record["chosen"]["C"], z_test), atol=2e-5)
 
 
 def test_linear_probe_standardises_on_the_training_rows_only() -> None:
@@ -118,7 +124,7 @@ def test_linear_probe_standardises_on_the_training_rows_only() -> None:
     np.testing.assert_allclose(probe.mean, x_train.mean(0))
     np.testing.assert_allclose(probe.scale, x_train.std(0))
     # the test features do not move the standardisation: predicting a set or its halves gives the same rows
-    np.testing.assert_array_equal(probe.predict_proba(x_test)[:10], probe.predict_proba(x_test[:10]))
+    np.testing.assert_array_equal(probe.logits(x_test)[:10], probe.logits(x_test[:10]))
 
 
 def test_linear_probe_degenerate_training_labels() -> None:
@@ -127,15 +133,16 @@ def test_linear_probe_degenerate_training_labels() -> None:
     y[:, 1] = 0.0  # one class only: a constant, the smoothed training rate
     y[:, 2] = np.nan  # never annotated
     probe, record = fit_linear_probe(x, y, "multilabel", x[:4], Selection(("none", lambda p: 0.0)), lambdas=(1e-2,))
-    p = probe.predict_proba(x)
+    p = expit(probe.logits(x))
     assert record["constant_labels"] == [1, 2]
     np.testing.assert_allclose(p[:, 1], 0.5 / 41, rtol=1e-6)
     np.testing.assert_allclose(p[:, 2], 0.5, rtol=1e-6)
     # a class absent from a multiclass training set gets probability 0; the others sum to 1
     ym = np.eye(4)[np.arange(40) % 3]
     probe, record = fit_linear_probe(x, ym, "multiclass", x[:4], Selection(("none", lambda p: 0.0)), lambdas=(1e-2,))
-    pm = probe.predict_proba(x)
-    assert record["classes_fitted"] == [0, 1, 2]
+    logits = probe.logits(x)
+    pm = softmax(logits, axis=1)
+    assert record["classes_fitted"] == [0, 1, 2] and np.isfinite(logits).all()
     assert np.all(pm[:, 3] == 0) and np.allclose(pm.sum(1), 1, atol=1e-6)
 
 
@@ -637,3 +644,14 @@ def test_feature_extraction_sharded_over_launched_ranks_equals_one_process(tmp_p
     assert ranks == {0, 1}
     for split in ("val", "test"):
         np.testing.assert_allclose(_probs(run1, split), _probs(run2, split), atol=1e-5)
+
+
+def test_knn_vote_shares_as_logits_give_the_shares_back() -> None:
+    from medbench.probe.knn import EPS, vote_logits
+
+    shares = np.array([[0.0, 0.25, 0.75], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    np.testing.assert_allclose(softmax(vote_logits(shares, "multiclass"), axis=1), shares, atol=3 * EPS)
+    binary = np.array([[0.0], [0.3], [1.0]])
+    logits = vote_logits(binary, "binary")
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(expit(logits), binary, atol=2 * EPS)

@@ -9,6 +9,9 @@ each of a query's ``k`` most similar training images votes with weight ``exp(sim
   images *whose label l is known* (a missing label neither votes nor counts: neighbours are searched
   among the images annotated for that label).
 
+The run stores the vote shares as logits (:func:`vote_logits`: log-shares, or log-odds, of the shares
+clipped to ``[1e-12, 1 - 1e-12]``), so its predictions have the same columns as every run's.
+
 ``k`` is chosen on the validation split (:mod:`medbench.probe.selection`) from :data:`K_GRID`, each value
 capped at the number of training images that can vote (so a 1-shot subset still gets a k); ties go to the
 smaller k. A training image is never its own neighbour (queries come from other splits). Ties in
@@ -115,6 +118,17 @@ class KNNProbe:
         return out
 
 
+#: vote shares are clipped to [EPS, 1 - EPS] where they become logits (a share of exactly 0 or 1 has none)
+EPS = 1e-12
+
+
+def vote_logits(probs: np.ndarray, task_type: str) -> np.ndarray:
+    """Logits whose softmax (multiclass: log of the clipped share) or sigmoid (log-odds of the clipped share)
+    gives the vote shares back to within :data:`EPS`: what the run's predictions store next to them."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    return np.log(p) if task_type == "multiclass" else np.log(p) - np.log1p(-p)
+
+
 def fit_knn_probe(x_train: np.ndarray, y_train: np.ndarray, task_type: str, x_val: np.ndarray,
                   selection: Selection, *, device: str = "cpu") -> tuple[KNNProbe, int, dict]:
     """(probe, chosen k, record): k chosen on the validation features."""
@@ -126,7 +140,7 @@ def fit_knn_probe(x_train: np.ndarray, y_train: np.ndarray, task_type: str, x_va
 
         raise DataError("no training image carries a label to vote with", field="labels")
     val = probe.predict_proba(x_val, ks)
-    best, chosen = choose(ks, lambda i: val[ks[i]], selection)
+    best, chosen = choose(ks, lambda i: vote_logits(val[ks[i]], task_type), selection)
     record = {"n_train": int(len(x_train)), "chosen": {"k": ks[best]},
               **{k: v for k, v in chosen.items() if k != "scores"},
               "sweep": [{"k": k, "val_score": s} for k, s in zip(ks, chosen["scores"])],

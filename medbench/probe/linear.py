@@ -25,8 +25,11 @@ for a given thread count) and float32 on a GPU. Each fit's iterations and final 
 fit whose final gradient exceeds 100 x the tolerance (it stopped at :data:`MAX_ITER`, or its line search
 could not make progress) is recorded as not converged.
 
+The probe's output is logits (:meth:`LinearProbe.logits`, float64, finite), as a network's: the run turns
+them into probabilities and scores them like fine-tuned runs' outputs.
+
 Degenerate training data: a class absent from the training rows of a multiclass task gets probability 0
-(the softmax runs over the classes present); a binary/multilabel label with a single class (or none) among
+(the softmax runs over the classes present; its logit is set far below the others); a binary/multilabel label with a single class (or none) among
 its training rows gets the constant probability ``(n_pos + 0.5) / (n + 1)`` and is listed under
 ``constant_labels``.
 """
@@ -48,6 +51,8 @@ LAMBDAS: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(4, -13, -1))
 TOLERANCE = 1e-9
 TOLERANCE_FLOAT32 = 1e-5
 MAX_ITER = 2000
+#: a class absent from the training rows: its logit this far below the row's lowest fitted one (probability 0)
+ABSENT_CLASS_LOGIT = 1000.0
 #: the sweep stops after this many weaker penalties (two decades) without a better validation score
 PATIENCE = 4
 VERSION = 2
@@ -82,22 +87,21 @@ class LinearProbe:
     #: binary/multilabel: label index -> constant probability for labels that could not be fitted
     constant: dict[int, float]
 
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Probabilities ``[n, outputs]`` (float64: a strongly regularised probe's probabilities differ in
-        digits float32 would round away, and rankings, hence AUC, with them): softmax over classes
-        (multiclass) or a sigmoid per label."""
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits ``[n, outputs]`` in float64, finite: ``z W + b`` on the standardised features; a constant
+        label's log-odds; a class absent from training :data:`ABSENT_CLASS_LOGIT` below the row's lowest
+        fitted logit (its softmax probability underflows to 0)."""
         z = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
-        logits = z @ self.weight + self.bias
+        fitted = z @ self.weight + self.bias
         if self.task_type == "multiclass":
-            out = np.zeros((len(z), self.num_outputs), dtype=np.float64)
-            logits = logits - logits.max(1, keepdims=True)
-            e = np.exp(logits)
-            out[:, self.classes] = e / e.sum(1, keepdims=True)
+            out = np.empty((len(z), self.num_outputs), dtype=np.float64)
+            out[:] = (fitted.min(1, keepdims=True) if fitted.size else 0.0) - ABSENT_CLASS_LOGIT
+            out[:, self.classes] = fitted
             return out
-        out = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the logistic function without overflow
         for k, p in self.constant.items():
-            out[:, k] = p
-        return out
+            fitted[:, k] = np.log(p) - np.log1p(-p)
+        return fitted
+
 
 
 def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,13 +251,13 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, task_type: str, x
             w, b = problem.weights()
             probes.append(LinearProbe(task_type, outputs, mean, scale, w, b, classes, constant))
             fits.append({"lambda": lam, "C": 1.0 / (lam * n), **info})
-            score = primary(probes[-1].predict_proba(x_val))
+            score = primary(probes[-1].logits(x_val))
             if score is not None and not np.isnan(score) and (best_score is None or score > best_score):
                 best_score, best_at = score, i
             if best_at is not None and i - best_at >= PATIENCE:
                 break  # no better validation score for PATIENCE weaker penalties: the rest of the sweep is skipped
     lambdas = tuple(lambdas[:len(fits)])
-    best, chosen = choose(lambdas, lambda i: probes[i].predict_proba(x_val), selection)
+    best, chosen = choose(lambdas, lambda i: probes[i].logits(x_val), selection)
     for f, s in zip(fits, chosen.pop("scores")):
         f["val_score"] = s
     record = {"n_train": n, "chosen": {"lambda": lambdas[best], "C": 1.0 / (lambdas[best] * n)},

@@ -552,8 +552,9 @@ class Runner:
             fit_started = time.perf_counter()
             predict, record = _fit_probe(req.protocol, x_train, y_train, spec, f_val, self._selection(task, prepared),
                                          dist.device)
-            split_probs = {"val": predict(f_val), "test": predict(f_test)}
-            ood_probs = {name: predict(f) for name, (f, _) in zip(targets, feats[3:])}
+            split_probs = {"val": _probabilities(spec.type, predict(f_val)),
+                           "test": _probabilities(spec.type, predict(f_test))}
+            ood_probs = {name: _probabilities(spec.type, predict(f)) for name, (f, _) in zip(targets, feats[3:])}
             fit_seconds = time.perf_counter() - fit_started
             pooling = manifest.get("pooling") or {}
             probe_block = {"protocol": req.protocol, "pooling": pooling, "features": {
@@ -582,8 +583,9 @@ class Runner:
         meta = _prediction_meta(prepared, prepared.rows("val"), [a.source_column for a in spec.attributes])
 
         def criterion(metric: str, sign: float):
-            def score(probs: np.ndarray) -> float | None:
-                value = compute_metrics(Predictions.build(meta, probs, spec.labels, spec.type), [metric]).get(metric)
+            def score(logits: np.ndarray) -> float | None:
+                preds = Predictions.build(meta, _probabilities(spec.type, logits), spec.labels, spec.type)
+                value = compute_metrics(preds, [metric]).get(metric)
                 return None if value is None else sign * float(value)
             return metric, score
 
@@ -778,6 +780,18 @@ class Runner:
         return result
 
 
+def _probabilities(task_type: str, logits: np.ndarray) -> np.ndarray:
+    """A probe's probabilities from its logits, in float64 (softmax over classes, or a sigmoid per label).
+    Probe runs are written from probabilities here, like fine-tuned runs; once predictions keep logits,
+    ``Predictions.from_logits`` takes the probes' logits directly."""
+    from scipy.special import expit, softmax
+
+    z = np.asarray(logits, dtype=np.float64)
+    if task_type == "multiclass":
+        return softmax(z, axis=1) if z.size else z.copy()
+    return expit(z)
+
+
 def _probe_settings(protocol: str) -> dict:
     """What fixes a probe's fit beside its features (in the run key in place of a training plan)."""
     from medbench.probe import knn, linear
@@ -787,17 +801,17 @@ def _probe_settings(protocol: str) -> dict:
 
 def _fit_probe(protocol: str, x_train: np.ndarray, y_train: np.ndarray, spec, x_val: np.ndarray, selection,
                device: str):
-    """(predict: features -> probabilities, record) of the fitted probe (an empty split predicts nothing)."""
+    """(predict: features -> logits, record) of the fitted probe (an empty split predicts nothing)."""
     if protocol == "linear":
         from medbench.probe.linear import fit_linear_probe
 
         probe, record = fit_linear_probe(x_train, y_train, spec.type, x_val, selection, device=device)
-        fitted = probe.predict_proba
+        fitted = probe.logits
     else:
-        from medbench.probe.knn import fit_knn_probe
+        from medbench.probe.knn import fit_knn_probe, vote_logits
 
         knn, k, record = fit_knn_probe(x_train, y_train, spec.type, x_val, selection, device=device)
-        fitted = lambda x: knn.predict_proba(x, [k])[k]  # noqa: E731
+        fitted = lambda x: vote_logits(knn.predict_proba(x, [k])[k], spec.type)  # noqa: E731
 
     def predict(x: np.ndarray) -> np.ndarray:
         return fitted(x) if len(x) else np.zeros((0, spec.num_outputs))
