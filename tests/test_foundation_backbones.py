@@ -171,3 +171,11 @@ def test_foundation_extra_is_declared() -> None:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in extras["foundation"]}
     assert {"open_clip_torch", "transformers"} <= names
+
+
+def test_a_repository_needing_its_own_code_is_refused(hub) -> None:
+    hub("test-org/custom", {"config.json": json.dumps({"model_type": "my-custom-vit",
+                                                       "auto_map": {"AutoModel": "modeling.MyModel"}}).encode(),
+                            "preprocessor_config.json": b"{}"})
+    with pytest.raises(BackboneError, match="model_type 'my-custom-vit' is not a model this transformers knows"):
+        get_backbone("hf/test-org/custom")

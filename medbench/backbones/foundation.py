@@ -199,8 +199,12 @@ def _open_clip_build(model_cfg: dict, *, num_classes: int, in_chans: int, mean: 
     _require("open_clip", "open_clip_torch")
     from open_clip.model import _build_vision_tower
 
-    visual = _build_vision_tower(model_cfg["embed_dim"], dict(model_cfg["vision_cfg"]),
-                                 quick_gelu=bool(model_cfg.get("quick_gelu", False)))
+    try:
+        visual = _build_vision_tower(model_cfg["embed_dim"], dict(model_cfg["vision_cfg"]),
+                                     quick_gelu=bool(model_cfg.get("quick_gelu", False)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise BackboneError(f"open_clip cannot build this image tower: {str(err).splitlines()[0] if str(err) else err!r}",
+                            field="model_cfg.vision_cfg") from None
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     trunk = getattr(visual, "trunk", None)
     if trunk is not None:
@@ -317,8 +321,13 @@ def _hf_build(config_dict: dict, *, num_classes: int, in_chans: int, mean: tuple
 
     transformers = _require("transformers", "transformers")
     model_type = config_dict.get("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items() if k != "model_type"})
-    encoder = transformers.AutoModel.from_config(config)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items()
+                                                                  if k != "model_type"})
+        encoder = transformers.AutoModel.from_config(config)  # never runs a repository's own code
+    except (KeyError, TypeError, ValueError) as err:
+        raise BackboneError(f"transformers {transformers.__version__} cannot build a {model_type!r} model from this "
+                            f"config.json: {str(err).splitlines()[0] if str(err) else err!r}", field="model_type") from None
     encoder._medbench_interpolates = "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters
     hidden = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or [None])[-1]
     if hidden is None:
@@ -371,6 +380,11 @@ def hf_backbone(repo: str) -> Backbone:
     config = hub_json(repo, "config.json", help_line=_help(repo), field=name)
     if not isinstance(config.get("model_type"), str):
         raise BackboneError("config.json has no model_type", where=f"hf-hub:{repo}", field="model_type")
+    from transformers import CONFIG_MAPPING
+
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise BackboneError(f"model_type {config['model_type']!r} is not a model this transformers knows (a "
+                            "repository's own code is never run)", where=f"hf-hub:{repo}", field="model_type")
     pre, pre_path = _hf_preprocessor(repo, name)
     mean = tuple(pre.get("image_mean") or IMAGENET_MEAN)
     std = tuple(pre.get("image_std") or IMAGENET_STD)
