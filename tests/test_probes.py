@@ -655,3 +655,19 @@ def test_knn_vote_shares_as_logits_give_the_shares_back() -> None:
     logits = vote_logits(binary, "binary")
     assert np.isfinite(logits).all()
     np.testing.assert_allclose(expit(logits), binary, atol=2 * EPS)
+
+
+def test_seed_free_probe_settings_run_their_first_seed_only() -> None:
+    from medbench.run.request import expand_requests
+
+    def plan(init: str) -> list[tuple]:
+        reqs = expand_requests(["t"], "b", [0, 1, 2], init=init, weights=None, max_steps=7, engine=EngineConfig(),
+                               variants=[{"fraction": 0.5}, {"resolution": 64}], freeze="head",
+                               protocols=["finetune", "linear"], pooling="mean")
+        return [(r.protocol, r.seed, r.fraction, r.resolution, r.max_steps, r.freeze, r.pooling) for r in reqs]
+
+    finetune = [(None, s, f, r, 7, "head", None) for f, r in ((None, None), (0.5, None), (None, 64)) for s in (0, 1, 2)]
+    assert plan("pretrained") == finetune + [("linear", 0, None, None, None, None, "mean")] + \
+        [("linear", s, 0.5, None, None, None, "mean") for s in (0, 1, 2)] + [("linear", 0, None, 64, None, None, "mean")]
+    assert plan("random") == finetune + [("linear", s, f, r, None, None, "mean")
+                                         for f, r in ((None, None), (0.5, None), (None, 64)) for s in (0, 1, 2)]
