@@ -18,8 +18,8 @@ smaller k. A training image is never its own neighbour (queries come from other 
 similarity at the k-th place are broken by ``torch.topk`` (the lower row index on CPU in practice); they
 need exactly equal features.
 
-Computed in blocks of :data:`QUERY_BLOCK` queries (``[block, n_train]`` similarities at a time), in float64
-on CPU and float32 on a GPU.
+Computed in blocks of at most :data:`QUERY_BLOCK` queries and :data:`BLOCK_ELEMENTS` similarities
+(``[block, n_train]`` at a time), in float64 on CPU and float32 on a GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from medbench.probe.selection import Selection, choose
 TEMPERATURE = 0.07
 K_GRID: tuple[int, ...] = (5, 10, 20, 50, 100, 200)
 QUERY_BLOCK = 1024
+#: at most this many similarities at a time (256 MB in float64): fewer queries per block for a large training set
+BLOCK_ELEMENTS = 1 << 25
 VERSION = 1
 
 
@@ -88,8 +90,9 @@ class KNNProbe:
         if not ks or len(q) == 0:
             return out
         columns = [None] if self.known is None or self.known.all() else list(range(self.outputs))
-        for start in range(0, len(q), QUERY_BLOCK):
-            sims = q[start:start + QUERY_BLOCK] @ self.train.T
+        block = max(1, min(QUERY_BLOCK, BLOCK_ELEMENTS // max(1, self.train.shape[0])))
+        for start in range(0, len(q), block):
+            sims = q[start:start + block] @ self.train.T
             for col in columns:
                 s = sims
                 if col is not None:  # label col: only images annotated for it vote
