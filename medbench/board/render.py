@@ -1,11 +1,13 @@
 """A leaderboard rendered for people: Markdown, or one self-contained HTML page.
 
 Numbers are stored unrounded; they are rounded here only (``DIGITS``). Best
-entry per task (and regime) in bold; entries *not significantly different from
+entry per task (and regime, and protocol) in bold; entries *not significantly different from
 the best* (``significance.tied_with_best``, paired bootstrap, see
 :mod:`medbench.board.significance`) in italics, as CJ21 does. Published
 reference rows (``--published``) are listed beside the user's rows of the same
-tasks, marked with their citation.
+tasks, marked with their citation. A board with several protocols (fine-tuning,
+linear probe, kNN) also gets them side by side: a Markdown section and the HTML
+view ``protocols``, one row per task x backbone x init, one column per protocol.
 
 The HTML page needs no network: CSS and JS are inline, plots are inline SVG
 (matplotlib) and reliability diagrams base64 PNGs read from the run folders
@@ -24,7 +26,7 @@ from typing import Any
 
 DIGITS = 4
 
-VIEWS = [("overview", "Overview"), ("significance", "Significance"), ("calibration", "Calibration"),
+VIEWS = [("overview", "Overview"), ("protocols", "Protocols"), ("significance", "Significance"), ("calibration", "Calibration"),
          ("fairness", "Fairness"), ("shift", "OOD shift"), ("convergence", "Convergence"),
          ("data-efficiency", "Data efficiency"), ("resolution", "Resolution"), ("published", "Published"),
          ("provenance", "Provenance")]
@@ -60,7 +62,30 @@ def _m(s: Any) -> float | None:
 
 
 def label(e: dict) -> str:
-    return e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+    """init, regime and (for a probe) protocol of an entry: ``pretrained``, ``random (freeze-head)``,
+    ``pretrained · linear``."""
+    protocol = e.get("protocol") or "finetune"
+    return e["init"] + (f" ({e['regime']})" if e.get("regime") else "") + (f" · {protocol}" if protocol != "finetune"
+                                                                          else "")
+
+
+def protocol_table(board: dict) -> tuple[list[str], list[tuple[tuple[str, str, str], dict[str, dict]]]]:
+    """The protocols side by side: (protocols in order, rows of ((task, backbone, init), protocol -> entry)),
+    when the board holds more than one protocol; ([], []) otherwise. Entries of a regime (``--freeze``) stay
+    in the main table."""
+    from medbench.probe.protocols import PROTOCOLS
+
+    rows: dict[tuple[str, str, str], dict[str, dict]] = {}
+    seen: set[str] = set()
+    for e in board["entries"]:
+        if e.get("regime") or e.get("published"):
+            continue
+        protocol = e.get("protocol") or "finetune"
+        seen.add(protocol)
+        rows.setdefault((e["task"], e["backbone"], e["init"]), {})[protocol] = e
+    if len(seen) < 2:
+        return [], []
+    return [p for p in PROTOCOLS if p in seen], sorted(rows.items())
 
 
 def mark(e: dict) -> str:
@@ -189,6 +214,21 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
         for e in warned:
             out.append(f"* {md_cell(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
             out += [f"  * {md_cell(line)}" for line in warning_lines(e)]
+    protocols, prows = protocol_table(board)
+    if protocols:
+        out += ["", "## Protocols side by side", "",
+                "Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full training set "
+                "has one seed: its fit is deterministic). **Bold**: best of its task within the protocol.", ""]
+        table_rows = []
+        for (task, backbone, init), by in prows:
+            metric = next(iter(by.values()))["headline"]["metric"]
+            cells = []
+            for p in protocols:
+                e = by.get(p)
+                value = mean_std(e["headline"]) if e else "–"
+                cells.append(f"**{value}**" if e and mark(e) == "best" else value)
+            table_rows.append([task, backbone, init, metric, *cells])
+        out += md_table(["task", "backbone", "init", "metric", *protocols], table_rows)
     for title, section, empty in (
             ("Significance", _md_significance(board), "One entry per task: nothing to compare."),
             ("Calibration", _md_calibration(board), "No calibration blocks in this board."),
@@ -622,6 +662,24 @@ def _resolution(board: dict) -> str:
                    ("delta", "Δ vs default"), ("p", "p")], rows)
 
 
+def _protocols(board: dict) -> str:
+    protocols, rows = protocol_table(board)
+    if not protocols:
+        return ("<p class='note'>One protocol in this board. <code>medbench run --protocol finetune,linear,knn</code> "
+                "evaluates a backbone by fine-tuning, a linear probe and kNN on frozen features.</p>")
+    out = []
+    for (task, backbone, init), by in rows:
+        metric = next(iter(by.values()))["headline"]["metric"]
+        cells = "".join(_td(mean_std(by[p]["headline"]) if p in by else "–",
+                            by[p]["headline"].get("mean") if p in by else None, "value") for p in protocols)
+        out.append("<tr>" + _td(task) + _td(backbone) + _td(init) + _td(metric) + cells + "</tr>")
+    note = ("<p class='note'>The headline metric of each protocol (mean ± std over seeds): full fine-tuning, a "
+            "linear probe and kNN on frozen features. A probe of pre-trained weights on the full training set has one "
+            "seed (its fit is deterministic).</p>")
+    return note + _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
+                          *[(p, p) for p in protocols]], out)
+
+
 def _published(published: list[dict]) -> str:
     if not published:
         return "<p class='note'>No published rows for these tasks (or --published not given).</p>"
@@ -652,7 +710,8 @@ def _provenance(board: dict) -> str:
 def render_html(board: dict, published: list[dict] | None = None, title: str = "medbench leaderboard") -> str:
     published = published or []
     prov = board["provenance"]
-    sections = {"overview": _overview(board, published), "significance": _significance(board),
+    sections = {"overview": _overview(board, published), "protocols": _protocols(board),
+                "significance": _significance(board),
                 "calibration": _calibration(board), "fairness": _fairness(board), "shift": _shift(board),
                 "convergence": _convergence(board), "data-efficiency": _efficiency(board),
                 "resolution": _resolution(board), "published": _published(published), "provenance": _provenance(board)}

@@ -47,11 +47,11 @@ def interrupted(err: KeyboardInterrupt) -> None:
 
 
 def normalization_label(mean, std) -> str:
-    """``ImageNet``, ``per timm config``, else the numbers (one when the three channels agree)."""
+    """``ImageNet``, ``per model config``, else the numbers (one when the three channels agree)."""
     from medbench.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD
 
     if mean is None or std is None:
-        return "per timm config"
+        return "per model config"
     if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
         return "ImageNet"
 
@@ -74,7 +74,7 @@ def print_board(board: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from medbench.board.render import temperature_text, warning_codes, warning_lines
+    from medbench.board.render import label, temperature_text, warning_codes, warning_lines
 
     table = Table(title="medbench results (test split; mean ± std over seeds, interval of the mean over test resamples)")
     for col in ("task", "backbone", "init", "headline", "value", "interval", "accuracy", "seeds", "OOD (drop)",
@@ -87,7 +87,7 @@ def print_board(board: dict) -> None:
         cal = e.get("calibration") or {}
         ece = (f"{_fmt(cal['before'].get('ece'))} → {_fmt(cal['after'].get('ece'))}"
                if cal.get("before") and cal.get("after") else "-")
-        init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+        init = label(e)
         sig = e.get("significance") or {}  # best of its task in bold, not significantly different in italics
         value = _fmt(e["headline"])
         value = f"[bold]{value}[/bold]" if sig.get("best") else (f"[italic]{value}[/italic]" if sig.get("tied_with_best") else value)
@@ -99,9 +99,31 @@ def print_board(board: dict) -> None:
     con.print(table)
     for e in board["entries"]:
         for line in warning_lines(e):
-            init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
-            con.print(f"[yellow]warning[/yellow] {escape(e['task'])} · {escape(e['backbone'])} · {escape(init)}: "
+            con.print(f"[yellow]warning[/yellow] {escape(e['task'])} · {escape(e['backbone'])} · {escape(label(e))}: "
                       f"{escape(line)}", soft_wrap=True)
+    print_protocols(board)
+
+
+def print_protocols(board: dict) -> None:
+    """The protocols side by side (fine-tuning, linear probe, kNN), when the board has more than one."""
+    from rich.table import Table
+
+    from medbench.board.render import mark, mean_std, protocol_table
+
+    protocols, rows = protocol_table(board)
+    if not protocols:
+        return
+    table = Table(title="protocols side by side (headline, mean ± std over seeds; bold: best of the task in its protocol)")
+    for col in ("task", "backbone", "init", "headline", *protocols):
+        table.add_column(col)
+    for (task, backbone, init), by in rows:
+        cells = []
+        for p in protocols:
+            e = by.get(p)
+            value = mean_std(e["headline"]) if e else "-"
+            cells.append(f"[bold]{value}[/bold]" if e and mark(e) == "best" else value)
+        table.add_row(task, backbone, init, next(iter(by.values()))["headline"]["metric"], *cells)
+    console().print(table)
 
 
 def _drop(entry: dict, target: str, metric: str) -> str:
@@ -251,13 +273,15 @@ def print_published(board: dict) -> None:
 def print_compare(report: dict, baseline: Path, new: Path) -> None:
     from rich.table import Table
 
+    from medbench.board.render import label
+
     fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
     table = Table(title=f"medbench compare: {new} against {baseline} (worse by > tolerance fails)")
     for col in ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "tolerance", "status"):
         table.add_column(col)
     style = {"regression": "[red]REGRESSION[/red]", "better": "[green]better[/green]", "ok": "ok"}
     for r in report["rows"]:
-        init = r["init"] + (f" ({r['regime']})" if r.get("regime") else "")
+        init = label(r)
         status = style[r["status"]] + (f" ({r['reason']})" if r.get("reason") else "")
         table.add_row(r["task"], r["backbone"], init, r["metric"], fmt(r["baseline"]), fmt(r["new"]),
                       fmt(r["worse_by"]), fmt(r.get("tolerance")), status)
@@ -265,8 +289,7 @@ def print_compare(report: dict, baseline: Path, new: Path) -> None:
     con.print(table)
     for what, color in (("missing", "red"), ("added", "yellow")):
         for e in report[what]:
-            con.print(f"[{color}]{what}[/{color}] in NEW: {e['task']} {e['backbone']} {e['init']}"
-                      + (f" ({e['regime']})" if e.get("regime") else ""))
+            con.print(f"[{color}]{what}[/{color}] in NEW: {e['task']} {e['backbone']} {label(e)}")
     verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
     con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
               f"{len(report['missing'])} missing, {len(report['added'])} added")

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from medbench.utils import sha256_json
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
+#: evaluation protocols (medbench.probe.protocols): fine-tuning, a linear probe or kNN on frozen features
+Protocol = Literal["finetune", "linear", "knn"]
 
 
 class _Strict(BaseModel):
@@ -211,6 +213,9 @@ class TaskSpec(_Strict):
     expected_train_size: int | None = Field(None, ge=1)
     #: how scores, intervals, fairness thresholds and calibration bins are computed
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    #: the evaluation protocols run when neither ``--protocol`` nor a suite says otherwise (default:
+    #: fine-tuning only); which runs are made, not what one run computes: not in the content hash
+    protocols: list[Protocol] | None = Field(None, min_length=1)
 
     @field_validator("attributes", mode="before")
     @classmethod
@@ -285,12 +290,17 @@ class SuiteSpec(_Strict):
     suites: list[str] = Field(default_factory=list)
     #: variant runs for some of the tasks (data efficiency, resolution), besides each task's plain runs
     variants: list[SuiteVariants] = Field(default_factory=list)
+    #: the evaluation protocols of every task of the suite (nested suites included), unless ``--protocol``
+    #: says otherwise; null: each task's own ``protocols`` (default fine-tuning)
+    protocols: list[Protocol] | None = Field(None, min_length=1)
 
 
 #: TaskSpec fields that never reach a run's numbers: left out of the content hash. ``family``,
-#: ``description`` and ``citation`` are for people; ``default_seeds`` says how many runs a suite makes
-#: (each run's seed is in its own key); ``expected_train_size`` only feeds ``--dry-run``.
-HASH_EXCLUDED_FIELDS = frozenset({"family", "description", "citation", "default_seeds", "expected_train_size"})
+#: ``description`` and ``citation`` are for people; ``default_seeds`` and ``protocols`` say which runs a
+#: suite makes (each run's seed and protocol are in its own key); ``expected_train_size`` only feeds
+#: ``--dry-run``.
+HASH_EXCLUDED_FIELDS = frozenset({"family", "description", "citation", "default_seeds", "expected_train_size",
+                                  "protocols"})
 
 
 def task_content_hash(spec: TaskSpec) -> str:

@@ -2,7 +2,8 @@
 
 Layout under the output folder::
 
-    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head)
+    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head,
+                                                                      linear, shots5-knn, linear-cls+mean)
         config.json          what defines the run (resolved task spec, backbone, plan, ...)
         predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars): labels, logits
                              (float32) and the probabilities derived from them (see medbench.predictions)
@@ -18,6 +19,7 @@ Layout under the output folder::
         .lock                held (flock) by the process training the run
         .<file>.<random>.<pid>@<host>.tmp   a file being written (utils.atomic_path); one left by a
                              killed writer is removed when the run is next claimed (see RunDir.claim)
+    features/            the probes' feature cache (see medbench.store.features)
     leaderboard.json
 
 **The key.** ``<key>`` is :func:`medbench.run.request.run_key`: a sha256 of
