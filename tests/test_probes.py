@@ -538,9 +538,8 @@ def test_fine_tuning_keys_do_not_change_and_probe_settings_enter_the_key() -> No
     from medbench.spec import ResolvedTask
     from medbench.spec.model import TaskSpec
     from medbench.store import STORE_FORMAT
+    from medbench.train.numerics import TRAINING_NUMERICS
     from medbench.utils import sha256_json
-
-    import medbench
 
     spec = TaskSpec.model_validate({"task": "k", "version": 1, "family": "t", "type": "binary", "labels": ["a"],
                                     "dataset": {"name": "d", "adapter": "synthetic"}})
@@ -550,7 +549,7 @@ def test_fine_tuning_keys_do_not_change_and_probe_settings_enter_the_key() -> No
     old_fields = {k: v for k, v in asdict(req).items() if v is not None and k not in ("protocol", "pooling")}
     expected = sha256_json({"store_format": STORE_FORMAT, "request": {**old_fields, "weights": None},
                             "task_hash": task.hash, "data": "fp", "ood": [], "plan": {"p": 1}, "input": None,
-                            "world_size": 1, "medbench": medbench.__version__})
+                            "world_size": 1, "training_numerics": TRAINING_NUMERICS})
     assert run_key(req, task, "fp", None, plan={"p": 1}) == expected
     bb = get_backbone("cbr-tiny")
     finetune = run_key(_canonical_variant(replace(req, protocol="finetune"), bb), task, "fp", None, plan={"p": 1})

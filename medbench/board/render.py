@@ -215,10 +215,8 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
             out.append(f"* {md_cell(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
             out += [f"  * {md_cell(line)}" for line in warning_lines(e)]
     protocols, prows = protocol_table(board)
+    protocol_lines: list[str] = []
     if protocols:
-        out += ["", "## Protocols side by side", "",
-                "Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full training set "
-                "has one seed: its fit is deterministic). **Bold**: best of its task within the protocol.", ""]
         table_rows = []
         for (task, backbone, init), by in prows:
             metric = next(iter(by.values()))["headline"]["metric"]
@@ -228,7 +226,10 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
                 value = mean_std(e["headline"]) if e else "–"
                 cells.append(f"**{value}**" if e and mark(e) == "best" else value)
             table_rows.append([task, backbone, init, metric, *cells])
-        out += md_table(["task", "backbone", "init", "metric", *protocols], table_rows)
+        protocol_lines = ["Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full training "
+                          "set has one seed: its fit is deterministic). **Bold**: best of its task within the protocol.",
+                          "", *md_table(["task", "backbone", "init", "metric", *protocols], table_rows)]
+    out += _md_section("Protocols", protocol_lines, "One protocol in this board: nothing to put side by side.")
     for title, section, empty in (
             ("Significance", _md_significance(board), "One entry per task: nothing to compare."),
             ("Calibration", _md_calibration(board), "No calibration blocks in this board."),
