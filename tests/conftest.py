@@ -3,8 +3,10 @@
 The suite runs in parallel (pytest-xdist, ``-n auto --dist loadgroup`` in pyproject.toml). Every test is
 in the group of its file, so a file runs on one worker and its module fixtures are built once; the tests
 of every file that use the smoke suite's run store (``smoke_run``) form one group, so one worker trains
-it while the others run other files. :func:`built_once` builds a session-wide result once for all
-workers (a file lock), should tests of two workers ever need it.
+it while the others run other files; the longest groups are handed out first (``LONG_GROUPS``).
+:func:`built_once` builds a session-wide result once for all workers (a file lock), should tests of two workers
+ever need it. :func:`run_cli` runs each command in a process of its own forked from a per-worker server that
+imported the heavy libraries once (tests/cli_server.py; ``fresh=True`` for a new interpreter).
 """
 
 from __future__ import annotations
@@ -54,13 +56,45 @@ def without_progress(err: str) -> str:
     return "".join(ln for ln in err.splitlines(keepends=True) if not PROGRESS_LINE.match(ln))
 
 
+_SERVER: dict[str, object] = {}
+
+
+def _cli_server(env: dict[str, str]):
+    """This worker's :class:`cli_server.CliServer`, started on first use; None when it cannot start (then every
+    command gets a fresh interpreter, slower but the same) or when MEDBENCH_TEST_FRESH_CLI=1."""
+    if os.environ.get("MEDBENCH_TEST_FRESH_CLI") == "1" or not hasattr(os, "fork"):
+        return None
+    if "server" not in _SERVER:
+        from cli_server import CliServer
+
+        try:
+            _SERVER["server"] = CliServer(env, Path.cwd())
+        except Exception as err:  # pragma: no cover - e.g. a preloaded module started a thread
+            import warnings
+
+            warnings.warn(f"CLI server not started, every command starts Python: {err}", stacklevel=2)
+            _SERVER["server"] = None
+    return _SERVER["server"]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = _SERVER.pop("server", None)
+    if server is not None:
+        server.close()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 900) -> subprocess.CompletedProcess:
-    """``medbench ARGS`` in a subprocess, as a user runs it."""
+            timeout: float = 900, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``medbench ARGS`` in a process of its own, as a user runs it: forked from this worker's CLI server
+    (tests/cli_server.py: torch and the rest imported once), or ``python -m medbench.cli`` in a fresh
+    interpreter when ``fresh`` is set or ``env`` changes a variable read at import time."""
     # in-process DeepSpeed tests set the process-group variables here (and hold MASTER_PORT);
     # a CLI subprocess must choose its own port, as a user's process does
     inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARS}
     full_env = {**inherited, **(env or {})}
+    server = None if fresh else _cli_server(inherited)
+    if server is not None and server.forkable(full_env):
+        return server.run(list(args), full_env, cwd, timeout)
     return subprocess.run([sys.executable, "-m", "medbench.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
 
@@ -73,12 +107,29 @@ def cli():
 #: tests using these session fixtures run on one worker, whatever their file (see the module docstring)
 SHARED_FIXTURE_GROUPS = {"smoke_run": "smoke-run-store"}
 
+#: the groups that take longest on one worker (a file with a long fixture is one serial chain), handed out first
+#: so that the short files fill the other worker meanwhile and both end together; the rest keep file order
+#: (``--no-loadscope-reorder`` in pyproject.toml: xdist would otherwise sort groups by their number of tests).
+#: Longest first, as measured with ``python -m pytest -n 2 --durations=0`` (docs/performance.md, "The test
+#: suite"); a new long file belongs here.
+LONG_GROUPS = ("smoke-run-store", "tests/test_walkthrough.py", "tests/test_transfusion.py", "tests/test_data_cxr.py",
+               "tests/test_dispatch.py", "tests/test_axes_cli.py", "tests/test_kill_resume.py", "tests/test_cli.py",
+               "tests/test_data_parallel.py")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = {}
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in fixtures), item.nodeid.split("::")[0])
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = group
+    rank = {g: i for i, g in enumerate(LONG_GROUPS)}
+    first_seen = {}
+    for item in items:
+        first_seen.setdefault(groups[item], len(first_seen))
+    # each group's tests together (xdist hands out a group where it first appears), long groups first
+    items.sort(key=lambda it: (rank.get(groups[it], len(rank)), first_seen[groups[it]]))
 
 
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -56,8 +56,8 @@ def test_same_command_twice_gives_identical_metrics(tmp_path: Path) -> None:
     args = ["run", "--backbone", "cbr-tiny", "--task", "smoke-covidx", "--task", "smoke-cxr", "--seeds", "1",
             "--max-steps", "12"]
     boards = []
-    for name in ("a", "b"):
-        proc = run_cli(*args, "--out", str(tmp_path / name))
+    for name, fresh in (("a", False), ("b", True)):  # b in a fresh interpreter: nothing carried over in memory
+        proc = run_cli(*args, "--out", str(tmp_path / name), fresh=fresh)
         assert proc.returncode == 0, proc.stderr[-2000:]
         boards.append(json.loads((tmp_path / name / "leaderboard.json").read_text()))
     metrics = [[(e["task"], e["metrics"], e["ood"]) for e in b["entries"]] for b in boards]
