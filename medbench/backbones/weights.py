@@ -194,6 +194,95 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+#: weights files that passed :func:`check_weights` in this process: (file, size, mtime, backbone, channels)
+_CHECKED: set[tuple] = set()
+
+
+def _named_tensors(path: Path):
+    """(name, tensor) of every tensor of a weights file, one at a time (a large file is not held whole)."""
+    import numpy as np
+    import torch
+
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            for key in archive.files:
+                array = archive[key]
+                if array.dtype.kind not in "biufc":
+                    raise ValueError(f"array {key!r} has dtype {array.dtype}, not numbers")
+                yield key, torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        yield from read_state_dict(path).items()
+
+
+def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = (3,)) -> None:
+    """Load and check a weights file before any run trains; one :class:`BackboneError` line naming the file
+    (field ``--weights``) when it cannot serve.
+
+    Every tensor is read (a truncated, empty or foreign file fails here; ``.pth`` files through
+    ``torch.load(weights_only=True)``, ``.npz`` without pickles) and must hold finite numbers only (a NaN or
+    infinite value is named with its tensor and count). Then the file is loaded into the architecture
+    built on the meta device (no memory, no compute), for each input channel count the tasks use, by the
+    backbone's own loader, so a missing or misshapen tensor is found now, not when a run starts. A file
+    that passed is not checked again in this process.
+    """
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise BackboneError(f"cannot read weights ({err.strerror or err})", where=path, field="--weights") from None
+    key = (_absolute(path), stat.st_size, stat.st_mtime_ns, backbone.name, tuple(sorted(set(in_chans))))
+    if key in _CHECKED:
+        return
+    if stat.st_size == 0:
+        raise BackboneError("weights file is empty (0 bytes)", where=path, field="--weights")
+    count = 0
+    try:
+        for name, tensor in _named_tensors(path):
+            count += 1
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                continue
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise BackboneError(f"tensor {name!r} holds {bad:,} non-finite values (NaN or infinite) of "
+                                    f"{tensor.numel():,}; expected finite weights (the file is broken: get it "
+                                    "again)", where=path, field="--weights")
+    except BackboneError:
+        raise
+    except Exception as err:  # truncated, not the suffix's format, pickled objects, ...
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise BackboneError(f"cannot read weights: {detail[:300]}", where=path, field="--weights") from None
+    if count == 0:
+        raise BackboneError("file holds no tensors; expected pre-trained weights", where=path, field="--weights")
+    if backbone.load_weights is None:
+        raise BackboneError(f"{backbone.name} cannot load pre-trained weights; use --init random", where=path,
+                            field="--weights")
+    for channels in sorted(set(in_chans)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            try:
+                with torch.device("meta"):
+                    model = backbone.build(num_classes=1, in_chans=channels)
+                backbone.load_weights(model, path)
+            except BackboneError:
+                raise
+            except Exception as err:
+                detail = " ".join(str(err).split()) or type(err).__name__
+                raise BackboneError(f"weights do not load into {backbone.name} ({channels} input channels): "
+                                    f"{detail[:300]}", where=path, field="--weights") from None
+    _CHECKED.add(key)
+
+
 def load_state_dict_into(model: "nn.Module", path: Path, *, classifier: str) -> None:
     """Load every non-head tensor of ``path`` into ``model``; refuse a partial match.
 

@@ -190,7 +190,8 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
 
     # a missing weights file fails here, before any run; the runs get the resolved file's path, and its origin
     # (local weights folder, hub cache, hub download) stays with it (medbench.backbones.weights.file_origin)
-    init, weights = preflight(bb, init, weights)
+    init, weights = preflight(bb, init, weights,
+                              in_chans=tuple(sorted({catalog.task(n).spec.input.channels for n in names})))
     from medbench.analysis.similarity import parse_methods
     from medbench.train.freeze import parse_freeze
 

@@ -70,7 +70,8 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Message
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
     if resolution is not None:  # resolution sweep: another crop, the task's resize/crop ratio kept
         resize, crop = max(resolution, int(round(resolution * resize / crop))), resolution
-    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image)
+    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image,
+                         notice=reporter.message)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
     return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop)

@@ -215,9 +215,14 @@ class Runner:
                             missing_dataset(self.catalog.task(target.task), self.locations) is not None:
                         continue  # skipped (and recorded) when the run gets there
                     self._ood_target(task, target)
+            from medbench.backbones.init import preflight as check_init_and_weights
+
             for req in requests:
-                self.backbone(req.backbone)
                 spec = self.catalog.task(req.task).spec
+                # the one weights preflight: every file read, finite, and loadable into the architecture
+                # (meta device) before anything trains; files already checked in this process are skipped
+                check_init_and_weights(self.backbone(req.backbone), req.init, req.weights,
+                                       in_chans=(spec.input.channels,))
                 plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
                                  max_steps=req.max_steps)
                 check_engine(plan, req.engine, dist)
