@@ -1,13 +1,17 @@
 """Leaderboard plots as inline SVG text (matplotlib, Agg; no files, no network).
 
-Each function takes leaderboard blocks and returns an ``<svg>`` string, or
-None when the board holds nothing to plot. Used by :mod:`medbench.board.render`.
+Each function takes leaderboard blocks and returns an ``<svg>`` element (markup of
+:mod:`medbench.board.html`: checked, names escaped), or None when the board holds nothing to plot.
+Used by :mod:`medbench.board.render`.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medbench.board.html import Markup
 
 
 def _figure(w: float = 5.2, h: float = 3.4):
@@ -17,27 +21,31 @@ def _figure(w: float = 5.2, h: float = 3.4):
     import matplotlib.pyplot as plt
 
     plt.rcParams["svg.fonttype"] = "none"  # text stays text (smaller, selectable)
+    plt.rcParams["text.parse_math"] = False  # names from a board are text, never mathtext ($...$)
+    plt.rcParams["text.usetex"] = False
     fig, ax = plt.subplots(figsize=(w, h), dpi=100)
     return fig, ax
 
 
-def _svg(fig, label: str) -> str:
+def _svg(fig, label: str) -> "Markup":
+    """The figure as inline SVG for the page: checked and re-serialised by :func:`medbench.board.html.svg`,
+    ``label`` (which may hold a name from the board) set as escaped attributes."""
     import matplotlib.pyplot as plt
+
+    from medbench.board.html import svg
 
     buf = io.StringIO()
     fig.tight_layout()
     fig.savefig(buf, format="svg", metadata={"Date": None})
     plt.close(fig)
-    text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
-    return text.replace("<svg ", f'<svg class="plot" data-plot="{label}" role="img" aria-label="{label}" ', 1)
+    return svg(buf.getvalue(), {"class": "plot", "data-plot": label, "role": "img", "aria-label": label})
 
 
 def _mean(s: Any) -> float | None:
     return s.get("mean") if isinstance(s, dict) else (s if isinstance(s, (int, float)) else None)
 
 
-def efficiency_curves(entries: list[dict], kind: str) -> str | None:
+def efficiency_curves(entries: list[dict], kind: str) -> "Markup | None":
     """Headline metric vs training fraction (or shots per class), one line per entry, ± std error bars."""
     lines = []
     for e in entries:
@@ -69,7 +77,7 @@ def efficiency_curves(entries: list[dict], kind: str) -> str | None:
     return _svg(fig, f"data-efficiency-{kind}")
 
 
-def shift_heatmap(matrix: dict) -> str | None:
+def shift_heatmap(matrix: dict) -> "Markup | None":
     """Trained on (rows) x evaluated on (columns): the headline metric's seed mean, annotated."""
     import numpy as np
 
@@ -97,7 +105,7 @@ def shift_heatmap(matrix: dict) -> str | None:
     return _svg(fig, "shift-matrix")
 
 
-def calibration_bars(entries: list[dict]) -> str | None:
+def calibration_bars(entries: list[dict]) -> "Markup | None":
     """ECE before and after temperature scaling per entry (seed mean ± std)."""
     rows = []
     for e in entries:
@@ -121,7 +129,7 @@ def calibration_bars(entries: list[dict]) -> str | None:
     return _svg(fig, "calibration-ece")
 
 
-def fairness_groups(entry: dict, attribute: str, metric: str = "auc") -> str | None:
+def fairness_groups(entry: dict, attribute: str, metric: str = "auc") -> "Markup | None":
     """One bar per group of ``attribute``: the metric's seed mean with its test-resampling interval."""
     attr = ((entry.get("fairness") or {}).get("attributes") or {}).get(attribute)
     if not attr:

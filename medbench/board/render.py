@@ -8,8 +8,10 @@ reference rows (``--published``) are listed beside the user's rows of the same
 tasks, marked with their citation.
 
 The HTML page needs no network: CSS and JS are inline, plots are inline SVG
-(matplotlib) and reliability diagrams base64 PNGs read from the run folders
-when they exist. The table sorts on a header click; the URL hash
+(matplotlib) and reliability diagrams base64 PNGs read from the board's own
+run folders (:func:`run_image`: never another path a board lists). Every
+value is escaped by the element builder of :mod:`medbench.board.html`, and a
+Content-Security-Policy lets only the page's own script run. The table sorts on a header click; the URL hash
 ``#sort=COLUMN:asc|desc&view=VIEW`` sorts and selects a view on load
 (``document.body.dataset.sorted`` / ``.view`` say what was applied).
 """
@@ -17,10 +19,11 @@ when they exist. The table sorts on a header click; the URL hash
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 from typing import Any
+
+from medbench.board.html import Markup, el, fragment, json_script, page
 
 DIGITS = 4
 
@@ -205,23 +208,25 @@ JS = r"""
 })();
 """
 
-E = html.escape
+def _td(content: Any, value: Any = None, cls: str = "") -> Markup:
+    return el("td", {"class": cls or None, "data-value": None if value is None else str(value)}, content)
 
 
-def _td(text: Any, value: Any = None, cls: str = "") -> str:
-    dv = "" if value is None else f' data-value="{E(str(value))}"'
-    c = f' class="{cls}"' if cls else ""
-    return f"<td{c}{dv}>{E(str(text))}</td>"
+def _tr(cells: list[Markup], cls: str | None = None, **attrs: Any) -> Markup:
+    return el("tr", {"class": cls, **{k.replace("_", "-"): v for k, v in attrs.items()}}, cells)
 
 
-def _table(headers: list[tuple[str, str]], rows: list[str], *, table_id: str = "", sortable: bool = True) -> str:
-    tid = f' id="{table_id}"' if table_id else ""
-    cls = ' class="sortable"' if sortable else ""
-    head = "".join(f'<th data-col="{E(key)}" aria-sort="none">{E(title)}</th>' for key, title in headers)
-    return f"<table{tid}{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+def _table(headers: list[tuple[str, str]], rows: list[Markup], *, table_id: str = "", sortable: bool = True) -> Markup:
+    head = el("tr", None, [el("th", {"data-col": key, "aria-sort": "none"}, title) for key, title in headers])
+    return el("table", {"id": table_id or None, "class": "sortable" if sortable else None},
+              el("thead", None, head), el("tbody", None, rows))
 
 
-def _overview(board: dict, published: list[dict]) -> str:
+def _note(*content: Any) -> Markup:
+    return el("p", {"class": "note"}, *content)
+
+
+def _overview(board: dict, published: list[dict]) -> Markup:
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
                ("mean", "mean ± std"), ("interval", "interval"), ("seeds", "seeds"), ("p", "p vs best"),
                ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"), ("source", "source")]
@@ -229,23 +234,25 @@ def _overview(board: dict, published: list[dict]) -> str:
     for e in board["entries"]:
         h = e["headline"]
         ci = h.get("ci") or {}
-        rows.append(f'<tr class="entry {mark(e)}" data-key="{E(json.dumps([e["task"], e["backbone"], label(e)]))}">'
-                    + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
-                    + _td(mean_std(h), h.get("mean"), "value") + _td(interval(h), ci.get("low"))
-                    + _td(len(e.get("seeds") or []), len(e.get("seeds") or [])) + _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value"))
-                    + _td(ood_text(e)) + _td(ece_text(e)) + _td("this board") + "</tr>")
+        n_seeds = len(e.get("seeds") or [])
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(h["metric"]),
+                         _td(mean_std(h), h.get("mean"), "value"), _td(interval(h), ci.get("low")),
+                         _td(n_seeds, n_seeds),
+                         _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value")),
+                         _td(ood_text(e)), _td(ece_text(e)), _td("this board")],
+                        f"entry {mark(e)}", data_key=json.dumps([e["task"], e["backbone"], label(e)])))
     for e in published:
         h = e["headline"]
-        rows.append('<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
-                    + _td(published_value(e), h.get("mean"), "value") + _td("–") + _td(h.get("n") or "–", h.get("n"))
-                    + _td("–") + _td("–") + _td("–") + _td(f"published: {e.get('citation')}") + "</tr>")
-    note = ("<p class='note'>Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed "
-            "mean over test resamples. <b>Bold</b>: best entry of its task; <i>italics</i>: not significantly "
-            f"different from the best{E(_method_note(board))}. Click a header to sort.</p>")
-    return note + _table(headers, rows, table_id="board-table")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(h["metric"]),
+                         _td(published_value(e), h.get("mean"), "value"), _td("–"), _td(h.get("n") or "–", h.get("n")),
+                         _td("–"), _td("–"), _td("–"), _td(f"published: {e.get('citation')}")], "published"))
+    note = _note("Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed mean over "
+                 "test resamples. ", el("b", None, "Bold"), ": best entry of its task; ", el("i", None, "italics"),
+                 f": not significantly different from the best{_method_note(board)}. Click a header to sort.")
+    return fragment(note, _table(headers, rows, table_id="board-table"))
 
 
-def _significance(board: dict) -> str:
+def _significance(board: dict) -> Markup:
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("best", "best"), ("tied", "tied with best"),
                ("delta", "Δ vs best"), ("interval", "paired interval"), ("p", "p")]
     rows = []
@@ -255,51 +262,100 @@ def _significance(board: dict) -> str:
             continue
         vs = sig.get("vs_best") or {}
         ci = vs.get("ci") or {}
-        rows.append(f'<tr class="{mark(e)}">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
-                    + _td(num(sig["best"])) + _td(num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""))
-                    + _td(num(vs.get("delta")), vs.get("delta")) + _td(f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–")
-                    + _td(num(vs.get("p_value")), vs.get("p_value")) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(num(sig["best"])),
+                         _td(num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else "")),
+                         _td(num(vs.get("delta")), vs.get("delta")),
+                         _td(f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–"),
+                         _td(num(vs.get("p_value")), vs.get("p_value"))], mark(e) or None))
     method = board.get("significance")
-    text = (f"<p class='note'>Test: {E(method['test'])}; alpha = {method['alpha']}; grouped by "
-            f"{', '.join(method['group_by'])}.</p>") if method else "<p class='note'>One entry per task: nothing to compare.</p>"
-    return text + (_table(headers, rows) if rows else "")
+    if method:
+        note = _note(f"Test: {method['test']}; alpha = {method['alpha']}; grouped by "
+                     f"{', '.join(map(str, method['group_by']))}.")
+    else:
+        note = _note("One entry per task: nothing to compare.")
+    return fragment(note, _table(headers, rows) if rows else None)
 
 
-def _reliability_images(e: dict, limit: int = 1) -> list[str]:
+#: a reliability diagram larger than this is not embedded (ours are tens of KB)
+MAX_EMBEDDED_IMAGE_BYTES = 4 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_image(entry: dict, path: str) -> tuple[bytes | None, str]:
+    """The bytes of a figure the board names, or (None, why not). Only the reliability diagram medbench
+    writes in a run folder of this very entry (``calibration/reliability-test.png`` of one of its ``runs``:
+    a complete run folder, the file inside it once links are resolved, checked against the digest the
+    run's ``result.json`` recorded), a PNG by its signature, at most :data:`MAX_EMBEDDED_IMAGE_BYTES`.
+    Any other path a board lists (``/home/you/secret.png``) is never read."""
+    import os
+
+    from medbench.errors import MedbenchError
+    from medbench.paths import is_inside
+    from medbench.store import RunDir
+    from medbench.store.scores import RELIABILITY
+
+    wanted = os.path.realpath(path)
+    for run_path in entry.get("runs") or []:
+        if not isinstance(run_path, str):
+            continue
+        run = RunDir(Path(run_path))
+        candidate = run.path / RELIABILITY
+        if os.path.realpath(candidate) != wanted:
+            continue
+        if not is_inside(os.path.realpath(run.path), wanted):
+            return None, "it lies outside its run folder"
+        if not run.complete:
+            return None, "its run folder holds no complete run"
+        try:
+            if candidate.stat().st_size > MAX_EMBEDDED_IMAGE_BYTES:
+                return None, "it is larger than a reliability diagram"
+            data = run.read_bytes(RELIABILITY)
+        except (OSError, MedbenchError) as err:
+            return None, str(err)
+        if not data.startswith(PNG_SIGNATURE):
+            return None, "it is not a PNG"
+        return data, ""
+    return None, "it is not the reliability diagram of one of this entry's runs"
+
+
+def _reliability_images(e: dict, limit: int = 1) -> list[Markup]:
     out = []
     for p in ((e.get("calibration") or {}).get("reliability_diagrams") or [])[:limit]:
-        path = Path(p)
-        if path.is_file() and path.suffix.lower() == ".png":
-            data = base64.b64encode(path.read_bytes()).decode()
-            out.append(f'<figure><img class="reliability" data-plot="reliability" alt="reliability diagram" '
-                       f'src="data:image/png;base64,{data}"><figcaption>{E(e["task"])} · {E(e["backbone"])} '
-                       f'({E(label(e))}), run {E(path.parent.parent.name)}</figcaption></figure>')
+        if not isinstance(p, str):
+            continue
+        data, why = run_image(e, p)
+        if data is None:
+            out.append(_note(f"Reliability diagram {p} not shown: {why}."))
+            continue
+        src = "data:image/png;base64," + base64.b64encode(data).decode()
+        out.append(el("figure", None,
+                      el("img", {"class": "reliability", "data-plot": "reliability", "alt": "reliability diagram",
+                                 "src": src}),
+                      el("figcaption", None, f"{e['task']} · {e['backbone']} ({label(e)}), run {Path(p).parent.parent.name}")))
     return out
 
 
-def _calibration(board: dict) -> str:
+def _calibration(board: dict) -> Markup:
     from medbench.board.plots import calibration_bars
 
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("ece_b", "ECE"), ("ece_a", "ECE (T-scaled)"),
                ("brier_b", "Brier"), ("nll_b", "NLL")]
     rows = []
-    imgs: list[str] = []
+    imgs: list[Markup] = []
     for e in board["entries"]:
         cal = e.get("calibration")
         if not cal:
             continue
         b, a = cal.get("before") or {}, cal.get("after") or {}
-        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
-                    + "".join(_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll")))
-                    + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e))]
+                        + [_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll"))]))
         imgs += _reliability_images(e)
     if not rows:
-        return "<p class='note'>No calibration blocks in this board.</p>"
-    plot = calibration_bars(board["entries"]) or ""
-    return _table(headers, rows) + f"<div class='plots'>{plot}{''.join(imgs)}</div>"
+        return _note("No calibration blocks in this board.")
+    return fragment(_table(headers, rows), el("div", {"class": "plots"}, calibration_bars(board["entries"]), imgs))
 
 
-def _fairness(board: dict) -> str:
+def _fairness(board: dict) -> Markup:
     from medbench.board.plots import fairness_groups
 
     parts = []
@@ -314,67 +370,67 @@ def _fairness(board: dict) -> str:
             worst = (a.get("worst_group") or {}).get("auc") if isinstance(a.get("worst_group"), dict) else a.get("worst_group")
             groups = ", ".join(f"{g}: {num(_m(b.get('auc')))}" for g, b in (a.get("groups") or {}).items()
                                if isinstance(b, dict))
-            rows.append("<tr>" + _td(name) + _td(worst if isinstance(worst, str) else "varies")
-                        + _td(mean_std((a.get("gap") or {}).get("auc")), _m((a.get("gap") or {}).get("auc")))
-                        + _td(mean_std(a.get("equalized_odds_difference")), _m(a.get("equalized_odds_difference")))
-                        + _td(groups) + "</tr>")
-        plots = [p for p in (fairness_groups(e, n) for n in list(attrs)[:3]) if p]
-        parts.append(f"<h3>{E(e['task'])} · {E(e['backbone'])} ({E(label(e))})</h3>" + _table(headers, rows)
-                     + f"<div class='plots'>{''.join(plots)}</div>")
-    return "".join(parts) or "<p class='note'>No fairness blocks in this board.</p>"
+            rows.append(_tr([_td(name), _td(worst if isinstance(worst, str) else "varies"),
+                             _td(mean_std((a.get("gap") or {}).get("auc")), _m((a.get("gap") or {}).get("auc"))),
+                             _td(mean_std(a.get("equalized_odds_difference")), _m(a.get("equalized_odds_difference"))),
+                             _td(groups)]))
+        plots = [fairness_groups(e, n) for n in list(attrs)[:3]]
+        parts.append(fragment(el("h3", None, f"{e['task']} · {e['backbone']} ({label(e)})"), _table(headers, rows),
+                              el("div", {"class": "plots"}, plots)))
+    return fragment(parts) if parts else _note("No fairness blocks in this board.")
 
 
-def _shift(board: dict) -> str:
+def _shift(board: dict) -> Markup:
     from medbench.board.plots import shift_heatmap
 
     parts = []
     for m in board.get("shift_matrix") or []:
-        rows = ["<tr>" + _td(c["trained_on"]) + _td(c["evaluated_on"]) + _td(c["metric"])
-                + _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"]))
-                + (_td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")) + "</tr>" for c in m["cells"]]
-        plot = shift_heatmap(m) or ""
-        parts.append(f"<h3>{E(m['backbone'])} ({E(m['init'])})</h3><div class='plots'>{plot}</div>"
-                     + _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
-                               ("value", "value"), ("drop", "drop")], rows))
-    return "".join(parts) or "<p class='note'>No OOD targets in this board.</p>"
+        rows = [_tr([_td(c["trained_on"]), _td(c["evaluated_on"]), _td(c["metric"]),
+                     _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"])),
+                     _td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")]) for c in m["cells"]]
+        parts.append(fragment(el("h3", None, f"{m['backbone']} ({m['init']})"),
+                              el("div", {"class": "plots"}, shift_heatmap(m)),
+                              _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
+                                      ("value", "value"), ("drop", "drop")], rows)))
+    return fragment(parts) if parts else _note("No OOD targets in this board.")
 
 
-def _convergence(board: dict) -> str:
+def _convergence(board: dict) -> Markup:
     rows = []
     for e in board["entries"]:
         c = e.get("convergence")
         if not c:
             continue
-        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(c.get("metric", ""))
-                    + _td(mean_std(c.get("steps_to_95")), _m(c.get("steps_to_95")))
-                    + _td(mean_std(c.get("steps_to_99")), _m(c.get("steps_to_99")))
-                    + _td(c.get("total_steps", "–"), c.get("total_steps")) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(c.get("metric", "")),
+                         _td(mean_std(c.get("steps_to_95")), _m(c.get("steps_to_95"))),
+                         _td(mean_std(c.get("steps_to_99")), _m(c.get("steps_to_99"))),
+                         _td(c.get("total_steps", "–"), c.get("total_steps"))]))
     if not rows:
-        return "<p class='note'>No convergence blocks in this board.</p>"
+        return _note("No convergence blocks in this board.")
     return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "validation metric"),
                    ("s95", "steps to 95%"), ("s99", "steps to 99%"), ("total", "total steps")], rows)
 
 
-def _efficiency(board: dict) -> str:
+def _efficiency(board: dict) -> Markup:
     from medbench.board.plots import efficiency_curves
 
-    plots = [p for p in (efficiency_curves(board["entries"], k) for k in ("fraction", "shots")) if p]
+    plots = [efficiency_curves(board["entries"], k) for k in ("fraction", "shots")]
     rows = []
     for e in board["entries"]:
         for kind, curve in (e.get("data_efficiency") or {}).items():
             for p in curve["points"]:
                 s = (p.get("metrics") or {}).get(curve["metric"])
-                rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(kind) + _td(p[curve["x"]], p[curve["x"]])
-                            + _td(mean_std(s), _m(s)) + "</tr>")
-            rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(f"{kind}: normalized area") + _td("–")
-                        + _td(mean_std(curve.get("area")), _m(curve.get("area"))) + "</tr>")
+                rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(kind), _td(p[curve["x"]], p[curve["x"]]),
+                                 _td(mean_std(s), _m(s))]))
+            rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(f"{kind}: normalized area"), _td("–"),
+                             _td(mean_std(curve.get("area")), _m(curve.get("area")))]))
     if not rows:
-        return "<p class='note'>No data-efficiency runs (--fractions/--shots) in this board.</p>"
-    return f"<div class='plots'>{''.join(plots)}</div>" + _table(
-        [("task", "task"), ("backbone", "backbone"), ("kind", "kind"), ("x", "x"), ("value", "headline")], rows)
+        return _note("No data-efficiency runs (--fractions/--shots) in this board.")
+    return fragment(el("div", {"class": "plots"}, plots), _table(
+        [("task", "task"), ("backbone", "backbone"), ("kind", "kind"), ("x", "x"), ("value", "headline")], rows))
 
 
-def _resolution(board: dict) -> str:
+def _resolution(board: dict) -> Markup:
     rows = []
     for e in board["entries"]:
         res = e.get("resolution")
@@ -383,53 +439,56 @@ def _resolution(board: dict) -> str:
         for p in res["points"]:
             s = (p.get("metrics") or {}).get(res["metric"])
             rel = (p.get("relative_to_default") or {})
-            rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(p["crop"], p["crop"]) + _td(mean_std(s), _m(s))
-                        + _td(num(rel.get("delta")), rel.get("delta")) + _td(num(rel.get("p_value")), rel.get("p_value")) + "</tr>")
+            rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(p["crop"], p["crop"]), _td(mean_std(s), _m(s)),
+                             _td(num(rel.get("delta")), rel.get("delta")), _td(num(rel.get("p_value")), rel.get("p_value"))]))
     if not rows:
-        return "<p class='note'>No resolution runs (--resolutions) in this board.</p>"
+        return _note("No resolution runs (--resolutions) in this board.")
     return _table([("task", "task"), ("backbone", "backbone"), ("crop", "crop"), ("value", "headline"),
                    ("delta", "Δ vs default"), ("p", "p")], rows)
 
 
-def _published(published: list[dict]) -> str:
+def _published(published: list[dict]) -> Markup:
     if not published:
-        return "<p class='note'>No published rows for these tasks (or --published not given).</p>"
-    rows = ['<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(e["headline"]["metric"])
-            + _td(published_value(e), e["headline"].get("mean")) + _td(e.get("citation"))
-            + _td(f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}") + "</tr>"
-            for e in published]
+        return _note("No published rows for these tasks (or --published not given).")
+    rows = [_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(e["headline"]["metric"]),
+                 _td(published_value(e), e["headline"].get("mean")), _td(e.get("citation")),
+                 _td(f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}")],
+                "published") for e in published]
     return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
                    ("value", "mean ± std"), ("citation", "citation"), ("paper", "paper's row / column")], rows)
 
 
-def _provenance(board: dict) -> str:
+def _provenance(board: dict) -> Markup:
     rows = []
     for e in board["entries"]:
         p = e.get("provenance") or {}
-        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(p.get("task_version"))
-                    + _td((p.get("task_hash") or "")[:12]) + _td((p.get("data_fingerprint") or "")[:12])
-                    + _td((p.get("weights_sha256") or "–")[:12]) + _td(", ".join(map(str, p.get("seeds") or [])))
-                    + _td((p.get("device") or {}).get("device", "–")) + _td(p.get("medbench_version"))
-                    + _td((p.get("git_sha") or "–")[:12]) + _td(p.get("date")) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(p.get("task_version")),
+                         _td(str(p.get("task_hash") or "")[:12]), _td(str(p.get("data_fingerprint") or "")[:12]),
+                         _td(str(p.get("weights_sha256") or "–")[:12]), _td(", ".join(map(str, p.get("seeds") or []))),
+                         _td((p.get("device") or {}).get("device", "–")), _td(p.get("medbench_version")),
+                         _td(str(p.get("git_sha") or "–")[:12]), _td(p.get("date"))]))
     libs = board["provenance"].get("libraries") or {}
-    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("tv", "task version"),
-                   ("th", "task hash"), ("data", "data fingerprint"), ("w", "weights sha256"), ("seeds", "seeds"),
-                   ("device", "device"), ("mv", "medbench"), ("git", "git sha"), ("date", "date")], rows) + (
-        "<p class='note'>Libraries: " + E(", ".join(f"{k} {v}" for k, v in libs.items() if v)) + "</p>")
+    return fragment(_table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("tv", "task version"),
+                            ("th", "task hash"), ("data", "data fingerprint"), ("w", "weights sha256"),
+                            ("seeds", "seeds"), ("device", "device"), ("mv", "medbench"), ("git", "git sha"),
+                            ("date", "date")], rows),
+                    _note("Libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v)))
 
 
 def render_html(board: dict, published: list[dict] | None = None, title: str = "medbench leaderboard") -> str:
+    """One self-contained page: every value from the board escaped for its context by the element builder
+    (:mod:`medbench.board.html`), a Content-Security-Policy that runs only the page's own script, nothing
+    fetched; the board itself rides along as an inline JSON data block (``#leaderboard-data``)."""
     published = published or []
     prov = board["provenance"]
     sections = {"overview": _overview(board, published), "significance": _significance(board),
                 "calibration": _calibration(board), "fairness": _fairness(board), "shift": _shift(board),
                 "convergence": _convergence(board), "data-efficiency": _efficiency(board),
                 "resolution": _resolution(board), "published": _published(published), "provenance": _provenance(board)}
-    nav = "".join(f'<a href="#view={k}" data-view="{k}">{E(t)}</a>' for k, t in VIEWS)
-    body = "".join(f'<section class="view" id="view-{k}"><h2>{E(t)}</h2>{sections[k]}</section>' for k, t in VIEWS)
+    nav = el("nav", None, [el("a", {"href": f"#view={k}", "data-view": k}, t) for k, t in VIEWS])
+    views = [el("section", {"class": "view", "id": f"view-{k}"}, el("h2", None, t), sections[k]) for k, t in VIEWS]
     meta = (f"created {board.get('created') or '–'} · medbench {prov.get('medbench_version', '–')} · git "
             f"{prov.get('git_sha') or '–'} · {board['schema']} v{board['schema_version']} · {len(board['entries'])} entries")
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{E(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{E(title)}</h1><div class='meta'>{E(meta)}</div>"
-            f"<nav>{nav}</nav>{body}<script>{JS}</script></body></html>\n")
+    body = fragment(el("h1", None, title), el("div", {"class": "meta"}, meta), nav, views,
+                    json_script("leaderboard-data", board))
+    return page(title, CSS, body, JS)
