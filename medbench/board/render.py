@@ -318,15 +318,21 @@ def run_image(entry: dict, path: str) -> tuple[bytes | None, str]:
     return None, "it is not the reliability diagram of one of this entry's runs"
 
 
-def _reliability_images(e: dict, limit: int = 1) -> list[Markup]:
+def _reliability_images(e: dict, limit: int = 1, consider: int = 10) -> list[Markup]:
+    """Up to ``limit`` of the entry's reliability diagrams (of the first ``consider`` paths it lists), and a
+    note for each listed path that is not shown (:func:`run_image` says why)."""
     out = []
-    for p in ((e.get("calibration") or {}).get("reliability_diagrams") or [])[:limit]:
+    shown = 0
+    for p in ((e.get("calibration") or {}).get("reliability_diagrams") or [])[:consider]:
+        if shown >= limit:
+            break
         if not isinstance(p, str):
             continue
         data, why = run_image(e, p)
         if data is None:
             out.append(_note(f"Reliability diagram {p} not shown: {why}."))
             continue
+        shown += 1
         src = "data:image/png;base64," + base64.b64encode(data).decode()
         out.append(el("figure", None,
                       el("img", {"class": "reliability", "data-plot": "reliability", "alt": "reliability diagram",

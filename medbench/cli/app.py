@@ -56,6 +56,15 @@ class LauncherChoice(str, Enum):
     slurm = "slurm"
 
 
+def finite(value: float | None) -> float | None:
+    """typer callback: a float option must be a finite number (``nan``/``inf`` parse as floats)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"expected a finite number, got {value}")
+    return value
+
+
 TASKS_DIR_OPT = typer.Option(None, "--tasks-dir", help="Extra folder of task/suite YAML files (repeatable).")
 ALLOW_OUTSIDE_OPT = typer.Option(
     False, "--allow-outside-data-root", help="Let task specs and label files name absolute paths or paths "

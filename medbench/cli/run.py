@@ -16,7 +16,9 @@ from medbench.cli.app import (
     LauncherChoice,
     PrecisionChoice,
     app,
+    finite,
 )
+from medbench.limits import MAX_BATCH, MAX_JOBS, MAX_SEEDS, MAX_STEPS, MAX_THREADS
 from medbench.cli.console import (
     RichReporter,
     console,
@@ -32,11 +34,11 @@ def run(
     backbone: str = typer.Option(..., "--backbone", "-b", help="Registered backbone name (see 'medbench list backbones')."),
     suite: Optional[List[str]] = typer.Option(None, "--suite", "-s", help="Suite to run (repeatable)."),
     task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to run (repeatable)."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds 0..N-1 per task (default: the task's)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, max=MAX_SEEDS, help="Seeds 0..N-1 per task (default: the task's)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + leaderboard)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, max=MAX_STEPS, help="Cap the schedule at N steps."),
     init: Optional[str] = typer.Option(None, "--init", help="pretrained | random | mean-var | transfusion:K | gabor (default: pretrained if the backbone has weights)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Pre-trained weights file for the backbone."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; train nothing."),
@@ -44,10 +46,10 @@ def run(
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
     zero_stage: int = typer.Option(0, "--zero-stage", min=0, max=2, help="DeepSpeed ZeRO stage."),
     precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32, "--precision", help="fp32 | bf16 | fp16 (CUDA)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, max=MAX_BATCH, help="Per-device micro-batch (gradient accumulation)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: all cores)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
-    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, help="Sustained TFLOP/s for --dry-run time estimates."),
+    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, max=1e9, callback=finite, help="Sustained TFLOP/s for --dry-run time estimates."),
     checkpoint_every: Optional[List[str]] = typer.Option(
         None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
         "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
@@ -58,7 +60,7 @@ def run(
     freeze: Optional[str] = typer.Option(None, "--freeze", help="Frozen features: 'head' (train the head only) or L (freeze the first L blocks)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Per-layer similarity initial vs fine-tuned: cka | svcca | cka,svcca."),
     launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
-    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, max=MAX_JOBS, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
     cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
 ) -> None:

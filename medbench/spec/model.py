@@ -14,36 +14,26 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medbench.limits import (
+    MAX_BATCH,
+    MAX_BINS,
+    MAX_IMAGES,
+    MAX_INTERSECTIONS,
+    MAX_LR,
+    MAX_PIXELS,
+    MAX_RESAMPLES,
+    MAX_SEED,
+    MAX_SEEDS,
+    MAX_STEPS,
+    MAX_VALIDATION_POINTS,
+)
 from medbench.paths import name_problem
 from medbench.utils import sha256_json
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
 
-# Bounds of every number a spec (or the command line, which uses the same constants) can set: far beyond
-# any study's needs, and far from what would overflow, exhaust memory or run for hours before failing.
+# Bounds of every number a spec (or the command line) can set: medbench.limits, one place for both.
 # Floats must be finite everywhere (``.inf``/``.nan`` are refused at parse time, naming the field).
-#: image sizes in px: ``input.resize``, ``input.crop``, resolution variants
-MAX_PIXELS = 8192
-#: ``hyperrule.batch_size`` and ``--micro-batch``
-MAX_BATCH = 65_536
-#: ``hyperrule.base_lr`` (learning rate per 512 images; BiT uses 0.003)
-MAX_LR = 10.0
-#: schedule boundaries and ``--max-steps``
-MAX_STEPS = 100_000_000
-#: every seed (split, run, bootstrap): numpy's seed sequences take any non-negative integer; 32 bits suffice
-MAX_SEED = 2**32 - 1
-#: seeds per task (``default_seeds``, ``--seeds``)
-MAX_SEEDS = 1000
-#: bootstrap resamples
-MAX_RESAMPLES = 100_000
-#: calibration bins
-MAX_BINS = 10_000
-#: images: ``expected_train_size``, ``scoring.min_group_size``, shots per class
-MAX_IMAGES = 1_000_000_000
-#: attributes crossed into subgroups
-MAX_INTERSECTIONS = 8
-#: validation passes during training
-MAX_VALIDATION_POINTS = 10_000
 
 
 class _Strict(BaseModel):
