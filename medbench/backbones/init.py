@@ -130,11 +130,13 @@ def needs_weights(name: str) -> bool:
 
 
 def preflight(backbone: "Backbone", init: str | None, weights: Path | None,
-              in_chans: tuple[int, ...] = (3,)) -> tuple[str, Path | None]:
+              in_chans: tuple[int, ...] = ()) -> tuple[str, Path | None]:
     """Check the init scheme, find the weights and check them before any run starts: (init, weights file or
-    None). The file is read whole and loaded into the architecture on the meta device for each of
-    ``in_chans`` (the tasks' input channels): a broken, truncated, foreign or NaN file is one line naming it
-    here, exit 2, not a failure of every run (:func:`medbench.backbones.weights.check_weights`)."""
+    None). Every tensor of the file is read and must be finite, and the file is loaded into the architecture
+    on the meta device for each of ``in_chans`` (the tasks' input channels; none given: the contents only,
+    ``Runner.preflight`` checks again with its tasks' channels): a broken, truncated, foreign or NaN file is
+    one line naming it here, exit 2, not a failure of every run
+    (:func:`medbench.backbones.weights.check_weights`)."""
     init = init or backbone.default_init
     name, arg = parse_init(init)
     if _SCHEMES[name].check_arg is not None:

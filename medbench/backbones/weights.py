@@ -194,7 +194,8 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-#: weights files that passed :func:`check_weights` in this process: (file, size, mtime, backbone, channels)
+#: what passed :func:`check_weights` in this process: (file, size, mtime) for the contents, plus (backbone,
+#: input channels) for loading into an architecture
 _CHECKED: set[tuple] = set()
 
 
@@ -221,16 +222,16 @@ def _named_tensors(path: Path):
         yield from read_state_dict(path).items()
 
 
-def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = (3,)) -> None:
+def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = ()) -> None:
     """Load and check a weights file before any run trains; one :class:`BackboneError` line naming the file
     (field ``--weights``) when it cannot serve.
 
     Every tensor is read (a truncated, empty or foreign file fails here; ``.pth`` files through
     ``torch.load(weights_only=True)``, ``.npz`` without pickles) and must hold finite numbers only (a NaN or
     infinite value is named with its tensor and count). Then the file is loaded into the architecture
-    built on the meta device (no memory, no compute), for each input channel count the tasks use, by the
-    backbone's own loader, so a missing or misshapen tensor is found now, not when a run starts. A file
-    that passed is not checked again in this process.
+    built on the meta device (no memory, no compute), for each input channel count of ``in_chans`` (the
+    tasks'), by the backbone's own loader, so a missing or misshapen tensor is found now, not when a run
+    starts. A file that passed is not checked again in this process.
     """
     import warnings
 
@@ -241,10 +242,37 @@ def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = 
         stat = path.stat()
     except OSError as err:
         raise BackboneError(f"cannot read weights ({err.strerror or err})", where=path, field="--weights") from None
-    key = (_absolute(path), stat.st_size, stat.st_mtime_ns, backbone.name, tuple(sorted(set(in_chans))))
-    if key in _CHECKED:
+    file_key = (_absolute(path), stat.st_size, stat.st_mtime_ns)
+    todo = [c for c in sorted(set(in_chans)) if (*file_key, backbone.name, c) not in _CHECKED]
+    if file_key in _CHECKED and not todo:
         return
-    if stat.st_size == 0:
+    if file_key not in _CHECKED:
+        _check_contents(path, stat.st_size)
+        _CHECKED.add(file_key)
+    if backbone.load_weights is None:
+        raise BackboneError(f"{backbone.name} cannot load pre-trained weights; use --init random", where=path,
+                            field="--weights")
+    for channels in todo:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            try:
+                with torch.device("meta"):
+                    model = backbone.build(num_classes=1, in_chans=channels)
+                backbone.load_weights(model, path)
+            except BackboneError:
+                raise
+            except Exception as err:
+                detail = " ".join(str(err).split()) or type(err).__name__
+                raise BackboneError(f"weights do not load into {backbone.name} ({channels} input channels): "
+                                    f"{detail[:300]}", where=path, field="--weights") from None
+        _CHECKED.add((*file_key, backbone.name, channels))
+
+
+def _check_contents(path: Path, size: int) -> None:
+    """Every tensor of the file read and finite (see :func:`check_weights`)."""
+    import torch
+
+    if size == 0:
         raise BackboneError("weights file is empty (0 bytes)", where=path, field="--weights")
     count = 0
     try:
@@ -264,23 +292,6 @@ def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = 
         raise BackboneError(f"cannot read weights: {detail[:300]}", where=path, field="--weights") from None
     if count == 0:
         raise BackboneError("file holds no tensors; expected pre-trained weights", where=path, field="--weights")
-    if backbone.load_weights is None:
-        raise BackboneError(f"{backbone.name} cannot load pre-trained weights; use --init random", where=path,
-                            field="--weights")
-    for channels in sorted(set(in_chans)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
-            try:
-                with torch.device("meta"):
-                    model = backbone.build(num_classes=1, in_chans=channels)
-                backbone.load_weights(model, path)
-            except BackboneError:
-                raise
-            except Exception as err:
-                detail = " ".join(str(err).split()) or type(err).__name__
-                raise BackboneError(f"weights do not load into {backbone.name} ({channels} input channels): "
-                                    f"{detail[:300]}", where=path, field="--weights") from None
-    _CHECKED.add(key)
 
 
 def load_state_dict_into(model: "nn.Module", path: Path, *, classifier: str) -> None:
