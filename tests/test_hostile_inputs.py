@@ -320,6 +320,8 @@ YAML = {
     "duplicate-key-in-base": (task("", extra_files={"_hbase.yaml": BASE + "type: multiclass\n"}),
                               ["_hbase.yaml", "included by", ": line ", "duplicate key 'type'"]),
     "duplicate-task-key": (task("task: y\n"), ["x.yaml", ": line 3: ", "duplicate key 'task' (first at line 1)"]),
+    "infinite-number-in-cluster-config": (_cluster("timeout_min: .inf\n"),
+                                          ["cluster.yaml", ": --cluster-config: ", "timeout_min: expected a finite"]),
     "duplicate-key-in-cluster-config": (_cluster("timeout_min: 10\ntimeout_min: 100000\n"),
                                         ["cluster.yaml", ": --cluster-config: ", "line 2", "duplicate key"]),
     "oversized-yaml": (task("description: '" + "x" * (1 << 20) + "'\n"), ["x.yaml", "larger than 1024 KiB"]),
@@ -730,7 +732,25 @@ def _not_embedded(c: Ctx, output: str) -> None:
     assert "not shown" in page
 
 
+TERMINAL = "x[/]\x1b]0;retitled\x07\x1b[2J[link=file:///etc/passwd]y[/link]\x9b31m"
+
+
+def _board_with_names(c: Ctx) -> list[str]:
+    """The store's board with the entry's names full of rich markup and terminal control sequences."""
+    board = json.loads((c.store / "leaderboard.json").read_text())
+    e = board["entries"][0]
+    e["task"], e["backbone"], e["init"] = TERMINAL, TERMINAL, TERMINAL
+    (c.tmp / "board.json").write_text(json.dumps(board))
+    return ["compare", str(c.tmp / "board.json"), str(c.tmp / "board.json")]
+
+
+def _terminal_untouched(c: Ctx, output: str) -> None:
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", output.replace("\n", ""))  # no control sequence
+    assert "x[/]" in output and "[link=" in output  # markup shown as text (the cell may wrap)
+
+
 BOARDS = {
+    "compare-names-with-markup-and-terminal-codes": (_board_with_names, [], 0, _terminal_untouched),
     "render-never-embeds-another-png": (_board_naming(_secret_png), [], 0, _not_embedded),
     "render-checks-the-recorded-digest": (_board_naming(_text_as_png(False)), [], 0, _not_embedded),
     "render-checks-the-png-signature": (_board_naming(_text_as_png(True)), [], 0, _not_embedded),

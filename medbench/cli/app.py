@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         else:  # typer/click's own argument errors (missing option, bad value, unknown command, ...)
             ctx = getattr(err, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            print(f"medbench: error: {' '.join(err.format_message().split())}{where}", file=sys.stderr)
+            from medbench.cli.console import plain
+
+            print(f"medbench: error: {plain(err.format_message())}{where}", file=sys.stderr)
             code = getattr(err, "exit_code", 2) or 2
     except aborts:
         print("medbench: interrupted; completed runs are kept", file=sys.stderr)
@@ -105,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # an error outside the commands' own handling: still one line
         if DEBUG["on"]:
             raise
-        print(f"medbench: error: unexpected {type(err).__name__}: {' '.join(str(err).split())} "
+        from medbench.cli.console import plain
+
+        print(f"medbench: error: unexpected {type(err).__name__}: {plain(err)} "
               "(--debug shows the traceback)", file=sys.stderr)
         code = 2
     sys.exit(code if isinstance(code, int) else 0)

@@ -26,6 +26,7 @@ from medbench.cli.console import (
     interrupted,
     print_board,
     print_plan,
+    safe,
 )
 
 
@@ -226,7 +227,7 @@ def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max
     runner = Runner(catalog, locations, store, checkpoints=checkpoints)
     outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
                         checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
-                        config=config, config_path=cluster_config, message=console().print,
+                        config=config, config_path=cluster_config, message=lambda text: console().print(safe(text)),
                         preflight=lambda: runner.preflight(requests),  # bad input stops before any job
                         locate=lambda req, world: runner.locate(req, world_size=world))
     if wait:
@@ -275,7 +276,8 @@ def _finish(outcomes, store) -> None:
         con.print(f"{len(busy)} run(s) are being trained by another medbench process; rerun to include them.")
     for o in failed:
         where = f" (details: {o.run_dir.path / 'result.json'})" if o.run_dir else ""
-        con.print(f"[red]failed[/red] {o.request.task} seed {o.request.seed}: {o.error}{where}", soft_wrap=True)
+        con.print(f"[red]failed[/red] {safe(o.request.task)} seed {o.request.seed}: {safe(o.error)}{safe(where)}",
+                  soft_wrap=True)
     con.print(f"leaderboard: {store.leaderboard_path()}")
     sys.stdout.flush()
     if failed:

@@ -11,7 +11,7 @@ import typer
 
 from medbench.cli.app import app, finite
 from medbench.limits import MAX_BINS, MAX_IMAGES, MAX_INTERSECTIONS, MAX_RESAMPLES
-from medbench.cli.console import console, fail, print_board, print_published, score_line
+from medbench.cli.console import console, fail, plain, print_board, print_published, row, score_line
 
 
 class BinningChoice(str, Enum):
@@ -43,7 +43,7 @@ def score(
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
         for r in runs:
             scores = rescore(r, overrides)
-            print(f"{r.path}: {score_line(scores)}")
+            print(plain(f"{r.path}: {score_line(scores)}"))
     except typer.Exit:
         raise
     except Exception as err:
@@ -152,7 +152,7 @@ def paired(
     for t, r in results.items():
         ci = r["ci"]
         fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(t, fmt(r["a"]), fmt(r["b"]), fmt(r["delta"]),
+        row(table, t, fmt(r["a"]), fmt(r["b"]), fmt(r["delta"]),
                       f"[{ci['low']:.4f}, {ci['high']:.4f}] ({r['level']:.0%})" if ci else "-",
                       f"{r['p_value']:.4f}" if r["p_value"] is not None else "-", r["better"] or "n.s.",
                       f"{r['seeds']['a']}/{r['seeds']['b']}")

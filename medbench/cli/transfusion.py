@@ -11,7 +11,7 @@ import typer
 
 from medbench.cli.app import ALLOW_OUTSIDE_OPT, TASKS_DIR_OPT, EngineChoice, app
 from medbench.limits import MAX_BATCH, MAX_SEEDS, MAX_STEPS, MAX_THREADS
-from medbench.cli.console import RichReporter, console, fail
+from medbench.cli.console import RichReporter, console, fail, safe
 from medbench.cli.run import check_writable
 
 
@@ -94,10 +94,10 @@ def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds,
                                + f"\n**{t}: Table 2**\n\n" + markdown_table(report["table2"])
                                + f"\n**{t}: similarity per layer**\n\n" + similarity_markdown(report)))
             for name, path in files.items():
-                con.print(f"{name}: {path}")
+                con.print(f"{safe(name)}: {safe(path)}")
     for o in failed:
-        console().print(f"[red]failed[/red] {o.request.task} {o.request.backbone} {o.request.init} seed "
-                         f"{o.request.seed}: {o.error}", soft_wrap=True)
+        console().print(f"[red]failed[/red] {safe(o.request.task)} {safe(o.request.backbone)} {safe(o.request.init)} "
+                         f"seed {o.request.seed}: {safe(o.error)}", soft_wrap=True)
     sys.stdout.flush()
     if failed:
         raise typer.Exit(1)

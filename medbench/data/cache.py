@@ -275,7 +275,9 @@ def _read_meta(path: Path) -> dict | None:
     except (OSError, ValueError, RecursionError):
         return None
     ok = isinstance(meta, dict) and isinstance(meta.get("shape"), list) and len(meta["shape"]) == 4 \
-        and all(isinstance(x, int) and x >= 0 for x in meta["shape"]) and isinstance(meta.get("bad", []), list)
+        and all(isinstance(x, int) and x >= 0 for x in meta["shape"]) and isinstance(meta.get("bad", []), list) \
+        and all(isinstance(b, dict) and isinstance(b.get("row"), int) and 0 <= b["row"] < meta["shape"][0]
+                for b in meta.get("bad", []))
     return meta if ok else None
 
 

@@ -28,6 +28,7 @@ MASTER_PORT), so the run is data-parallel exactly as under torchrun.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -150,6 +151,10 @@ class ClusterConfig:
         if not isinstance(data, dict):
             raise SpecError("expected a mapping of submitit parameters (slurm_partition, gpus_per_node, "
                             "timeout_min, ...)", where=str(path), field="--cluster-config")
+        bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise SpecError(f"{bad[0]}: expected a finite number, got {data[bad[0]]}", where=str(path),
+                            field="--cluster-config")
         return cls(dict(data))
 
 
