@@ -133,10 +133,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         else:
             os.environ["MEDBENCH_CACHE"] = old_cache
     runs = list((store / "runs").glob("*/*/*"))
-    assert len(runs) == 1 and (runs[0] / "result.json").is_file()
-    result = json.loads((runs[0] / "result.json").read_text())
-    assert result["status"] == "ok" and "metrics.json" in result["files"]
-    assert "predictions/test.parquet" in result["files"]
+    assert len(runs) == 1 and json.loads((runs[0] / "result.json").read_text())["status"] == "ok"
     return {"tasks": tasks, "data": data, "store": store, "cache": cache, "snapshot": snapshot(store)}
 
 
@@ -810,6 +807,17 @@ def test_hostile_input(name: str, ctx: Ctx, trained: dict, capsys: pytest.Captur
 
 
 # ---------------------------------------------------------------------------------------------- legitimate use
+
+def test_a_completed_run_records_the_digest_of_every_file(trained: dict) -> None:
+    """result.json holds the sha256 of every other file of the run folder (hashlib over the bytes on disk)."""
+    run = next((trained["store"] / "runs").glob("*/*/*"))
+    files = json.loads((run / "result.json").read_text())["files"]
+    on_disk = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*")
+               if p.is_file() and p.name != "result.json" and not p.name.startswith(".")}
+    assert files == on_disk
+    assert {"metrics.json", "bootstrap.parquet", "config.json", "history.json", "predictions/test.parquet",
+            "predictions/val.parquet", "calibration/reliability-test.png"} <= set(files)
+
 
 def test_a_rescore_is_recorded_and_accepted(ctx: Ctx, capsys: pytest.CaptureFixture) -> None:
     """`medbench score` with other settings rewrites metrics.json and records its new digest: the

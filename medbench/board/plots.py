@@ -41,8 +41,23 @@ def _svg(fig, label: str) -> "Markup":
     return svg(buf.getvalue(), {"class": "plot", "data-plot": label, "role": "img", "aria-label": label})
 
 
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, else None (a board's numbers are only checked for their JSON type)."""
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
 def _mean(s: Any) -> float | None:
-    return s.get("mean") if isinstance(s, dict) else (s if isinstance(s, (int, float)) else None)
+    return _number(s.get("mean")) if isinstance(s, dict) else _number(s)
+
+
+def _spread(s: Any) -> float:
+    """The std of a summary as a non-negative error bar (0 when absent or not a number)."""
+    v = _number(s.get("std")) if isinstance(s, dict) else None
+    return abs(v) if v is not None else 0.0
 
 
 def efficiency_curves(entries: list[dict], kind: str) -> "Markup | None":
@@ -55,11 +70,12 @@ def efficiency_curves(entries: list[dict], kind: str) -> "Markup | None":
         xs, ys, err = [], [], []
         for p in curve["points"]:
             s = (p.get("metrics") or {}).get(curve["metric"]) or {}
-            if s.get("mean") is None:
+            x = _number(p.get(curve["x"]))
+            if _mean(s) is None or x is None:
                 continue
-            xs.append(p[curve["x"]])
-            ys.append(s["mean"])
-            err.append(s.get("std") or 0.0)
+            xs.append(x)
+            ys.append(_mean(s))
+            err.append(_spread(s))
         if xs:
             lines.append((f"{e['task']} · {e['backbone']} ({e['init']})", xs, ys, err, curve["metric"]))
     if not lines:
@@ -120,7 +136,7 @@ def calibration_bars(entries: list[dict]) -> "Markup | None":
     fig, ax = _figure(max(4.0, 0.9 * len(rows) + 2), 3.2)
     x = np.arange(len(rows))
     for off, idx, label in ((-0.2, 1, "before"), (0.2, 2, "after T-scaling")):
-        ax.bar(x + off, [_mean(r[idx]) for r in rows], 0.4, yerr=[(r[idx].get("std") or 0) for r in rows],
+        ax.bar(x + off, [_mean(r[idx]) for r in rows], 0.4, yerr=[_spread(r[idx]) for r in rows],
                capsize=2, label=label)
     ax.set_xticks(x, [r[0] for r in rows], fontsize=7)
     ax.set_ylabel("ECE")
@@ -140,11 +156,12 @@ def fairness_groups(entry: dict, attribute: str, metric: str = "auc") -> "Markup
         m = _mean(s)
         if m is None:
             continue
-        ci = s.get("ci") if isinstance(s, dict) else None
+        ci = s.get("ci") if isinstance(s, dict) and isinstance(s.get("ci"), dict) else {}
+        low, high = _number(ci.get("low")), _number(ci.get("high"))
         names.append(f"{g}\n(n={block.get('n')})")
         means.append(m)
-        lo.append(m - ci["low"] if ci and ci.get("low") is not None else 0.0)
-        hi.append(ci["high"] - m if ci and ci.get("high") is not None else 0.0)
+        lo.append(max(0.0, m - low) if low is not None else 0.0)  # an interval that misses its mean: no bar
+        hi.append(max(0.0, high - m) if high is not None else 0.0)
     if not names:
         return None
     fig, ax = _figure(max(3.0, 0.7 * len(names) + 1.8), 2.8)
