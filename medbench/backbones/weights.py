@@ -229,9 +229,10 @@ def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = 
     Every tensor is read (a truncated, empty or foreign file fails here; ``.pth`` files through
     ``torch.load(weights_only=True)``, ``.npz`` without pickles) and must hold finite numbers only (a NaN or
     infinite value is named with its tensor and count). Then the file is loaded into the architecture
-    built on the meta device (no memory, no compute), for each input channel count of ``in_chans`` (the
-    tasks'), by the backbone's own loader, so a missing or misshapen tensor is found now, not when a run
-    starts. A file that passed is not checked again in this process.
+    built on the meta device (no memory, no compute; on the CPU for a builder that cannot build there), for
+    each input channel count of ``in_chans`` (the tasks'), by the backbone's own loader, so a missing or
+    misshapen tensor is found now, not when a run starts. A file that passed is not checked again in this
+    process.
     """
     import warnings
 
@@ -256,7 +257,10 @@ def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
             try:
-                with torch.device("meta"):
+                try:
+                    with torch.device("meta"):
+                        model = backbone.build(num_classes=1, in_chans=channels)
+                except Exception:  # a builder that cannot build on the meta device (a plug-in's): on the CPU
                     model = backbone.build(num_classes=1, in_chans=channels)
                 backbone.load_weights(model, path)
             except BackboneError:
