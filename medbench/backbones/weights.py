@@ -340,7 +340,7 @@ def weights_sha256(path: Path) -> str:
     if memo_path.is_file():
         try:
             memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             memo = {}
     if key not in memo:
         memo[key] = sha256_file(path)

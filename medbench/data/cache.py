@@ -312,7 +312,7 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
         data_path = meta_path.with_suffix(".u8")
         try:
             stored = json.loads((folder / meta["rows"]).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         if len(stored) != n or not data_path.is_file() or _size_problem(data_path, (n, *shape[1:])) is not None:
             continue
