@@ -42,7 +42,7 @@ dataset:
   name: hxdata
   adapter: csv
   options: {csv: labels.csv, path_column: file, path_root: images, path_suffix: .png, patient_column: patient,
-            label_column: finding, classes: {tb: ["1"]}, sex_column: sex}
+            label_columns: {tb: finding}, sex_column: sex}
 type: binary
 labels: [tb]
 attributes: [sex]
@@ -57,7 +57,7 @@ BASE = """\
 version: 1
 family: hostile
 dataset: {name: hxdata, adapter: csv, options: {csv: labels.csv, path_column: file, path_root: images,
-          path_suffix: .png, patient_column: patient, label_column: finding, classes: {tb: ["1"]}}}
+          path_suffix: .png, patient_column: patient, label_columns: {tb: finding}}}
 type: binary
 labels: [tb]
 splits: {fractions: {train: 0.5, val: 0.25, test: 0.25}}
