@@ -79,7 +79,7 @@ def write_dataset(root: Path) -> None:
     (root / "images").mkdir(parents=True)
     rows = ["file,patient,finding,sex"]
     for i in range(N_IMAGES):
-        rows.append(f"img{i:02d},p{i // 2:02d},{i % 2},{'MF'[i // 2 % 2]}")
+        rows.append(f"img{i:02d},p{i:02d},{i % 2},{'MMFF'[i % 4]}")  # both sexes, both labels, in every split
         (root / "images" / f"img{i:02d}.png").write_bytes(png_bytes(i))
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
 
