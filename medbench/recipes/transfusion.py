@@ -207,13 +207,11 @@ def _fmt(s: dict | None, scale: float = 1.0) -> str:
 def _per_label_auc(run_path: Path) -> dict[str, float | None]:
     """Test AUC per label from the run's saved predictions (checked against its result.json; one-vs-rest
     for multiclass)."""
-    from medbench.scoring.classification import binary_auc
+    from medbench.scoring.classification import per_label_auc
     from medbench.store import RunDir
     from medbench.store.scores import load_predictions
 
-    preds = load_predictions(RunDir(run_path), "test", required=True)
-    y, p = preds.y_true(), preds.y_prob()
-    return {name: binary_auc(y[:, k], p[:, k]) for k, name in enumerate(preds.label_names)}
+    return per_label_auc(load_predictions(RunDir(run_path), "test", required=True))
 
 
 def _arms_in_order(runs: list[_Run], inits: tuple[str, ...]) -> list[str]:
