@@ -836,6 +836,84 @@ def test_a_rescore_is_recorded_and_accepted(ctx: Ctx, capsys: pytest.CaptureFixt
     assert board["entries"][0]["headline"]["mean"] == after["test"]["auc"]
 
 
+def _as_scored_by_an_older_medbench(run: Path, version: int = 0) -> bytes:
+    """metrics.json as an older scoring version wrote it, recorded as such in result.json (what an older
+    medbench that recorded digests left behind); returns its bytes."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["scoring"]["scoring_version"] = version
+    metrics["test"]["auc"] = 0.123456  # older code, other numbers
+    data = json.dumps(metrics).encode()
+    (run / "metrics.json").write_bytes(data)
+    result = json.loads((run / "result.json").read_text())
+    result["files"]["metrics.json"] = hashlib.sha256(data).hexdigest()
+    (run / "result.json").write_text(json.dumps(result))
+    return data
+
+
+def test_a_rescore_for_a_new_scoring_version_is_recorded_by_the_same_writer(ctx: Ctx,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """issue 14's re-scoring of runs scored by an older version (``medbench leaderboard`` reusing them) records
+    the new digests in result.json: the board accepts the run, every recorded digest is the file's sha256
+    (hashlib over the bytes on disk), and a later edit is still refused."""
+    from medbench.scoring.version import SCORING_VERSION
+
+    old = _as_scored_by_an_older_medbench(ctx.run)
+    code, out, err = invoke(["leaderboard", str(ctx.store), "-o", str(ctx.tmp / "b.json")], capsys)
+    assert code == 0, err
+    assert "re-scored from its saved predictions" in out + err
+    metrics = json.loads((ctx.run / "metrics.json").read_text())
+    assert metrics["scoring"]["scoring_version"] == SCORING_VERSION and (ctx.run / "metrics.json").read_bytes() != old
+    result = json.loads((ctx.run / "result.json").read_text())
+    on_disk = {str(p.relative_to(ctx.run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in ctx.run.rglob("*")
+               if p.is_file() and p.name != "result.json" and not p.name.startswith(".")}
+    assert result["files"] == on_disk and result["metrics"] == metrics and result["rescored"]
+    board = json.loads((ctx.tmp / "b.json").read_text())
+    assert board["entries"][0]["headline"]["mean"] == metrics["test"]["auc"] != 0.123456
+    _raise_auc(metrics)
+    (ctx.run / "metrics.json").write_text(json.dumps(metrics))
+    edited = snapshot(ctx.store)
+    code, _, err = invoke(["leaderboard", str(ctx.store), "-o", str(ctx.tmp / "c.json")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(ctx.run / "metrics.json") in err and "sha256 differs" in err, err
+    assert snapshot(ctx.store) == edited
+
+
+@pytest.mark.parametrize("command", ["leaderboard", "paired"])
+def test_an_edit_that_claims_an_older_scoring_version_is_refused_not_rescored(command: str, ctx: Ctx,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """A hand edit of metrics.json that also sets an old scoring_version would otherwise be re-scored over (the
+    edit laundered into a legitimate record): it is refused, naming the file, and nothing is written."""
+    metrics = json.loads((ctx.run / "metrics.json").read_text())
+    metrics["scoring"]["scoring_version"] = 0
+    (ctx.run / "metrics.json").write_text(json.dumps(metrics))
+    before = snapshot(ctx.store)
+    argv = (["leaderboard", str(ctx.store), "-o", str(ctx.tmp / "b.json")] if command == "leaderboard"
+            else ["paired", str(ctx.run), str(ctx.run)])
+    code, _, err = invoke(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(ctx.run / "metrics.json") in err and "sha256 differs" in err, err
+    assert snapshot(ctx.store) == before
+
+
+def test_task_new_writes_names_from_the_command_line_and_the_csv_as_data(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """The task file 'medbench task new' writes (issue 17) holds the CSV's file name in a comment: a name with a
+    line break must not become YAML of its own (here a second 'version' key, which the one YAML reader would
+    refuse, and a flow sequence left open)."""
+    from medbench.yamlio import read_yaml
+
+    data = tmp_path / "own"
+    write_dataset(data)
+    csv = data / "labels\nversion: 7\nfamily: [x\n#.csv"
+    (data / "labels.csv").rename(csv)
+    out = tmp_path / "tasks" / "own.yaml"
+    code, _, err = invoke(["task", "new", "own", "--csv", str(csv), "--root", str(data), "--label", "finding",
+                           "--path", "file", "--out", str(out)], capsys)
+    assert code == 0, err
+    spec = read_yaml(out)
+    assert spec["version"] == 1 and spec["dataset"]["name"] == "own" and spec["dataset"]["options"]["csv"] == csv.name
+
+
 def test_dataset_names_the_user_gives_may_point_anywhere(ctx: Ctx, capsys: pytest.CaptureFixture) -> None:
     """The rule binds task files, not the user: --data NAME=PATH may name any folder."""
     elsewhere = ctx.tmp / "far" / "away"
@@ -866,7 +944,11 @@ def test_yaml_merge_keys_and_moderate_aliases_still_read(tmp_path: Path) -> None
 PAYLOAD = ("\"'><script>document.body.dataset.pwned='script'</script>"
            "<img src=x onerror=\"document.body.dataset.pwned='img'\">"
            "<svg onload=\"document.body.dataset.pwned='svg'\"></svg>"
-           "\" autofocus onfocus=\"document.body.dataset.pwned='attr'\" x=\"--!></script><!--\u2028javascript:alert(1)")
+           "\" autofocus onfocus=\"document.body.dataset.pwned='attr'\" x=\"--!></script><!--\u2028javascript:alert(1)"
+           # and the ways out of a Markdown table cell: a cell break, a line break starting a block, links,
+           # images, emphasis, code, an autolink, an entity
+           " | col\n## heading\n- item [a](javascript:alert(1)) ![i](https://evil.example/i.png) **b** _c_ `d` "
+           "<https://evil.example> &#60;script&#62;")
 
 
 def hostile(text: object) -> str:
@@ -990,6 +1072,10 @@ def _hostile_board(board: dict) -> dict:
             cal["reliability_diagrams"] = [hostile(p) for p in cal["reliability_diagrams"]] + cal["reliability_diagrams"]
         if e.get("significance") and e["significance"].get("reason"):
             e["significance"]["reason"] = hostile(e["significance"]["reason"])
+        # issue 14's warnings and issue 20's protocols are strings of a board too
+        e["warnings"] = [*(e.get("warnings") or []),
+                         {"code": hostile("w"), "message": hostile("m"), "variant": hostile("v"), "seeds": [0]}]
+        e["protocol"] = "linear" if e["backbone"].startswith("fake-b") else hostile("knn")
     return out
 
 
@@ -1048,6 +1134,48 @@ def test_hostile_board_renders_as_text(hostile_page: tuple[Path, dict]) -> None:
     assert page.count('data-plot="reliability"') == 2  # each entry's own diagram; the hostile paths are not read
     listed = sum(len(e["calibration"]["reliability_diagrams"]) // 2 for e in board["entries"])
     assert page.count("not shown: it is not the reliability diagram of one of this entry&#x27;s runs") == listed == 4
+
+
+#: what a Markdown board may become in HTML: the structure render_markdown writes, nothing from data
+_MARKDOWN_TAGS = {"h1", "h2", "h3", "p", "table", "thead", "tbody", "tr", "th", "td", "strong", "em", "ul", "li"}
+
+
+def test_the_markdown_board_carries_every_string_as_text(hostile_page: tuple[Path, dict], tmp_path: Path) -> None:
+    """The Markdown board (issue 17; for pull-request comments and papers) rendered by a CommonMark renderer with
+    tables and raw HTML enabled (markdown-it-py, an independent oracle): every payload stays the text of its
+    cell, line or heading: no element, link, image, code span or emphasis from data, no extra row or column, and
+    the table rows keep their number of cells."""
+    from markdown_it import MarkdownIt
+
+    from conftest import run_cli
+
+    page_path, board = hostile_page
+    md_path = tmp_path / "hostile.md"
+    proc = run_cli("render", str(page_path.parent / "hostile.json"), "--format", "md", "-o", str(md_path))
+    assert proc.returncode == 0, proc.stderr
+    md = md_path.read_text()
+    renderer = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    tree = _Tree(renderer.render(md))
+    assert {t for t, _ in tree.tags} <= _MARKDOWN_TAGS, {t for t, _ in tree.tags} - _MARKDOWN_TAGS
+    assert all(attrs == {} for _, attrs in tree.tags)  # no link target, image source or handler anywhere
+    text = "".join(tree.text)
+    one_line = " ".join(PAYLOAD.split())
+    assert text.count(one_line) >= len(board["entries"]) * 3  # task, backbone, init of every entry, as text
+    # the Markdown bold of the best entry is the renderer's, around a number
+    strong = re.findall(r"<strong>(.*?)</strong>", renderer.render(md))
+    assert strong and all(re.fullmatch(r"[0-9.]+ ± [0-9.]+|[0-9.]+|Bold", s) for s in strong), strong
+    lines, width = md.splitlines(), None
+
+    def cells(row: str) -> int:
+        return len(re.split(r"(?<!\\)\|", row)) - 2
+
+    for i, line in enumerate(lines):
+        if not line.startswith("|") or line.startswith("|---"):
+            continue
+        if i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            width = cells(line)  # a table's header
+        else:
+            assert cells(line) == width, line
 
 
 def _chromium_dom(url: str, tmp_path: Path) -> str:

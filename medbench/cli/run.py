@@ -312,7 +312,7 @@ def _finish(outcomes, store) -> None:
     # a run another process was training counts once it is complete
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
-    rescore_outdated(done, console().print)  # runs reused by a launcher, scored by older scoring code
+    rescore_outdated(done, lambda text: console().print(safe(text), soft_wrap=True))  # runs reused by a launcher, scored by older scoring code
     from medbench.utils import undefined_numbers_reported
 
     with undefined_numbers_reported():

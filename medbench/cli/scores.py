@@ -12,7 +12,7 @@ import typer
 
 from medbench.cli.app import app, finite
 from medbench.limits import MAX_BINS, MAX_IMAGES, MAX_INTERSECTIONS, MAX_RESAMPLES
-from medbench.cli.console import console, fail, plain, print_board, print_published, row, score_line
+from medbench.cli.console import console, fail, plain, print_board, print_published, row, safe, score_line
 
 
 class BinningChoice(str, Enum):
@@ -98,7 +98,7 @@ def leaderboard(
         runs = find_run_dirs(run_dirs)
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
-        rescore_outdated(runs, console().print)  # scored by older scoring code: re-scored from the predictions
+        rescore_outdated(runs, lambda text: console().print(safe(text), soft_wrap=True))  # scored by older scoring code: re-scored from the predictions
         base = None
         if baseline:
             name, _, base_init = baseline.partition("@")
@@ -135,7 +135,7 @@ def paired(
             runs = find_run_dirs([p])
             if not runs:
                 raise UsageError("no completed run folders found", where=p, field="RUN_DIR")
-            rescore_outdated(runs, lambda text: print(text, file=sys.stderr))
+            rescore_outdated(runs, lambda text: print(plain(text), file=sys.stderr))
             by_task: dict = {}
             for r in runs:
                 res = r.result()

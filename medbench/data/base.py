@@ -377,6 +377,7 @@ def read_csv_checked(
             infer_schema=False,
             schema_overrides=schema_overrides,
             truncate_ragged_lines=False,
+            glob=False,  # the file named, never a pattern: '[' or '*' in a file name is part of the name
         )
     except Exception as err:  # polars raises several error types for malformed CSV
         ragged = _ragged_line(path, separator)

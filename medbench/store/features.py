@@ -159,7 +159,8 @@ class FeatureEntry:
                                                "sha256": hashlib.sha256(data).hexdigest(), **(meta or {})})
 
     def write_spec(self) -> None:
-        if not (self.path / SPEC).is_file():
+        """``spec.json``, written once (a damaged one again: it is what a later run reads the layout from)."""
+        if (_read_object(self.path / SPEC) or {}).get("key") != self.key:
             atomic_write_json(self.path / SPEC, {"key": self.key, "format": FEATURE_FORMAT, "spec": self.spec,
                                                  "n_rows": self.n_rows, "part_rows": self.part_rows})
 
