@@ -174,9 +174,10 @@ class Md(str):
     __slots__ = ()
 
 
-#: characters that are Markdown (or HTML) anywhere in a line: code, emphasis, links and images, tables,
-#: strikethrough, raw HTML and entities
-_MD_INLINE = re.compile(r"[\\`*\[\]|~<>&]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+#: what is Markdown (or HTML) anywhere in a line: code, emphasis, table cells, strikethrough, raw HTML and
+#: autolinks (``<``, ``>``), an entity (``&`` before ``name;`` or ``#N;``), a link or image (``](``; without
+#: it ``[`` is text: no reference is ever defined), an underscore at a word's edge (inside a word it is text)
+_MD_INLINE = re.compile(r"[\\`*|~<>]|\](?=\()|&(?=#?[0-9A-Za-z]+;)|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
 #: what would make a line (a list item's text, a heading) start a block: heading, quote, list, rule, setext
 _MD_BLOCK_START = re.compile(r"^(?:[#>+=-]|\d+(?=[.)]))")
 _MD_ENTITY = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
@@ -197,7 +198,7 @@ def md_text(v: Any) -> str:
 
 def md_emphasis(v: Any, marker: str) -> Md:
     """``v`` (escaped) in bold (``**``) or italics (``*``)."""
-    return Md(f"{marker}{md_text(v)}{marker}")
+    return Md(f"{marker}{md_cell(v)}{marker}")
 
 
 def md_cell(v: Any) -> str:
