@@ -438,6 +438,42 @@ def test_one_leaderboard_holds_the_protocols_side_by_side(probed: dict) -> None:
     assert [m["protocol"] for m in report["missing"]] == ["knn"]
 
 
+def test_probe_runs_record_their_files_and_an_edit_is_refused(probed: dict, tmp_path: Path) -> None:
+    """Issue 16 for probe runs: result.json records the sha256 of every file of the run (hashlib over the bytes
+    on disk), so a damaged prediction file stops a re-score before it writes anything, and an edited
+    metrics.json is refused by the leaderboard, each naming the file."""
+    import hashlib
+    import shutil
+
+    from medbench.board.aggregate import build_leaderboard
+    from medbench.errors import IntegrityError
+    from medbench.store import RunDir
+    from medbench.store.scores import rescore
+
+    for name in ("linear", "knn"):
+        run = probed["outcomes"][name].run_dir.path
+        files = json.loads((run / "result.json").read_text())["files"]
+        on_disk = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*")
+                   if p.is_file() and p.name != "result.json" and not p.name.startswith(".")}
+        assert files == on_disk and {"predictions/test.parquet", "predictions/val.parquet", "metrics.json"} <= set(files)
+    copy = tmp_path / "run"
+    shutil.copytree(probed["outcomes"]["linear"].run_dir.path, copy)
+    metrics = (copy / "metrics.json").read_bytes()
+    data = bytearray((copy / "predictions" / "test.parquet").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "predictions" / "test.parquet").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="test.parquet: sha256 differs"):
+        rescore(RunDir(copy))
+    assert (copy / "metrics.json").read_bytes() == metrics
+    shutil.rmtree(copy)
+    shutil.copytree(probed["outcomes"]["linear"].run_dir.path, copy)
+    edited = json.loads(metrics)
+    edited["test"] = {k: 0.99 for k in edited["test"]}
+    (copy / "metrics.json").write_text(json.dumps(edited))
+    with pytest.raises(IntegrityError, match="metrics.json: sha256 differs"):
+        build_leaderboard([RunDir(copy)])
+
+
 def test_a_damaged_or_half_written_part_is_never_used(toy, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     FORWARDED["images"] = 0
