@@ -1,12 +1,11 @@
 """Shared fixtures: an isolated cache per test session, the real-data folder, a CLI runner.
 
-The suite runs in parallel (pytest-xdist, ``-n auto --dist loadgroup`` in pyproject.toml). Every test is
-in the group of its file, so a file runs on one worker and its module fixtures are built once; the tests
-of every file that use the smoke suite's run store (``smoke_run``) form one group, so one worker trains
-it while the others run other files; the longest groups are handed out first (``LONG_GROUPS``).
-:func:`built_once` builds a session-wide result once for all workers (a file lock), should tests of two workers
-ever need it. :func:`run_cli` runs each command in a process of its own forked from a per-worker server that
-imported the heavy libraries once (tests/cli_server.py; ``fresh=True`` for a new interpreter).
+The suite runs in parallel (pytest-xdist, ``-n auto --dist loadfile`` in pyproject.toml): a file runs on one
+worker, so its module fixtures are built once; the longest files are handed out first (``LONG_FILES``).
+:func:`built_once` builds a session-wide result once for all workers (a file lock): the smoke suite's run
+store (``smoke_run``) is trained once and read by the tests of every file. :func:`run_cli` runs each command in
+a process of its own forked from a per-worker server that imported the heavy libraries once
+(tests/cli_server.py; ``fresh=True`` for a new interpreter).
 """
 
 from __future__ import annotations
@@ -104,32 +103,31 @@ def cli():
     return run_cli
 
 
-#: tests using these session fixtures run on one worker, whatever their file (see the module docstring)
-SHARED_FIXTURE_GROUPS = {"smoke_run": "smoke-run-store"}
-
-#: the groups that take longest on one worker (a file with a long fixture is one serial chain), handed out first
+#: the files that take longest on one worker (a file with a long fixture is one serial chain), handed out first
 #: so that the short files fill the other worker meanwhile and both end together; the rest keep file order
-#: (``--no-loadscope-reorder`` in pyproject.toml: xdist would otherwise sort groups by their number of tests).
-#: Longest first, as measured with ``python -m pytest -n 2 --durations=0`` (docs/performance.md, "The test
-#: suite"); a new long file belongs here.
-LONG_GROUPS = ("smoke-run-store", "tests/test_walkthrough.py", "tests/test_transfusion.py", "tests/test_data_cxr.py",
-               "tests/test_dispatch.py", "tests/test_axes_cli.py", "tests/test_kill_resume.py", "tests/test_cli.py",
-               "tests/test_data_parallel.py")
+#: (``--no-loadscope-reorder`` in pyproject.toml: xdist would otherwise sort files by their number of tests).
+#: Longest first, as measured with ``python -m pytest -n 2 --durations=0``. test_cli.py trains the session's
+#: smoke store (``smoke_run``): first, so that the other file reading it (test_leaderboard_board.py, later)
+#: finds it built instead of waiting on its lock. A new long file belongs here.
+LONG_FILES = ("tests/test_cli.py", "tests/test_walkthrough.py", "tests/test_transfusion.py", "tests/test_data_cxr.py",
+              "tests/test_dispatch.py", "tests/test_axes_cli.py", "tests/test_kill_resume.py",
+              "tests/test_data_parallel.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    groups = {}
+    """Each file's tests together (``--dist loadfile`` hands a file to one worker where it first appears), the
+    long files first. (Not xdist_group markers: xdist 3.8 renames the node ids for ``--dist loadgroup``, which
+    pytest 9 ignores, so every test was scheduled on its own and module fixtures were built on both workers.)"""
+    rank = {f: i for i, f in enumerate(LONG_FILES)}
+    first_seen: dict[str, int] = {}
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in fixtures), item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups[item] = group
-    rank = {g: i for i, g in enumerate(LONG_GROUPS)}
-    first_seen = {}
-    for item in items:
-        first_seen.setdefault(groups[item], len(first_seen))
-    # each group's tests together (xdist hands out a group where it first appears), long groups first
-    items.sort(key=lambda it: (rank.get(groups[it], len(rank)), first_seen[groups[it]]))
+        first_seen.setdefault(item.nodeid.split("::")[0], len(first_seen))
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        return rank.get(path, len(rank)), first_seen[path]
+
+    items.sort(key=key)
 
 
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
