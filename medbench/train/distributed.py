@@ -69,9 +69,24 @@ def init_process_group(info: DistInfo) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if info.world_size == 1 and info.device == "cpu":
+        _without_shm_comm_op()
     deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps an existing group
     if info.world_size > 1:
         side_group()  # on every rank at its first initialisation, so the collective creation lines up
+
+
+def _without_shm_comm_op() -> None:
+    """A single CPU process does not build DeepSpeed's shared-memory all-reduce op. The CPU accelerator compiles
+    it (a C++ build with the system compiler: about a minute of CPU, on the first run on a machine) whenever its
+    communication backend starts, yet it serves only collectives between ranks (in one process DeepSpeed's
+    ``inference_all_reduce`` returns the tensor as it is, and medbench skips the gradient all-reduce), so it is
+    marked unavailable here, as DeepSpeed marks an op it cannot build. Launched ranks build and use it."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 #: hours a rank waits in :func:`side_group` collectives: the other ranks may be decoding a whole dataset into
