@@ -328,15 +328,33 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
     replicates: dict[str, list[np.ndarray]] = {}
     if resampling is not None:
         # a chunk of counts [units, b] and the dense rows' sums (BLAS: faster with more resamples at once); within
-        # it, the sparse sums [rows, b'] of fewer resamples at a time (their scattered reads stay in cache)
+        # it, the sparse sums [rows, b'] of fewer resamples at a time (their scattered reads stay in cache); the
+        # next part's sums are computed in a thread while the finalizers run on this part's
+        from concurrent.futures import ThreadPoolExecutor
+
         chunk = max(1, min(resampling.n_resamples, CHUNK_CELLS // max(resampling.n_units, 1)))
         part = max(1, min(chunk, SUMS_CELLS // max(m.shape[0], 1)))
-        for counts in resampling.counts(chunk):
-            dense = m.dense @ counts if m.dense is not None else None
-            for a in range(0, counts.shape[1], part):
-                sums = m.sparse_product(np.ascontiguousarray(counts[:, a : a + part]))
-                if dense is not None:
-                    sums[m.dense_ids] = dense[:, a : a + part]
+
+        def parts():
+            for counts in resampling.counts(chunk):
+                dense = m.dense @ counts if m.dense is not None else None
+                for a in range(0, counts.shape[1], part):
+                    yield (np.ascontiguousarray(counts[:, a : a + part]),
+                           None if dense is None else dense[:, a : a + part])
+
+        def sums_of(item) -> np.ndarray:
+            sums = m.sparse_product(item[0])
+            if item[1] is not None:
+                sums[m.dense_ids] = item[1]
+            return sums
+
+        with ThreadPoolExecutor(1) as ahead:
+            items = parts()
+            pending = ahead.submit(sums_of, next(items))
+            while pending is not None:
+                sums = pending.result()
+                following = next(items, None)
+                pending = ahead.submit(sums_of, following) if following is not None else None
                 for f in finals:
                     for key, arr in f(sums).items():
                         replicates.setdefault(key, []).append(np.asarray(arr, dtype=np.float64))
