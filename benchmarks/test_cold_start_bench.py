@@ -6,12 +6,14 @@ first run fills pointing at an empty folder:
 
 * ``MEDBENCH_CACHE``: the synthetic smoke data (generated on first use) and the preprocessing caches;
 * ``TORCH_EXTENSIONS_DIR``: DeepSpeed's CPU accelerator compiles its shared-memory communication op
-  (``deepspeed_shm_comm``, a C++ build with the system compiler) the first time a DeepSpeed engine starts;
+  (``deepspeed_shm_comm``, a C++ build with the system compiler, about a minute of CPU) the first time its
+  communication backend starts; a single process no longer builds it
+  (:func:`medbench.train.distributed.init_process_group`), launched CPU runs do;
 * ``MPLCONFIGDIR``: matplotlib builds its font list on first import (reliability diagrams).
 
 Then the same command again with those caches warm, into another fresh output folder: the difference is what the
 first run costs. To say where it goes, two parts are also timed alone from empty folders: the DeepSpeed op build
-(``ShareMemCommBuilder().load()``) and the synthetic data of the suite (``medbench data inspect`` of each smoke task
+(``ShareMemCommBuilder().load()``: what the first run paid before, and what a launched CPU run still pays) and the synthetic data of the suite (``medbench data inspect`` of each smoke task
 would not generate them, so they are generated through :func:`medbench.data.task_data.load_task_data` of every
 smoke task and site-B target).
 Python's bytecode caches are left as ``pip install`` writes them (it compiles every module on install). The page
