@@ -100,15 +100,17 @@ def test_smoke_suite_cold(benchmark, tmp_path: Path) -> None:
     info = {"cold_wall": cold_run["wall"], "cold_cpu": cold_run["cpu"], "warm_wall": warm["wall"],
             "warm_cpu": warm["cpu"], "first_run_extra_wall": cold_run["wall"] - warm["wall"],
             "deepspeed_op_build_wall": op["wall"], "synthetic_data_wall": data["wall"],
-            "imports_wall": imports["wall"], "busy_cores_before_cold": cold_run["busy_cores_before"],
+            "imports_wall": imports["wall"], "deepspeed_op_build_cpu": op["cpu"], "synthetic_data_cpu": data["cpu"],
+            "imports_cpu": imports["cpu"], "busy_cores_before_cold": cold_run["busy_cores_before"],
             "threads": os.environ.get("MEDBENCH_BENCH_SUITE_THREADS", "default (all cores)"),
             "load_after": load_average()}
     benchmark.extra_info.update(info)
     print(f"\nsmoke suite from empty caches: wall {cold_run['wall']:.0f} s, CPU {cold_run['cpu']:.0f} s "
           f"(other processes {cold_run['busy_cores_before']:.2f} cores before); warm again {warm['wall']:.0f} s "
           f"(CPU {warm['cpu']:.0f} s): the first run costs {info['first_run_extra_wall']:.0f} s more. Alone: "
-          f"DeepSpeed op build {op['wall']:.0f} s, synthetic data of the {len(SMOKE_TASKS)} smoke tasks {data['wall']:.0f} s, imports "
-          f"{imports['wall']:.1f} s; load {info['load_after']} (target <= {TARGET_SECONDS:.0f} s cold)")
+          f"DeepSpeed op build {op['wall']:.0f} s (CPU {op['cpu']:.0f} s), synthetic data of the {len(SMOKE_TASKS)} smoke "
+          f"sets {data['wall']:.0f} s (CPU {data['cpu']:.1f} s), imports {imports['wall']:.1f} s (CPU {imports['cpu']:.1f} s); "
+          f"load {info['load_after']} (target <= {TARGET_SECONDS:.0f} s cold)")
     if os.environ.get("MEDBENCH_BENCH_COLD_TASK"):
         print("  one task, not the suite: not asserted")
     elif cold_run["busy_cores_before"] < 0.2:
