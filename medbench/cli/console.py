@@ -156,6 +156,11 @@ def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
                   f"{m['optimizer'] / 1e9:.2f} + activations {m['activations'] / 1e9:.2f} (measured on the meta "
                   f"device{', fp32 upper bound' if m['activations_upper_bound'] else ''}) = {m['total'] / 1e9:.2f} GB; "
                   "--micro-batch N lowers the activations")
+        auto, free = m.get("auto_micro_batch"), m.get("assumed_free_bytes", 0) / 1e9
+        con.print(f"--micro-batch auto (the default on GPUs) on a device with {free:.0f} GB free (--assume-memory): "
+                  + (f"micro-batch {auto} x {m['per_device_batch'] // auto} accumulation steps for {worst.task}, "
+                     "confirmed by a trial step when the run starts" if auto else
+                     f"not even 1 image of {worst.task} fits; use a smaller input or backbone"), soft_wrap=True)
     told = set()
     for p in plans:
         if p.data_status in ("missing", "incomplete"):

@@ -31,6 +31,11 @@ class PreparedData:
     crop: int
 
     @property
+    def channels(self) -> int:
+        """The network's input channels (the task's); the cache may hold grey images as one channel."""
+        return self.data.task.spec.input.channels
+
+    @property
     def fingerprint(self) -> str:
         if not hasattr(self, "_fingerprint"):
             self._fingerprint = self.data.index.fingerprint()

@@ -17,6 +17,9 @@ Layout under the output folder::
         .<file>.<random>.<pid>@<host>.tmp   a file being written (utils.atomic_path); one left by a
                              killed writer is removed when the run is next claimed (see RunDir.claim)
     leaderboard.json
+    micro-batch/<setting>.json   --micro-batch auto: the micro-batch chosen for one (task, backbone, crop,
+                         device type, precision, ZeRO stage, world size, freezing, layout), how (memory
+                         model, trial steps) and every halving after an out-of-memory error
 
 **The key.** ``<key>`` is :func:`medbench.run.request.run_key`: a sha256 of
 everything that fixes the run's numbers: every field of the run request (task,
@@ -204,6 +207,10 @@ class RunStore:
 
     def leaderboard_path(self) -> Path:
         return self.out / "leaderboard.json"
+
+    def micro_batch_file(self, setting_key: str) -> Path:
+        """The ``--micro-batch auto`` choice of one setting on one device type (medbench.run.runner)."""
+        return self.out / "micro-batch" / f"{setting_key}.json"
 
     def runs(self) -> list[RunDir]:
         """Every run folder (complete or not)."""
