@@ -381,12 +381,12 @@ class Runner:
                    "world_size": dist.world_size, "per_device_batch": per_device, "freeze": req.freeze,
                    "channels_last": execution.channels_last}
         path = self.store.micro_batch_file(sha256_json(setting)[:24])
-        memory.attach(model)
         record = _read_json(path)
         usable = record is not None and record.get("setting") == setting and isinstance(record.get("micro_batch"), int)
         (missing,) = _agree(dist, not usable)  # every rank reads before any writes; all choose, or none
         if not missing:
             model.to(dist.device)
+            memory.attach(model)  # (choose_micro_batch attaches it itself)
             return {**record, "path": str(path)}
         choice = choose_micro_batch(model, backbone, per_device_batch=per_device, num_outputs=spec.num_outputs,
                                     channels=spec.input.channels, crop=prepared.crop, task_type=spec.type,
