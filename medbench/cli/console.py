@@ -301,6 +301,14 @@ def print_inspection(summary: dict) -> None:
         con.print(f"{key}: {value}", soft_wrap=True)
 
 
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else (f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s")
+
+
 class RichReporter:
     """Progress bars for a suite: one for runs, one for the steps of the current run."""
 
@@ -319,6 +327,7 @@ class RichReporter:
         self.progress.__enter__()
         self.suite_bar = None
         self.step_bar = None
+        self._work: dict = {}
         return self
 
     def __exit__(self, *exc):
@@ -345,3 +354,27 @@ class RichReporter:
 
     def message(self, text) -> None:
         self.progress.console.print(text)
+
+    def work_progress(self, label: str, done: int, total: int) -> None:
+        """Work counted in items (a preprocessing cache being built): a bar with the rate on a terminal, else a
+        line every 30 s and at the end (logs, pipes)."""
+        import time
+
+        now = time.monotonic()
+        state = self._work.setdefault(label, {"start": now, "printed": now, "bar": None})
+        elapsed = max(now - state["start"], 1e-9)
+        rate = done / elapsed
+        left = (total - done) / rate if rate > 0 else float("inf")
+        info = f"{rate:,.1f}/s, {_duration(left)} left" if done < total else f"{rate:,.1f}/s"
+        if not self.progress.disable:
+            if state["bar"] is None:
+                state["bar"] = self.progress.add_task(label, total=total, info="")
+            self.progress.update(state["bar"], completed=done, info=info)
+            if done >= total:
+                self.progress.remove_task(state["bar"])
+                self.progress.console.print(f"{label}: done in {_duration(elapsed)} ({rate:,.1f}/s)")
+        elif done >= total or now - state["printed"] >= 30:
+            state["printed"] = now
+            print(f"{label}: {done:,}/{total:,} ({done / max(total, 1):.0%}), {info}", file=sys.stderr, flush=True)
+        if done >= total:
+            self._work.pop(label, None)

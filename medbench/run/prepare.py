@@ -17,6 +17,9 @@ from medbench.train.hyperrule import resolve_input
 
 
 class Messages(Protocol):
+    """What preparing data reports: messages, and (optionally, ``work_progress(label, done, total)``) the rows of a
+    preprocessing cache being built, as they complete."""
+
     def message(self, text: str) -> None: ...
 
 
@@ -75,7 +78,11 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Message
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
     if resolution is not None:  # resolution sweep: another crop, the task's resize/crop ratio kept
         resize, crop = max(resolution, int(round(resolution * resize / crop))), resolution
-    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image)
+    report = getattr(reporter, "work_progress", None)
+    progress = None if report is None else (
+        lambda done, n: report(f"{task.name}: caching {n:,} images at {resize} px", done, n))
+    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image,
+                         progress=progress)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
     return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop)
