@@ -1,7 +1,9 @@
-"""The input path as it was before issue 19 (medbench 5b8c65f, ``medbench/data/loader.py``), kept verbatim as
-the oracle of tests/test_input_path.py and the "before" of benchmarks/test_input_path_bench.py: batches
-assembled on the CPU by one thread, float32 normalisation and MixUp on the CPU, a per-sample crop loop.
-Not used by medbench itself."""
+"""The input path as it was before issue 19 (medbench 5b8c65f), kept verbatim as the oracle of
+tests/test_input_path.py and the "before" of benchmarks/test_input_path_bench.py and
+benchmarks/test_cache_build_bench.py: batches assembled on the CPU by one thread, float32 normalisation and
+MixUp on the CPU, a per-sample crop loop (``medbench/data/loader.py``); one image prepared for the cache from
+a full-size decode, 16-bit scaling in float32 (``medbench/data/cache.py::prepare``,
+``medbench/data/image_io.py::to_uint8``). Not used by medbench itself."""
 
 from __future__ import annotations
 
@@ -197,3 +199,43 @@ def eval_batches(pixels: np.ndarray, rows: np.ndarray, *, crop: int, norm: Norma
         if size != crop:
             x = F.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
         yield x
+
+
+# --------------------------------------------------------------------------- one image into the cache (before)
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale any image to uint8: 8-bit passes through, wider types are min-max scaled per image."""
+    if arr.dtype == np.uint8:
+        return arr
+    a = arr.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def prepare(img: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """One decoded image -> uint8 ``[C, size, size]``."""
+    from PIL import Image
+
+    img = to_uint8(img)
+    if img.ndim == 3 and img.shape[-1] == 4:
+        img = img[..., :3]
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if channels == 1 and img.ndim == 3:
+        img = np.asarray(Image.fromarray(img).convert("L"))
+    if img.shape[0] != size or img.shape[1] != size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    if img.ndim == 2:
+        img = np.repeat(img[None], channels, axis=0)
+    else:
+        img = np.transpose(img, (2, 0, 1))
+    return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def prepare_file(path, size: int, channels: int) -> np.ndarray:
+    """What the cache build did per file: a full-size decode, then :func:`prepare`."""
+    from medbench.data.image_io import read_image
+
+    return prepare(read_image(path), size, channels)

@@ -172,3 +172,16 @@ def test_host_batch_moves_to_a_device_as_a_whole(data: dict) -> None:
     moved = hb.to(torch.device("cpu"))
     assert isinstance(moved, HostBatch) and moved.lam == hb.lam and moved.step == 1
     assert torch.equal(new.to_device(moved)[0], new.batch(1)[0])
+
+
+def test_the_gpu_crop_kernel_gives_the_cpu_kernels_bytes(data: dict) -> None:
+    """crop_flip runs two gathers on a GPU and a copy per sample on the CPU: same bytes (both run here)."""
+    from medbench.data.loader import _crop_flip_gather, crop_flip
+
+    gen = np.random.default_rng(7)
+    u8 = torch.from_numpy(np.ascontiguousarray(data["colour"][:9]))
+    for slot in (None, torch.tensor([3, 3, 0, 8, 1, 2, 5, 5, 7, 6, 4])):
+        p = 9 if slot is None else len(slot)
+        offsets = torch.from_numpy(gen.integers(0, 20 - 13 + 1, size=(p, 2)))
+        flips = torch.from_numpy(gen.random(p) < 0.5)
+        assert torch.equal(crop_flip(u8, slot, offsets, flips, 13), _crop_flip_gather(u8, slot, offsets, flips, 13))

@@ -65,7 +65,8 @@ class Normalization:
 
 
 def normalize(u8: torch.Tensor, norm: Normalization, channels: int | None = None) -> torch.Tensor:
-    """uint8 ``[N, c, H, W]`` -> float32 ``[N, channels, H, W]`` on the same device: ``(u8 - 255 mean) / (255 std)``.
+    """uint8 ``[N, c, H, W]`` (c = 1 or channels) -> float32 ``[N, channels, H, W]`` on the same device:
+    ``(u8 - 255 mean) / (255 std)``.
 
     A 1-channel input is broadcast to ``channels`` (a grey cache feeding a 3-channel network): the result
     equals normalising the 3 identical channels of the grey image.
@@ -74,17 +75,35 @@ def normalize(u8: torch.Tensor, norm: Normalization, channels: int | None = None
     if u8.shape[1] not in (1, channels):
         raise ValueError(f"{u8.shape[1]} cached channels cannot feed a {channels}-channel network")
     mean, std = norm.for_channels(channels, u8.device)
-    return (u8.float() - mean) / std
+    x = u8.float()
+    x = x.sub_(mean) if x.shape[1] == channels else x - mean  # in place where the shapes allow: same numbers
+    return x.div_(std)
 
 
 def crop_flip(u8: torch.Tensor, slot: torch.Tensor | None, offsets: torch.Tensor, flips: torch.Tensor,
               crop: int) -> torch.Tensor:
-    """Per-sample crops of uint8 images as two gathers (batched: one kernel each, on any device).
+    """Per-sample crops of uint8 images: ``[R, C, S, S]`` -> ``[P, C, crop, crop]``.
 
-    ``u8``: ``[R, C, S, S]``; crop ``i`` reads image ``slot[i]`` (``slot`` None: image ``i``) at rows
-    ``offsets[i, 0] ..`` and columns ``offsets[i, 1] ..``, mirrored left-right when ``flips[i]``. Returns
-    ``[P, C, crop, crop]`` uint8.
+    Crop ``i`` reads image ``slot[i]`` (``slot`` None: image ``i``) at rows ``offsets[i, 0] ..`` and columns
+    ``offsets[i, 1] ..``, mirrored left-right when ``flips[i]``. On a GPU two gathers (one kernel each,
+    :func:`_crop_flip_gather`); on the CPU a copy per sample, which is faster there (memory copies instead of
+    per-element index arithmetic) and gives the same bytes (tests/test_input_path.py runs both on CPU).
     """
+    if u8.device.type != "cpu":
+        return _crop_flip_gather(u8, slot, offsets, flips, crop)
+    src = u8.numpy()
+    out = torch.empty((len(offsets), u8.shape[1], crop, crop), dtype=torch.uint8)
+    dst = out.numpy()
+    rows = range(len(offsets)) if slot is None else slot.tolist()
+    for i, (r, (oy, ox), flip) in enumerate(zip(rows, offsets.tolist(), flips.tolist())):
+        patch = src[r, :, oy:oy + crop, ox:ox + crop]
+        dst[i] = patch[:, :, ::-1] if flip else patch
+    return out
+
+
+def _crop_flip_gather(u8: torch.Tensor, slot: torch.Tensor | None, offsets: torch.Tensor, flips: torch.Tensor,
+                      crop: int) -> torch.Tensor:
+    """:func:`crop_flip` as two batched gathers (rows, then columns, the flip folded into the column index)."""
     if slot is not None:
         u8 = u8.index_select(0, slot)
     p, c, s = u8.shape[0], u8.shape[1], u8.shape[-1]
@@ -397,8 +416,9 @@ class TrainStream:
         normalise (and broadcast a 1-channel cache to the network's channels), MixUp."""
         n = len(hb.labels)
         x = normalize(crop_flip(hb.pixels, hb.slot, hb.offsets, hb.flips, self.crop), self.norm, self.channels)
-        if hb.partner is not None:
-            x = hb.lam * x[:n] + (1 - hb.lam) * x[hb.partner]
+        if hb.partner is not None:  # lam * x + (1 - lam) * x[partner], in place: the same numbers, less memory
+            partner = x[hb.partner].mul_(1 - hb.lam)
+            x = x[:n].mul_(hb.lam).add_(partner)
         return x, hb.labels
 
     def batch(self, step: int, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
