@@ -112,10 +112,10 @@ def _runs_on_gpus(dispatch: dict | None) -> bool:
 
 
 def device_defaults(precision: str | None, micro_batch: int | str | None, channels_last: bool | None,
-                    gpus: bool, launcher: str = "inline") -> tuple[str, int | str | None, bool]:
+                    gpus: bool, launcher: str = "inline", zero_stage: int = 0) -> tuple[str, int | str | None, bool]:
     """(precision, micro-batch, channels-last) with the documented defaults filled in: on GPUs bf16 autocast
     where supported (a SLURM job's GPUs are assumed to support it; --precision fp32 for older ones),
-    ``--micro-batch auto`` and channels-last; on CPU fp32, the whole batch per step and NCHW."""
+    ``--micro-batch auto`` and channels-last (with ZeRO stage 0); on CPU fp32, the whole batch per step, NCHW."""
     if precision is None:
         if not gpus:
             precision = "fp32"
@@ -127,7 +127,7 @@ def device_defaults(precision: str | None, micro_batch: int | str | None, channe
             precision = default_precision("cuda:0")
     if micro_batch is None and gpus:
         micro_batch = "auto"
-    return precision, micro_batch, gpus if channels_last is None else channels_last
+    return precision, micro_batch, (gpus and zero_stage == 0) if channels_last is None else channels_last
 
 
 DEFAULT_FRACTIONS = "1,5,10,25,50,100"
@@ -221,7 +221,8 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     checkpoints = CheckpointPolicy.parse(checkpoint_every)
     launcher = dispatch["launcher"] if dispatch else "inline"
     gpus = _runs_on_gpus(dispatch)
-    precision, micro_batch, channels_last = device_defaults(precision, micro_batch, channels_last, gpus, launcher)
+    precision, micro_batch, channels_last = device_defaults(precision, micro_batch, channels_last, gpus, launcher,
+                                                            zero_stage)
     if dry_run:
         if init is not None:
             parse_init(init)

@@ -273,8 +273,9 @@ class Finetuner:
             raise ValueError("resolve --micro-batch auto (medbench.train.memory.choose_micro_batch) before training")
         self.micro, self.gas = check_engine(plan, engine_cfg, dist)
         self.memory_format = torch.channels_last if self.execution.channels_last else torch.contiguous_format
-        if self.execution.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if self.execution.channels_last and engine_cfg.engine == "deepspeed" and engine_cfg.zero_stage > 0:
+            raise MedbenchError("channels-last needs ZeRO stage 0 (ZeRO keeps the parameters as views of flat "
+                                "buffers); use --no-channels-last or --zero-stage 0", field="--channels-last")
         if self.execution.compile:
             model.compile()  # in place: the module, its parameter names and state dict stay as they are
         self._log: _LossLog | None = None
@@ -307,6 +308,10 @@ class Finetuner:
             self.optimizer = optimizer
         else:
             raise MedbenchError(f"unknown engine {engine_cfg.engine!r}; expected deepspeed or torch", field="--engine")
+        if self.execution.channels_last:
+            # after DeepSpeed's set-up, which views every parameter as bytes (contiguous only); the parameters
+            # keep their identity (their data is replaced), so the optimiser holds them as before
+            self.engine.module.to(memory_format=torch.channels_last)
 
     @property
     def module(self) -> nn.Module:
