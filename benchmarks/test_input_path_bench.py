@@ -11,8 +11,9 @@ each (crop, MixUp) the variants run in turn, round after round (``train_common.i
 * ``before``: ``legacy_input.TrainStream.batch``: float32 inputs on the CPU, the whole batch in one thread
   (torch's intra-op threads for the float arithmetic);
 * ``host`` (the target: CPU-side batch production, >= 6,000 images/s at 224 px): ``TrainStream.host_batch``
-  with the row-copying workers of one process (``MEDBENCH_BENCH_WORKERS``, default every core): what the host
-  does per step when the device is a GPU;
+  with the row-copying workers of one process (``MEDBENCH_BENCH_WORKERS``, default every core), its buffer
+  given back after each step as ``TrainStream.iterate`` does: what the host does per step when the device is
+  a GPU (there the buffers are pinned, recycled by CUDA's caching host allocator);
 * ``host_1``: the same with one worker;
 * ``cpu_device``: ``TrainStream.batch`` with the CPU as the device: host part plus the device part on the CPU
   (comparable with ``before``: both end with float32 inputs in CPU memory).
@@ -91,8 +92,8 @@ def test_input_path_throughput(benchmark, caches: dict, crop: int, alpha: float)
                 old.batch(s)
             elif name == "cpu_device":
                 new.batch(s)
-            else:
-                new.host_batch(s, reader=readers[name])
+            else:  # as TrainStream.iterate does: the buffer goes back once the device part has its copy
+                readers[name].release(new.host_batch(s, reader=readers[name]).pixels)
         return go
 
     names = ["before", "host", "host_1", "cpu_device"]
@@ -165,4 +166,33 @@ def test_device_part_fraction_of_a_step(benchmark) -> None:
                         "fraction_median": dev["median"] / step["median"]}
         print(f"\n{device}: device part {dev['median'] * 1e3:.1f} ms, training step {step['median'] * 1e3:.0f} ms "
               f"(R50x1, {crop} px, batch {batch}): {dev['median'] / step['median']:.2%} of a step")
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.parametrize("crop", [224, 480])
+def test_eval_path_throughput(benchmark, caches: dict, crop: int) -> None:
+    """Evaluation inputs (the cached image resized to the crop), batches of 128: before (legacy_input.eval_batches,
+    normalised and resized on the CPU, no prefetch) and after (eval_batches: rows read ahead by the workers,
+    normalised and resized on the device, here the CPU)."""
+    from medbench.data.loader import eval_batches
+
+    benchmark.group = "evaluation inputs, batch 128"
+    pixels = caches["pixels"][crop]
+    rows = np.arange(N_ROWS)
+    norm, old_norm = Normalization(MEAN, STD), legacy_input.Normalization(MEAN, STD)
+    variants = {
+        "before": lambda: sum(len(x) for x in legacy_input.eval_batches(pixels, rows, crop=crop, norm=old_norm,
+                                                                         batch_size=128)),
+        "after": lambda: sum(len(x) for x in eval_batches(pixels, rows, crop=crop, norm=norm, batch_size=128,
+                                                          workers=WORKERS)),
+    }
+    result: dict = {}
+    benchmark.pedantic(lambda: result.update(interleaved(variants, rounds=ROUNDS)), rounds=1, iterations=1)
+    info = {"crop": crop, "storage": SIZES[crop], "rows": N_ROWS, "load_average": load_average(),
+            "torch_threads": torch.get_num_threads()}
+    print(f"\nevaluation {SIZES[crop]} -> {crop} px, {N_ROWS} images, load {info['load_average']}:")
+    for name in variants:
+        t = summary(result[name])
+        info[name] = {"seconds": t, "images_per_second": N_ROWS / t["median"]}
+        print(f"  {name:8s} {N_ROWS / t['median']:7.0f} images/s median ({N_ROWS / t['min']:.0f} best)")
     benchmark.extra_info.update(info)

@@ -100,3 +100,20 @@ def test_ranks_of_a_node_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cores_per_rank() == 1
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert cores_per_rank() == 1
+
+
+def test_bf16_autocast_keeps_batchnorm_in_fp32() -> None:
+    """The GPU default precision, run on CPU: convolutions in bf16, BatchNorm weights and running statistics
+    fp32 (DeepSpeed's torch_autocast; PyTorch's mixed-precision batch norm accumulates in fp32)."""
+    bf16 = tuner(precision="bf16")
+    before = {n: b.clone() for n, b in bf16.module.named_buffers() if "running" in n}
+    bf16.fit(batches(0, 3))
+    norms = [m for m in bf16.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.weight.dtype == m.running_mean.dtype == m.running_var.dtype == torch.float32
+                         for m in norms)
+    assert all(torch.isfinite(b).all() for b in before.values())
+    assert any(not torch.equal(before[n], b) for n, b in bf16.module.named_buffers() if n in before)
+    fp32 = tuner()
+    fp32.fit(batches(0, 3))
+    a, b = (next(t.module.parameters()) for t in (bf16, fp32))
+    assert a.dtype == torch.float32 and not torch.equal(a, b)  # bf16 arithmetic changed the numbers

@@ -185,3 +185,17 @@ def test_the_gpu_crop_kernel_gives_the_cpu_kernels_bytes(data: dict) -> None:
         offsets = torch.from_numpy(gen.integers(0, 20 - 13 + 1, size=(p, 2)))
         flips = torch.from_numpy(gen.random(p) < 0.5)
         assert torch.equal(crop_flip(u8, slot, offsets, flips, 13), _crop_flip_gather(u8, slot, offsets, flips, 13))
+
+
+def test_reused_buffers_never_leak_into_earlier_batches(data: dict) -> None:
+    """iterate() hands a step's row buffer back for later steps: the batches it yielded must not change."""
+    new, old = _pair(data["colour"], data["labels"], mixup_alpha=0.3)
+    got = [(s, x.clone(), x, y) for s, x, y in new.iterate(0, 6, prefetch=2, workers=2)]
+    for step, copy, x, y in got:
+        ox, oy = old.batch(step)
+        assert torch.equal(copy, x) and _same(x, ox) and _same(y, oy), step
+    with RowReader(1) as reader:
+        a = reader.read(data["grey3"], np.array([1, 2, 3]))
+        reader.release(a)
+        b = reader.read(data["grey3"], np.array([4, 5]))
+        assert b.data_ptr() == a.data_ptr() and torch.equal(b, torch.from_numpy(np.asarray(data["grey3"])[[4, 5]]))

@@ -42,7 +42,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -53,15 +53,22 @@ import torch
 class Normalization:
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: per (channels, device): made once, so no batch copies constants to a GPU (a copy from pageable memory
+    #: would wait for the device's queued work)
+    _made: dict = field(default_factory=dict, repr=False, compare=False)
 
     def for_channels(self, channels: int, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(255 mean, 255 std) as float32 ``[1, channels, 1, 1]`` on ``device``."""
-        mean = torch.tensor(self.mean, dtype=torch.float32)
-        std = torch.tensor(self.std, dtype=torch.float32)
-        if channels == 1 and mean.numel() == 3:
-            mean, std = mean.mean().reshape(1), std.mean().reshape(1)
-        # scale folds the /255 of uint8 inputs: x = (u8 / 255 - mean) / std
-        return (mean * 255.0).view(1, -1, 1, 1).to(device), (std * 255.0).view(1, -1, 1, 1).to(device)
+        key = (channels, str(torch.device(device)))
+        if key not in self._made:
+            mean = torch.tensor(self.mean, dtype=torch.float32)
+            std = torch.tensor(self.std, dtype=torch.float32)
+            if channels == 1 and mean.numel() == 3:
+                mean, std = mean.mean().reshape(1), std.mean().reshape(1)
+            # scale folds the /255 of uint8 inputs: x = (u8 / 255 - mean) / std
+            self._made[key] = ((mean * 255.0).view(1, -1, 1, 1).to(device),
+                               (std * 255.0).view(1, -1, 1, 1).to(device))
+        return self._made[key]
 
 
 def normalize(u8: torch.Tensor, norm: Normalization, channels: int | None = None) -> torch.Tensor:
@@ -128,11 +135,18 @@ def _base_rows(pixels: Any, rows: np.ndarray) -> tuple[Any, np.ndarray]:
 
 class RowReader:
     """Copies cache rows into a uint8 buffer, split over ``workers`` threads (numpy releases the GIL while
-    copying, page faults of the memory map included). Reads go in ascending row order (sequential on disk)."""
+    copying, page faults of the memory map included). Reads go in ascending row order (sequential on disk).
+
+    Buffers given back with :meth:`release` are reused (a fresh 100 MB buffer costs more in page faults than
+    the copy into it); pinned buffers are not: the CUDA caching host allocator recycles them once their
+    copies to the device have completed.
+    """
 
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "RowReader":
         return self
@@ -144,11 +158,29 @@ class RowReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._free.clear()
+
+    def _buffer(self, rows: int, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+        if not pin:
+            with self._lock:
+                for i, buf in enumerate(self._free):
+                    if buf.shape[1:] == shape and buf.shape[0] >= rows:
+                        return self._free.pop(i)[:rows]
+        return torch.empty((rows, *shape), dtype=torch.uint8, pin_memory=pin)
+
+    def release(self, t: torch.Tensor) -> None:
+        """``t`` (a :meth:`read` result) is no longer used: its buffer may take the next rows."""
+        if t.device.type != "cpu" or t.is_pinned():
+            return
+        base = t._base if t._base is not None else t
+        with self._lock:
+            if len(self._free) < 4:
+                self._free.append(base)
 
     def read(self, pixels: Any, rows: np.ndarray, *, pin: bool = False) -> torch.Tensor:
         """uint8 ``[len(rows), C, S, S]``: row ``i`` of the result is cache row ``rows[i]`` (repeats allowed)."""
         base, src = _base_rows(pixels, rows)
-        out = torch.empty((len(src), *base.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        out = self._buffer(len(src), tuple(base.shape[1:]), pin)
         dst = out.numpy()
         order = np.argsort(src, kind="stable")
 
@@ -235,6 +267,12 @@ class HostBatch:
 
     def _tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def pinned(self) -> "HostBatch":
+        """Every tensor in pinned memory (the pixels are read into pinned memory directly)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)
+                                and not getattr(self, f.name).is_pinned()})
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "HostBatch":
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -406,10 +444,11 @@ class TrainStream:
         slot = rank_of[inverse.reshape(-1)]
         pixels = (reader or RowReader()).read(self.pixels, uniq[order], pin=pin)
         identity = len(uniq) == len(slot)
-        return HostBatch(step=step, pixels=pixels, slot=None if identity else torch.from_numpy(slot),
-                         offsets=torch.from_numpy(d["offsets"][positions]),
-                         flips=torch.from_numpy(d["flips"][positions]), labels=labels, partner=partner,
-                         lam=d["lam"] if d["lam"] is not None else 1.0)
+        hb = HostBatch(step=step, pixels=pixels, slot=None if identity else torch.from_numpy(slot),
+                       offsets=torch.from_numpy(d["offsets"][positions]),
+                       flips=torch.from_numpy(d["flips"][positions]), labels=labels, partner=partner,
+                       lam=d["lam"] if d["lam"] is not None else 1.0)
+        return hb.pinned() if pin else hb
 
     def to_device(self, hb: HostBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Model inputs and targets from a host batch already on its device (:meth:`HostBatch.to`): crop, flip,
@@ -437,6 +476,7 @@ class TrainStream:
                                 range(start, stop), prefetch)
             for hb in _staged(stage, hosts):
                 x, y = self.to_device(hb)
+                reader.release(hb.pixels)  # x holds its own copy: the buffer takes a later step's rows
                 yield hb.step, x, y
 
 
@@ -459,6 +499,7 @@ def eval_batches(pixels: Any, rows: np.ndarray, *, crop: int, norm: Normalizatio
         hosts = _background(lambda chunk: reader.read(pixels, chunk, pin=stage.cuda), chunks, prefetch)
         for u8 in _staged(stage, hosts):
             x = normalize(u8, norm, channels)
+            reader.release(u8)
             if size != crop:
                 x = F.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
             yield x

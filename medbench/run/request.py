@@ -74,7 +74,11 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
     change the numbers, or are recorded as provenance instead): checkpoint
     settings, output folder, git revision, library versions, and the thread
     count (on CPU it changes the last bits of reductions, far below seed
-    noise; recorded as ``device.torch_threads``).
+    noise; recorded as ``device.torch_threads``), and the execution options
+    (channels-last, ``--compile``: last bits too). The engine's micro-batch
+    enters as requested: ``auto`` stays ``auto`` (the value it resolves to
+    depends on the device and may be halved during a run, which must keep
+    its key to resume; it is recorded in the run).
     """
     import medbench
 

@@ -535,11 +535,12 @@ class Runner:
                 self._record_halving(micro_record, tuner.micro, smaller, run, where, one_line(err))
                 if dist.world_size > 1:  # the other ranks wait in a collective: fail; the rerun uses the halved one
                     raise
-                self.reporter.message(f"{run.path.name}: out of memory at micro-batch {tuner.micro} ({where}); "
-                                      f"halved to {smaller}, resuming from the last checkpoint")
-                del err
-                tuner = built = None
-                release_memory()
+                failed_micro = tuner.micro
+            # out of the except block, so the exception's frames (holding the failed step's tensors) are gone
+            self.reporter.message(f"{run.path.name}: out of memory at micro-batch {failed_micro} ({where}); "
+                                  f"halved to {smaller}, resuming from the last checkpoint")
+            tuner = built = None
+            release_memory()
 
         # every rank predicts its shard of val, test and each OOD target's test split; rank 0 writes and scores
         # while the others wait on the long-timeout side group (a failure on rank 0 is recorded, then released)

@@ -28,7 +28,11 @@ cap, engine settings, and any field added later), the task's content hash,
 the data fingerprint of the task and of each OOD target, the resolved training
 plan and input geometry, the world size, the medbench version and the store
 format. Changing any of them makes a new run; nothing else does (checkpoint
-settings, thread count, output paths). The code revision (git sha) and
+settings, thread count, output paths, the execution options: channels-last,
+``--compile``, input workers). The micro-batch enters as requested (a number,
+``auto`` or none); what ``auto`` chose is recorded in the run and under
+``micro-batch/``, so a run halved after an out-of-memory error keeps its key
+and resumes. The code revision (git sha) and
 library versions are recorded in each result's provenance, not in the key:
 a completed run is reused across commits of the same release.
 
