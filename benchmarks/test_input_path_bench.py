@@ -5,8 +5,9 @@ read by worker threads; crop, flip, normalisation and MixUp as tensor operations
 Run with ``PYTHONPATH=. python -m pytest benchmarks/test_input_path_bench.py --benchmark-only -s``.
 
 Fixture: memory-mapped caches of ``N_ROWS`` random 3-channel uint8 images at BiT's storage size for each crop
-(240 for 224, 410 for 384, 512 for 480), read once before timing (warm page cache, as during training). For
-each (crop, MixUp) the variants run in turn, round after round (``train_common.interleaved``):
+(240 for 224, 410 for 384, 512 for 480), and 1-channel (grey) twins, read once before timing (warm page cache,
+as during training). For each (crop, MixUp, cached channels) the variants run in turn, round after round
+(``train_common.interleaved``):
 
 * ``before``: ``legacy_input.TrainStream.batch``: float32 inputs on the CPU, the whole batch in one thread
   (torch's intra-op threads for the float arithmetic);
@@ -65,22 +66,34 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=(N_ROWS, 3, size, size))
         int(np.asarray(pixels).sum(dtype=np.uint64))  # into the page cache
         out[crop] = pixels
+        grey = np.memmap(folder / f"{size}-grey.u8", dtype=np.uint8, mode="w+", shape=(N_ROWS, 1, size, size))
+        grey[:] = np.asarray(pixels[:, :1])
+        grey.flush()
+        del grey
+        out[(crop, 1)] = np.memmap(folder / f"{size}-grey.u8", dtype=np.uint8, mode="r", shape=(N_ROWS, 1, size, size))
     labels = (rng.random((N_ROWS, 5)) < 0.3).astype(np.float32)
     return {"pixels": out, "labels": labels}
 
 
-def _streams(pixels, labels, crop: int, alpha: float):
+def _streams(pixels, labels, crop: int, alpha: float, old_pixels=None):
     kw = dict(batch_size=BATCH, crop=crop, hflip=True, seed=0, mixup_alpha=alpha)
-    new = TrainStream(pixels, labels, np.arange(N_ROWS), norm=Normalization(MEAN, STD), **kw)
-    old = legacy_input.TrainStream(pixels, labels, np.arange(N_ROWS), norm=legacy_input.Normalization(MEAN, STD), **kw)
+    new = TrainStream(pixels, labels, np.arange(N_ROWS), norm=Normalization(MEAN, STD), channels=3, **kw)
+    old = legacy_input.TrainStream(pixels if old_pixels is None else old_pixels, labels, np.arange(N_ROWS),
+                                   norm=legacy_input.Normalization(MEAN, STD), **kw)
     return new, old
 
 
-@pytest.mark.parametrize("crop", sorted(SIZES))
-@pytest.mark.parametrize("alpha", [0.0, 0.1], ids=["no-mixup", "mixup"])
-def test_input_path_throughput(benchmark, caches: dict, crop: int, alpha: float) -> None:
+CASES = [(crop, alpha, 3) for crop in sorted(SIZES) for alpha in (0.0, 0.1)] + [(224, 0.0, 1), (480, 0.0, 1)]
+
+
+@pytest.mark.parametrize("crop,alpha,cached", CASES,
+                         ids=[f"{c}-{'mixup' if a else 'no-mixup'}-{k}ch" for c, a, k in CASES])
+def test_input_path_throughput(benchmark, caches: dict, crop: int, alpha: float, cached: int) -> None:
+    """``cached`` 1: grey images cached with one channel for the 3-channel network (before: the same images
+    cached with 3 identical channels, as medbench did)."""
     benchmark.group = "input path, batch 512"
-    new, old = _streams(caches["pixels"][crop], caches["labels"], crop, alpha)
+    pixels = caches["pixels"][crop] if cached == 3 else caches["pixels"][(crop, 1)]
+    new, old = _streams(pixels, caches["labels"], crop, alpha, old_pixels=caches["pixels"][crop])
     step = {"i": 0}
     readers = {"host": RowReader(WORKERS), "host_1": RowReader(1)}
 
@@ -104,12 +117,13 @@ def test_input_path_throughput(benchmark, caches: dict, crop: int, alpha: float)
         r.close()
     hb = new.host_batch(0)
     x_old, y_old = old.batch(0)
-    info = {"crop": crop, "storage": SIZES[crop], "mixup": alpha > 0, "batch": BATCH, "workers": WORKERS,
+    info = {"crop": crop, "storage": SIZES[crop], "mixup": alpha > 0, "cached_channels": cached, "batch": BATCH,
+            "workers": WORKERS,
             "torch_threads": torch.get_num_threads(), "load_average": load_average(),
             "bytes_per_step": {"before": x_old.numel() * 4 + y_old.numel() * 4, "after": hb.nbytes}}
-    print(f"\n{crop} px{' + MixUp' if alpha else ''}, batch {BATCH}, load {info['load_average']}, torch threads "
-          f"{info['torch_threads']}, workers {WORKERS}: bytes per step before {info['bytes_per_step']['before'] / 1e6:.0f}"
-          f" MB, after {hb.nbytes / 1e6:.0f} MB (1-channel cache: a third)")
+    print(f"\n{crop} px{' + MixUp' if alpha else ''}, {cached}-channel cache, batch {BATCH}, load "
+          f"{info['load_average']}, torch threads {info['torch_threads']}, workers {WORKERS}: bytes per step before "
+          f"{info['bytes_per_step']['before'] / 1e6:.0f} MB, after {hb.nbytes / 1e6:.0f} MB")
     for name in names:
         t = summary(result[name])
         info[name] = {"seconds": t, "images_per_second": {"max": BATCH / t["min"], "median": BATCH / t["median"]}}
