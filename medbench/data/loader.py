@@ -281,8 +281,8 @@ class HostBatch:
 
 
 class _DeviceStage:
-    """Host -> device copies (CUDA: pinned buffers, non-blocking, on a side stream so the copy of the next
-    batch overlaps the current step; the consuming stream waits for it) and the per-device constants."""
+    """Host -> device copies. CUDA: from pinned memory, non-blocking, on a side stream, so the copy of the next
+    batch overlaps the current step; the consuming stream waits for it (:meth:`ready`). CPU: nothing to do."""
 
     def __init__(self, device: Any):
         self.device = torch.device(device)
