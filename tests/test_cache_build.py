@@ -164,15 +164,26 @@ def test_real_nih_sample_rgb_files_are_grey(tmp_path: Path) -> None:
         assert np.array_equal(np.repeat(entry.pixels[i], 3, axis=0), _by_hand(root / names[i], 48, "RGB"))
 
 
-def test_cache_progress_without_a_terminal_is_lines_with_a_rate(capsys: pytest.CaptureFixture) -> None:
+def test_cache_progress_without_a_terminal_is_lines_with_a_rate(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    import time
+
     from medbench.cli.console import RichReporter
 
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["t"])
+    label = "big: caching 9,000 images at 32 px"
     with RichReporter() as reporter:  # under pytest stderr is not a terminal: no bar, plain lines
-        reporter.work_progress("tiny: caching 10 images at 32 px", 0, 10)
-        reporter.work_progress("tiny: caching 10 images at 32 px", 10, 10)
-    lines = [li for li in capsys.readouterr().err.splitlines() if li.startswith("tiny: caching")]
-    assert len(lines) == 1 and lines[0].startswith("tiny: caching 10 images at 32 px: 10/10 (100%), ")
-    assert lines[0].endswith("/s")
+        reporter.work_progress(label, 0, 9000)
+        clock["t"] += 20
+        reporter.work_progress(label, 2000, 9000)  # 20 s: no line yet
+        clock["t"] += 20
+        reporter.work_progress(label, 4000, 9000)  # 40 s: a line, 100 images/s, 50 s left
+        clock["t"] += 50
+        reporter.work_progress(label, 9000, 9000)  # the last line
+        reporter.work_progress("small: caching 10 images", 0, 10)
+        reporter.work_progress("small: caching 10 images", 10, 10)  # seconds: nothing printed
+    lines = [li for li in capsys.readouterr().err.splitlines() if "caching" in li]
+    assert lines == [f"{label}: 4,000/9,000 (44%), 100.0/s, 50s left", f"{label}: 9,000/9,000 (100%), 100.0/s"]
 
 
 def test_colour_found_early_stops_the_other_workers(tmp_path: Path) -> None:

@@ -356,8 +356,9 @@ class RichReporter:
         self.progress.console.print(text)
 
     def work_progress(self, label: str, done: int, total: int) -> None:
-        """Work counted in items (a preprocessing cache being built): a bar with the rate on a terminal, else a
-        line every 30 s and at the end (logs, pipes)."""
+        """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
+        clock): a bar with the rate on a terminal, else a line every 30 s (logs, pipes); a last line when it
+        took 10 s or more."""
         import time
 
         now = time.monotonic()
@@ -366,15 +367,17 @@ class RichReporter:
         rate = done / elapsed
         left = (total - done) / rate if rate > 0 else float("inf")
         info = f"{rate:,.1f}/s, {_duration(left)} left" if done < total else f"{rate:,.1f}/s"
+        finished = done >= total
         if not self.progress.disable:
             if state["bar"] is None:
                 state["bar"] = self.progress.add_task(label, total=total, info="")
             self.progress.update(state["bar"], completed=done, info=info)
-            if done >= total:
+            if finished:
                 self.progress.remove_task(state["bar"])
-                self.progress.console.print(f"{label}: done in {_duration(elapsed)} ({rate:,.1f}/s)")
-        elif done >= total or now - state["printed"] >= 30:
+                if elapsed >= 10:
+                    self.progress.console.print(f"{label}: done in {_duration(elapsed)} ({rate:,.1f}/s)")
+        elif (finished and elapsed >= 10) or (not finished and now - state["printed"] >= 30):
             state["printed"] = now
             print(f"{label}: {done:,}/{total:,} ({done / max(total, 1):.0%}), {info}", file=sys.stderr, flush=True)
-        if done >= total:
+        if finished:
             self._work.pop(label, None)

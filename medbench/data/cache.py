@@ -317,6 +317,8 @@ def _build(index: DatasetIndex, size: int, channels: int, *, on_bad_image: str, 
     bad: list[dict] = []
     colour = 0
     done = 0
+    if progress:
+        progress(0, n)  # starts the reporter's clock
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
