@@ -7,26 +7,28 @@ subgroup attributes and one OOD target, i.e. every column of ``bootstrap.parquet
 * ``test``: auc, accuracy, ece, mce, brier, nll (per label and the mean over labels);
 * ``calibration.before`` / ``calibration.after``: ece, mce, brier, nll before and after temperature scaling
   (temperatures fitted on validation, held fixed over the resamples);
-* ``fairness.attributes.<sex | age_group>``: per scored group auc, accuracy, tpr, fpr, fnr, selection rate
-  (thresholds chosen on validation by Youden's J, held fixed); worst and gap of auc and accuracy; gaps of
-  the rates; equalized-odds and demographic-parity differences;
+* ``fairness.attributes.<sex | age_group>``: per scored group auc, accuracy, balanced accuracy, tpr, fpr, fnr,
+  selection rate (thresholds chosen on validation by Youden's J, held fixed); worst and gap of auc, accuracy
+  and balanced accuracy; gaps of the rates; equalized-odds and demographic-parity differences;
 * ``shift.site-b``: in-distribution auc/accuracy on the target's labels, target value, drop, relative drop;
 * ``ood.site-b``: auc and accuracy of the OOD set (its own resamples).
 
 The medbench side is one ``score_run`` on a run folder (loading predictions, point values, temperature fit,
 thresholds, subgroups and intersections, reliability diagram and the vectorized bootstrap: all of it is
 timed). The loop computes the same numbers independently per resample: roc_auc_score, accuracy_score,
-brier_score_loss, log_loss (sklearn), ECE/MCE (netcal, 15 equal-width bins), temperatures and the scaled
-probabilities (netcal's TemperatureScaling, fitted once on validation), the Youden threshold (sklearn's
-roc_curve, once on validation), the group rates (fairlearn MetricFrame), equalized_odds_difference and
-demographic_parity_difference (fairlearn). It is timed on ``LOOP_RESAMPLES`` resamples and scaled to
+balanced_accuracy_score, brier_score_loss, log_loss (sklearn), ECE/MCE (netcal, 15 equal-width bins),
+temperatures (a scipy minimisation of the validation NLL over T, once) and the scaled probabilities, the Youden
+threshold (sklearn's roc_curve, once on validation), the group rates (fairlearn MetricFrame),
+equalized_odds_difference and demographic_parity_difference (fairlearn). Means, worst groups and gaps follow
+medbench's strict rule (docs/metrics.md): over the components defined on the whole test set, undefined in a
+resample where one of them is. It is timed on ``LOOP_RESAMPLES`` resamples and scaled to
 ``RESAMPLES`` (its cost is linear in the number of resamples); its values on those resamples must equal
 medbench's replicates (atol 1e-6), and it must produce exactly the set of replicate columns medbench does
 (nothing bootstrapped escapes the comparison). The loop is given the same work medbench's tables hold once
 only: ``calibration.before`` equals the ``test`` calibration scores and ``shift.*.in_distribution`` is the
 mean of the ``test`` per-label values over the target's labels, so it reuses them.
 
-Run the full benchmark with ``python -m pytest benchmarks/test_bench_scoring.py --benchmark-only -s``
+Run the full benchmark with ``python -m pytest benchmarks/test_bench_scoring.py -n 0 --benchmark-only -s``
 (minutes; not part of the default test run). Environment knobs (a smaller size proves the comparison works;
 the >= 50x target is asserted only at the full size, 100 000 x 1000):
 
@@ -56,9 +58,10 @@ from fairlearn.metrics import (
     true_positive_rate,
 )
 from netcal.metrics import ECE, MCE
-from netcal.scaling import TemperatureScaling
+from scipy.optimize import minimize_scalar
 from sklearn.metrics import (
     accuracy_score,
+    balanced_accuracy_score,
     brier_score_loss,
     log_loss,
     roc_auc_score,
@@ -143,24 +146,35 @@ def _groups(table: pl.DataFrame) -> dict[str, np.ndarray]:
     return {"sex": sex, "age_group": age_group}
 
 
-def _nanmean(values: list[float]) -> float:
-    v = [x for x in values if np.isfinite(x)]
-    return float(np.mean(v)) if v else np.nan
-
-
-def _spread(values) -> float:
-    """max - min over the defined values; undefined unless two are."""
-    v = [x for x in values if np.isfinite(x)]
-    return float(max(v) - min(v)) if len(v) >= 2 else np.nan
-
-
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else np.nan
+
+
+def _balanced(y: np.ndarray, d: np.ndarray) -> float:
+    if not y.size:
+        return np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one class present: sklearn averages over the classes present
+        return float(balanced_accuracy_score(y, d))
 
 
 def _calibration(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"ece": float(ECE(bins=15).measure(p, y)), "mce": float(MCE(bins=15).measure(p, y)),
             "brier": float(brier_score_loss(y, p)), "nll": float(log_loss(y, p, labels=[0, 1]))}
+
+
+def _temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """The maximum-likelihood temperature of one label's validation probabilities (scipy, on their logits)."""
+    eps = np.finfo(np.float64).eps
+    z = np.log(np.clip(p, eps, 1 - eps)) - np.log1p(-np.clip(p, eps, 1 - eps))
+    nll = lambda t: float(np.mean(np.logaddexp(0.0, -(2 * y - 1) * z / t)))  # noqa: E731
+    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-12}).x)
+
+
+def _scale(p: np.ndarray, t: float) -> np.ndarray:
+    eps = np.finfo(np.float64).eps
+    c = np.clip(p, eps, 1 - eps)
+    return 1.0 / (1.0 + np.exp(-(np.log(c) - np.log1p(-c)) / t))
 
 
 class Loop:
@@ -172,15 +186,13 @@ class Loop:
         self.ood = Predictions.load(run.prediction_file(f"ood-{OOD}"))
         self.y, self.p = test.y_true(), test.y_prob()
         self.ood_y, self.ood_p = self.ood.y_true(), self.ood.y_prob()
-        # fixed over the resamples, from validation only: temperatures (netcal) and Youden thresholds (sklearn)
+        # fixed over the resamples, from validation only: temperatures (scipy) and Youden thresholds (sklearn)
         yv, pv = val.y_true(), val.y_prob()
         self.q = np.empty_like(self.p)
         self.d = np.empty_like(self.p)
         for k in range(LABELS):
             keep = ~np.isnan(yv[:, k])
-            ts = TemperatureScaling(method="mle")
-            ts.fit(pv[keep, k], yv[keep, k].astype(np.int64), tensorboard=False)
-            self.q[:, k] = np.asarray(ts.transform(self.p[:, k]), dtype=np.float64).reshape(-1)
+            self.q[:, k] = _scale(self.p[:, k], _temperature(yv[keep, k], pv[keep, k]))
             fpr, tpr, thr = roc_curve(yv[keep, k].astype(int), pv[keep, k], drop_intermediate=False)
             i = 1 + int(np.argmax((tpr - fpr)[1:]))  # the first point (threshold inf) decides nothing
             self.d[:, k] = (self.p[:, k] >= thr[i]).astype(np.float64)
@@ -191,32 +203,49 @@ class Loop:
         self.test_res = Resampling.of(test, n_resamples=RESAMPLES, seed=ScoringSpec().bootstrap_seed, scope="test")
         self.ood_res = Resampling.of(self.ood, n_resamples=RESAMPLES, seed=ScoringSpec().bootstrap_seed,
                                      scope=f"ood:{OOD}")
+        # which components are defined on the whole sets (the strict rule's point): one pass over every row
+        self.defined: dict[tuple, bool] = {}
+        self.recording = True
+        self.resample(np.arange(len(self.y)))
+        self.ood_resample(np.arange(len(self.ood_y)))
+        self.recording = False
+
+    def _agg(self, how: str, components: list[tuple[tuple, float]], at_least: int = 1) -> float:
+        """mean / min / gap over the components defined at the point; NaN when one of them is not here."""
+        if self.recording:
+            for key, v in components:
+                self.defined[key] = bool(np.isfinite(v))
+        chosen = [v for key, v in components if self.defined.get(key)]
+        if len(chosen) < at_least or not chosen or not np.all(np.isfinite(chosen)):
+            return np.nan
+        return {"mean": float(np.mean(chosen)), "min": float(min(chosen)),
+                "gap": float(max(chosen) - min(chosen))}[how]
 
     def resample(self, idx: np.ndarray) -> dict[tuple, float]:
         """Every test-scope score of one resample (row indices)."""
         y, p, q, d = self.y[idx], self.p[idx], self.q[idx], self.d[idx]
         out: dict[tuple, float] = {}
-        per: dict[str, list[float]] = {m: [] for m in ("auc", "accuracy", *CALIBRATION)}
-        after: dict[str, list[float]] = {m: [] for m in CALIBRATION}
+        per: dict[str, list] = {m: [] for m in ("auc", "accuracy", *CALIBRATION)}
+        after: dict[str, list] = {m: [] for m in CALIBRATION}
         for k, name in enumerate(NAMES):
             keep = ~np.isnan(y[:, k])
             yy, pp, qq = y[keep, k].astype(int), p[keep, k], q[keep, k]
             scores = {"auc": _auc(yy, pp), "accuracy": float(accuracy_score(yy, pp > 0.5)), **_calibration(yy, pp)}
             scaled = _calibration(yy, qq)
             for m, v in scores.items():
-                per[m].append(v)
+                per[m].append((("test", m, k), v))
                 out[("test", f"{m}/{name}")] = v
             for m in CALIBRATION:
-                after[m].append(scaled[m])
+                after[m].append((("after", m, k), scaled[m]))
                 out[("calibration", "before", f"{m}/{name}")] = scores[m]
                 out[("calibration", "after", f"{m}/{name}")] = scaled[m]
         for m, values in per.items():
-            out[("test", m)] = _nanmean(values)
+            out[("test", m)] = self._agg("mean", values)
         for m in CALIBRATION:
             out[("calibration", "before", m)] = out[("test", m)]
-            out[("calibration", "after", m)] = _nanmean(after[m])
+            out[("calibration", "after", m)] = self._agg("mean", after[m])
         for m in ("auc", "accuracy"):
-            out[("shift", OOD, m, "in_distribution")] = _nanmean(per[m][:OOD_LABELS])
+            out[("shift", OOD, m, "in_distribution")] = self._agg("mean", per[m][:OOD_LABELS])
         for attribute, group_of in self.group_of.items():
             out.update(self._fairness(attribute, group_of[idx], y, p, d))
         return out
@@ -225,23 +254,27 @@ class Loop:
         prefix = ("fairness", "attributes", attribute)
         scored = self.scored[attribute]
         out: dict[tuple, float] = {}
-        auc, acc = {}, {}
+        values: dict[str, list] = {"auc": [], "accuracy": [], "balanced_accuracy": []}
         for g in scored:
             in_g = group_of == g
-            aucs, accs = [], []
+            comps: dict[str, list] = {m: [] for m in values}
             for k in range(LABELS):
                 keep = in_g & ~np.isnan(y[:, k])
                 yy, pp = y[keep, k].astype(int), p[keep, k]
-                aucs.append(_auc(yy, pp))
-                accs.append(float(accuracy_score(yy, pp > 0.5)) if yy.size else np.nan)
-            auc[g], acc[g] = _nanmean(aucs), _nanmean(accs)
-            out[(*prefix, "groups", g, "auc")], out[(*prefix, "groups", g, "accuracy")] = auc[g], acc[g]
-        for m, vals in (("auc", auc), ("accuracy", acc)):
-            defined = [v for v in vals.values() if np.isfinite(v)]
-            out[(*prefix, "worst", m)] = min(defined) if defined else np.nan
-            out[(*prefix, "gap", m)] = _spread(vals.values())
+                comps["auc"].append(((attribute, g, "auc", k), _auc(yy, pp)))
+                comps["accuracy"].append(((attribute, g, "accuracy", k),
+                                          float(accuracy_score(yy, pp > 0.5)) if yy.size else np.nan))
+                comps["balanced_accuracy"].append(((attribute, g, "balanced_accuracy", k),
+                                                   _balanced(yy, (pp > 0.5).astype(int))))
+            for m, c in comps.items():
+                v = self._agg("mean", c)
+                out[(*prefix, "groups", g, m)] = v
+                values[m].append(((attribute, "group", g, m), v))
+        for m, vals in values.items():
+            out[(*prefix, "worst", m)] = self._agg("min", vals)
+            out[(*prefix, "gap", m)] = self._agg("gap", vals, 2)
         rates = {g: {m: [] for m in RATES} for g in scored}
-        gaps = {m: [] for m in RATES}
+        gaps: dict[str, list] = {m: [] for m in RATES}
         eods, dps = [], []
         for k in range(LABELS):
             keep = ~np.isnan(y[:, k]) & np.isin(group_of, scored)
@@ -261,37 +294,52 @@ class Loop:
                         table.loc[g, ["tpr", "fnr"]] = np.nan
                     if not neg:
                         table.loc[g, "fpr"] = np.nan
-                both = [g for g in table.index if ((gg == g) & (yy == 1)).any() and ((gg == g) & (yy == 0)).any()]
+                if self.recording:
+                    for g in scored:
+                        self.defined[(attribute, "both", g, k)] = bool(g in table.index and np.isfinite(
+                            table.loc[g, "tpr"]) and np.isfinite(table.loc[g, "fpr"]))
+                both = [g for g in scored if self.defined.get((attribute, "both", g, k))]
+                lost = any(g not in table.index or not (np.isfinite(table.loc[g, "tpr"]) and
+                                                        np.isfinite(table.loc[g, "fpr"])) for g in both)
                 sel = np.isin(gg, both)
-                eods.append(float(equalized_odds_difference(yy[sel], dd[sel], sensitive_features=gg[sel]))
-                            if len(both) >= 2 else np.nan)
-                dps.append(float(demographic_parity_difference(yy, dd, sensitive_features=gg))
-                           if len(table.index) >= 2 else np.nan)
+                eod = (np.nan if lost else float(equalized_odds_difference(yy[sel], dd[sel], sensitive_features=gg[sel]))) \
+                    if len(both) >= 2 else np.nan
+                eods.append(((attribute, "eod", k), eod))
             for m in RATES:
-                gaps[m].append(_spread(table[m].to_numpy(dtype=float)))
-                for g in scored:
-                    rates[g][m].append(float(table.loc[g, m]) if g in table.index else np.nan)
+                comps = [((attribute, "rate", g, m, k), float(table.loc[g, m]) if g in table.index else np.nan)
+                         for g in scored]
+                gaps[m].append(((attribute, "gap", m, k), self._agg("gap", comps, 2)))
+                for (key, v), g in zip(comps, scored):
+                    rates[g][m].append((key, v))
+            sel_groups = [g for g in scored if self.defined.get((attribute, "rate", g, "selection_rate", k))]
+            sel_lost = any(g not in table.index for g in sel_groups)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dp = (np.nan if sel_lost else float(demographic_parity_difference(
+                    yy[np.isin(gg, sel_groups)], dd[np.isin(gg, sel_groups)],
+                    sensitive_features=gg[np.isin(gg, sel_groups)]))) if len(sel_groups) >= 2 else np.nan
+            dps.append(((attribute, "dp", k), dp))
         for g in scored:
             for m in RATES:
-                out[(*prefix, "groups", g, m)] = _nanmean(rates[g][m])
+                out[(*prefix, "groups", g, m)] = self._agg("mean", rates[g][m])
         for m in RATES:
-            out[(*prefix, "gap", m)] = _nanmean(gaps[m])
-        out[(*prefix, "equalized_odds_difference")] = _nanmean(eods)
-        out[(*prefix, "demographic_parity_difference")] = _nanmean(dps)
+            out[(*prefix, "gap", m)] = self._agg("mean", gaps[m])
+        out[(*prefix, "equalized_odds_difference")] = self._agg("mean", eods)
+        out[(*prefix, "demographic_parity_difference")] = self._agg("mean", dps)
         return out
 
     def ood_resample(self, idx: np.ndarray) -> dict[tuple, float]:
         y, p = self.ood_y[idx], self.ood_p[idx]
         out: dict[tuple, float] = {}
-        per: dict[str, list[float]] = {"auc": [], "accuracy": []}
+        per: dict[str, list] = {"auc": [], "accuracy": []}
         for k, name in enumerate(self.ood.label_names):
             keep = ~np.isnan(y[:, k])
             yy, pp = y[keep, k].astype(int), p[keep, k]
             for m, v in (("auc", _auc(yy, pp)), ("accuracy", float(accuracy_score(yy, pp > 0.5)))):
-                per[m].append(v)
+                per[m].append((("ood", m, k), v))
                 out[("ood", OOD, f"{m}/{name}")] = v
         for m, values in per.items():
-            out[("ood", OOD, m)] = _nanmean(values)
+            out[("ood", OOD, m)] = self._agg("mean", values)
         return out
 
     def run(self, n: int) -> tuple[dict[tuple, list[float]], float]:

@@ -2,7 +2,7 @@
 
 Not part of the default test run (``pyproject.toml``: ``testpaths = ["tests"]``). Run with::
 
-    PYTHONPATH=. python -m pytest benchmarks/ --benchmark-only --benchmark-columns=mean,stddev,rounds
+    PYTHONPATH=. python -m pytest benchmarks/ -n 0 --benchmark-only --benchmark-columns=mean,stddev,rounds
 
 Fixture: ``N_IMAGES`` synthetic 16-bit PNG radiographs of 2000 x 2500 pixels (12 bits stored, as in
 PadChest), written once to a temporary folder. Three measurements, same rows, same 240 px storage

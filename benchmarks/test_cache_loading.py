@@ -7,7 +7,7 @@ assembles the training batches (crop, flip, normalise) as medbench trains.
 The originals are the real HAM10000 sample (56 JPEGs, 600 x 450) when
 ../shared/data is present, otherwise 56 generated JPEGs of the same size.
 
-    python -m pytest benchmarks/ --benchmark-only
+    python -m pytest benchmarks/ -n 0 --benchmark-only
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How long training waits for data: ``cbr-small`` at 128 px through the real TrainStream + Finetuner path.
 
-Run with ``PYTHONPATH=. python -m pytest benchmarks/test_data_wait_bench.py --benchmark-only -s``.
+Run with ``PYTHONPATH=. python -m pytest benchmarks/test_data_wait_bench.py -n 0 --benchmark-only -s``.
 
 The preprocessing cache (a memory-mapped uint8 file from :func:`medbench.data.cache.build_cache`) holds
 ``N_IMAGES`` single-channel images at 160 px; :class:`medbench.data.loader.TrainStream` crops 128 px

@@ -1,6 +1,6 @@
 """Start-up time of the commands a user types first: ``medbench --help`` and ``medbench list ...``.
 
-Run with ``PYTHONPATH=. python -m pytest benchmarks/test_startup_bench.py --benchmark-only -s``.
+Run with ``PYTHONPATH=. python -m pytest benchmarks/test_startup_bench.py -n 0 --benchmark-only -s``.
 
 Each command is a fresh interpreter (``python -m medbench.cli ...``, as ``tests/conftest.py::run_cli``
 runs it), the commands in turn, round after round; target: median < 1.5 s each. For reference the

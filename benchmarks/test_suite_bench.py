@@ -1,6 +1,6 @@
 """The smoke suite end to end, and the per-step cost that dominated it.
 
-Run with ``PYTHONPATH=. python -m pytest benchmarks/test_suite_bench.py --benchmark-only -s``.
+Run with ``PYTHONPATH=. python -m pytest benchmarks/test_suite_bench.py -n 0 --benchmark-only -s``.
 
 * ``test_smoke_suite_end_to_end``: ``medbench run --backbone cbr-small --suite smoke`` (6 tasks x 2
   seeds, and smoke-mammo's 3 variants x 2 seeds: 18 runs of 50 steps) in a subprocess, as the README's

@@ -1,6 +1,6 @@
 """Harness overhead: one training step of ``bit-m-r50x1`` at 128 px through medbench against a bare PyTorch loop.
 
-Run with ``PYTHONPATH=. python -m pytest benchmarks/test_train_step_bench.py --benchmark-only -s``.
+Run with ``PYTHONPATH=. python -m pytest benchmarks/test_train_step_bench.py -n 0 --benchmark-only -s``.
 
 Every variant trains its own copy of the same randomly initialised network (``init="random"``: no
 weights here) on the same batches, with the same thread count and the same SGD settings:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import medbench
 
-LIBRARIES = ("torch", "torchvision", "timm", "deepspeed", "torchmetrics", "netcal", "fairlearn", "polars", "numpy",
-             "scikit-learn", "pydantic", "pillow", "pydicom")
+LIBRARIES = ("torch", "torchvision", "timm", "deepspeed", "polars", "numpy", "scipy", "scikit-learn", "pydantic",
+             "pillow", "pydicom")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -81,13 +81,28 @@ def test_fairness_by_sex_and_age_for_a_real_model(nih_predictions) -> None:
     out = evaluate(len(test), builders, Resampling.of(test, n_resamples=200, seed=0, scope="test"))
     assert out.resampling.unit == "patient"  # NIH patients have several images: resampled whole
     reps = out.replicates[("fairness", "attributes", "sex", "gap", "auc")]
-    assert np.isfinite(reps).mean() > 0.95
+    # strict replicates (issue 14, item 3): the gap is undefined exactly where a group's AUC is (a group drew one
+    # class of a label that both classes hold in the test set), and defined in most resamples
+    f, m = (out.replicates[("fairness", "attributes", "sex", "groups", g, "auc")] for g in ("F", "M"))
+    assert np.array_equal(np.isnan(reps), np.isnan(f) | np.isnan(m))
+    assert np.isfinite(reps).mean() > 0.7
 
 
 def test_calibration_for_a_real_model(nih_predictions, tmp_path) -> None:
     val, test = nih_predictions
     values, builders, calibrated = calibration_axis(test, val, ScoringSpec())
-    assert set(values["temperature"]) == set(FINDINGS) and all(t > 0 for t in values["temperature"].values())
+    assert set(values["temperature"]) == set(FINDINGS)
+    # the guard (issue 14, item 5): a label is scaled when validation holds 20 images and 5 of each class
+    y = val.y_true()
+    for k, name in enumerate(FINDINGS):
+        pos, neg = int((y[:, k] == 1).sum()), int((y[:, k] == 0).sum())
+        status, t = values["temperature_status"][name], values["temperature"][name]
+        if min(pos, neg) < 5:
+            assert status in ("too_few", "one_class") and t is None, (name, pos, neg, status)
+        else:
+            assert status in ("fitted", "not_positive", "out_of_range"), (name, status)
+            assert (t is not None and 0.05 <= t <= 20) == (status == "fitted")
+    assert "fitted" in values["temperature_status"].values()
     for which in ("before", "after"):
         for m in ("ece", "mce", "brier", "nll"):
             assert values[which][m] is not None and values[which][f"{m}/Effusion"] is not None

@@ -72,7 +72,7 @@ def test_replicates_equal_sklearn_on_each_resample(task_type: str) -> None:
     res = Resampling.of(preds, n_resamples=25, seed=3, scope="test")
     assert res.unit == "patient" and res.n_units == 100
     cfg = ScoringSpec()
-    builders = [lambda st, m=m: get_metric(m).linear(preds, cfg, st) for m in ("auc", "accuracy")]
+    builders = [lambda st, m=m: get_metric(m).builder(preds, cfg)(st) for m in ("auc", "accuracy")]
     out = evaluate(n, builders, res)
     assert out.point["auc"] == pytest.approx(compute_metrics(preds, ["auc"])["auc"], abs=1e-6)
     assert out.point["accuracy"] == pytest.approx(compute_metrics(preds, ["accuracy"])["accuracy"], abs=1e-6)
@@ -122,7 +122,7 @@ def test_label_with_one_class_is_undefined_not_a_crash() -> None:
     m = compute_metrics(preds, ["auc", "accuracy"])
     assert m["auc/l1"] is None and m["auc"] is not None and m["accuracy/l1"] is not None
     res = Resampling.of(preds, n_resamples=50, seed=0, scope="test")
-    out = evaluate(80, [lambda st: get_metric("auc").linear(preds, ScoringSpec(), st)], res)
+    out = evaluate(80, [lambda st: get_metric("auc").builder(preds, ScoringSpec())(st)], res)
     assert np.isnan(out.replicates["auc/l1"]).all() and np.isfinite(out.replicates["auc"]).all()
     assert out.point["auc"] == pytest.approx(m["auc"], abs=1e-6)
 
@@ -143,7 +143,7 @@ def test_generic_per_resample_loop_matches_vectorized() -> None:
     preds = _preds(y, rng.random((60, 2)), "multilabel", [f"p{i // 2}" for i in range(60)])
     res = Resampling.of(preds, n_resamples=20, seed=1, scope="test")
     loop = per_resample_loop(preds, get_metric("auc"), res)
-    vec = evaluate(60, [lambda st: get_metric("auc").linear(preds, ScoringSpec(), st)], res).replicates
+    vec = evaluate(60, [lambda st: get_metric("auc").builder(preds, ScoringSpec())(st)], res).replicates
     assert np.allclose(loop["auc"], vec["auc"], atol=1e-6)
 
 

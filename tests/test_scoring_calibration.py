@@ -72,7 +72,7 @@ def test_ece_mce_equal_netcal(task_type: str, binning: str, seed: int) -> None:
     assert m["ece"] == pytest.approx(ref_ece, abs=1e-6)
     assert m["mce"] == pytest.approx(ref_mce, abs=1e-6)
     # the vectorized (bootstrap) form on unit weights gives the same numbers
-    point = evaluate(len(preds), [lambda st, n=n: get_metric(n).linear(preds, cfg, st) for n in ("ece", "mce")],
+    point = evaluate(len(preds), [lambda st, n=n: get_metric(n).builder(preds, cfg)(st) for n in ("ece", "mce")],
                      None).point
     assert point["ece"] == pytest.approx(ref_ece, abs=1e-6) and point["mce"] == pytest.approx(ref_mce, abs=1e-6)
 
@@ -83,7 +83,7 @@ def _binary(p: np.ndarray, y: np.ndarray) -> Predictions:
 
 def _point_and_vectorized(preds: Predictions, cfg: ScoringSpec, names=("ece", "mce")):
     point = compute_metrics(preds, list(names), cfg)
-    vec = evaluate(len(preds), [lambda st, n=n: get_metric(n).linear(preds, cfg, st) for n in names], None).point
+    vec = evaluate(len(preds), [lambda st, n=n: get_metric(n).builder(preds, cfg)(st) for n in names], None).point
     return point, vec
 
 
@@ -185,7 +185,7 @@ def test_brier_nll_equal_sklearn(task_type: str) -> None:
     preds = _random(task_type, 5, scale=3.0)
     y, p = preds.y_true(), preds.y_prob()
     m = compute_metrics(preds, ["brier", "nll"])
-    point = evaluate(len(preds), [lambda st, n=n: get_metric(n).linear(preds, ScoringSpec(), st) for n in ("brier", "nll")],
+    point = evaluate(len(preds), [lambda st, n=n: get_metric(n).builder(preds, ScoringSpec())(st) for n in ("brier", "nll")],
                      None).point
     if task_type == "multiclass":
         ref_b = brier_score_loss(y.argmax(1), p, labels=list(range(4)))
@@ -202,7 +202,7 @@ def test_calibration_replicates_match_netcal_on_resamples() -> None:
     preds = _random("binary", 9, n=300, scale=2.0)
     cfg = ScoringSpec()
     res = Resampling.of(preds, n_resamples=15, seed=0, scope="test")
-    out = evaluate(300, [lambda st: get_metric("ece").linear(preds, cfg, st)], res)
+    out = evaluate(300, [lambda st: get_metric("ece").builder(preds, cfg)(st)], res)
     counts = np.hstack(list(res.counts()))
     c, o = _targets(preds)[0]
     for b in range(15):

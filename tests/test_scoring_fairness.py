@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import numpy as np
@@ -194,7 +193,7 @@ def test_operating_point_of_multiclass_and_of_a_one_class_validation_label() -> 
 
 def test_auc_gap_replicate_is_undefined_when_one_group_is() -> None:
     """A resample where the small group's AUC is undefined (it drew none of its one positive) has no AUC gap
-    (NaN, as the point value would be None), not a gap of 0."""
+    and no worst group (NaN, counted in n_undefined), not a gap of 0 nor the other group's value."""
     rng = np.random.default_rng(3)
     n = 300
     sex = np.array(["F"] * 25 + ["M"] * (n - 25))
@@ -214,7 +213,7 @@ def test_auc_gap_replicate_is_undefined_when_one_group_is() -> None:
     assert 10 < lost.sum() < 190  # some resamples lose the positive, most keep it
     assert np.isnan(gap[lost]).all() and np.isfinite(gap[~lost]).all()
     worst = reps[("fairness", "attributes", "sex", "worst", "auc")]
-    assert np.array_equal(worst[lost], reps[("fairness", "attributes", "sex", "groups", "M", "auc")][lost])
+    assert np.isnan(worst[lost]).all() and np.isfinite(worst[~lost]).all()
 
 
 def test_threshold_rules() -> None:
@@ -266,17 +265,3 @@ def test_parity_is_measured_on_decisions_not_scores() -> None:
     raw = demographic_parity_difference(y[ok, 0], p[ok, 0], sensitive_features=sex[ok])
     assert raw == 0.0
     assert values["attributes"]["sex"]["per_label"]["l0"]["demographic_parity_difference"] > 0.0
-
-
-def test_the_rates_in_the_metric_frame_equal_fairlearns() -> None:
-    """medbench's TPR/FPR functions (given to MetricFrame) equal fairlearn's, including a class absent."""
-    from medbench.scoring.fairness import _fpr, _tpr
-
-    rng = np.random.default_rng(7)
-    cases = [(rng.integers(0, 2, n), rng.integers(0, 2, n)) for n in (1, 2, 5, 40, 333)]
-    cases += [(np.ones(6, int), rng.integers(0, 2, 6)), (np.zeros(6, int), rng.integers(0, 2, 6))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fairlearn warns when a class is absent
-        for y, d in cases:
-            assert _tpr(y, d) == pytest.approx(true_positive_rate(y, d, pos_label=1), abs=1e-12)
-            assert _fpr(y, d) == pytest.approx(false_positive_rate(y, d, pos_label=1), abs=1e-12)

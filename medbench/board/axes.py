@@ -36,7 +36,8 @@ from medbench.store import CONFIG, METRICS, RunDir
 
 SKIP_IN_BOARD = {"per_label", "curve", "reliability_diagram"}
 #: sizes and settings, the same in every seed: kept as plain numbers (every measured number is a summary)
-COUNT_KEYS = {"n", "n_pos", "n_neg", "bins", "min_group_size", "total_steps", "eval_every", "n_scored_groups"}
+COUNT_KEYS = {"n", "n_pos", "n_neg", "bins", "min_group_size", "total_steps", "eval_every", "n_scored_groups",
+              "min_val_images", "min_val_per_class", "t_min", "t_max"}
 
 
 # --------------------------------------------------------------------------- run records
@@ -121,13 +122,16 @@ class SeedAggregate:
             return None
         return np.mean(np.vstack(reps), axis=0)
 
-    def interval(self, path: tuple) -> dict | None:
+    def interval(self, path: tuple, point: float | None = None) -> dict | None:
+        """The interval of the seed mean at ``path`` (the value's interval rule; ``point`` is the seed mean,
+        which the bias-corrected rule of ECE/MCE centres on)."""
         from medbench.scoring.bootstrap import interval
+        from medbench.scoring.registry import interval_rule
 
         reps = self.replicates(path)
         if reps is None:
             return None
-        ci = interval(reps, self.level)
+        ci = interval(reps, self.level, rule=interval_rule(path), point=point)
         return {**ci, "level": self.level} if ci else None
 
     def summary(self, path: tuple, values: list | None = None) -> dict:
@@ -137,7 +141,8 @@ class SeedAggregate:
             values = [get_path(r.metrics, path) for r in self.records]
         s = summarize([v if _is_number(v) else None for v in values])
         s["seeds"] = self.seeds
-        s["ci"] = self.interval(path)
+        # the seed mean over runs that all define the value (as the replicates, averaged over every seed)
+        s["ci"] = self.interval(path, s["mean"] if s["n"] == len(self.records) else None)
         return s
 
     def tree(self, path: tuple, skip: set[str] = SKIP_IN_BOARD) -> Any:
@@ -185,15 +190,43 @@ class EntryContext:
     variants: dict[tuple[str, Any], SeedAggregate] = field(default_factory=dict)
 
 
+def _seed_mean(s: dict, agg: SeedAggregate) -> float | None:
+    """A summary's mean when every seed defines the value (the point the bias-corrected interval centres on)."""
+    return s.get("mean") if s.get("n") == len(agg.records) else None
+
+
 def attach_intervals(entry: dict, agg: SeedAggregate) -> None:
     """Seed-mean intervals on the entry's test and OOD metric summaries."""
     for metric, s in entry.get("metrics", {}).items():
-        s["ci"] = agg.interval(("test", metric))
+        s["ci"] = agg.interval(("test", metric), _seed_mean(s, agg))
     for target, scores in entry.get("ood", {}).items():
         for metric, s in scores.items():
-            s["ci"] = agg.interval(("ood", target, metric))
+            s["ci"] = agg.interval(("ood", target, metric), _seed_mean(s, agg))
     if entry.get("headline", {}).get("metric") in entry.get("metrics", {}):
         entry["headline"]["ci"] = entry["metrics"][entry["headline"]["metric"]]["ci"]
+
+
+def entry_warnings(records: list[RunRecord]) -> list[dict]:
+    """The warnings of an entry's runs, one per (code, subject, variant): the seeds that raised it and its
+    message (the seeds' messages joined when they differ)."""
+    merged: dict[tuple, dict] = {}
+    for r in sorted(records, key=lambda r: (json.dumps(r.variant, sort_keys=True) if r.variant else "", r.seed)):
+        variant = None
+        if r.variant:
+            variant = f"{r.variant.get('kind')}={r.variant.get('value')}"
+        for w in r.metrics.get("warnings") or []:
+            key = (w.get("code"), w.get("subject"), variant)
+            m = merged.setdefault(key, {"code": w.get("code"), "subject": w.get("subject"),
+                                        **({"variant": variant} if variant else {}), "seeds": [], "messages": []})
+            m["seeds"].append(r.seed)
+            m["messages"].append(w.get("message", ""))
+    out = []
+    for m in merged.values():
+        msgs = m.pop("messages")
+        seeds = m["seeds"]
+        m["message"] = msgs[0] if len(set(msgs)) == 1 else "; ".join(f"seed {s}: {t}" for s, t in zip(seeds, msgs))
+        out.append(m)
+    return out
 
 
 def axes_blocks(agg: SeedAggregate) -> dict:
@@ -209,6 +242,9 @@ def axes_blocks(agg: SeedAggregate) -> dict:
             if r.metrics.get("calibration", {}).get("reliability_diagram")]
     if "convergence" in out:
         out["convergence"]["curve"] = mean_curve(agg)
+    for attr in ((out.get("fairness") or {}).get("attributes") or {}).values():
+        if isinstance(attr, dict) and "groups" not in attr:  # unavailable (no such column in the predictions):
+            attr["groups"] = {}                               # reported with its status and reason, no groups
     return out
 
 
@@ -366,16 +402,18 @@ def relative_block(ctx: EntryContext, base: EntryContext) -> dict:
 
 
 def shift_matrix(entries: list[dict]) -> list[dict]:
-    """Per backbone x init (x regime): trained on (rows) x evaluated on (columns), the headline metric."""
+    """Per backbone x init (x regime x protocol): trained on (rows) x evaluated on (columns), the headline metric."""
     out: dict[tuple, dict] = {}
+    from medbench.board.schema import entry_key
+
     for e in entries:
         shift = e.get("shift")
         if not shift:
             continue
-        regime = e.get("regime", "")
-        m = out.setdefault((e["backbone"], e["init"], regime),
+        _, _, _, regime, protocol = entry_key(e)
+        m = out.setdefault((e["backbone"], e["init"], regime, protocol),
                            {"backbone": e["backbone"], "init": e["init"], **({"regime": regime} if regime else {}),
-                            "rows": [], "columns": [], "cells": []})
+                            "protocol": protocol, "rows": [], "columns": [], "cells": []})
         metric = e["headline"]["metric"]
         m["rows"].append(e["task"])
         if e["task"] not in m["columns"]:
@@ -405,7 +443,9 @@ def first_record(ctx: EntryContext) -> RunRecord:
 
 
 def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict:
-    """Add every axis block to ``entries`` (in place); returns the board-level blocks."""
+    """Add every axis block to ``entries`` (in place); returns the board-level blocks. Entries are keyed by
+    :func:`medbench.board.schema.entry_key`; a baseline backbone is compared with entries of its protocol."""
+    from medbench.board.schema import entry_key
     from medbench.errors import UsageError
 
     records = [r for r in (RunRecord.load(run) for run in runs) if r is not None]
@@ -413,7 +453,7 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
     groups: dict[tuple, list[RunRecord]] = {}
     variant_groups: dict[tuple, dict[tuple, list[RunRecord]]] = {}
     for r in records:
-        key = (r.result["task"], r.result["backbone"], r.result["init"], r.result.get("regime", ""))
+        key = entry_key(r.result)
         v = r.variant
         if v:
             variant_groups.setdefault(key, {}).setdefault((v["kind"], v["value"]), []).append(r)
@@ -427,7 +467,7 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
                                                sorted(variant_groups.get(key, {}).items())})
     base_key = None
     if baseline is not None:
-        cands = sorted({(b, i) for (_, b, i, regime) in contexts
+        cands = sorted({(b, i) for (_, b, i, regime, _p) in contexts
                         if not regime and b == baseline[0] and baseline[1] in (None, i)})
         if not cands:
             raise UsageError(f"baseline backbone {baseline[0]!r} has no runs among these", field="--baseline")
@@ -435,13 +475,13 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
             raise UsageError(f"baseline {baseline[0]!r} has runs with several inits ({', '.join(i for _, i in cands)}); "
                              f"name one as BACKBONE@INIT", field="--baseline")
         base_key = cands[0]
-    by_key = {(e["task"], e["backbone"], e["init"], e.get("regime", "")): e for e in entries}
+    by_key = {entry_key(e): e for e in entries}
     for key, ctx in contexts.items():
         entry = by_key.get(key)
         if entry is None:  # variant runs only: an entry without plain runs
             prov = first_record(ctx).result.get("provenance", {})
             entry = {"task": key[0], "backbone": key[1], "init": key[2], **({"regime": key[3]} if key[3] else {}),
-                     "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": [],
+                     "protocol": key[4], "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": [],
                      "provenance": {k: prov.get(k) for k in ("task_version", "task_hash", "data_fingerprint", "model",
                                                              "device", "engine", "medbench_version", "git_sha",
                                                              "libraries")}}
@@ -457,8 +497,10 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
         if res:
             entry["resolution"] = res
         entry["variant_runs"] = sorted(str(r.run.path) for aggs in ctx.variants.values() for r in aggs.records)
-        if base_key is not None and key[1:] != (*base_key, "") and (key[0], *base_key, "") in contexts:
-            entry["relative_to_baseline"] = relative_block(ctx, contexts[(key[0], *base_key, "")])
-    entries.sort(key=lambda e: (e["task"], e["backbone"], e["init"], e.get("regime", "")))
+        entry["warnings"] = entry_warnings(ctx.plain.records + [r for a in ctx.variants.values() for r in a.records])
+        base = (key[0], *base_key, "", key[4]) if base_key is not None else None
+        if base is not None and key != base and base in contexts:
+            entry["relative_to_baseline"] = relative_block(ctx, contexts[base])
+    entries.sort(key=entry_key)
     return {"baseline": {"backbone": base_key[0], "init": base_key[1]} if base_key else None,
             "shift_matrix": shift_matrix(entries)}

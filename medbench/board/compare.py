@@ -1,8 +1,8 @@
 """``medbench compare BASELINE NEW``: a regression gate between two leaderboards.
 
-Entries are matched on (task, backbone, init, regime); only numbers are
-compared (provenance, dates, paths and git revisions differ between runs by
-design). For each matched entry and each compared metric (the headline by
+Entries are matched on (task, backbone, init, regime, protocol; an entry
+without a protocol is fine-tuning); only numbers are compared (provenance,
+dates, paths and git revisions differ between runs by design). For each matched entry and each compared metric (the headline by
 default, plus ``--metric NAME`` for any test metric, ``ood:TARGET:NAME`` for
 an OOD score) with ``b`` the baseline summary and ``n`` the new one:
 
@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from medbench.board.schema import entry_key
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -50,12 +52,8 @@ class Tolerance:
                 "ci_term": ci_term}
 
 
-def entry_key(e: dict) -> tuple[str, str, str, str]:
-    return (e["task"], e["backbone"], e["init"], e.get("regime", ""))
-
-
 def key_dict(key: tuple) -> dict:
-    return {"task": key[0], "backbone": key[1], "init": key[2], "regime": key[3] or None}
+    return {"task": key[0], "backbone": key[1], "init": key[2], "regime": key[3] or None, "protocol": key[4]}
 
 
 def metric_summary(entry: dict, name: str) -> dict | None:

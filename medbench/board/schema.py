@@ -20,8 +20,22 @@ SCHEMA_NAME = "medbench-leaderboard"
 #: 2: JSON Schema ``medbench/schemas/leaderboard-v2.schema.json``; provenance names backbone, weights sha256,
 #: seeds and date; per-entry ``significance`` (tied with the best) and board-level ``significance`` method.
 #: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
-#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump
+#: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump.
+#: Entries' optional ``warnings`` list (codes and one-line messages, see medbench.scoring.checks) was added the
+#: same way: optional, so every earlier version-2 board stays valid
 SCHEMA_VERSION = 2
+#: what identifies an entry: runs of other values are never pooled, and entries are matched on it. ``regime``
+#: is "" for full fine-tuning (absent from the entry); ``protocol`` (``finetune``, ``linear``, ``knn``, see
+#: medbench.probe.protocols) was added as an optional field in format 2: an entry without it is fine-tuning
+ENTRY_KEY = ("task", "backbone", "init", "regime", "protocol")
+
+
+def entry_key(entry: dict) -> tuple[str, str, str, str, str]:
+    """(task, backbone, init, regime, protocol) of a leaderboard entry (or of a run's ``result.json``)."""
+    from medbench.probe.protocols import protocol_name
+
+    return (entry["task"], entry["backbone"], entry["init"], entry.get("regime") or "",
+            protocol_name(entry.get("protocol")))
 
 
 class LeaderboardFormatError(MedbenchError):

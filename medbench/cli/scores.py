@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -34,6 +35,7 @@ def score(
         from medbench.errors import UsageError
         from medbench.store import find_run_dirs
         from medbench.store.scores import rescore
+        from medbench.utils import undefined_numbers_reported
 
         overrides = _scoring_overrides(bootstrap, ci_level, threshold, ece_bins, ece_binning, min_group_size,
                                        intersections)
@@ -41,8 +43,11 @@ def score(
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
         for r in runs:
-            scores = rescore(r, overrides)
+            with undefined_numbers_reported():
+                scores = rescore(r, overrides)
             print(f"{r.path}: {score_line(scores)}")
+            for w in scores.get("warnings", []):
+                print(f"  warning [{w['code']}] {w['message']}")
     except typer.Exit:
         raise
     except Exception as err:
@@ -82,17 +87,21 @@ def leaderboard(
     """Aggregate finished runs into one leaderboard JSON (validated against the shipped JSON Schema)."""
     try:
         from medbench.board.aggregate import write_leaderboard
+        from medbench.utils import undefined_numbers_reported
         from medbench.errors import UsageError
         from medbench.store import find_run_dirs
+        from medbench.store.scores import rescore_outdated
 
         runs = find_run_dirs(run_dirs)
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
+        rescore_outdated(runs, console().print)  # scored by older scoring code: re-scored from the predictions
         base = None
         if baseline:
             name, _, base_init = baseline.partition("@")
             base = (name, base_init or None)
-        board = write_leaderboard(runs, output, base)
+        with undefined_numbers_reported():
+            board = write_leaderboard(runs, output, base)
         print_board(board)
         if published:
             print_published(board)
@@ -116,12 +125,14 @@ def paired(
         from medbench.board.paired import compare_runs
         from medbench.errors import UsageError
         from medbench.store import find_run_dirs
+        from medbench.store.scores import rescore_outdated
 
         sides = []
         for p in (runs_a, runs_b):
             runs = find_run_dirs([p])
             if not runs:
                 raise UsageError("no completed run folders found", where=p, field="RUN_DIR")
+            rescore_outdated(runs, lambda text: print(text, file=sys.stderr))
             by_task: dict = {}
             for r in runs:
                 res = r.result()

@@ -7,14 +7,18 @@ Training and evaluation read only the cache. An entry holds the rows of a
 bad images), so a half-written entry is never used.
 
 The key is what fixes the pixels, and nothing else: the pixel source (the
-resolved dataset folder and the ordered list of image paths, or for in-memory
-datasets such as synthetic and MedMNIST a hash of the pixel array), the size,
-the channels, :data:`~medbench.data.image_io.DECODER_VERSION` and the cache
-format version. Labels, label policies (CheXpert's U-Ignore vs U-Ones), the
+resolved dataset folder and the ordered list of image paths with each file's
+stamp, or for in-memory datasets such as synthetic and MedMNIST a hash of the
+pixel array), the size, the channels,
+:data:`~medbench.data.image_io.DECODER_VERSION` and the cache format version.
+A file's stamp (:mod:`medbench.data.fingerprint`) is its size and mtime, or
+with ``--verify-pixels`` the sha256 of its bytes: an image replaced under the
+same path gets a new entry, never the old pixels. Labels, label policies (CheXpert's U-Ignore vs U-Ones), the
 label set and splits are not in it, so tasks that differ only there share one
 entry. A task whose images are a subset or a reordering of an existing entry's
-(the same folder, size, channels and versions; e.g. ``frontal_only`` after the
-full CheXpert) reads that entry through a row map instead of decoding again.
+(the same folder, size, channels and versions, and each image with the stamp
+the entry recorded for it; e.g. ``frontal_only`` after the full CheXpert)
+reads that entry through a row map instead of decoding again.
 
 Images wider than 8 bits are min-max scaled per image to 8 bits; images are
 squashed to S x S (Pillow, antialiased bilinear), as BiT does. An entry is
@@ -48,8 +52,10 @@ from medbench.utils import (
     writer_tag,
 )
 
-#: bumped when the entry layout or :func:`prepare` changes (2: keyed on the pixel source, rows file)
-CACHE_VERSION = 2
+#: bumped when the entry layout or :func:`prepare` changes (2: keyed on the pixel source, rows file; 3: file
+#: stamps in the key and the rows file). Grey 1-channel entries for 3-channel networks need no bump: their key
+#: has 1 channel and their sidecar ``"grey": true``, which entries of earlier code never have
+CACHE_VERSION = 3
 #: JPEGs are decoded at the largest DCT-domain reduction (1/2, 1/4, 1/8) keeping both sides at least this many
 #: times the cache size, so the antialiased resize after it still reduces by 2x or more: the cached pixels then
 #: differ from a full-size decode's by 0.16-0.23 grey levels on average, at most 2 (at 1x: 0.3-2.1, up to 6;
@@ -156,14 +162,15 @@ def _family(source: dict, size: int, channels: int) -> str:
 
 
 def cache_key(index: DatasetIndex, size: int, channels: int, *, source: dict | None = None,
-              paths: list[str | None] | None = None) -> str:
-    """The entry of ``index`` at ``size``/``channels``: pixel source, ordered image paths, versions.
+              paths: list[str | None] | None = None, stamps: list[str | None] | None = None) -> str:
+    """The entry of ``index`` at ``size``/``channels``: pixel source, ordered image paths and their file stamps
+    (:func:`medbench.data.fingerprint.file_stamps`), versions.
 
     Labels, splits and sample metadata do not enter: they do not change the pixels.
     """
     source = pixel_source(index) if source is None else source
     paths = row_paths(index) if paths is None else paths
-    rows = hashlib.sha256(json.dumps(paths).encode()).hexdigest()
+    rows = hashlib.sha256(json.dumps(paths if stamps is None else [paths, stamps]).encode()).hexdigest()
     return sha256_json({"family": _family(source, size, channels), "rows": rows, "n": len(paths)})[:24]
 
 
@@ -235,6 +242,7 @@ def build_cache(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     root: Path | None = None,
+    stamps: list[str | None] | None = None,
 ) -> CachedImages:
     """The cached images of ``index`` at ``size`` x ``size`` for a network taking ``channels``; built when absent.
 
@@ -245,6 +253,8 @@ def build_cache(
     then makes a 3-channel entry. Decoding runs on every core the process may use (``workers``: default all),
     one process each; JPEGs are decoded at reduced scale when ``size`` allows (:data:`JPEG_REDUCE_MARGIN`,
     :func:`~medbench.data.image_io.read_image`). ``progress(done, total)`` is called as rows complete.
+    ``stamps``: each row's file stamp (:mod:`medbench.data.fingerprint`), part of the key; None for in-memory
+    pixels (hashed instead) and in tests that do not replace files.
     """
     if index.pixels is not None and root is None and \
             len(index) * channels * size * size <= IN_MEMORY_LIMIT_BYTES:
@@ -255,16 +265,17 @@ def build_cache(
             pixels[i] = prepare(index.pixels[i], size, stored)
         return CachedImages(pixels=pixels, ok=np.ones(len(index), dtype=bool), bad=[], path=None)
     if channels == 3:
-        found = _existing(index, size, 3, on_bad_image, root) or _existing(index, size, 1, on_bad_image, root,
-                                                                          need_grey=True)
+        found = _existing(index, size, 3, on_bad_image, root, stamps) or \
+            _existing(index, size, 1, on_bad_image, root, stamps, need_grey=True)
         if found is not None:
             return found
         grey = _build(index, size, 1, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root,
-                      grey_only=True)
+                      stamps=stamps, grey_only=True)
         if grey is not None:
             return grey
-    return _existing(index, size, channels, on_bad_image, root) or \
-        _build(index, size, channels, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root)
+    return _existing(index, size, channels, on_bad_image, root, stamps) or \
+        _build(index, size, channels, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root,
+               stamps=stamps)
 
 
 def _all_grey(pixels: np.ndarray) -> bool:
@@ -272,27 +283,28 @@ def _all_grey(pixels: np.ndarray) -> bool:
     return pixels.ndim == 3 or (pixels.ndim == 4 and is_grey(pixels))
 
 
-def _entry(index: DatasetIndex, size: int, channels: int, root: Path | None) -> dict:
+def _entry(index: DatasetIndex, size: int, channels: int, root: Path | None,
+           stamps: list[str | None] | None) -> dict:
     """Where the entry of ``index`` at ``size``/``channels`` lives: folder, pixel source, row paths, family, key."""
     folder = (root or cache_dir() / "images") / index.name
     source, paths = pixel_source(index), row_paths(index)
     family = _family(source, size, channels)
-    key = cache_key(index, size, channels, source=source, paths=paths)
+    key = cache_key(index, size, channels, source=source, paths=paths, stamps=stamps)
     return {"folder": folder, "source": source, "paths": paths, "family": family, "key": key,
             "data": folder / f"{key}.u8", "meta": folder / f"{key}.json"}
 
 
-def _existing(index: DatasetIndex, size: int, channels: int, on_bad_image: str, root: Path | None, *,
-              need_grey: bool = False) -> CachedImages | None:
-    """The complete entry of ``index`` (or one covering its images), None when there is none; ``need_grey``:
-    only a 1-channel entry known to hold grey images (usable for a 3-channel network)."""
-    e = _entry(index, size, channels, root)
+def _existing(index: DatasetIndex, size: int, channels: int, on_bad_image: str, root: Path | None,
+              stamps: list[str | None] | None, *, need_grey: bool = False) -> CachedImages | None:
+    """The complete entry of ``index`` (or one covering its images with the same file stamps), None when there
+    is none; ``need_grey``: only a 1-channel entry known to hold grey images (usable for a 3-channel network)."""
+    e = _entry(index, size, channels, root, stamps)
     shape = (len(index), channels, size, size)
     meta = _read_meta(e["meta"])
     if meta is not None and e["data"].is_file() and tuple(meta["shape"]) == shape \
             and (not need_grey or meta.get("grey") is True):
         return _open(e["data"], shape, meta, on_bad_image)
-    covering = _covering_entry(e["folder"], e["family"], e["paths"], shape, need_grey=need_grey)
+    covering = _covering_entry(e["folder"], e["family"], e["paths"], shape, stamps, need_grey=need_grey)
     if covering is not None:
         return covering if on_bad_image != "fail" or not covering.bad else _fail_on(covering.bad)
     return None
@@ -300,10 +312,10 @@ def _existing(index: DatasetIndex, size: int, channels: int, on_bad_image: str, 
 
 def _build(index: DatasetIndex, size: int, channels: int, *, on_bad_image: str, workers: int | None,
            progress: Callable[[int, int], None] | None, root: Path | None,
-           grey_only: bool = False) -> CachedImages | None:
+           stamps: list[str | None] | None, grey_only: bool = False) -> CachedImages | None:
     """Decode every image into a new entry; ``grey_only`` (1 channel for a 3-channel network): None, and
     nothing kept, when an image is in colour."""
-    e = _entry(index, size, channels, root)
+    e = _entry(index, size, channels, root, stamps)
     folder, key, paths = e["folder"], e["key"], e["paths"]
     n = len(index)
     shape = (n, channels, size, size)
@@ -369,7 +381,7 @@ def _build(index: DatasetIndex, size: int, channels: int, *, on_bad_image: str, 
         raise _cache_error(folder, err) from err
     rows_file = folder / f"{key}.rows.json"
     if all(p is not None for p in paths):  # what a later subset looks its rows up in
-        atomic_write_text(rows_file, json.dumps(paths))
+        atomic_write_text(rows_file, json.dumps({"paths": paths, "stamps": stamps}))
     meta = {"shape": list(shape), "dataset": index.name, "bad": bad, "version": CACHE_VERSION,
             "decoder": DECODER_VERSION, "family": e["family"], "source": e["source"],
             "rows": rows_file.name if all(p is not None for p in paths) else None}
@@ -387,10 +399,11 @@ def _read_meta(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and "shape" in meta else None
 
 
-def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...], *,
-                    need_grey: bool = False) -> CachedImages | None:
-    """An existing entry of the same family holding every image of ``paths`` (the smallest such), read
-    through a row map; None when there is none. ``need_grey``: only entries known to hold grey images."""
+def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...],
+                    stamps: list[str | None] | None = None, *, need_grey: bool = False) -> CachedImages | None:
+    """An existing entry of the same family holding every image of ``paths`` with the same file stamps (the
+    smallest such), read through a row map; None when there is none. ``need_grey``: only entries known to
+    hold grey images."""
     if not paths or any(p is None for p in paths) or not folder.is_dir():
         return None
     wanted = set(paths)
@@ -407,8 +420,9 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
     for n, _, meta_path, meta in sorted(candidates, key=lambda c: (c[0], c[1])):
         data_path = meta_path.with_suffix(".u8")
         try:
-            stored = json.loads((folder / meta["rows"]).read_text())
-        except (OSError, ValueError):
+            record = json.loads((folder / meta["rows"]).read_text())
+            stored, stored_stamps = record["paths"], record["stamps"]
+        except (OSError, ValueError, TypeError, KeyError):
             continue
         if len(stored) != n or not data_path.is_file():
             continue
@@ -417,6 +431,9 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
             where.setdefault(p, i)
         if not wanted <= where.keys():
             continue
+        if (stamps is None) != (stored_stamps is None) or (stamps is not None and any(
+                stored_stamps[where[p]] != st for p, st in zip(paths, stamps))):
+            continue  # an image changed since that entry was built (or was stamped another way)
         rows = np.fromiter((where[p] for p in paths), dtype=np.int64, count=len(paths))
         base = _open(data_path, (n, *shape[1:]), meta, "skip")
         bad_at = {b["row"]: b for b in base.bad}

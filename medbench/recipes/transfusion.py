@@ -208,11 +208,9 @@ def _fmt(s: dict | None, scale: float = 1.0) -> str:
 def _per_label_auc(path: Path) -> dict[str, float | None]:
     """Test AUC per label from the saved predictions (one-vs-rest for multiclass)."""
     from medbench.predictions import Predictions
-    from medbench.scoring.classification import binary_auc
+    from medbench.scoring.classification import per_label_auc
 
-    preds = Predictions.load(path)
-    y, p = preds.y_true(), preds.y_prob()
-    return {name: binary_auc(y[:, k], p[:, k]) for k, name in enumerate(preds.label_names)}
+    return per_label_auc(Predictions.load(path))
 
 
 def _arms_in_order(runs: list[_Run], inits: tuple[str, ...]) -> list[str]:

@@ -20,9 +20,27 @@ each metric's *finalizer* turns the sums into replicate values, vectorized
 over resamples. The same finalizer on unit weights gives the point estimate,
 which tests check against the libraries (sklearn, netcal, fairlearn).
 
+**Undefined components.** An aggregate over components (macro AUC over
+labels, a worst group or a gap over groups, a mean over labels) is taken over
+the components *defined at the point estimate*: a component undefined there
+(a label with one class in the test set, a group lacking a class) is left out
+of the point and of every replicate alike. A replicate in which a component
+that is defined at the point is undefined (a label or a group that drew one
+class in that resample) makes the aggregate's replicate undefined, never an
+aggregate over what remains (:func:`strict_mean`; builders learn which
+components are defined at the point from :meth:`LinearStats.point_now`).
+
 **Intervals.** Percentile intervals (default 95 %) over the defined
 replicates; a replicate where a score is undefined (e.g. a label with one
-class in that resample) is counted in ``n_undefined``, not imputed.
+class in that resample) is counted in ``n_undefined``, not imputed. For the
+binned calibration errors (ECE, MCE), whose plug-in estimate is biased upward
+(so that bootstrap replicates are biased upward once more, and the percentile
+interval can sit above its own point estimate), the interval is the percentile
+interval of the *bias-corrected* replicates ``theta* - (mean(theta*) - theta)``
+(Efron & Tibshirani 1993, ch. 10), kept within the metric's range [0, 1]: it
+describes the sampling spread of the reported estimate around itself, and
+``bias`` reports the bootstrap estimate of the upward bias (see
+docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -129,6 +147,7 @@ class LinearStats:
         self._count_rows: dict[bytes, int] = {}
         self._dense_ids: list[int] = []
         self._dense_cols: list[np.ndarray] = []
+        self._point = np.zeros(64)  # the sums with every sample weighted once, rows [0, n_rows) (grown by doubling)
 
     def add_rows(self, row_of: np.ndarray, n_rows: int, values: np.ndarray | float = 1.0) -> int:
         """``n_rows`` new rows; sample ``i`` adds ``values[i]`` to row ``row_of[i]`` (``-1``: to none).
@@ -143,6 +162,7 @@ class LinearStats:
         self._rows.append(uniq // self.n_units + first)
         self._cols.append(uniq % self.n_units)
         self._vals.append(np.bincount(inv, weights=vals, minlength=uniq.size))
+        self._add_point(np.bincount(row_of[samples], weights=vals, minlength=n_rows)[:n_rows])
         self.n_rows += n_rows
         return first
 
@@ -159,6 +179,7 @@ class LinearStats:
             vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
             self._dense_cols.append(np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units))
             self._dense_ids.append(self.n_rows)
+            self._add_point(np.array([float(self._dense_cols[-1].sum())]))
             self.n_rows += 1
             row = self.n_rows - 1
         else:
@@ -166,6 +187,19 @@ class LinearStats:
         if count:
             self._count_rows[key] = row
         return row
+
+    def point_now(self) -> np.ndarray:
+        """The point sums (every sample weighted once) of the rows registered so far, ``[rows, 1]``: a builder
+        evaluates its components' finalizers on them to learn which are defined at the point estimate."""
+        return self._point[: self.n_rows].reshape(-1, 1)
+
+    def _add_point(self, block: np.ndarray) -> None:
+        end = self.n_rows + block.size
+        if end > self._point.size:
+            grown = np.zeros(max(end, 2 * self._point.size))
+            grown[: self.n_rows] = self._point[: self.n_rows]
+            self._point = grown
+        self._point[self.n_rows : end] = block
 
     def matrix(self) -> "SumsOperator":
         """The linear map from unit weights ``[units, b]`` to the sums ``[rows, b]``."""
@@ -257,27 +291,65 @@ def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def mean_defined(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Per replicate, the mean of the arrays that are defined there (NaN when none is)."""
-    stack = np.vstack([np.asarray(a, dtype=np.float64).reshape(1, -1) for a in arrays])
-    n = np.sum(np.isfinite(stack), axis=0)
-    total = np.nansum(stack, axis=0)
-    return ratio(total, n)
+def defined_at_point(stats: LinearStats, finalize: Callable[[np.ndarray], np.ndarray]) -> bool:
+    """Whether a component (a finalizer of rows already registered in ``stats``) is defined at the point."""
+    return bool(np.isfinite(np.asarray(finalize(stats.point_now()), dtype=np.float64)).all())
+
+
+def strict_mean(arrays: Sequence[np.ndarray], defined: Sequence[bool]) -> np.ndarray:
+    """Per replicate, the mean of the components defined at the point (``defined``); NaN in a replicate
+    where one of them is undefined, and everywhere when none is defined at the point."""
+    chosen = [np.asarray(a, dtype=np.float64).reshape(-1) for a, d in zip(arrays, defined) if d]
+    if not chosen:
+        n = np.asarray(arrays[0]).reshape(-1).size if len(arrays) else 1
+        return np.full(n, np.nan)
+    return np.mean(np.vstack(chosen), axis=0)
+
+
+def strict_extreme(arrays: Sequence[np.ndarray], defined: Sequence[bool], how: str, at_least: int = 1) -> np.ndarray:
+    """Per replicate, the min, max or range (``how``: "min", "max", "gap") over the components defined at the
+    point, NaN in a replicate where one of them is undefined, and everywhere when fewer than ``at_least`` are
+    defined at the point."""
+    chosen = [np.asarray(a, dtype=np.float64).reshape(-1) for a, d in zip(arrays, defined) if d]
+    if len(chosen) < max(at_least, 1):
+        n = np.asarray(arrays[0]).reshape(-1).size if len(arrays) else 1
+        return np.full(n, np.nan)
+    stack = np.vstack(chosen)
+    with np.errstate(invalid="ignore"):
+        lo, hi = stack.min(0), stack.max(0)  # NaN propagates: one undefined component, undefined replicate
+    return {"min": lo, "max": hi, "gap": hi - lo}[how]
 
 
 # --------------------------------------------------------------------------- intervals
 
 
-def interval(replicates: np.ndarray, level: float) -> dict | None:
-    """Percentile interval of the defined replicates; None when none is defined."""
+#: interval rules: ``percentile`` of the replicates, or ``bias_corrected`` (percentile of the replicates shifted
+#: by the bootstrap estimate of the bias, for the upward-biased binned calibration errors)
+INTERVAL_RULES = ("percentile", "bias_corrected")
+
+
+def interval(replicates: np.ndarray, level: float, *, rule: str = "percentile", point: float | None = None
+             ) -> dict | None:
+    """Interval of the defined replicates (None when none is defined): the percentile interval, or with
+    ``rule="bias_corrected"`` and a ``point``, the percentile interval of ``reps - (mean(reps) - point)``
+    and the estimated ``bias`` (see the module docstring)."""
     reps = np.asarray(replicates, dtype=np.float64)
     ok = reps[np.isfinite(reps)]
     if ok.size == 0:
         return None
+    out: dict = {}
+    if rule == "bias_corrected" and point is not None and np.isfinite(point):
+        bias = float(ok.mean() - point)
+        ok = ok - bias
+        out["bias"] = bias
+    elif rule not in INTERVAL_RULES:
+        raise ValueError(f"unknown interval rule {rule!r}")
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(ok, [alpha, 1.0 - alpha])
+    if "bias" in out:  # a calibration error lies in [0, 1]: the shifted interval is kept inside that range
+        low, high = min(max(low, 0.0), 1.0), min(max(high, 0.0), 1.0)
     return {"low": float(low), "high": float(high), "se": float(ok.std(ddof=1)) if ok.size > 1 else None,
-            "n_undefined": int(reps.size - ok.size)}
+            "n_undefined": int(reps.size - ok.size), **out}
 
 
 def per_resample_loop(preds: Predictions, fn: Callable[[Predictions], dict[str, float | None]],
@@ -287,8 +359,7 @@ def per_resample_loop(preds: Predictions, fn: Callable[[Predictions], dict[str, 
     out: dict[str, list[float]] = {}
     for counts in resampling.counts():
         for j in range(counts.shape[1]):
-            idx = resampling.sample_indices(counts[:, j])
-            sub = Predictions(preds.table[idx.tolist()], preds.label_names, preds.task_type)
+            sub = preds.take(resampling.sample_indices(counts[:, j]))
             for key, v in fn(sub).items():
                 out.setdefault(key, []).append(np.nan if v is None else float(v))
     return {k: np.asarray(v) for k, v in out.items()}

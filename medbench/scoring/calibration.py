@@ -2,12 +2,19 @@
 
 What is calibrated:
 
-* binary and multilabel tasks: each label's probability against that label
-  (images where the label is missing are left out); aggregates are the mean
-  over labels, details ``ece/<label>``;
-* multiclass tasks: the top-label confidence (max probability) against
-  top-1 correctness for ECE and MCE; Brier is the multiclass Brier score
-  (sum over classes, range 0..2) and NLL the cross-entropy of the true class.
+* binary and multilabel tasks: each label's probability of the positive class
+  against that label (images where the label is missing are left out), the
+  *classwise* calibration of Kull et al. 2019 / Nixon et al. 2019 (for a binary
+  task, Guo et al.'s top-label confidence ``max(p, 1 - p)`` is the other common
+  choice; medbench calibrates the probability a reader acts on, as the
+  reliability diagram shows it); aggregates are the mean over labels, details
+  ``ece/<label>``;
+* multiclass tasks: the top-label confidence (max probability) against top-1
+  correctness for ECE and MCE (Guo et al. 2017); Brier is the multiclass Brier
+  score, **the sum over classes** of the squared errors (Brier 1950; range 0..2),
+  for any number of classes (scikit-learn's ``brier_score_loss`` halves it for
+  two columns), and NLL the cross-entropy of the true class. Rows that are not
+  labelled (no scored class, see :mod:`medbench.predictions`) are left out.
 
 ECE = sum over bins of (bin share) x |observed frequency - mean confidence|;
 MCE = the largest such gap over non-empty bins. Confidences are clipped to
@@ -24,42 +31,69 @@ MCE = the largest such gap over non-empty bins. Confidences are clipped to
   width, which hold no sample under the ``[e_i, e_i+1)`` rule: without ties
   the edges, and the values, are netcal's (tests check it); with ties netcal
   (scipy's ``binned_statistic_dd``) raises "The smallest edge difference is
-  numerically 0" instead. The point value and the bootstrap form use the same
-  merged edges (:func:`bin_edges`), so they agree.
+  numerically 0" instead.
 
-Point values: uniform ECE and MCE from netcal, adaptive ones from the merged
-bins above (netcal cannot take explicit edges), Brier and NLL from
-scikit-learn. Bootstrap replicates come from the same definitions on linear
-statistics, with the bin edges of the scored set held fixed.
+**One definition.** Every value (point and bootstrap replicate) is the
+finalizer of linear statistics in :func:`calibration_rows`, with the bin edges
+of the scored set held fixed over the resamples; netcal (ECE, MCE) and
+scikit-learn (Brier, NLL) are the oracles in tests. Probabilities are float64
+from the saved logits and the NLL is computed from log-sigmoid / log-softmax
+of the logits (:mod:`medbench.predictions`), so a confident error costs its
+full log-loss (no clipping at 1 - 2^-24 as float32 probabilities had).
 
-Temperature scaling (Guo et al. 2017) is fitted on the validation split with
-netcal (maximum likelihood; per label for binary/multilabel, one temperature
-for multiclass) and applied to the test split; every metric is reported
-before and after. netcal fits the weight ``w = 1 / T`` of the logit without a
-constraint; a temperature must be positive, so the fit is kept only when
-``w > 0``. ``temperature_status`` says per label (or ``all``) what happened:
-``fitted``; ``one_class`` (validation holds one class: nothing to fit);
-``not_positive`` (netcal's ``w <= 0``: validation predictions rank the wrong
-way, and ``T = 1 / w`` would flip the test probabilities). In the last two
-cases the temperature is ``None`` and the label is left unscaled (identity,
-``T = 1``). The bootstrap resamples the test split with the fitted
-temperature held fixed.
+**ECE's bias.** The binned ECE is biased upward (Kumar et al. 2019; Roelofs
+et al. 2022): sampling noise in each bin adds to ``|frequency - confidence|``.
+Bootstrap replicates add the same noise once more, so the plain percentile
+interval can lie entirely above the point estimate. ECE and MCE are therefore
+registered with the ``bias_corrected`` interval (see
+:mod:`medbench.scoring.bootstrap` and docs/metrics.md): the interval of the
+replicates shifted by their mean's excess over the point, with that excess
+reported as ``bias``.
+
+Temperature scaling (Guo et al. 2017) divides the logits by one temperature
+per label (binary/multilabel) or one for all classes (multiclass), fitted on
+the validation split by maximum likelihood and applied to the test split;
+every metric is reported before and after. The NLL is convex in ``w = 1 / T``;
+medbench finds its minimum on the logits (float64) by a bracketed root of the
+derivative (scipy), and scaling is **guarded**: ``temperature_status`` says per
+label (or ``all``) what happened, and the temperature is ``None`` (identity,
+the label left unscaled) unless the status is ``fitted``:
+
+* ``fitted``: the fit passed every check below;
+* ``no_validation``: no validation predictions;
+* ``one_class``: validation holds one class: nothing to fit;
+* ``too_few``: fewer than ``MIN_VAL_IMAGES`` (20) labelled validation images,
+  or fewer than ``MIN_VAL_PER_CLASS`` (5) of either class (multiclass: of
+  right or of wrong top-1 decisions) — a temperature from 2 images (T = 0.035
+  was reported) worsens the test NLL instead of improving it;
+* ``not_positive``: the likelihood is maximal at ``w <= 0`` (validation
+  predictions rank the wrong way; ``T = 1 / w`` would flip the test
+  probabilities);
+* ``out_of_range``: the maximum-likelihood ``T`` is outside
+  ``[T_MIN, T_MAX]`` = [0.05, 20] (e.g. perfectly separated validation data
+  drive ``T`` to 0).
+
+The bootstrap resamples the test split with the fitted temperature held fixed.
+netcal's ``TemperatureScaling`` (maximum likelihood) is the oracle in tests.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from medbench.predictions import Predictions
-from medbench.scoring.bootstrap import LinearStats, mean_defined, ratio
+from medbench.predictions import EPS, Predictions
+from medbench.scoring.bootstrap import LinearStats, defined_at_point, evaluate, ratio, strict_mean
 from medbench.scoring.registry import register_metric
 from medbench.spec import ScoringSpec
 
-EPS = float(np.finfo(np.float64).eps)
+#: temperature scaling guard (see the module docstring)
+MIN_VAL_IMAGES = 20
+MIN_VAL_PER_CLASS = 5
+T_MIN, T_MAX = 0.05, 20.0
+TEMPERATURE_STATUSES = ("fitted", "no_validation", "one_class", "too_few", "not_positive", "out_of_range")
 
 
 @dataclass
@@ -74,13 +108,15 @@ class CalibrationTarget:
 
 def calibration_targets(preds: Predictions) -> list[CalibrationTarget]:
     """Per label (binary/multilabel) or the top label (multiclass)."""
-    from medbench.scoring.classification import check_finite, top1_correct
+    from medbench.scoring.classification import check_finite, top1
 
     check_finite(preds)
-    y, p = preds.y_true(), preds.y_prob()
+    p = preds.y_prob()
     if preds.task_type == "multiclass":
-        keep, correct = top1_correct(y, p)
-        return [CalibrationTarget("top-label", p.max(1), correct.astype(np.float64), keep)]
+        keep, true, pred = top1(preds)
+        conf = p.max(1) if p.size else np.zeros(len(preds))
+        return [CalibrationTarget("top-label", conf, (true == pred).astype(np.float64), keep)]
+    y = preds.y_true()
     return [CalibrationTarget(name, p[:, k], np.nan_to_num(y[:, k]), ~np.isnan(y[:, k]))
             for k, name in enumerate(preds.label_names)]
 
@@ -103,78 +139,12 @@ def bin_index(confidence: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2)
 
 
-# --------------------------------------------------------------------------- point values (libraries)
-
-
-def binned_value(metric: str, t: CalibrationTarget, config: ScoringSpec) -> float | None:
-    """ECE or MCE of one target: netcal's for equal-width bins; for adaptive bins, from the merged
-    quantile bins of :func:`bin_edges` (equal to netcal's whenever its edges are distinct, defined
-    also with ties, where netcal fails)."""
-    if not t.valid.any():
-        return None
-    if config.ece_binning == "uniform":
-        from netcal.metrics import ECE, MCE
-
-        cls = ECE if metric == "ece" else MCE
-        m = cls(bins=config.ece_bins, equal_intervals=True)
-        return float(m.measure(t.confidence[t.valid].astype(np.float64), t.outcome[t.valid].astype(np.int64)))
-    r = reliability(t, config)
-    filled = r["count"] > 0
-    gap = np.abs(r["frequency"][filled] - r["confidence"][filled])
-    if metric == "ece":
-        return float(np.sum(r["count"][filled] * gap) / r["count"].sum())
-    return float(gap.max())
-
-
-def _brier_nll_point(preds: Predictions, metric: str) -> dict[str, float | None]:
-    from sklearn.metrics import brier_score_loss, log_loss
-
-    y, p = preds.y_true(), preds.y_prob()
-    if preds.task_type == "multiclass":
-        keep = ~np.isnan(y).any(1)
-        if not keep.any():
-            return {metric: None}
-        labels = list(range(len(preds.label_names)))
-        cls = y[keep].argmax(1)
-        with warnings.catch_warnings():  # float32 softmax sums to 1 within 1e-7, sklearn warns at 1.5e-8
-            warnings.filterwarnings("ignore", message="The y_prob values do not sum to one")
-            if metric == "brier":
-                return {metric: float(brier_score_loss(cls, p[keep], labels=labels))}
-            return {metric: float(log_loss(cls, p[keep], labels=labels))}
-    per: dict[str, float | None] = {}
-    for k, name in enumerate(preds.label_names):
-        keep = ~np.isnan(y[:, k])
-        if not keep.any():
-            per[name] = None
-        elif metric == "brier":
-            per[name] = float(brier_score_loss(y[keep, k].astype(int), p[keep, k], pos_label=1))
-        else:
-            per[name] = float(log_loss(y[keep, k].astype(int), p[keep, k], labels=[0, 1]))
-    return _aggregate(preds, metric, per)
-
-
-def _aggregate(preds: Predictions, metric: str, per: dict[str, float | None]) -> dict[str, float | None]:
-    defined = [v for v in per.values() if v is not None]
-    out: dict[str, float | None] = {metric: float(np.mean(defined)) if defined else None}
-    if preds.task_type == "multilabel":
-        out.update({f"{metric}/{name}": v for name, v in per.items()})
-    return out
-
-
-def _binned_point(preds: Predictions, config: ScoringSpec, metric: str) -> dict[str, float | None]:
-    targets = calibration_targets(preds)
-    per = {t.name: binned_value(metric, t, config) for t in targets}
-    if preds.task_type == "multiclass":
-        return {metric: per["top-label"]}
-    return _aggregate(preds, metric, per)
-
-
-# --------------------------------------------------------------------------- linear statistics
+# --------------------------------------------------------------------------- linear statistics (the definitions)
 
 
 def _binned_rows(stats: LinearStats, t: CalibrationTarget, config: ScoringSpec, mask: np.ndarray | None):
     valid = t.valid if mask is None else t.valid & mask
-    edges = bin_edges(t.confidence[t.valid], config.ece_bins, config.ece_binning)
+    edges = bin_edges(t.confidence[valid], config.ece_bins, config.ece_binning)
     m = len(edges) - 1
     b = np.where(valid, bin_index(t.confidence, edges), -1)
     gap0 = stats.add_rows(b, m, t.outcome - np.clip(t.confidence, EPS, 1 - EPS))
@@ -192,7 +162,7 @@ def _binned_rows(stats: LinearStats, t: CalibrationTarget, config: ScoringSpec, 
     return finalize
 
 
-def _sum_rows(stats: LinearStats, values: np.ndarray, valid: np.ndarray):
+def _mean_rows(stats: LinearStats, values: np.ndarray, valid: np.ndarray):
     s = stats.add_sum(valid, np.where(valid, values, 0.0))
     c = stats.add_sum(valid)
     return lambda sums: ratio(sums[s], sums[c])
@@ -200,49 +170,47 @@ def _sum_rows(stats: LinearStats, values: np.ndarray, valid: np.ndarray):
 
 def calibration_rows(stats: LinearStats, preds: Predictions, config: ScoringSpec, mask: np.ndarray | None = None,
                      metrics: tuple[str, ...] = ("ece", "mce", "brier", "nll")):
-    """Rows of the calibration metrics over ``mask``; returns ``finalize(sums) -> {name: [b]}``."""
-    from medbench.scoring.classification import check_finite
-
-    check_finite(preds)
-    y, p = preds.y_true(), preds.y_prob()
-    n = y.shape[0]
+    """Rows of the calibration metrics over ``mask``; returns ``finalize(sums) -> {name: [b]}``: per label
+    (binary/multilabel; aggregates the strict mean over the labels defined at the point) or one value
+    (multiclass)."""
+    n = len(preds)
     mask_ = np.ones(n, dtype=bool) if mask is None else mask
     multiclass = preds.task_type == "multiclass"
     targets = calibration_targets(preds)
-    binned = [_binned_rows(stats, t, config, mask_) for t in targets] if {"ece", "mce"} & set(metrics) else []
-    sums_fns: dict[str, list] = {}
-    if multiclass:
-        keep = ~np.isnan(y).any(1) & mask_
-        onehot = np.nan_to_num(y)
-        pc = np.clip(p, EPS, 1 - EPS)
-        sums_fns["brier"] = [_sum_rows(stats, ((p - onehot) ** 2).sum(1), keep)]
-        sums_fns["nll"] = [_sum_rows(stats, -(onehot * np.log(pc)).sum(1), keep)]
-    else:
-        for k in range(len(preds.label_names)):
-            keep = ~np.isnan(y[:, k]) & mask_
-            yk = np.nan_to_num(y[:, k])
-            pk = p[:, k]
-            nll = -(yk * np.log(np.clip(pk, EPS, 1 - EPS)) + (1 - yk) * np.log(np.clip(1 - pk, EPS, 1 - EPS)))
-            sums_fns.setdefault("brier", []).append(_sum_rows(stats, (pk - yk) ** 2, keep))
-            sums_fns.setdefault("nll", []).append(_sum_rows(stats, nll, keep))
-    names = [t.name for t in targets] if not multiclass else ["top-label"]
+    parts: dict[str, list] = {}
+    if {"ece", "mce"} & set(metrics):
+        binned = [_binned_rows(stats, t, config, mask_) for t in targets]
+        parts["ece"] = [lambda sums, f=f: f(sums)[0] for f in binned]
+        parts["mce"] = [lambda sums, f=f: f(sums)[1] for f in binned]
+    if {"brier", "nll"} & set(metrics):
+        y = preds.y_true()
+        p = preds.y_prob()
+        log_p, log_q = preds.log_probs()
+        if multiclass:
+            keep = targets[0].valid & mask_
+            onehot = np.nan_to_num(y)
+            parts["brier"] = [_mean_rows(stats, ((p - onehot) ** 2).sum(1), keep)]
+            parts["nll"] = [_mean_rows(stats, -(onehot * np.where(onehot > 0, log_p, 0.0)).sum(1), keep)]
+        else:
+            parts["brier"], parts["nll"] = [], []
+            for k in range(len(preds.label_names)):
+                keep = ~np.isnan(y[:, k]) & mask_
+                yk = np.nan_to_num(y[:, k])
+                nll = -np.where(yk == 1, log_p[:, k], log_q[:, k])
+                parts["brier"].append(_mean_rows(stats, (p[:, k] - yk) ** 2, keep))
+                parts["nll"].append(_mean_rows(stats, nll, keep))
+    names = [t.name for t in targets]
     detail = preds.task_type == "multilabel"
+    wanted = [m for m in ("ece", "mce", "brier", "nll") if m in metrics]
+    defined = {m: [defined_at_point(stats, f) for f in parts[m]] for m in wanted}
 
     def finalize(sums: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        if binned:
-            eces, mces = zip(*[f(sums) for f in binned])
-            for metric, per in (("ece", eces), ("mce", mces)):
-                if metric in metrics:
-                    out[metric] = mean_defined(per)
-                    if detail:
-                        out.update({f"{metric}/{nm}": v for nm, v in zip(names, per)})
-        for metric in ("brier", "nll"):
-            if metric in metrics:
-                per = [f(sums) for f in sums_fns[metric]]
-                out[metric] = mean_defined(per)
-                if detail:
-                    out.update({f"{metric}/{nm}": v for nm, v in zip(preds.label_names, per)})
+        for metric in wanted:
+            per = [f(sums) for f in parts[metric]]
+            out[metric] = strict_mean(per, defined[metric])
+            if detail:
+                out.update({f"{metric}/{nm}": v for nm, v in zip(names, per)})
         return out
 
     return finalize
@@ -252,101 +220,120 @@ def _linear(metric: str):
     return lambda preds, config, stats: calibration_rows(stats, preds, config, metrics=(metric,))
 
 
-@register_metric("ece", higher_is_better=False, linear=_linear("ece"))
-def ece(preds: Predictions, config: ScoringSpec) -> dict[str, float | None]:
-    return _binned_point(preds, config, "ece")
-
-
-@register_metric("mce", higher_is_better=False, linear=_linear("mce"))
-def mce(preds: Predictions, config: ScoringSpec) -> dict[str, float | None]:
-    return _binned_point(preds, config, "mce")
-
-
-@register_metric("brier", higher_is_better=False, linear=_linear("brier"))
-def brier(preds: Predictions) -> dict[str, float | None]:
-    return _brier_nll_point(preds, "brier")
-
-
-@register_metric("nll", higher_is_better=False, linear=_linear("nll"))
-def nll(preds: Predictions) -> dict[str, float | None]:
-    return _brier_nll_point(preds, "nll")
-
+register_metric("ece", higher_is_better=False, linear=True, interval="bias_corrected")(_linear("ece"))
+register_metric("mce", higher_is_better=False, linear=True, interval="bias_corrected")(_linear("mce"))
+register_metric("brier", higher_is_better=False, linear=True)(_linear("brier"))
+register_metric("nll", higher_is_better=False, linear=True)(_linear("nll"))
 
 CALIBRATION_METRICS = ("ece", "mce", "brier", "nll")
+
+
+def binned_values(t: CalibrationTarget, config: ScoringSpec) -> tuple[float | None, float | None]:
+    """(ECE, MCE) of one calibration target, from the same finalizer (for diagram titles)."""
+
+    def build(stats: LinearStats):
+        f = _binned_rows(stats, t, config, None)
+        return lambda sums: dict(zip(("ece", "mce"), f(sums)))
+
+    point = evaluate(len(t.valid), [build], None).point
+    return point["ece"], point["mce"]
 
 
 # --------------------------------------------------------------------------- temperature scaling
 
 
-def fit_temperatures(val: Predictions) -> dict[str, float | None]:
-    """Temperature per label (binary/multilabel) or one (multiclass, key ``all``), fitted on ``val``
-    by maximum likelihood with netcal; None (identity) where nothing valid was fitted (see
-    :func:`fit_temperature_details`)."""
-    return fit_temperature_details(val)[0]
+def _nll_slope(w: float, z: np.ndarray, y: np.ndarray, multiclass: bool) -> float:
+    """Derivative in ``w`` of the mean NLL of the logits ``w z`` (convex in ``w``, so the slope increases)."""
+    from scipy.special import expit, softmax
+
+    if multiclass:
+        q = softmax(w * z, axis=1)
+        return float(np.mean((q * z).sum(1) - z[np.arange(len(y)), y]))
+    m = (2 * y - 1) * z  # signed margin: NLL = mean(log(1 + exp(-w m)))
+    return float(np.mean(-m * expit(-w * m)))
 
 
-def _netcal_temperature(p: np.ndarray, y: np.ndarray) -> tuple[float | None, str]:
-    """(T, status) from netcal's fit of ``w = 1 / T``; ``w <= 0`` (or not finite) is rejected."""
-    from netcal.scaling import TemperatureScaling
+def fit_temperature(z: np.ndarray, y: np.ndarray, multiclass: bool) -> tuple[float | None, str]:
+    """(T, status) of logits ``z`` (``[n]`` per label, or ``[n, K]``) for labels ``y`` (0/1, or class index)
+    by maximum likelihood, with the guard of the module docstring."""
+    from scipy.optimize import brentq
 
-    ts = TemperatureScaling(method="mle")
-    ts.fit(p.astype(np.float64), y.astype(np.int64), tensorboard=False)
-    w = float(np.asarray(ts.temperature).reshape(-1)[0])
-    if not np.isfinite(w) or w <= 0:
+    n = len(y)
+    if multiclass:
+        right = int((z.argmax(1) == y).sum())
+        counts = (right, n - right)
+        one_class = np.unique(y).size < 2
+    else:
+        counts = (int((y == 1).sum()), int((y == 0).sum()))
+        one_class = min(counts) == 0
+    if one_class:
+        return None, "one_class"
+    if n < MIN_VAL_IMAGES or min(counts) < MIN_VAL_PER_CLASS:
+        return None, "too_few"
+    slope = lambda w: _nll_slope(w, z, y, multiclass)  # noqa: E731
+    if slope(0.0) >= 0:  # the likelihood does not grow for any w > 0
         return None, "not_positive"
+    w_lo, w_hi = 1.0 / T_MAX, 1.0 / T_MIN
+    if slope(w_lo) > 0 or slope(w_hi) < 0:  # the optimum lies beyond the bounds of T
+        return None, "out_of_range"
+    w = brentq(slope, w_lo, w_hi, xtol=1e-12, rtol=1e-12, maxiter=200)
     return 1.0 / w, "fitted"
 
 
-def fit_temperature_details(val: Predictions) -> tuple[dict[str, float | None], dict[str, str]]:
-    """(temperatures, status) per label (binary/multilabel) or for ``all`` (multiclass), fitted on
-    ``val``. Status ``fitted``, ``one_class`` (validation holds one class) or ``not_positive``
-    (netcal's weight ``1 / T`` is <= 0: the predictions rank the wrong way on validation); the
-    temperature is None (identity) unless ``fitted``."""
+def fit_temperatures(val: Predictions | None) -> dict[str, float | None]:
+    """Temperature per label (binary/multilabel) or one (multiclass, key ``all``), fitted on ``val``; None
+    (identity) where nothing was fitted (see :func:`fit_temperature_details`)."""
+    return fit_temperature_details(val)[0]
+
+
+def fit_temperature_details(val: Predictions | None, label_names: list[str] | None = None,
+                            task_type: str | None = None) -> tuple[dict[str, float | None], dict[str, str]]:
+    """(temperatures, status) per label (binary/multilabel) or for ``all`` (multiclass), fitted on ``val``
+    (status as in the module docstring; the temperature is None unless ``fitted``)."""
+    if val is None or len(val) == 0:
+        names = label_names if label_names is not None else (val.label_names if val is not None else [])
+        kind = task_type or (val.task_type if val is not None else "binary")
+        keys = ["all"] if kind == "multiclass" else list(names)
+        return {k: None for k in keys}, {k: "no_validation" for k in keys}
     from medbench.scoring.classification import check_finite
 
     check_finite(val)
-    y, p = val.y_true(), val.y_prob()
-    temps: dict[str, float | None] = {}
-    status: dict[str, str] = {}
+    y = val.y_true()
+    z = val.logits_or_estimate()
     if val.task_type == "multiclass":
         keep = ~np.isnan(y).any(1)
-        cls = y[keep].argmax(1)
-        if keep.sum() < 2 or np.unique(cls).size < 2:
-            return {"all": None}, {"all": "one_class"}
-        t, st = _netcal_temperature(p[keep], cls)
+        t, st = fit_temperature(z[keep], np.nan_to_num(y[keep]).argmax(1), True)
         return {"all": t}, {"all": st}
+    temps: dict[str, float | None] = {}
+    status: dict[str, str] = {}
     for k, name in enumerate(val.label_names):
         keep = ~np.isnan(y[:, k])
-        yk = y[keep, k]
-        if yk.size < 2 or yk.min() == yk.max():
-            temps[name], status[name] = None, "one_class"
-            continue
-        temps[name], status[name] = _netcal_temperature(p[keep, k], yk)
+        temps[name], status[name] = fit_temperature(z[keep, k], y[keep, k], False)
     return temps, status
 
 
 def apply_temperatures(preds: Predictions, temperatures: dict[str, float | None]) -> Predictions:
-    """``preds`` with probabilities rescaled: sigmoid(logit(p) / T) per label, or softmax(log p / T)."""
-    p = np.clip(preds.y_prob(), EPS, 1 - EPS)
-    if preds.task_type == "multiclass":
-        t = temperatures.get("all")
-        if t is None:
-            return preds
-        z = np.log(p) / t
-        z -= z.max(1, keepdims=True)
-        q = np.exp(z)
-        q /= q.sum(1, keepdims=True)
-    else:
-        q = preds.y_prob().copy()
-        for k, name in enumerate(preds.label_names):
-            t = temperatures.get(name)
-            if t is not None:
-                logit = np.log(p[:, k]) - np.log1p(-p[:, k])
-                q[:, k] = 1.0 / (1.0 + np.exp(-logit / t))
-    from medbench.predictions import prob_column
+    """``preds`` with each fitted label's logits divided by its temperature (multiclass: every logit by the
+    one temperature); labels without a temperature are unchanged."""
+    multiclass = preds.task_type == "multiclass"
+    scale = np.ones(len(preds.label_names))
+    for k, name in enumerate(preds.label_names):
+        t = temperatures.get("all" if multiclass else name)
+        if t is not None:
+            scale[k] = t
+    if np.all(scale == 1.0):
+        return preds
+    z = preds.logits_or_estimate() / scale
+    if preds.has_logits:
+        return preds.with_logits(z)
+    # probabilities only: the unscaled labels keep their stored values exactly
+    from medbench.predictions import probabilities
 
-    table = preds.table.with_columns(**{prob_column(n): q[:, k] for k, n in enumerate(preds.label_names)})
-    return Predictions(table, preds.label_names, preds.task_type)
+    q = probabilities(preds.task_type, z)
+    if not multiclass:
+        q = np.where(scale == 1.0, preds.stored_probs(), q)
+    meta = preds.table.drop([c for c in preds.table.columns if c.startswith("prob:")])
+    return Predictions.build(meta, q, preds.label_names, preds.task_type)
 
 
 # --------------------------------------------------------------------------- reliability diagrams
@@ -386,7 +373,7 @@ def reliability_png(before: Predictions, after: Predictions, config: ScoringSpec
             ok = np.isfinite(r["confidence"])
             ax.plot(r["confidence"][ok], r["frequency"][ok], "o-", color=color, ms=3, lw=1.2, label=label)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        eb, ea = binned_value("ece", b, config), binned_value("ece", a, config)
+        eb, ea = binned_values(b, config)[0], binned_values(a, config)[0]
         ax.set_title(f"{b.name}: ECE {eb:.3f} → {ea:.3f}" if eb is not None and ea is not None else b.name,
                      fontsize=9)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="observed frequency")
@@ -408,17 +395,16 @@ def calibration_axis(test: Predictions, val: Predictions | None, config: Scoring
     """(values, builders, calibrated test predictions): metrics before/after temperature scaling.
 
     ``values`` = ``{"binning", "bins", "temperature": {...}, "temperature_status": {...}, "fitted_on",
-    "before": {...}, "after": {...}}``;
-    ``builders`` add the replicate rows of ``before``/``after`` to the test scope."""
-    temps, status = fit_temperature_details(val) if val is not None and len(val) else ({}, {})
+    "before": {...}, "after": {...}}``; the point values are the ``builders``' finalizers at unit weights,
+    and the builders add the replicate rows of ``before``/``after`` to the test scope."""
+    temps, status = fit_temperature_details(val, test.label_names, test.task_type)
     after = apply_temperatures(test, temps)
     values: dict = {"binning": config.ece_binning, "bins": config.ece_bins, "temperature": temps,
                     "temperature_status": status,
                     "fitted_on": "val" if "fitted" in status.values() else None,  # None: nothing was scaled
+                    "guard": {"min_val_images": MIN_VAL_IMAGES, "min_val_per_class": MIN_VAL_PER_CLASS,
+                              "t_min": T_MIN, "t_max": T_MAX},
                     "before": {}, "after": {}}
-    for which, preds in (("before", test), ("after", after)):
-        for metric in CALIBRATION_METRICS:
-            values[which].update(get_point(metric)(preds, config))
 
     def builder(which: str, preds: Predictions):
         def build(stats: LinearStats):
@@ -427,10 +413,7 @@ def calibration_axis(test: Predictions, val: Predictions | None, config: Scoring
 
         return build
 
-    return values, [builder("before", test), builder("after", after)], after
-
-
-def get_point(metric: str):
-    from medbench.scoring.registry import get_metric
-
-    return get_metric(metric)
+    builders = [builder("before", test), builder("after", after)]
+    for path, v in evaluate(len(test), builders, None).point.items():
+        values[path[1]][path[2]] = v
+    return values, builders, after

@@ -3,18 +3,21 @@
 Groups. Each attribute of the task (``attributes:`` in the spec) splits the
 test images into groups: the column's values, or for a binned attribute
 (``bins: [0, 40, 65, 200]``) the bins ``[0, 40)``, ``[40, 65)``, ``[65, 200)``
-— every declared bin is reported, also when empty. Missing values form the
-group ``(missing)``, values outside the bins ``(out of bins)``.
+— every declared bin is reported, also when empty. Missing values (null, a
+float NaN, an empty string, or the text ``nan`` that a NaN becomes when a table
+is converted to text) form the group ``(missing)``, never a group named
+``nan``; values outside the bins form ``(out of bins)``.
 Intersections cross up to ``scoring.intersections`` attributes (default 2:
 every pair), named ``sex=F & age_group=[40, 65)``. A group with fewer than
 ``scoring.min_group_size`` images is reported with its size and status
 ``too_small`` (``empty`` with none), never dropped; it is not scored and does
 not enter worst-group values or gaps.
 
-Per scored group: ``n``, ``auc`` and ``accuracy`` (the task's definitions:
-mean over labels for multilabel, macro one-vs-rest AUC and top-1 accuracy for
-multiclass), and at the operating point TPR, FPR, FNR (underdiagnosis) and
-selection rate, averaged over labels (per label under ``per_label``).
+Per scored group: ``n``, ``auc``, ``accuracy`` and ``balanced_accuracy`` (the
+task's definitions, :mod:`medbench.scoring.classification`: mean over labels
+for multilabel, macro one-vs-rest AUC and top-1 accuracy for multiclass), and
+at the operating point TPR, FPR, FNR (underdiagnosis) and selection rate,
+averaged over labels (per label under ``per_label``).
 
 Operating point. Binary and multilabel: a threshold per label chosen on the
 **validation** predictions only (``youden``: max TPR - FPR; ``sensitivity``:
@@ -31,22 +34,36 @@ selection rate, equalized odds, demographic parity) are not reported; AUC and
 accuracy still are. A label whose validation split holds one class has
 threshold ``None`` (listed in ``reason``).
 
-Per grouping: worst group and its value (AUC, accuracy), gaps (max - min over
-scored groups; for the rates, per label then averaged), the equalized-odds
-difference (fairlearn's definition — between groups, the larger of the TPR
-and FPR gaps — per label over the scored groups holding both classes, then
-averaged) and the demographic-parity difference of the decisions. The rates
-come from one fairlearn ``MetricFrame`` (fairlearn's ``true_positive_rate``
-and ``false_positive_rate``; grouping and label as control features; FNR =
-1 - TPR and selection rate = (TPR P + FPR N) / (P + N) from the group's class
-counts), the differences from its ``by_group`` table (tests check them
-against ``equalized_odds_difference`` / ``demographic_parity_difference``),
-AUC and accuracy from torchmetrics. A rate with an empty denominator in a
-group is undefined (fairlearn would report 0). Gaps are absolute (max - min),
-so their intervals sit above 0 by construction; compare the groups' own
-intervals to judge a difference. Bootstrap replicates (single attributes;
-intersections carry point values only, their groups being small) come from
-the same definitions on linear statistics.
+Per grouping: worst group and its value (AUC, accuracy, balanced accuracy),
+gaps (max - min over scored groups; for the rates, per label then averaged),
+the equalized-odds difference and the demographic-parity difference of the
+decisions. **Equalized odds** follows fairlearn's
+``equalized_odds_difference`` (``agg="worst_case"``): between groups, the
+larger of the TPR gap and the FPR gap, per label over the scored groups holding
+both classes, then averaged over labels. MEDFAIR (Zong et al. 2023) reports
+``1 - mean(TPR gap, FPR gap)`` instead (higher is fairer, the two gaps
+averaged): medbench keeps fairlearn's worst case, a difference (lower is
+fairer), and reports both gaps beside it. A rate with an empty denominator in a
+group is undefined (fairlearn would report 0).
+
+**Groups lacking a class.** A group whose test images hold one class of a
+label has no AUC for that label; its AUC is the mean over the labels it can
+score, and a group with none is left out of the worst group and the AUC gap.
+Likewise a group without positives has no TPR (so no equalized odds), one
+without negatives no FPR.
+
+**One definition, strict replicates.** Every value, point and replicate, of
+every grouping (intersections included) is the finalizer of linear statistics
+of :func:`grouping_rows` (the point at unit weights); fairlearn and scikit-learn
+are the oracles in tests. A component defined at the point (a group's value, a
+label's rate) that is undefined in a resample (the group drew one class) makes
+the worst group, the gap and the differences of that replicate undefined
+(counted in ``n_undefined``), never a value over the remaining groups; a
+component undefined at the point is left out of both (see
+:mod:`medbench.scoring.bootstrap`). Gaps are absolute (max - min), so their
+intervals sit above 0 by construction; compare the groups' own intervals to
+judge a difference. Intersections are reported with point values only (no
+bootstrap: their groups are small).
 
 An attribute with a single observed value (e.g. one site) is reported but
 not crossed with the others (its intersections would repeat their groups).
@@ -55,18 +72,28 @@ not crossed with the others (its intersections would repeat their groups).
 from __future__ import annotations
 
 import itertools
-import warnings
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from medbench.predictions import Predictions
-from medbench.scoring.bootstrap import LinearStats, mean_defined, ratio
+from medbench.scoring.bootstrap import LinearStats, evaluate, ratio, strict_extreme, strict_mean
 from medbench.spec import AttributeSpec, ScoringSpec
 
 MISSING = "(missing)"
 OUT_OF_BINS = "(out of bins)"
 RATES = ("tpr", "fpr", "fnr", "selection_rate")
+SCORES = ("auc", "accuracy", "balanced_accuracy")
+
+
+def is_missing(v) -> bool:
+    """A missing attribute value: null, a float NaN, an empty string or the text ``nan`` (any case)."""
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return isinstance(v, str) and v.strip().lower() in ("", "nan")
 
 
 @dataclass
@@ -88,7 +115,7 @@ def attribute_groups(values: list, attr: AttributeSpec) -> tuple[np.ndarray, lis
         names = [f"[{_fmt(a)}, {_fmt(b)})" for a, b in zip(edges, edges[1:])]
         out = []
         for v in values:
-            if v is None or (isinstance(v, float) and np.isnan(v)):
+            if is_missing(v):
                 out.append(MISSING)
                 continue
             try:
@@ -96,11 +123,14 @@ def attribute_groups(values: list, attr: AttributeSpec) -> tuple[np.ndarray, lis
             except (TypeError, ValueError):
                 out.append(OUT_OF_BINS)
                 continue
+            if math.isnan(x):
+                out.append(MISSING)
+                continue
             i = int(np.searchsorted(edges, x, side="right")) - 1
             out.append(names[i] if 0 <= i < len(names) else OUT_OF_BINS)
         extra = [g for g in (OUT_OF_BINS, MISSING) if g in out]
         return np.asarray(out, dtype=object), names + extra
-    out = [MISSING if v is None else str(v) for v in values]
+    out = [MISSING if is_missing(v) else str(v) for v in values]
     observed = sorted(set(out) - {MISSING}) + ([MISSING] if MISSING in out else [])
     return np.asarray(out, dtype=object), observed
 
@@ -168,8 +198,10 @@ def decisions(test: Predictions, points: dict[str, dict | None]) -> tuple[np.nda
     """(decisions ``[N, L]`` as 0/1, which labels have one) on the test predictions."""
     p = test.y_prob()
     if test.task_type == "multiclass":
+        from medbench.scoring.classification import top1
+
         d = np.zeros_like(p)
-        d[np.arange(p.shape[0]), p.argmax(1)] = 1.0
+        d[np.arange(p.shape[0]), top1(test)[2]] = 1.0
         return d, np.ones(p.shape[1], dtype=bool)
     d = np.zeros_like(p)
     has = np.zeros(p.shape[1], dtype=bool)
@@ -181,245 +213,156 @@ def decisions(test: Predictions, points: dict[str, dict | None]) -> tuple[np.nda
     return d, has
 
 
-# --------------------------------------------------------------------------- point values (fairlearn)
+# --------------------------------------------------------------------------- the definitions (linear statistics)
 
 
-def _label_arrays(test: Predictions) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``[N, L]`` (NaN missing; multiclass: one-hot, unlabelled rows NaN) and probabilities."""
-    y, p = test.y_true(), test.y_prob()
-    if test.task_type == "multiclass":
-        y = np.where(np.isnan(y).any(1, keepdims=True), np.nan, y)
-    return y, p
-
-
-def _rate_among(y_true, y_pred, cls: int) -> float:
-    """The share of decisions 1 among the images of true class ``cls``: TPR (cls 1), FPR (cls 0); 0.0
-    when there is none, as fairlearn's ``true_positive_rate``/``false_positive_rate`` with
-    ``pos_label=1`` (they compute it through sklearn's ``confusion_matrix``, whose input checks cost
-    milliseconds per call: hundreds of (grouping, label, group) cells per run)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    of_class = y_true == cls
-    return float((y_pred[of_class] == 1).mean()) if of_class.any() else 0.0
-
-
-def _tpr(y_true, y_pred) -> float:
-    return _rate_among(y_true, y_pred, 1)
-
-
-def _fpr(y_true, y_pred) -> float:
-    return _rate_among(y_true, y_pred, 0)
-
-
-def group_rates(y: np.ndarray, d: np.ndarray, parts: list[tuple[str, np.ndarray, list[str]]],
-                label_names: list[str]) -> dict[str, dict[str, dict[str, dict]]]:
-    """TPR, FPR, FNR and selection rate of the decisions ``d`` per grouping, label and group, through
-    one fairlearn ``MetricFrame`` (grouping and label as control features, the group as sensitive
-    feature; the rates as :func:`_tpr`/:func:`_fpr`, equal to fairlearn's own, checked in
-    tests/test_scoring_fairness.py). ``parts``: (grouping name, group per image, groups to score). A
-    rate whose denominator is empty in a group is None (fairlearn would report 0); FNR = 1 - TPR; the
-    selection rate is (TPR P + FPR N) / (P + N)."""
-    from fairlearn.metrics import MetricFrame
-
-    ys, ds, gs, ls, ps = [], [], [], [], []
-    names = np.asarray(label_names, dtype=object)
-    for part, group_of, groups in parts:
-        rows, cols = np.nonzero(~np.isnan(y) & np.isin(group_of, groups)[:, None])
-        ys.append(y[rows, cols].astype(int))
-        ds.append(d[rows, cols].astype(int))
-        gs.append(group_of[rows].astype(str))
-        ls.append(names[cols].astype(str))
-        ps.append(np.full(rows.size, part, dtype=object).astype(str))
-    if not ys or sum(a.size for a in ys) == 0:
-        return {}
-    yk, dk, gk, lk, pk = (np.concatenate(a) for a in (ys, ds, gs, ls, ps))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mf = MetricFrame(metrics={"tpr": _tpr, "fpr": _fpr},
-                         y_true=yk, y_pred=dk, sensitive_features={"group": gk},
-                         control_features={"grouping": pk, "label": lk})
-    key = np.char.add(np.char.add(np.char.add(np.char.add(pk, "\x1f"), lk), "\x1f"), gk)
-    uniq, inv = np.unique(key, return_inverse=True)
-    n_pos = dict(zip(uniq, np.bincount(inv, weights=(yk == 1)).astype(int).tolist()))
-    n_neg = dict(zip(uniq, np.bincount(inv, weights=(yk == 0)).astype(int).tolist()))
-    out: dict[str, dict[str, dict[str, dict]]] = {}
-    for (part, label, g), row in mf.by_group.iterrows():
-        k = f"{part}\x1f{label}\x1f{g}"
-        if k not in n_pos:
-            continue
-        npos, nneg = n_pos[k], n_neg[k]
-        tpr = float(row["tpr"]) if npos else None
-        fpr = float(row["fpr"]) if nneg else None
-        selected = (tpr or 0.0) * npos + (fpr or 0.0) * nneg  # decisions = 1: true plus false positives
-        out.setdefault(str(part), {}).setdefault(str(label), {})[str(g)] = {
-            "n_pos": npos, "n_neg": nneg, "tpr": tpr, "fpr": fpr, "fnr": 1.0 - tpr if tpr is not None else None,
-            "selection_rate": selected / (npos + nneg)}
-    return out
-
-
-def equalized_odds(rates: dict[str, dict]) -> float | None:
-    """Equalized-odds difference of one label (fairlearn's ``between_groups``, ``worst_case``): the
-    larger of the TPR and FPR gaps over the groups holding both classes."""
-    both = [r for r in rates.values() if r["tpr"] is not None and r["fpr"] is not None]
-    if len(both) < 2:
-        return None
-    return max(_gap([r["tpr"] for r in both]), _gap([r["fpr"] for r in both]))
-
-
-def _gap(values: list[float | None]) -> float | None:
-    v = [x for x in values if x is not None]
-    return float(max(v) - min(v)) if len(v) >= 2 else None
-
-
-def _mean(values: list[float | None]) -> float | None:
-    v = [x for x in values if x is not None]
-    return float(np.mean(v)) if v else None
-
-
-def group_sizes(test: Predictions, grouping: Grouping, config: ScoringSpec) -> dict[str, dict]:
-    """Per declared group: ``n``, ``status`` and, when scored, the task's AUC and accuracy."""
-    from medbench.scoring.registry import compute_metrics
-
+def group_sizes(grouping: Grouping, config: ScoringSpec) -> dict[str, dict]:
+    """Per declared group: ``n`` and ``status`` (``ok``, ``too_small``, ``empty``)."""
     groups: dict[str, dict] = {}
-    scored: list[str] = []
     for g in grouping.declared:
-        in_g = grouping.group_of == g
-        n = int(in_g.sum())
-        status = "empty" if n == 0 else ("too_small" if n < config.min_group_size else "ok")
-        entry: dict = {"n": n, "status": status}
-        if status == "ok":
-            scored.append(g)
-            sub = test.filter(in_g)
-            m = compute_metrics(sub, ["auc", "accuracy"])
-            entry["auc"] = m["auc"]
-            entry["accuracy"] = m["accuracy"]
-        groups[g] = entry
+        n = int((grouping.group_of == g).sum())
+        groups[g] = {"n": n, "status": "empty" if n == 0 else ("too_small" if n < config.min_group_size else "ok")}
     return groups
 
 
-def score_grouping(grouping: Grouping, groups: dict[str, dict], rates_by_label: dict[str, dict],
-                   decided: list[str], task_type: str) -> dict:
-    """Point values of one grouping from its group table and per-label rates."""
-    scored = [g for g, e in groups.items() if e["status"] == "ok"]
-    per_label: dict[str, dict] = {}
-    for name in decided:
-        rates = rates_by_label.get(name, {})
-        per_label[name] = {
-            "groups": rates,
-            "gap": {m: _gap([r[m] for r in rates.values()]) for m in RATES},
-            "equalized_odds_difference": equalized_odds(rates),
-            "demographic_parity_difference": _gap([r["selection_rate"] for r in rates.values()]),
-        }
-    for g in scored:
-        for m in RATES:
-            groups[g][m] = _mean([per_label[lab]["groups"].get(g, {}).get(m) for lab in per_label])
-    out: dict = {"attributes": grouping.attributes, "groups": groups, "n_scored_groups": len(scored),
-                 "worst_group": {}, "worst": {}, "gap": {}}
-    for m in ("auc", "accuracy"):
-        vals = {g: groups[g][m] for g in scored if groups[g].get(m) is not None}
-        out["worst_group"][m] = min(vals, key=vals.get) if vals else None
-        out["worst"][m] = min(vals.values()) if vals else None
-        out["gap"][m] = _gap(list(vals.values()))
-    for m in RATES:
-        out["gap"][m] = _mean([per_label[lab]["gap"][m] for lab in per_label])
-    out["equalized_odds_difference"] = _mean([per_label[lab]["equalized_odds_difference"] for lab in per_label])
-    out["demographic_parity_difference"] = _mean([per_label[lab]["demographic_parity_difference"]
-                                                  for lab in per_label])
-    if task_type != "binary":
-        out["per_label"] = per_label
-    return out
-
-
-# --------------------------------------------------------------------------- replicates (linear statistics)
+def _rate_rows(stats: LinearStats, y: np.ndarray, d: np.ndarray, mask: np.ndarray):
+    """One label in one group: finalizers of TPR, FPR, FNR and selection rate of the decisions ``d``."""
+    v = ~np.isnan(y) & mask
+    yk = np.nan_to_num(y)
+    tp, pos = stats.add_sum(v & (yk == 1) & (d == 1)), stats.add_sum(v & (yk == 1))
+    fp, neg = stats.add_sum(v & (yk == 0) & (d == 1)), stats.add_sum(v & (yk == 0))
+    sel, n = stats.add_sum(v & (d == 1)), stats.add_sum(v)
+    return {"tpr": lambda s: ratio(s[tp], s[pos]), "fpr": lambda s: ratio(s[fp], s[neg]),
+            "fnr": lambda s: 1.0 - ratio(s[tp], s[pos]), "selection_rate": lambda s: ratio(s[sel], s[n])}
 
 
 def grouping_rows(stats: LinearStats, test: Predictions, grouping: Grouping, scored: list[str], d: np.ndarray,
                   has_decision: np.ndarray):
-    """Rows of one grouping's scored groups; finalize -> {path-suffix tuple: [b]}."""
-    from medbench.scoring.classification import accuracy_rows, auc_rows
+    """Rows of one grouping's scored groups; ``finalize(sums) -> {path-suffix tuple: [b]}`` holding every value
+    of the grouping (see the module docstring); components defined at the point are found here, once."""
+    from medbench.scoring.classification import accuracy_finalizer, auc_finalizer, balanced_accuracy_finalizer
 
-    y, p = _label_arrays(test)
-    n_labels = len(test.label_names)
-    per_group = {}
+    y = test.y_true()
+    names = test.label_names
+    decided = [k for k in range(len(names)) if has_decision[k]]
+    scores: dict[str, dict[str, object]] = {}
+    rates: dict[int, dict[str, dict]] = {k: {} for k in decided}  # label -> group -> rate finalizers
     for g in scored:
         mask = grouping.group_of == g
-        aucs = [auc_rows(stats, y[:, k], p[:, k], mask) for k in range(n_labels)]
-        acc = accuracy_rows(stats, test, mask)
-        rates = []
-        for k in range(n_labels):
-            if not has_decision[k]:
-                rates.append(None)
-                continue
-            v = ~np.isnan(y[:, k]) & mask
-            yk = np.nan_to_num(y[:, k])
-            rates.append((stats.add_sum(v & (yk == 1) & (d[:, k] == 1)), stats.add_sum(v & (yk == 1)),
-                          stats.add_sum(v & (yk == 0) & (d[:, k] == 1)), stats.add_sum(v & (yk == 0)),
-                          stats.add_sum(v & (d[:, k] == 1)), stats.add_sum(v)))
-        per_group[g] = (aucs, acc, rates)
+        scores[g] = {"auc": auc_finalizer(stats, test, mask), "accuracy": accuracy_finalizer(stats, test, mask),
+                     "balanced_accuracy": balanced_accuracy_finalizer(stats, test, mask)}
+        for k in decided:
+            if (~np.isnan(y[:, k]) & mask).any():  # groups with labelled images of this label
+                rates[k][g] = _rate_rows(stats, y[:, k], d[:, k], mask)
+    point = stats.point_now()
+
+    def ok(value) -> bool:
+        return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+
+    score_ok = {m: [ok(scores[g][m](point)[m]) for g in scored] for m in SCORES}
+    rate_ok = {k: {g: {m: ok(f(point)) for m, f in per.items()} for g, per in rates[k].items()} for k in decided}
+    # per label: the groups holding both classes at the point (equalized odds)
+    both = {k: [g for g in rates[k] if rate_ok[k][g]["tpr"] and rate_ok[k][g]["fpr"]] for k in decided}
+
+    def label_values(k: int, sums: np.ndarray, out: dict) -> None:
+        name = names[k]
+        per = {g: {m: f(sums) for m, f in fs.items()} for g, fs in rates[k].items()}
+        for g, vals in per.items():
+            for m, v in vals.items():
+                out[("per_label", name, "groups", g, m)] = v
+        for m in RATES:
+            out[("per_label", name, "gap", m)] = strict_extreme([per[g][m] for g in per],
+                                                               [rate_ok[k][g][m] for g in per], "gap", 2)
+        eod = [strict_extreme([per[g][m] for g in both[k]], [True] * len(both[k]), "gap", 2) for m in ("tpr", "fpr")]
+        out[("per_label", name, "equalized_odds_difference")] = np.maximum(eod[0], eod[1])
+        out[("per_label", name, "demographic_parity_difference")] = out[("per_label", name, "gap", "selection_rate")]
 
     def finalize(sums: np.ndarray) -> dict[tuple, np.ndarray]:
         out: dict[tuple, np.ndarray] = {}
-        label_rates: dict[str, list[dict[str, np.ndarray]]] = {}
-        group_auc, group_acc = [], []
-        for g, (aucs, acc, rates) in per_group.items():
-            a = mean_defined([f(sums) for f in aucs])
-            c = acc(sums)["accuracy"]
-            out[("groups", g, "auc")] = a
-            out[("groups", g, "accuracy")] = c
-            group_auc.append(a)
-            group_acc.append(c)
-            lr = []
-            for r in rates:
-                if r is None:
-                    lr.append(None)
-                    continue
-                tp, pos, fp, neg, sel, n = (sums[i] for i in r)
-                tpr = ratio(tp, pos)
-                lr.append({"tpr": tpr, "fpr": ratio(fp, neg), "fnr": 1.0 - tpr, "selection_rate": ratio(sel, n)})
-            label_rates[g] = lr
+        per_group = {m: [] for m in SCORES}
+        for g in scored:
+            for m in SCORES:
+                v = scores[g][m](sums)[m]
+                out[("groups", g, m)] = v
+                per_group[m].append(v)
+        for m in SCORES:
+            if scored:
+                out[("worst", m)] = strict_extreme(per_group[m], score_ok[m], "min")
+                out[("gap", m)] = strict_extreme(per_group[m], score_ok[m], "gap", 2)
+        for k in decided:
+            label_values(k, sums, out)
+        for g in scored:  # a group's rate: the mean over the labels where it is defined at the point
             for m in RATES:
-                vals = [x[m] for x in lr if x is not None]
-                if vals:
-                    out[("groups", g, m)] = mean_defined(vals)
-        for m, per in (("auc", group_auc), ("accuracy", group_acc)):
-            if per:
-                stack = np.vstack(per)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    out[("worst", m)] = np.nanmin(stack, axis=0)
-                    # as the point value: a gap needs two groups where the value is defined in that resample
-                    ok = np.isfinite(stack).sum(0) >= 2
-                    out[("gap", m)] = np.where(ok, np.nanmax(stack, axis=0) - np.nanmin(stack, axis=0), np.nan)
-        gaps = {m: [] for m in RATES}
-        eods, dps = [], []
-        for k in range(n_labels):
-            if not has_decision[k] or not scored:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                per_m = {}
-                for m in RATES:
-                    stack = np.vstack([label_rates[g][k][m] for g in scored])
-                    ok = np.isfinite(stack).sum(0) >= 2
-                    per_m[m] = np.where(ok, np.nanmax(stack, 0) - np.nanmin(stack, 0), np.nan)
-                    gaps[m].append(per_m[m])
-                # equalized odds over groups holding both classes (both rates defined)
-                t = np.vstack([label_rates[g][k]["tpr"] for g in scored])
-                f = np.vstack([label_rates[g][k]["fpr"] for g in scored])
-                both = np.isfinite(t) & np.isfinite(f)
-                tt, ff = np.where(both, t, np.nan), np.where(both, f, np.nan)
-                ok = both.sum(0) >= 2
-                eod = np.maximum(np.nanmax(tt, 0) - np.nanmin(tt, 0), np.nanmax(ff, 0) - np.nanmin(ff, 0))
-                eods.append(np.where(ok, eod, np.nan))
-                dps.append(per_m["selection_rate"])
-        for m in RATES:
-            if gaps[m]:
-                out[("gap", m)] = mean_defined(gaps[m])
-        if eods:
-            out[("equalized_odds_difference",)] = mean_defined(eods)
-            out[("demographic_parity_difference",)] = mean_defined(dps)
+                ks = [k for k in decided if g in rates[k]]
+                if ks:
+                    out[("groups", g, m)] = strict_mean([out[("per_label", names[k], "groups", g, m)] for k in ks],
+                                                        [rate_ok[k][g][m] for k in ks])
+        if decided:
+            for m in RATES:
+                gaps = [out[("per_label", names[k], "gap", m)] for k in decided]
+                out[("gap", m)] = strict_mean(gaps, gap_ok[m])
+            for key in ("equalized_odds_difference", "demographic_parity_difference"):
+                per = [out[("per_label", names[k], key)] for k in decided]
+                out[(key,)] = strict_mean(per, diff_ok[key])
         return out
 
+    # which per-label gaps and differences are defined at the point (they enter the means over labels)
+    probe: dict = {}
+    for k in decided:
+        label_values(k, point, probe)
+    gap_ok = {m: [ok(probe[("per_label", names[k], "gap", m)]) for k in decided] for m in RATES}
+    diff_ok = {key: [ok(probe[("per_label", names[k], key)]) for k in decided]
+               for key in ("equalized_odds_difference", "demographic_parity_difference")}
     return finalize
+
+
+# --------------------------------------------------------------------------- point values from the same finalizer
+
+
+def _value(v) -> float | None:
+    return v if v is None else float(v)
+
+
+def score_grouping(grouping: Grouping, groups: dict[str, dict], point: dict[tuple, float | None], y: np.ndarray,
+                   label_names: list[str], decided: list[str], task_type: str) -> dict:
+    """A grouping's block of ``metrics.json`` from its finalizer's point values (``point``, keys without the
+    grouping prefix) and the group sizes."""
+    scored = [g for g, e in groups.items() if e["status"] == "ok"]
+    for g in scored:
+        for m in SCORES:
+            groups[g][m] = point.get(("groups", g, m))
+        for m in RATES:
+            groups[g][m] = point.get(("groups", g, m)) if decided else None
+    out: dict = {"attributes": grouping.attributes, "groups": groups, "n_scored_groups": len(scored),
+                 "worst_group": {}, "worst": {}, "gap": {}}
+    for m in SCORES:
+        vals = {g: groups[g][m] for g in scored if groups[g].get(m) is not None}
+        out["worst_group"][m] = min(vals, key=vals.get) if vals else None
+        out["worst"][m] = point.get(("worst", m)) if vals else None
+        out["gap"][m] = point.get(("gap", m))
+    for m in RATES:
+        out["gap"][m] = point.get(("gap", m))
+    out["equalized_odds_difference"] = point.get(("equalized_odds_difference",))
+    out["demographic_parity_difference"] = point.get(("demographic_parity_difference",))
+    if task_type != "binary":
+        per_label: dict[str, dict] = {}
+        for name in decided:
+            k = label_names.index(name)
+            rates: dict[str, dict] = {}
+            for g in scored:
+                if ("per_label", name, "groups", g, "tpr") not in point:
+                    continue
+                in_g = (grouping.group_of == g) & ~np.isnan(y[:, k])
+                rates[g] = {"n_pos": int((y[in_g, k] == 1).sum()), "n_neg": int((y[in_g, k] == 0).sum()),
+                            **{m: point[("per_label", name, "groups", g, m)] for m in RATES}}
+            per_label[name] = {
+                "groups": rates,
+                "gap": {m: point.get(("per_label", name, "gap", m)) for m in RATES},
+                "equalized_odds_difference": point.get(("per_label", name, "equalized_odds_difference")),
+                "demographic_parity_difference": point.get(("per_label", name, "demographic_parity_difference")),
+            }
+        out["per_label"] = per_label
+    return out
 
 
 # --------------------------------------------------------------------------- the axis
@@ -459,25 +402,28 @@ def fairness_axis(test: Predictions, val: Predictions | None, attributes: list[A
         "min_group_size": config.min_group_size,
         "attributes": dict(unavailable),
     }
-    tables = {g.name: group_sizes(test, g, config) for g in gs}
+    tables = {g.name: group_sizes(g, config) for g in gs}
     scored = {name: [g for g, e in t.items() if e["status"] == "ok"] for name, t in tables.items()}
     decided = [name for k, name in enumerate(test.label_names) if has_decision[k]]
-    y, _ = _label_arrays(test)
-    rates = group_rates(y[:, has_decision], d[:, has_decision],
-                        [(g.name, g.group_of, scored[g.name]) for g in gs if scored[g.name]], decided) \
-        if decided else {}
+    every = [_builder(test, g, scored[g.name], d, has_decision) for g in gs if scored[g.name]]
+    point = evaluate(len(test), every, None).point  # the point values: the finalizers at unit weights
+    y = test.y_true()
     builders = []
     for g in gs:
-        values["attributes"][g.name] = score_grouping(g, tables[g.name], rates.get(g.name, {}), decided,
+        mine = {k[3:]: v for k, v in point.items() if k[2] == g.name}
+        values["attributes"][g.name] = score_grouping(g, tables[g.name], mine, y, test.label_names, decided,
                                                       test.task_type)
         if len(g.attributes) == 1 and scored[g.name]:
-            builders.append(_builder(test, g, scored[g.name], d, has_decision))
+            builders.append(_builder(test, g, scored[g.name], d, has_decision, replicates=True))
     return values, builders
 
 
-def _builder(test, grouping, scored, d, has_decision):
+def _builder(test, grouping, scored, d, has_decision, replicates: bool = False):
+    """The grouping's builder; for the bootstrap (``replicates``) without the per-label detail, which only the
+    point values carry."""
     def build(stats: LinearStats):
         f = grouping_rows(stats, test, grouping, scored, d, has_decision)
-        return lambda sums: {("fairness", "attributes", grouping.name, *k): v for k, v in f(sums).items()}
+        return lambda sums: {("fairness", "attributes", grouping.name, *k): v for k, v in f(sums).items()
+                             if not (replicates and k[0] == "per_label")}
 
     return build

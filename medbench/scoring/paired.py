@@ -8,7 +8,10 @@ over seeds first compares the seed means. Reported: the difference of the
 point values, its percentile interval, and a two-sided bootstrap p-value
 ``2 * min(P(d* <= 0), P(d* >= 0))`` (with the +1 correction, so never 0),
 which is below ``1 - level`` exactly when the interval excludes 0 (up to the
-resolution of ``B`` resamples).
+resolution of ``B`` resamples). A replicate undefined on either side (see the
+strict rule of :mod:`medbench.scoring.bootstrap`) is undefined for the
+difference: counted in ``n_undefined`` and left out of the interval and the
+p-value, never replaced by a value over what remains.
 
 :func:`paired_difference` works on point values and replicates (what
 ``metrics.json`` and ``bootstrap.parquet`` hold, so the leaderboard and
@@ -67,8 +70,8 @@ def seed_mean(points: Sequence[float | None], reps: Sequence[np.ndarray | None])
 def paired_bootstrap(preds_a: Predictions, preds_b: Predictions, metric: str, *, n_resamples: int = 1000,
                      seed: int = 0, level: float = 0.95) -> dict:
     """Paired comparison recomputed from two prediction tables of the same test samples."""
-    from medbench.scoring.bootstrap import Resampling, evaluate, per_resample_loop
-    from medbench.scoring.registry import get_metric
+    from medbench.scoring.bootstrap import Resampling, evaluate
+    from medbench.scoring.registry import get_metric, loop_values
     from medbench.spec import ScoringSpec
 
     ids_a = preds_a.table["sample_id"].to_list()
@@ -80,10 +83,12 @@ def paired_bootstrap(preds_a: Predictions, preds_b: Predictions, metric: str, *,
     res = Resampling.of(preds_a, n_resamples=n_resamples, seed=seed, scope="test")
     points, reps = [], []
     for preds in (preds_a, preds_b):
-        points.append(d(preds, config).get(metric))
-        if d.linear is not None:
-            reps.append(evaluate(len(preds), [lambda st, p=preds: d.linear(p, config, st)], res).replicates[metric])
+        if d.linear:
+            out = evaluate(len(preds), [d.builder(preds, config)], res)
+            point, rep = out.point, out.replicates
         else:
-            reps.append(per_resample_loop(preds, lambda p: d(p, config), res)[metric])
+            point, rep = loop_values(preds, [d], config, res)
+        points.append(point.get(metric))
+        reps.append(rep[metric])
     return paired_difference(points[0], reps[0], points[1], reps[1], level=level,
                              higher_is_better=d.higher_is_better)

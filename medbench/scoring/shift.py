@@ -2,37 +2,38 @@
 
 Per target and metric: the target value, the in-distribution value, and the
 drop. The in-distribution value is recomputed on the target's labels only
-(the label map may cover a subset; multiclass probabilities are renormalized
-over it as the runner does for the target), so both sides score the same
-question. ``drop`` is signed so that positive means worse on the target
+(the label map may cover a subset; multiclass: the softmax over the subset's
+logits, i.e. the probabilities renormalized over it, as the runner saves the
+target's predictions), so both sides score the same question; in-distribution
+rows whose class is outside the subset are then not labelled and left out
+(never scored as class 0, see :mod:`medbench.predictions`). Both sides are
+computed by the metrics' one definition (:func:`medbench.scoring.compute_metrics`
+and the same finalizers for the replicates).
+
+``drop`` is signed so that positive means worse on the target
 (``in_distribution - target`` for higher-is-better metrics), and
-``relative_drop = drop / in_distribution``. Intervals: the test and target
-sets are resampled independently, so replicate ``b`` of the drop is the
-difference of replicate ``b`` of each side.
+``relative_drop = drop / in_distribution``: the share of the in-distribution
+*value* that is lost. It is **not adjusted for chance**: an AUC falling from
+0.60 to 0.55 is a relative drop of 8 %, though it loses half of the skill
+above chance (0.5); compare relative drops between tasks with that in mind
+(docs/metrics.md). Intervals: the test and target sets are resampled
+independently, so replicate ``b`` of the drop is the difference of replicate
+``b`` of each side.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from medbench.predictions import Predictions, prob_column
-from medbench.scoring.registry import compute_metrics, get_metric, higher_is_better
+from medbench.predictions import Predictions
+from medbench.scoring.registry import compute_metrics, higher_is_better, metric_builders
 from medbench.spec import ScoringSpec
 
 
 def restrict_labels(preds: Predictions, labels: list[str]) -> Predictions:
-    """``preds`` on a subset of its labels (multiclass: probabilities renormalized over the subset)."""
-    if list(labels) == list(preds.label_names):
-        return preds
-    from medbench.data.base import label_column
-
-    p = preds.table.select([prob_column(n) for n in labels]).to_numpy().astype(np.float64)
-    if preds.task_type == "multiclass":
-        p = p / p.sum(1, keepdims=True)
-    keep = [c for c in preds.table.columns if not (c.startswith("prob:") or c.startswith("label:"))]
-    table = preds.table.select(keep + [label_column(n) for n in labels]).with_columns(
-        **{prob_column(n): p[:, k] for k, n in enumerate(labels)})
-    return Predictions(table, list(labels), preds.task_type)
+    """``preds`` on a subset of its labels (multiclass: the softmax over the subset; rows of other classes
+    are then not labelled)."""
+    return preds.select_labels(labels)
 
 
 def shift_metrics(metrics: list[str]) -> list[str]:
@@ -42,11 +43,13 @@ def shift_metrics(metrics: list[str]) -> list[str]:
 
 def shift_axis(test: Predictions, targets: dict[str, tuple[Predictions, dict, dict]], metrics: list[str],
                config: ScoringSpec):
-    """(values, test-scope builders). ``targets``: name -> (target predictions, target point scores,
+    """(values, test-scope builders, loops). ``targets``: name -> (target predictions, target point scores,
     runner record). Values per target: ``{"task", "labels", "n", <metric>: {in_distribution, target,
-    drop, relative_drop}}``."""
+    drop, relative_drop}}``. ``loops``: ``(path prefix, in-distribution predictions, metrics)`` of the
+    metrics without a linear form, whose replicates are a per-resample loop on the test resamples."""
     values: dict = {}
     builders = []
+    loops = []
     for name, (tpreds, tscores, record) in targets.items():
         labels = list(tpreds.label_names)
         id_preds = restrict_labels(test, labels)
@@ -58,13 +61,17 @@ def shift_axis(test: Predictions, targets: dict[str, tuple[Predictions, dict, di
             entry[m] = {"in_distribution": i, "target": t, "drop": drop,
                         "relative_drop": drop / i if drop is not None and i else None}
         values[name] = entry
-        builders.append(_id_builder(name, id_preds, metrics, config))
-    return values, builders
+        linear, looped = metric_builders(id_preds, metrics, config)
+        builders.append(_id_builder(name, linear, metrics))
+        if looped:
+            loops.append((("shift", name), id_preds, looped))
+    return values, builders, loops
 
 
-def _id_builder(name: str, id_preds: Predictions, metrics: list[str], config: ScoringSpec):
+def _id_builder(name: str, linear: list, metrics: list[str]):
+    """The in-distribution side's replicates: the metrics' own builders, keys moved under ``shift.<name>``."""
     def build(stats):
-        finals = [get_metric(m).linear(id_preds, config, stats) for m in metrics if get_metric(m).linear]
+        finals = [b(stats) for b in linear]
 
         def finalize(sums):
             out = {}

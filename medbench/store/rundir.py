@@ -2,12 +2,15 @@
 
 Layout under the output folder::
 
-    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head)
+    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head,
+                                                                      linear, shots5-knn, linear-cls+mean)
         config.json          what defines the run (resolved task spec, backbone, plan, ...)
-        predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars)
+        predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars): labels, logits
+                             (float32) and the probabilities derived from them (see medbench.predictions)
         splits.parquet       the split every sample was in
         history.json         training loss, lr and validation curve
-        metrics.json         scores computed from the predictions
+        metrics.json         scores computed from the predictions (with scoring.scoring_version and warnings)
+        bootstrap.parquet    the bootstrap replicates of every score
         similarity.json/.png per-layer similarity initial vs fine-tuned (only with --similarity)
         result.json          written last: the run is complete iff it exists with status "ok";
                              status "failed" records an error (line, kind, traceback) instead
@@ -16,6 +19,7 @@ Layout under the output folder::
         .lock                held (flock) by the process training the run
         .<file>.<random>.<pid>@<host>.tmp   a file being written (utils.atomic_path); one left by a
                              killed writer is removed when the run is next claimed (see RunDir.claim)
+    features/            the probes' feature cache (see medbench.store.features)
     leaderboard.json
     micro-batch/<setting>.json   --micro-batch auto: the micro-batch chosen for one (task, backbone, crop,
                          device type, precision, ZeRO stage, world size, freezing, layout), how (memory
@@ -25,16 +29,40 @@ Layout under the output folder::
 everything that fixes the run's numbers: every field of the run request (task,
 backbone, resolved init, the *content* hash of the weights file, seed, step
 cap, engine settings, and any field added later), the task's content hash,
-the data fingerprint of the task and of each OOD target, the resolved training
-plan and input geometry, the world size, the medbench version and the store
-format. Changing any of them makes a new run; nothing else does (checkpoint
-settings, thread count, output paths, the execution options: channels-last,
-``--compile``, input workers). The micro-batch enters as requested (a number,
-``auto`` or none); what ``auto`` chose is recorded in the run and under
+the data fingerprint of the task and of each OOD target (rows, labels, metadata
+and each image file's stamp: size and mtime, or its sha256 with
+``--verify-pixels``; see :mod:`medbench.data.fingerprint`), the resolved training
+plan and input geometry, the world size, the training-numerics version and the
+store format. Changing any of them makes a new run; nothing else does
+(checkpoint settings, thread count, output paths, ``medbench.__version__``,
+the input workers). The micro-batch enters as requested (a number, ``auto``
+or none); what ``auto`` chose is recorded in the run and under
 ``micro-batch/``, so a run halved after an out-of-memory error keeps its key
-and resumes. The code revision (git sha) and
-library versions are recorded in each result's provenance, not in the key:
-a completed run is reused across commits of the same release.
+and resumes. The code revision (git sha) and library versions are recorded in each result's
+provenance, not in the key.
+
+**Code changes: two versions.** What a code change invalidates depends on
+what it changes, and two constants say so (bump them in the commit that makes
+the change):
+
+* ``medbench.train.numerics.TRAINING_NUMERICS``: bumped by any change to the
+  numbers training produces for the same request (optimizer, schedule,
+  augmentation, initialisation, preprocessing that reaches the network, the
+  evaluation pass, what the prediction files hold). It is part of the key, so
+  after a bump ``medbench run`` trains new runs rather than reusing old ones;
+  each run records it in ``config.json`` (``training_numerics``; absent in
+  runs from before it existed) and ``medbench leaderboard`` refuses to put runs
+  of different training numerics in one board, naming two of them.
+* ``medbench.scoring.version.SCORING_VERSION``: bumped by any change to what a
+  score means or how it is computed from saved predictions. It is *not* in the
+  key: ``metrics.json`` records it (``scoring.scoring_version``; absent = 0),
+  and a run scored by another version is re-scored from its saved predictions
+  (seconds, no training), with the settings it was scored with, when
+  ``medbench run`` reuses it and when ``medbench leaderboard`` or
+  ``medbench paired`` reads it; the console says which runs were re-scored.
+
+``medbench.__version__`` is neither: a release may change nothing numeric, and
+a fix between releases may change either.
 
 **Completion and failures.** ``result.json`` is written last, atomically,
 after every other file; a folder without it (or with ``status: failed``) is

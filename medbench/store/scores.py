@@ -6,13 +6,22 @@ Writes, next to the predictions:
   the axes ``calibration``, ``fairness``, ``shift``, ``convergence``, and
   ``ci`` — a tree parallel to the values holding each bootstrap interval
   (``ci.test.auc``, ``ci.fairness.attributes.sex.gap.auc``, ...) — plus the
-  effective ``scoring`` settings and how each scope was resampled;
+  effective ``scoring`` settings (with ``scoring_version``, see
+  :mod:`medbench.scoring.version`) and how each scope was resampled,
+  ``labels`` (rows scored and left out per split) and ``warnings``
+  (:mod:`medbench.scoring.checks`);
 * ``bootstrap.parquet``: the replicates themselves, one column per value
   (named by the JSON list of its path in ``metrics.json``), one row per
   resample. Resamples depend only on the scored set and the bootstrap seed,
   so the leaderboard averages replicates over seeds and compares backbones
   pairwise from these files, without predictions;
 * ``calibration/reliability-test.png``.
+
+Every point value is its metric's one definition (:mod:`medbench.scoring.registry`):
+the test scope's values come from the same evaluation that computes their
+replicates. :func:`rescore_outdated` re-scores runs whose ``metrics.json`` was
+written by another scoring version (``medbench run`` reusing a run,
+``medbench leaderboard``, ``medbench paired``).
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from medbench.predictions import Predictions
-from medbench.scoring import compute_metrics, get_metric, higher_is_better
-from medbench.scoring.bootstrap import Resampling, evaluate, interval, per_resample_loop
+from medbench.scoring import compute_metrics, higher_is_better
+from medbench.scoring.bootstrap import Resampling, evaluate, interval
+from medbench.scoring.registry import interval_rule, loop_values, metric_builders
+from medbench.scoring.version import SCORING_VERSION
 from medbench.spec import AttributeSpec, ScoringSpec
 from medbench.store import CONFIG, HISTORY, METRICS, RunDir
 from medbench.utils import atomic_write_bytes
@@ -58,22 +69,6 @@ def load_predictions(run: RunDir, name: str) -> Predictions | None:
     return preds
 
 
-def _metric_builders(preds: Predictions, metrics: list[str], config: ScoringSpec, prefix: tuple):
-    builders, loops = [], []
-    for m in metrics:
-        d = get_metric(m)
-        if d.linear is None:
-            loops.append(d)
-            continue
-
-        def build(stats, d=d):
-            f = d.linear(preds, config, stats)
-            return lambda sums: {(*prefix, k): v for k, v in f(sums).items()}
-
-        builders.append(build)
-    return builders, loops
-
-
 def _set(tree: dict, path: tuple, value) -> None:
     node = tree
     for p in path[:-1]:
@@ -90,10 +85,33 @@ def _get(tree: dict, path: tuple):
     return node
 
 
+def _ordered(values: dict, metrics: list[str]) -> dict:
+    """A scope's values in the order of the task's metrics (each metric's keys together)."""
+    out = {}
+    for m in metrics:
+        out.update({k: v for k, v in values.items() if k == m or k.startswith(m + "/")})
+    out.update({k: v for k, v in values.items() if k not in out})
+    return out
+
+
+def score_scope(preds: Predictions, metrics: list[str], cfg: ScoringSpec, resampling: Resampling | None,
+                prefix: tuple, extra_builders: list | None = None) -> tuple[dict, dict[tuple, np.ndarray]]:
+    """(point values by path, replicates by path) of a scope: the metrics' builders (and ``extra_builders``
+    of the axes) in one evaluation, plus the per-resample loops of metrics without a linear form."""
+    builders, loops = metric_builders(preds, metrics, cfg, prefix)
+    ev = evaluate(len(preds), builders + list(extra_builders or []), resampling)
+    point, reps = dict(ev.point), dict(ev.replicates)
+    lp, lr = loop_values(preds, loops, cfg, resampling, prefix)
+    point.update(lp)
+    reps.update(lr)
+    return point, reps
+
+
 def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tuple, np.ndarray]]:
     """(metrics.json content, replicates by value path) of ``run``."""
     import medbench
     from medbench.scoring.calibration import calibration_axis
+    from medbench.scoring.checks import score_warnings
     from medbench.scoring.convergence import convergence
     from medbench.scoring.fairness import fairness_axis
     from medbench.scoring.shift import drop_replicates, shift_axis, shift_metrics
@@ -102,13 +120,18 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
     spec = config["task_spec"]
     cfg = scoring_config(spec, overrides)
     metrics = list(spec["metrics"])
+    headline = spec.get("headline", metrics[0])
     attributes = [AttributeSpec.model_validate(a) for a in spec.get("attributes", [])]
     test, val = load_predictions(run, "test"), load_predictions(run, "val")
-    out: dict = {"scoring": {**cfg.model_dump(mode="json"), "medbench_version": medbench.__version__, "resampling": {}},
-                 "test": {}, "val": {}, "ood": {}}
+    out: dict = {"scoring": {**cfg.model_dump(mode="json"), "scoring_version": SCORING_VERSION,
+                             "medbench_version": medbench.__version__, "resampling": {}},
+                 "test": {}, "val": {}, "ood": {}, "labels": {}}
     replicates: dict[tuple, np.ndarray] = {}
+    loaded: dict[str, Predictions] = {}
     if val is not None:
         out["val"] = compute_metrics(val, metrics, cfg)
+        out["labels"]["val"] = val.label_counts()
+        loaded["val"] = val
 
     ood_targets: dict[str, tuple] = {}
     ood_metrics = shift_metrics(metrics)
@@ -117,36 +140,40 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
         preds = load_predictions(run, f"ood-{name}")
         if preds is None:
             continue
-        out["ood"][name] = compute_metrics(preds, ood_metrics, cfg)
-        ood_targets[name] = (preds, out["ood"][name], record)
-        if cfg.bootstrap:
-            res = Resampling.of(preds, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope=f"ood:{name}")
-            builders, loops = _metric_builders(preds, ood_metrics, cfg, ("ood", name))
-            replicates.update(evaluate(len(preds), builders, res).replicates)
-            for d in loops:
-                replicates.update({("ood", name, k): v for k, v in per_resample_loop(preds, d, res).items()})
+        res = Resampling.of(preds, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope=f"ood:{name}") \
+            if cfg.bootstrap else None
+        point, reps = score_scope(preds, ood_metrics, cfg, res, ("ood", name))
+        out["ood"][name] = _ordered({k[2]: v for k, v in point.items()}, ood_metrics)
+        replicates.update(reps)
+        if res is not None:
             out["scoring"]["resampling"][f"ood:{name}"] = res.describe()
+        ood_targets[name] = (preds, out["ood"][name], record)
+        out["labels"].setdefault("ood", {})[name] = preds.label_counts()
+        loaded[f"ood-{name}"] = preds
 
     if test is not None:
-        out["test"] = compute_metrics(test, metrics, cfg)
-        builders, loops = _metric_builders(test, metrics, cfg, ("test",))
-        cal_values, cal_builders, calibrated = calibration_axis(test, val, cfg)
+        loaded["test"] = test
+        out["labels"]["test"] = test.label_counts()
+        cal_values, builders, calibrated = calibration_axis(test, val, cfg)
         out["calibration"] = cal_values
-        builders += cal_builders
         fair_values, fair_builders = fairness_axis(test, val, attributes, cfg)
         if fair_values is not None:
             out["fairness"] = fair_values
             builders += fair_builders
+        shift_loops: list = []
         if ood_targets:
-            shift_values, shift_builders = shift_axis(test, ood_targets, ood_metrics, cfg)
+            shift_values, shift_builders, shift_loops = shift_axis(test, ood_targets, ood_metrics, cfg)
             out["shift"] = shift_values
             builders += shift_builders
         res = Resampling.of(test, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope="test") \
             if cfg.bootstrap else None
-        replicates.update(evaluate(len(test), builders, res).replicates)
+        point, reps = score_scope(test, metrics, cfg, res, ("test",), builders)
+        out["test"] = _ordered({k[1]: v for k, v in point.items() if k[0] == "test"}, metrics)
+        replicates.update(reps)
+        for prefix, id_preds, loops in shift_loops:  # in-distribution side of metrics without a linear form
+            _, lr = loop_values(id_preds, loops, cfg, res)
+            replicates.update({(*prefix, k, "in_distribution"): v for k, v in lr.items()})
         if res is not None:
-            for d in loops:
-                replicates.update({("test", k): v for k, v in per_resample_loop(test, d, res).items()})
             out["scoring"]["resampling"]["test"] = res.describe()
         if "shift" in out:
             replicates.update(drop_replicates(replicates, out["shift"]))
@@ -154,21 +181,25 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
         if png:
             out["calibration"]["reliability_diagram"] = png
 
-    if (run.path / HISTORY).is_file():
-        headline = spec.get("headline", metrics[0])
+    has_history = (run.path / HISTORY).is_file()
+    if has_history:
         out["convergence"] = convergence(run.read_json(HISTORY), headline, higher_is_better(headline))
 
     # keep replicates of values that exist; intervals in a tree parallel to the values
     kept = {}
     ci: dict = {}
     for path, reps in replicates.items():
-        if isinstance(_get(out, path), (int, float)) and not isinstance(_get(out, path), bool):
+        value = _get(out, path)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             kept[path] = reps
-            c = interval(reps, cfg.ci_level)
+            c = interval(reps, cfg.ci_level, rule=interval_rule(path), point=float(value))
             if c is not None:
                 _set(ci, path, c)
     out["ci"] = ci
-    return _plain(out), kept
+    out = _plain(out)
+    out["warnings"] = score_warnings(out, loaded, headline=headline, ood_records=config.get("ood_targets", []),
+                                     has_history=has_history)
+    return out, kept
 
 
 def _plain(obj):
@@ -227,3 +258,47 @@ def rescore(run: RunDir, overrides: dict | None = None) -> dict:
     write_replicates(run.path / BOOTSTRAP, replicates)
     run.write_json(METRICS, scores)
     return scores
+
+
+def scoring_version_of(run: RunDir) -> int | None:
+    """The scoring version of a run's ``metrics.json``: 0 when it predates versioning, None without the file."""
+    path = run.path / METRICS
+    if not path.is_file():
+        return None
+    try:
+        scoring = json.loads(path.read_text()).get("scoring") or {}
+    except (OSError, ValueError):
+        return None
+    return int(scoring.get("scoring_version", 0))
+
+
+def recorded_settings(run: RunDir) -> dict:
+    """The scoring settings a run was last scored with (``medbench score`` options are kept on re-scoring)."""
+    try:
+        scoring = run.read_json(METRICS).get("scoring") or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in scoring.items() if k in ScoringSpec.model_fields}
+
+
+def rescore_outdated(runs: list[RunDir], message=None) -> list[RunDir]:
+    """Re-score, from their saved predictions, the runs whose ``metrics.json`` was written by another scoring
+    version (or is missing), keeping the settings they were scored with; ``message(text)`` reports each one.
+    Returns the runs re-scored."""
+    from medbench.errors import DataError
+
+    done = []
+    for run in runs:
+        version = scoring_version_of(run)
+        if version == SCORING_VERSION:
+            continue
+        if not run.prediction_file("test").is_file():
+            raise DataError(f"scored by scoring version {version}, this medbench scores with version "
+                            f"{SCORING_VERSION}, and its predictions are missing, so it cannot be re-scored",
+                            where=str(run.path), field="predictions/test.parquet")
+        rescore(run, recorded_settings(run))
+        done.append(run)
+        if message is not None:
+            was = "never scored" if version is None else f"scoring version {version}"
+            message(f"{run.path}: re-scored from its saved predictions ({was} -> {SCORING_VERSION})")
+    return done

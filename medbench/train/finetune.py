@@ -506,8 +506,3 @@ def predict_logits(model: nn.Module, inputs: Iterable[torch.Tensor], device: str
     if not outs:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(outs).cpu().numpy()
-
-
-def logits_to_probs(task_type: str, logits: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(logits)
-    return (torch.softmax(t, dim=1) if task_type == "multiclass" else torch.sigmoid(t)).numpy()
