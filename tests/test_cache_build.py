@@ -167,12 +167,13 @@ def test_real_nih_sample_rgb_files_are_grey(tmp_path: Path) -> None:
 def test_cache_progress_without_a_terminal_is_lines_with_a_rate(capsys: pytest.CaptureFixture, monkeypatch) -> None:
     import time
 
-    from medbench.cli.console import RichReporter
+    from medbench.cli.console import progress_reporter
 
     clock = {"t": 1000.0}
     monkeypatch.setattr(time, "monotonic", lambda: clock["t"])
+    monkeypatch.delenv("MEDBENCH_PROGRESS", raising=False)
     label = "big: caching 9,000 images at 32 px"
-    with RichReporter() as reporter:  # under pytest stderr is not a terminal: no bar, plain lines
+    with progress_reporter() as reporter:  # under pytest stderr is not a terminal: no bar, plain lines
         reporter.work_progress(label, 0, 9000)
         clock["t"] += 20
         reporter.work_progress(label, 2000, 9000)  # 20 s: no line yet
@@ -182,7 +183,8 @@ def test_cache_progress_without_a_terminal_is_lines_with_a_rate(capsys: pytest.C
         reporter.work_progress(label, 9000, 9000)  # the last line
         reporter.work_progress("small: caching 10 images", 0, 10)
         reporter.work_progress("small: caching 10 images", 10, 10)  # seconds: nothing printed
-    lines = [li for li in capsys.readouterr().err.splitlines() if "caching" in li]
+    # each line after its timestamp (YYYY-MM-DD HH:MM:SS)
+    lines = [li[20:] for li in capsys.readouterr().err.splitlines() if "caching" in li]
     assert lines == [f"{label}: 4,000/9,000 (44%), 100.0/s, 50s left", f"{label}: 9,000/9,000 (100%), 100.0/s"]
 
 

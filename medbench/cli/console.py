@@ -390,6 +390,7 @@ class LogReporter:
         self.every_percent = every_percent
         self.stream = stream
         self._run: dict = {}
+        self._work: dict = {}
 
     def __enter__(self):
         return self
@@ -447,6 +448,36 @@ class LogReporter:
 
     def message(self, text) -> None:
         self._print(text)
+
+    def work_progress(self, label: str, done: int, total: int) -> None:
+        """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
+        clock): a line with the rate and the time left every 30 s, and a last one when it took 10 s or more
+        (short work and its errors stay one line)."""
+        import time
+
+        w = _work_rate(self._work, label, done, total)
+        now = time.monotonic()
+        if (w["finished"] and w["elapsed"] >= 10) or (not w["finished"] and now - w["printed"] >= 30):
+            w["printed"] = now
+            self._print(f"{label}: {done:,}/{total:,} ({done / max(total, 1):.0%}), {w['info']}")
+
+
+def _work_rate(work: dict, label: str, done: int, total: int) -> dict:
+    """The state of the work ``label`` in ``work`` (its clock starts at the first call) with this call's
+    elapsed seconds, rate, ``info`` (rate and time left) and whether it finished (then it is forgotten)."""
+    import time
+
+    now = time.monotonic()
+    state = work.setdefault(label, {"start": now, "printed": now, "bar": None})
+    elapsed = max(now - state["start"], 1e-9)
+    rate = done / elapsed
+    left = (total - done) / rate if rate > 0 else float("inf")
+    finished = done >= total
+    if finished:
+        work.pop(label, None)
+    state.update(elapsed=elapsed, rate=rate, finished=finished,
+                 info=f"{rate:,.1f}/s" if finished else f"{rate:,.1f}/s, {_duration(left)} left")
+    return state
 
 
 def progress_reporter():
@@ -517,27 +548,12 @@ class RichReporter:
 
     def work_progress(self, label: str, done: int, total: int) -> None:
         """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
-        clock): a bar with the rate on a terminal, else a line every 30 s (logs, pipes); a last line when it
-        took 10 s or more."""
-        import time
-
-        now = time.monotonic()
-        state = self._work.setdefault(label, {"start": now, "printed": now, "bar": None})
-        elapsed = max(now - state["start"], 1e-9)
-        rate = done / elapsed
-        left = (total - done) / rate if rate > 0 else float("inf")
-        info = f"{rate:,.1f}/s, {_duration(left)} left" if done < total else f"{rate:,.1f}/s"
-        finished = done >= total
-        if not self.progress.disable:
-            if state["bar"] is None:
-                state["bar"] = self.progress.add_task(label, total=total, info="")
-            self.progress.update(state["bar"], completed=done, info=info)
-            if finished:
-                self.progress.remove_task(state["bar"])
-                if elapsed >= 10:
-                    self.progress.console.print(f"{label}: done in {_duration(elapsed)} ({rate:,.1f}/s)")
-        elif (finished and elapsed >= 10) or (not finished and now - state["printed"] >= 30):
-            state["printed"] = now
-            print(f"{label}: {done:,}/{total:,} ({done / max(total, 1):.0%}), {info}", file=sys.stderr, flush=True)
-        if finished:
-            self._work.pop(label, None)
+        clock): a bar with the rate; when it took 10 s or more, a last line with the time and the rate."""
+        w = _work_rate(self._work, label, done, total)
+        if w["bar"] is None:
+            w["bar"] = self.progress.add_task(label, total=total, info="")
+        self.progress.update(w["bar"], completed=done, info=w["info"])
+        if w["finished"]:
+            self.progress.remove_task(w["bar"])
+            if w["elapsed"] >= 10:
+                self.progress.console.print(f"{label}: done in {_duration(w['elapsed'])} ({w['rate']:,.1f}/s)")
