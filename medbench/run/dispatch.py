@@ -55,7 +55,7 @@ class JobSpec:
     locations: Any  # DataLocations
     checkpoints: Any  # CheckpointPolicy
     threads: int | None = None
-    execution: Any = None  # medbench.train.finetune.Execution (layout, compile): not in the run key
+    execution: Any = None  # medbench.train.finetune.Execution (layout, compile: in the run key when on)
 
 
 def job_name(request) -> str:

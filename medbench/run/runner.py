@@ -326,7 +326,9 @@ class Runner:
                       plan=_probe_settings(req.protocol) if probe else plan.as_dict(),
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
-                      ood=ood, world_size=1 if probe else world)
+                      ood=ood, world_size=1 if probe else world,
+                      execution=None if probe else
+                      (self.execution or self._execution(prepare_environment())).key_fields())
         run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.folder_suffix)
         return req, task, init, prepared, train_rows, variant, plan, key, run
 

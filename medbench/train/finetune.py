@@ -11,10 +11,10 @@ default (stages 1/2 need ``zero_allow_untested_optimizer`` for SGD), bf16 via
 ``torch_autocast`` (BatchNorm buffers stay fp32). With these, fp32 DeepSpeed
 steps equal the plain loop's bit for bit.
 
-How a run executes without changing its numbers beyond the last bits is an
-:class:`Execution` (not part of the run key, recorded with the run): the
-channels-last memory layout, ``torch.compile``, how often the logged loss is
-read back from the device. The step loop keeps the loss on the device and
+How a run executes is an :class:`Execution`, recorded with the run: the
+channels-last memory layout and ``torch.compile`` (other kernels, so other
+last bits: in the run key when on), how often the logged loss is read back
+from the device and the input workers (no number changes: not in the key). The step loop keeps the loss on the device and
 reads it (one host sync) every ``log_every`` steps, before an evaluation and
 before a checkpoint; on CPU, where nothing runs ahead of the host, every step.
 """
@@ -55,8 +55,10 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Execution:
-    """How a run executes: settings that change at most the last bits of its numbers (kernel choice,
-    fusion), so they stay out of the run key and are recorded with the run (``result.json``)."""
+    """How a run executes, recorded with the run (``result.json``, ``provenance.execution``). Channels-last and
+    ``--compile`` pick other kernels (layout, fusion): they change the last bits of a run's numbers, so when on
+    they enter the run key (:meth:`key_fields`; off, the key is what it was before they existed). The loss
+    read-back interval and the input workers never change a number and stay out of it."""
 
     #: channels-last (NHWC) memory layout of weights and inputs: tensor-core convolutions on GPUs
     channels_last: bool = False
@@ -78,6 +80,10 @@ class Execution:
     def as_dict(self) -> dict:
         return {"channels_last": self.channels_last, "compile": self.compile, "log_every": self.log_every,
                 "loader_workers": self.loader_workers}
+
+    def key_fields(self) -> dict:
+        """The settings of the run key that can change numbers, only those that are on (empty by default, on CPU)."""
+        return {k: True for k in ("channels_last", "compile") if getattr(self, k)}
 
 
 def default_precision(device: str) -> str:
