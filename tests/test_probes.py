@@ -426,7 +426,7 @@ def test_one_leaderboard_holds_the_protocols_side_by_side(probed: dict) -> None:
     # each protocol is its own group: three bests, nobody compared across protocols
     assert all(e.get("significance") is None for e in board["entries"])
     md = render_markdown(board)
-    assert "## Protocols side by side" in md and "| task | backbone | init | metric | finetune | linear | knn |" in md
+    assert "\n## Protocols\n" in md and "| task | backbone | init | metric | finetune | linear | knn |" in md
     assert "random · linear" in md
     page = render_html(board)
     assert 'id="view-protocols"' in page and "<th data-col=\"knn\"" in page
