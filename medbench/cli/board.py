@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from medbench.cli.app import app
+from medbench.cli.app import app, finite
 from medbench.cli.console import fail, print_compare
 
 
@@ -48,9 +48,9 @@ def compare(
     baseline: Path = typer.Argument(..., help="Baseline leaderboard JSON (e.g. leaderboards/smoke-cpu.json)."),
     new: Path = typer.Argument(..., help="New leaderboard JSON to check against it."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Compare these too (repeatable): 'headline' (default), a test metric (accuracy, auc/Edema) or ood:TARGET:METRIC."),
-    tolerance: float = typer.Option(0.005, "--tolerance", help="Absolute tolerance: the least drop that counts as a regression."),
-    k_seed: float = typer.Option(2.0, "--k-seed", help="Multiple of the standard error of the difference of seed means that is tolerated."),
-    k_ci: float = typer.Option(1.0, "--k-ci", help="Multiple of the combined half-width of the test-resampling intervals that is tolerated."),
+    tolerance: float = typer.Option(0.005, "--tolerance", callback=finite, help="Absolute tolerance: the least drop that counts as a regression."),
+    k_seed: float = typer.Option(2.0, "--k-seed", callback=finite, help="Multiple of the standard error of the difference of seed means that is tolerated."),
+    k_ci: float = typer.Option(1.0, "--k-ci", callback=finite, help="Multiple of the combined half-width of the test-resampling intervals that is tolerated."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Entries missing from NEW do not fail the gate."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:

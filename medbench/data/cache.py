@@ -242,6 +242,7 @@ def build_cache(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     root: Path | None = None,
+    notice: Callable[[str], None] | None = None,
     stamps: list[str | None] | None = None,
 ) -> CachedImages:
     """The cached images of ``index`` at ``size`` x ``size`` for a network taking ``channels``; built when absent.
@@ -255,6 +256,10 @@ def build_cache(
     :func:`~medbench.data.image_io.read_image`). ``progress(done, total)`` is called as rows complete.
     ``stamps``: each row's file stamp (:mod:`medbench.data.fingerprint`), part of the key; None for in-memory
     pixels (hashed instead) and in tests that do not replace files.
+
+    An entry that is damaged (its array file shorter or longer than its sidecar says, e.g. truncated by a
+    full disk or a copy, or a sidecar that is not JSON) is not used: it is rebuilt, and ``notice`` gets one
+    line naming the file and why.
     """
     if index.pixels is not None and root is None and \
             len(index) * channels * size * size <= IN_MEMORY_LIMIT_BYTES:
@@ -265,15 +270,16 @@ def build_cache(
             pixels[i] = prepare(index.pixels[i], size, stored)
         return CachedImages(pixels=pixels, ok=np.ones(len(index), dtype=bool), bad=[], path=None)
     if channels == 3:
-        found = _existing(index, size, 3, on_bad_image, root, stamps) or \
-            _existing(index, size, 1, on_bad_image, root, stamps, need_grey=True)
+        found = _existing(index, size, 3, on_bad_image, root, stamps, notice) or \
+            _existing(index, size, 1, on_bad_image, root, stamps, notice, need_grey=True)
         if found is not None:
             return found
         grey = _build(index, size, 1, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root,
                       stamps=stamps, grey_only=True)
         if grey is not None:
             return grey
-    return _existing(index, size, channels, on_bad_image, root, stamps) or \
+    checked = channels == 3  # its entries were looked for above
+    return (None if checked else _existing(index, size, channels, on_bad_image, root, stamps, notice)) or \
         _build(index, size, channels, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root,
                stamps=stamps)
 
@@ -295,15 +301,23 @@ def _entry(index: DatasetIndex, size: int, channels: int, root: Path | None,
 
 
 def _existing(index: DatasetIndex, size: int, channels: int, on_bad_image: str, root: Path | None,
-              stamps: list[str | None] | None, *, need_grey: bool = False) -> CachedImages | None:
+              stamps: list[str | None] | None, notice: Callable[[str], None] | None = None, *,
+              need_grey: bool = False) -> CachedImages | None:
     """The complete entry of ``index`` (or one covering its images with the same file stamps), None when there
-    is none; ``need_grey``: only a 1-channel entry known to hold grey images (usable for a 3-channel network)."""
+    is none; ``need_grey``: only a 1-channel entry known to hold grey images (usable for a 3-channel network).
+    A damaged entry is not used (``notice`` gets one line naming it)."""
     e = _entry(index, size, channels, root, stamps)
     shape = (len(index), channels, size, size)
     meta = _read_meta(e["meta"])
+    if meta is None and e["meta"].is_file() and notice:
+        notice(f"{e['meta']}: preprocessing cache sidecar is unreadable; rebuilding the entry")
     if meta is not None and e["data"].is_file() and tuple(meta["shape"]) == shape \
             and (not need_grey or meta.get("grey") is True):
-        return _open(e["data"], shape, meta, on_bad_image)
+        damage = _size_problem(e["data"], shape)
+        if damage is None:
+            return _open(e["data"], shape, meta, on_bad_image)
+        if notice:
+            notice(f"{e['data']}: preprocessing cache entry is damaged ({damage}); rebuilding it")
     covering = _covering_entry(e["folder"], e["family"], e["paths"], shape, stamps, need_grey=need_grey)
     if covering is not None:
         return covering if on_bad_image != "fail" or not covering.bad else _fail_on(covering.bad)
@@ -394,9 +408,25 @@ def _build(index: DatasetIndex, size: int, channels: int, *, on_bad_image: str, 
 def _read_meta(path: Path) -> dict | None:
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) and "shape" in meta else None
+    ok = isinstance(meta, dict) and isinstance(meta.get("shape"), list) and len(meta["shape"]) == 4 \
+        and all(isinstance(x, int) and x >= 0 for x in meta["shape"]) and isinstance(meta.get("bad", []), list) \
+        and all(isinstance(b, dict) and isinstance(b.get("row"), int) and 0 <= b["row"] < meta["shape"][0]
+                for b in meta.get("bad", []))
+    return meta if ok else None
+
+
+def _size_problem(data_path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the array file cannot hold ``shape`` uint8 values (truncated, or not the size written), or None."""
+    expected = int(np.prod(shape))
+    try:
+        actual = data_path.stat().st_size
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if actual != expected:
+        return f"{actual:,} bytes, expected {expected:,}"
+    return None
 
 
 def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...],
@@ -422,9 +452,9 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
         try:
             record = json.loads((folder / meta["rows"]).read_text())
             stored, stored_stamps = record["paths"], record["stamps"]
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):
             continue
-        if len(stored) != n or not data_path.is_file():
+        if len(stored) != n or not data_path.is_file() or _size_problem(data_path, (n, *shape[1:])) is not None:
             continue
         where: dict[str, int] = {}
         for i, p in enumerate(stored):

@@ -92,7 +92,7 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Message
     progress = None if report is None else (
         lambda done, n: report(f"{task.name}: caching {n:,} images at {resize} px", done, n))
     images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image,
-                         progress=progress, stamps=stamps)
+                         progress=progress, stamps=stamps, notice=reporter.message)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
     return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop,

@@ -236,11 +236,17 @@ class Runner:
                             missing_dataset(self.catalog.task(target.task), self.locations) is not None:
                         continue  # skipped (and recorded) when the run gets there
                     self._ood_target(task, target)
+            from medbench.backbones.init import preflight as check_init_and_weights
+
             checked_pooling: set = set()
             for req in requests:
                 backbone = self.backbone(req.backbone)
                 task = self.catalog.task(req.task)
                 spec = task.spec
+                # the one weights preflight (fine-tuning and probes alike): every file read, finite, and
+                # loadable into the architecture (meta device) before anything runs; files already checked
+                # in this process are skipped
+                check_init_and_weights(backbone, req.init, req.weights, in_chans=(spec.input.channels,))
                 if req.protocol is not None:
                     self._check_probe(req, task, backbone, dist, checked_pooling)
                     continue
@@ -430,7 +436,9 @@ class Runner:
                    "channels_last": execution.channels_last}
         path = self.store.micro_batch_file(sha256_json(setting)[:24])
         record = _read_json(path)
-        usable = record is not None and record.get("setting") == setting and isinstance(record.get("micro_batch"), int)
+        usable = record is not None and record.get("setting") == setting and isinstance(record.get("micro_batch"), int) \
+            and not isinstance(record["micro_batch"], bool) and 1 <= record["micro_batch"] <= per_device \
+            and per_device % record["micro_batch"] == 0  # else (an edited file) chosen again
         (missing,) = _agree(dist, not usable)  # every rank reads before any writes; all choose, or none
         if not missing:
             model.to(dist.device)
@@ -1055,7 +1063,7 @@ def _read_json(path) -> dict | None:
 
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, or nested past the interpreter's limit
         return None
     return data if isinstance(data, dict) else None
 

@@ -178,6 +178,10 @@ class _LossLog:
         values = mean_over_ranks(torch.stack([p[2] for p in pending]), self.dist.world_size)
         for (step, lr, _), value in zip(pending, values):
             if not math.isfinite(value):
+                if step == 0:  # before any update: the learning rate cannot be the cause
+                    raise MedbenchError(f"loss is {value} at step 0, before any update: the initial network or the "
+                                        "images give non-finite outputs; check the weights (--weights / --init) and "
+                                        "the input", field="--init")
                 raise MedbenchError(f"training diverged at step {step}: loss is {value}", field="hyperrule.base_lr")
             self.history.step.append(step)
             self.history.loss.append(value)
