@@ -213,11 +213,15 @@ def test_a_fixed_micro_batch_is_never_changed(tiny: Path, tmp_path: Path, gn_tin
 
 def test_cli_micro_batch_option_and_dry_run(capsys: pytest.CaptureFixture) -> None:
     from medbench.cli import main
+    from medbench.limits import MAX_BATCH
 
     with pytest.raises(SystemExit) as exc:
         main(["run", "--backbone", "cbr-small", "--task", "smoke-tb", "--dry-run", "--micro-batch", "zero"])
     assert exc.value.code == 2
-    assert "--micro-batch: expected a positive number or 'auto', got 'zero'" in capsys.readouterr().err
+    assert f"--micro-batch: expected a number from 1 to {MAX_BATCH} or 'auto', got 'zero'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # bounded like every number of the command line
+        main(["run", "--backbone", "cbr-small", "--task", "smoke-tb", "--dry-run", "--micro-batch", str(MAX_BATCH + 1)])
+    assert exc.value.code == 2 and f"got '{MAX_BATCH + 1}'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run", "--backbone", "bit-m-r101x3", "--task", "smoke-tb", "--dry-run", "--micro-batch", "auto",
               "--assume-memory", "8"])
