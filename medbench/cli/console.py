@@ -225,28 +225,31 @@ def print_published(board: dict) -> None:
     console().print(table)
 
 
-def print_compare(report: dict, baseline: Path, new: Path) -> None:
+def print_compare(report: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-    table = Table(title=f"medbench compare: {new} against {baseline} (worse by > tolerance fails)")
-    for col in ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "tolerance", "status"):
+    from medbench.board.render import COMPARE_COLUMNS, compare_cells, compare_lists, compare_status, compare_summary
+
+    new, base = report["new"], report["baseline"]
+    table = Table(title=f"medbench compare: {new['path']} ({new['kind']}) against {base['path']} ({base['kind']}); "
+                        "worse by > tolerance fails")
+    for col in COMPARE_COLUMNS:
         table.add_column(col)
-    style = {"regression": "[red]REGRESSION[/red]", "better": "[green]better[/green]", "ok": "ok"}
     for r in report["rows"]:
-        init = r["init"] + (f" ({r['regime']})" if r.get("regime") else "")
-        status = style[r["status"]] + (f" ({r['reason']})" if r.get("reason") else "")
-        table.add_row(r["task"], r["backbone"], init, r["metric"], fmt(r["baseline"]), fmt(r["new"]),
-                      fmt(r["worse_by"]), fmt(r.get("tolerance")), status)
+        status = escape(compare_status(r))
+        status = f"[green]{status}[/green]" if r["passed"] else f"[red]{status}[/red]"
+        table.add_row(*[escape(c) for c in compare_cells(r)], status)
     con = console()
     con.print(table)
-    for what, color in (("missing", "red"), ("added", "yellow")):
-        for e in report[what]:
-            con.print(f"[{color}]{what}[/{color}] in NEW: {e['task']} {e['backbone']} {e['init']}"
-                      + (f" ({e['regime']})" if e.get("regime") else ""))
+    colors = {"duplicate": "red", "missing": "red" if not report["allow_missing"] else "yellow", "added": "yellow",
+              "changed data": "yellow", "note": "dim"}
+    for kind, text in compare_lists(report):
+        con.print(f"[{colors[kind]}]{kind}[/{colors[kind]}] {escape(text)}", soft_wrap=True)
     verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
-    con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
-              f"{len(report['missing'])} missing, {len(report['added'])} added")
+    rule = report["rule"]
+    con.print(f"{verdict}: {compare_summary(report)} (abs_tol {rule['abs_tol']:g}, k_seed {rule['k_seed']:g}, "
+              f"k_ci {rule['k_ci']:g})")
 
 
 def print_status(report: dict, as_json: bool) -> None:
