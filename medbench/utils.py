@@ -62,6 +62,26 @@ def safe_name(name: str) -> str:
     return name.replace("/", "--").replace(":", "-")
 
 
+#: numpy's warnings about undefined numbers (empty or all-NaN slices, 0/0): scoring reports such a value as
+#: None / ``n_undefined`` / a status, so the console gets no second, unhelpful copy of the condition
+NUMPY_UNDEFINED_WARNINGS = ("Mean of empty slice", "All-NaN slice encountered", "invalid value encountered",
+                            "divide by zero encountered", "Degrees of freedom <= 0")
+
+
+@contextlib.contextmanager
+def undefined_numbers_reported() -> Iterator[None]:
+    """Within the block, numpy's RuntimeWarnings about undefined numbers are not printed (the scores record
+    them); any other warning is."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        for text in NUMPY_UNDEFINED_WARNINGS:
+            warnings.filterwarnings("ignore", message=f".*{re.escape(text)}", category=RuntimeWarning)
+        yield
+
+
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """`` (did you mean 'x'?)`` when a close match exists, else ``""``."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)

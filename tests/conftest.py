@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,14 @@ def shared_data(*parts: str) -> Path:
 
 
 PROCESS_GROUP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+#: a progress line of ``medbench run`` in a log (medbench.cli.console.LogReporter): date and time first
+PROGRESS_LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")
+
+
+def without_progress(err: str) -> str:
+    """stderr without the run's progress lines (what the tests of one-line errors look at)."""
+    return "".join(ln for ln in err.splitlines(keepends=True) if not PROGRESS_LINE.match(ln))
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,

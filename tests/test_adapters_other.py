@@ -507,9 +507,11 @@ def test_csv_adapter_declared_in_yaml(csv_root: Path) -> None:
     assert t[label_column("mel")].to_list() == [1, 0, 1] * 4
     assert t["sex"].to_list()[:3] == ["M", "F", None] and t["age"].to_list()[:3] == [35.0, 40.0, None]
     assert set(t["split"]) == {"train", "val", "test"} and t["scanner"][0] == "S1" and t["site"][1] == "H1"
-    binary = get_adapter("csv").load(csv_root, {**CSV_OPTIONS, "classes": {"mel": ["melanoma", "MEL"]}}, ["mel"],
-                                     "binary")
+    binary = get_adapter("csv").load(csv_root, {**CSV_OPTIONS, "classes": {"mel": ["melanoma", "MEL"]},
+                                                "negative_values": ["nevus"]}, ["mel"], "binary")
     assert binary.table[label_column("mel")].to_list() == [1, 0, 1] * 4
+    # every other CSV column is kept for subgroup attributes, under its own name
+    assert index.table["scanner"].to_list() == ["S1"] * 12 and index.table["fold"][1] == "validation"
 
 
 def test_csv_adapter_label_columns_and_errors(csv_root: Path) -> None:
@@ -520,10 +522,11 @@ def test_csv_adapter_label_columns_and_errors(csv_root: Path) -> None:
     index = get_adapter("csv").load(csv_root, opts, ["Edema", "Effusion"], "multilabel")
     assert index.table[label_column("Edema")].to_list() == [1, None, 0]
     assert index.table[label_column("Effusion")].to_list() == [None, 0, 1]
-    with pytest.raises(DataError, match=r"multi.csv: edema: values \['-1.0'\] are not in value_map"):
+    with pytest.raises(DataError, match=r"multi.csv: edema: values \['-1.0'\] of label 'Edema' are not in value_map"):
         get_adapter("csv").load(csv_root, {**opts, "value_map": {"1.0": 1, "0.0": 0, "0": 0, "": None}},
                                 ["Edema", "Effusion"], "multilabel")
-    with pytest.raises(DataError, match=r"labels.csv: diagnosis: 4 rows have values \['nevus'\]"):
+    with pytest.raises(DataError,
+                       match=r"labels.csv: diagnosis: 4 rows have values \['nevus'\] .*dataset.options.classes"):
         get_adapter("csv").load(csv_root, {**CSV_OPTIONS, "classes": {"mel": ["melanoma", "MEL"], "bcc": ["bcc"]}},
                                 ["mel", "bcc"], "multiclass")
     with pytest.raises(DataError) as err:
@@ -537,6 +540,67 @@ def test_csv_adapter_label_columns_and_errors(csv_root: Path) -> None:
                                 ["mel", "nv"], "multiclass")
     with pytest.raises(DataError, match=r"dataset.options.patient_colum: unknown option"):
         get_adapter("csv").load(csv_root, {**CSV_OPTIONS, "patient_colum": "x"}, ["mel", "nv"], "multiclass")
+
+
+def _zero_one_csv(root: Path, values: list[str]) -> Path:
+    lines = ["image,patient,abnormal"] + [f"i{i}.png,p{i},{v}" for i, v in enumerate(values)]
+    (root / "ab.csv").write_text("\n".join(lines) + "\n")
+    return root / "ab.csv"
+
+
+AB_OPTIONS = {"csv": "ab.csv", "path_column": "image", "patient_column": "patient", "label_column": "abnormal"}
+
+
+def test_csv_binary_label_column_over_a_0_1_column_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """Issue 14 item 9: ``label_column: abnormal`` over a 0/1 column made "1" a class name, so every row was
+    negative (data inspect showed 0 positives, the run exited 0 with AUC undefined)."""
+    path = _zero_one_csv(tmp_path, ["0", "1", "1", "0", ""])
+    with pytest.raises(DataError) as err:
+        get_adapter("csv").load(tmp_path, AB_OPTIONS, ["abnormal"], "binary")
+    assert str(err.value) == (f"{path}: abnormal: values ['0', '1'] are not declared for the binary label 'abnormal' "
+                              "(values seen: ['0', '1']); a 0/1 column is read with label_columns: "
+                              "{abnormal: abnormal} instead of label_column (1 positive, 0 negative)")
+    fixed = {k: v for k, v in AB_OPTIONS.items() if k != "label_column"} | {"label_columns": {"abnormal": "abnormal"}}
+    index = get_adapter("csv").load(tmp_path, fixed, ["abnormal"], "binary")
+    assert index.table[label_column("abnormal")].to_list() == [0, 1, 1, 0, None]
+
+
+@pytest.mark.parametrize("stray", ["NaN", "?", "Pos"])
+def test_csv_binary_values_are_declared_never_guessed_negative(tmp_path: Path, stray: str) -> None:
+    """``NaN``, ``?`` or ``Pos`` silently became negatives; now they are an error naming the file, the column, the
+    values and the options, until declared positive, negative or missing."""
+    path = _zero_one_csv(tmp_path, ["benign", "malignant", stray, "benign"])
+    opts = {**AB_OPTIONS, "classes": {"abnormal": ["malignant"]}, "negative_values": ["benign"]}
+    with pytest.raises(DataError) as err:
+        get_adapter("csv").load(tmp_path, opts, ["abnormal"], "binary")
+    assert str(err.value).startswith(f"{path}: abnormal: values [{stray!r}] are not declared for the binary label "
+                                     f"'abnormal' (values seen: ")
+    assert "negative_values" in str(err.value) and "missing_values" in str(err.value)
+    with pytest.raises(DataError, match=r"declare the negatives with dataset.options.negative_values"):
+        get_adapter("csv").load(tmp_path, {**opts, "negative_values": None}, ["abnormal"], "binary")
+    missing = get_adapter("csv").load(tmp_path, {**opts, "missing_values": [stray]}, ["abnormal"], "binary")
+    assert missing.table[label_column("abnormal")].to_list() == [0, 1, None, 0]
+    dropped = get_adapter("csv").load(tmp_path, {**opts, "unmatched": "drop"}, ["abnormal"], "binary")
+    assert dropped.table[label_column("abnormal")].to_list() == [0, 1, 0]
+    assert dropped.notes["rows_left_out"] == 1
+
+
+def test_csv_patient_from_a_pattern(tmp_path: Path) -> None:
+    """Issue 17: ids that encode the patient (COVID-00040a / COVID-00040b are one person)."""
+    lines = ["image_id,finding"] + [f"COVID-{i // 2:05d}{'ab'[i % 2]},{i % 2}" for i in range(8)]
+    (tmp_path / "c.csv").write_text("\n".join(lines) + "\n")
+    opts = {"csv": "c.csv", "path_column": "image_id", "path_suffix": ".png", "label_columns": {"covid": "finding"},
+            "patient_pattern": r"^(?P<patient>COVID-\d+)[a-z]$"}
+    index = get_adapter("csv").load(tmp_path, opts, ["covid"], "binary")
+    assert index.table["patient_id"].to_list() == [f"COVID-{i // 2:05d}" for i in range(8)]
+    first_group = get_adapter("csv").load(tmp_path, {**opts, "patient_pattern": r"^(COVID-\d+)"}, ["covid"], "binary")
+    assert first_group.table["patient_id"].n_unique() == 4
+    with pytest.raises(DataError) as err:
+        get_adapter("csv").load(tmp_path, {**opts, "patient_pattern": r"^P(\d+)"}, ["covid"], "binary")
+    assert str(err.value).startswith(f"{tmp_path / 'c.csv'}: image_id: patient_pattern '^P(\\d+)' does not match 8 "
+                                     "values (e.g. ['COVID-00000a', 'COVID-00000b', 'COVID-00001a', ... (5 more)])")
+    with pytest.raises(DataError, match=r"dataset.options.patient_pattern: .*not a regular expression"):
+        get_adapter("csv").load(tmp_path, {**opts, "patient_pattern": "(unclosed"}, ["covid"], "binary")
 
 
 def test_corrupt_and_empty_images_fail_or_are_skipped_and_counted(csv_root: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("medbench.data",)),
     ("backbones", ("medbench.backbones",)),
     ("train", ("medbench.train",)),
+    ("probe", ("medbench.probe",)),
     ("analysis", ("medbench.analysis",)),
     ("predictions", ("medbench.predictions",)),
     ("scoring", ("medbench.scoring",)),

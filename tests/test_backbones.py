@@ -190,15 +190,15 @@ def test_hub_weights_keep_their_origin(monkeypatch: pytest.MonkeyPatch, tmp_path
 
     # in the hub cache
     monkeypatch.setattr(weights, "_FOUND", {})
-    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: snapshot)
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id, *names: snapshot)
     _, path = preflight(bb, "pretrained", None)
     assert origin_of_run(path) == "hub cache"
     # downloaded by the preflight (network probe and download faked)
     monkeypatch.setattr(weights, "_FOUND", {})
-    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id: None)
+    monkeypatch.setattr(weights, "_cached_hub_file", lambda hub_id, *names: None)
     monkeypatch.setattr(weights, "hub_offline", lambda: False)
     monkeypatch.setattr(weights, "network_reachable", lambda timeout=0: True)
-    monkeypatch.setattr(weights, "_download_hub_file", lambda hub_id: snapshot)
+    monkeypatch.setattr(weights, "_download_hub_file", lambda hub_id, *names: snapshot)
     _, path = preflight(bb, "pretrained", None)
     assert origin_of_run(path) == "hub download"
     monkeypatch.setattr(weights, "_FOUND", {})  # a fresh process sees the file in the cache
@@ -244,7 +244,7 @@ def test_list_backbones_shows_normalization(capsys: pytest.CaptureFixture) -> No
     assert "┃ normalization" in text and "┃ mean" not in text  # one column for both triples
     table = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
     assert "│ ImageNet " in table["resnet50"] and "│ mean 0.5 std 0.5 " in table["bit-m-r50x1"]
-    assert "per timm config" in table["timm/<model>"]
+    assert "per model config" in table["timm/<model>"]
 
 
 # ------------------------------------------------------------------ plug-ins (entry point group medbench.backbones)

@@ -367,7 +367,7 @@ def test_inspect_works_for_synthetic_smoke_tasks() -> None:
     assert set(out["splits"]) == {"train", "val", "test"}
     assert sum(s["n"] for s in out["splits"].values()) == out["n"]
     assert total(out, "Edema", "missing") > 0  # synthetic uncertain labels read as U-Ignore
-    assert set(out["splits"]["test"]["attributes"]) == {"sex", "age_group", "view", "site"}
+    assert set(out["splits"]["test"]["attributes"]) == {"sex", "age_group", "view"}  # one site: no attribute
     assert set(out["splits"]["test"]["attributes"]["age_group"]) <= {"[0, 40)", "[40, 65)", "[65, 200)"}
 
 

@@ -372,7 +372,8 @@ def test_compare_reports_missing_added_and_other_metrics(fake_board: Path, tmp_p
     (tmp_path / "c.json").write_text(json.dumps(changed))
     proc, report = _compare(fake_board, tmp_path / "c.json")
     assert proc.returncode == 1 and report["regressions"] == 0
-    assert report["missing"] == [{"task": "smoke-cxr", "backbone": removed["backbone"], "init": "random", "regime": None}]
+    assert report["missing"] == [{"task": "smoke-cxr", "backbone": removed["backbone"], "init": "random", "regime": None,
+                                  "protocol": "finetune"}]
     assert [a["backbone"] for a in report["added"]] == ["fake-new"]
     proc, report = _compare(fake_board, tmp_path / "c.json", "--allow-missing")
     assert proc.returncode == 0 and report["status"] == "pass"

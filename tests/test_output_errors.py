@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import without_progress
 from tiny_tasks import write_tiny_tasks
 
 
@@ -25,7 +26,7 @@ def invoke(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, st
     with pytest.raises(SystemExit) as exc:
         main(argv)
     out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return exc.value.code, out, without_progress(err)  # the run's progress lines before the error are its log
 
 
 @pytest.fixture(autouse=True)

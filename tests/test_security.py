@@ -433,8 +433,10 @@ def test_the_option_path_scan_finds_the_old_patterns(snippet: str, hits: int) ->
 
 #: every path-like option of a shipped adapter: (adapter, option) -> (other options, labels, task type)
 PATH_OPTIONS = {
-    ("csv", "csv"): ({"path_column": "file", "label_column": "dx"}, ["mel"], "binary"),
-    ("csv", "path_root"): ({"csv": "labels.csv", "path_column": "file", "label_column": "dx"}, ["mel"], "binary"),
+    ("csv", "csv"): ({"path_column": "file", "label_column": "dx",
+                        "negative_values": ["nv"]}, ["mel"], "binary"),
+    ("csv", "path_root"): ({"csv": "labels.csv", "path_column": "file", "label_column": "dx",
+                        "negative_values": ["nv"]}, ["mel"], "binary"),
     ("ham10000", "metadata"): ({}, ["mel"], "binary"),
     ("covidx", "train_file"): ({}, ["COVID-19"], "binary"),
     ("covidx", "val_file"): ({}, ["COVID-19"], "binary"),
@@ -498,7 +500,7 @@ def test_the_shipped_csv_adapter_keeps_its_files_inside_the_data_root(tmp_path: 
     elsewhere.mkdir()
     (elsewhere / "x.csv").write_text("file,patient,dx\n" + "".join(f"img{i},p{i},{'mel' if i % 2 else 'nv'}\n"
                                                                    for i in range(8)))
-    common = "path_column: file, path_suffix: .png, patient_column: patient, label_column: dx"
+    common = "path_column: file, path_suffix: .png, patient_column: patient, label_column: dx, negative_values: [nv]"
     where = {"mydata": root}
     for value in ("../elsewhere/x.csv", str(elsewhere / "x.csv")):
         _task_file(tasks, "x", "mydata", "csv", f"{{csv: {value!r}, {common}}}", "[mel]")
@@ -566,7 +568,7 @@ def test_every_command_that_reads_data_takes_the_users_switch(tmp_path: Path, mo
     (elsewhere / "x.csv").write_text("file,patient,dx\n" + "".join(f"img{i},p{i},{'mel' if i % 2 else 'nv'}\n"
                                                                    for i in range(8)))
     _task_file(tasks, "x", "mydata", "csv", "{csv: ../elsewhere/x.csv, path_column: file, path_suffix: .png, "
-               "patient_column: patient, label_column: dx}", "[mel]")
+               "patient_column: patient, label_column: dx, negative_values: [nv]}", "[mel]")
     common = ["--tasks-dir", str(tasks), "--data", f"mydata={root}"]
 
     def invoke(*argv: str) -> tuple[int, str]:

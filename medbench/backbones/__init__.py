@@ -1,6 +1,7 @@
 """Backbones: the registry, built-in architectures, weights and init schemes."""
 
 from medbench.backbones import builtin  # noqa: F401,E402  (registers the built-in backbones)
+from medbench.backbones import foundation  # noqa: F401,E402  (registers the open_clip/ and hf/ prefixes)
 from medbench.backbones.backbone import Backbone
 from medbench.backbones.registry import get_backbone, list_backbones, register_backbone
 

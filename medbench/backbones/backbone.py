@@ -36,6 +36,8 @@ class Backbone:
     weights: str = "none"
     #: hub repository of the weights (Hugging Face), if any
     hub_id: str | None = None
+    #: the weights file names looked for in that repository, in order
+    hub_filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     #: loads pre-trained weights from a local file into a built network; None: no pre-trained weights
     load_weights: Callable[["nn.Module", Path], None] | None = None
     #: how to get the weights file when the hub cannot serve it

@@ -163,11 +163,34 @@ def _register_cbr() -> None:
 _register_cbr()
 
 
+def _timm_build_any_size(arch: str, model_args: dict, *, num_classes: int, in_chans: int) -> "nn.Module":
+    """A ``timm/`` network; a ViT-like one with a fixed input size is built with ``dynamic_img_size`` so it
+    takes the task's crop (position embeddings interpolated; unchanged at the native size)."""
+    import timm
+
+    if model_args.pop("_fixed_input_size", False):
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                     dynamic_img_size=True, **model_args)
+        except TypeError:  # an architecture without dynamic sizes: its native size only
+            pass
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **model_args)
+
+
+def _timm_hub_build(arch: str, model_args: dict, fixed: bool, *, num_classes: int, in_chans: int) -> "nn.Module":
+    return _timm_build_any_size(arch, {**model_args, "_fixed_input_size": fixed}, num_classes=num_classes,
+                                in_chans=in_chans)
+
+
 def timm_backbone(arch_or_tag: str) -> Backbone:
-    """``timm/<model>[.<tag>]``: any timm architecture; pre-trained weights from its hub tag."""
+    """``timm/<model>[.<tag>]``: any timm architecture; pre-trained weights from its hub tag.
+    ``timm/hf-hub:ORG/NAME``: a timm model published on the Hugging Face hub (DINOv2 and other ViTs), its
+    architecture and input normalisation read from the repository's ``config.json``."""
     import timm
     from timm.models import get_pretrained_cfg
 
+    if arch_or_tag.startswith("hf-hub:"):
+        return timm_hub_backbone(arch_or_tag.removeprefix("hf-hub:"))
     arch = arch_or_tag.split(".")[0]
     if not timm.is_model(arch):
         from medbench.utils import did_you_mean
@@ -181,9 +204,10 @@ def timm_backbone(arch_or_tag: str) -> Backbone:
     mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
     std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
     hub_id = cfg.hf_hub_id if cfg is not None else None
+    fixed = bool(cfg is not None and cfg.fixed_input_size)
     return Backbone(
         name=f"timm/{arch_or_tag}",
-        build=partial(_timm_build, arch),
+        build=partial(_timm_hub_build, arch, {}, fixed),
         family="timm",
         pretraining="see timm tag" if hub_id else "none",
         params=None,
@@ -195,6 +219,44 @@ def timm_backbone(arch_or_tag: str) -> Backbone:
         hub_id=hub_id,
         load_weights=_load_timm_weights if hub_id else None,
         description=f"timm {arch_or_tag}",
+    )
+
+
+def timm_hub_backbone(repo: str) -> Backbone:
+    """``timm/hf-hub:ORG/NAME``: the repository's ``config.json`` (``architecture``, ``model_args``,
+    ``pretrained_cfg``: mean, std, input size), from the Hugging Face cache or a download; offline without it
+    in the cache, one line saying what to fetch."""
+    import timm
+
+    from medbench.backbones.weights import hub_json
+
+    name = f"timm/hf-hub:{repo}"
+    help_line = (f"on a machine with network run 'huggingface-cli download {repo}' and copy the "
+                 f"models--{repo.replace('/', '--')} folder into this machine's Hugging Face cache (HF_HUB_CACHE)")
+    config = hub_json(repo, "config.json", help_line=help_line, field=name)
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise BackboneError(f"config.json names architecture {arch!r}, which this timm ({timm.__version__}) does not "
+                            "have", where=f"hf-hub:{repo}", field="architecture")
+    cfg = config.get("pretrained_cfg") or {}
+    model_args = dict(config.get("model_args") or {})
+    size = (cfg.get("input_size") or [3, 224, 224])[-1]
+    return Backbone(
+        name=name,
+        build=partial(_timm_hub_build, arch, model_args, bool(cfg.get("fixed_input_size", False))),
+        family="timm",
+        pretraining=f"see hf-hub:{repo}",
+        params=None,
+        default_resolution=int(size),
+        mean=tuple(cfg.get("mean") or IMAGENET_MEAN),  # type: ignore[arg-type]
+        std=tuple(cfg.get("std") or IMAGENET_STD),  # type: ignore[arg-type]
+        source="timm (hf-hub)",
+        weights=f"hf-hub:{repo}",
+        hub_id=repo,
+        load_weights=_load_timm_weights,
+        weights_help=(f"{help_line}, or pass --weights FILE (its model.safetensors)"),
+        description=f"timm {arch} from hf-hub:{repo}",
+        extra={"timm_arch": arch, "model_args": model_args},
     )
 
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from medbench.backbones.backbone import Backbone
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
-HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # the default of Backbone.hub_filenames
 NETWORK_PROBE_SECONDS = 3.0
 
 
@@ -77,13 +77,13 @@ def network_reachable(timeout: float = NETWORK_PROBE_SECONDS) -> bool:
     return bool(result and result[0])
 
 
-def _cached_hub_file(hub_id: str) -> Path | None:
+def _cached_hub_file(hub_id: str, filenames: tuple[str, ...] = HUB_FILENAMES) -> Path | None:
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return None
-    for filename in HUB_FILENAMES:
+    for filename in filenames:
         try:
             return Path(hf_hub_download(hub_id, filename, local_files_only=True))
         except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
@@ -93,16 +93,46 @@ def _cached_hub_file(hub_id: str) -> Path | None:
     return None
 
 
-def _download_hub_file(hub_id: str) -> Path:
+def _download_hub_file(hub_id: str, filenames: tuple[str, ...] = HUB_FILENAMES) -> Path:
     from huggingface_hub import hf_hub_download
 
     last: Exception | None = None
-    for filename in HUB_FILENAMES:
+    for filename in filenames:
         try:
             return Path(hf_hub_download(hub_id, filename))
         except Exception as err:  # EntryNotFound for the first name is expected for some repos
             last = err
     raise BackboneError(f"download from the Hugging Face hub failed: {last}", where=f"hf-hub:{hub_id}")
+
+
+def hub_file(hub_id: str, filenames: tuple[str, ...], *, help_line: str, field: str) -> tuple[Path, str]:
+    """A file of a hub repository (the first of ``filenames`` it has) and its origin: the Hugging Face cache
+    without network, else a download after a network probe of a few seconds. Offline
+    (``HF_HUB_OFFLINE``/``MEDBENCH_OFFLINE``) or without network, one line saying what is missing and
+    ``help_line`` (what to do), within seconds. Weights and model configurations (``config.json``,
+    ``open_clip_config.json``) are found this one way."""
+    cached = _cached_hub_file(hub_id, filenames)
+    if cached is not None:
+        return cached, "hub cache"
+    what = f"hf-hub:{hub_id} ({' or '.join(filenames)})"
+    if hub_offline():
+        raise BackboneError(f"offline (HF_HUB_OFFLINE/MEDBENCH_OFFLINE set) and {what} is not in the local cache; "
+                            f"{help_line}", field=field)
+    if not network_reachable():
+        raise BackboneError(f"no network: cannot download {what}; {help_line}", field=field)
+    return _download_hub_file(hub_id, filenames), "hub download"
+
+
+def hub_json(hub_id: str, filename: str, *, help_line: str, field: str) -> dict:
+    """A JSON file of a hub repository (a model configuration), found as :func:`hub_file` finds files."""
+    path, _ = hub_file(hub_id, (filename,), help_line=help_line, field=field)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"cannot read {filename}: {err}", where=path, field=field) from None
+    if not isinstance(data, dict):
+        raise BackboneError(f"{filename} is not a JSON object", where=path, field=field)
+    return data
 
 
 #: files :func:`resolve_weights_file` found itself in this process: absolute path -> origin
@@ -157,16 +187,9 @@ def resolve_weights_file(backbone: "Backbone", explicit: Path | None) -> tuple[P
     help_line = (backbone.weights_help or "get the weights file and pass --weights FILE, or save it as "
                  "{weights_dir}/" + backbone.name + ".safetensors").replace("{weights_dir}", str(folder))
     if backbone.hub_id:
-        cached = _cached_hub_file(backbone.hub_id)
-        if cached is not None:
-            return _found(cached, "hub cache")
-        if hub_offline():
-            raise BackboneError(f"offline (HF_HUB_OFFLINE/MEDBENCH_OFFLINE set) and hf-hub:{backbone.hub_id} is not in "
-                                f"the local cache; {help_line}; or use --init random", field=backbone.name)
-        if not network_reachable():
-            raise BackboneError(f"no network: cannot download hf-hub:{backbone.hub_id}; {help_line}; "
-                                "or use --init random", field=backbone.name)
-        return _found(_download_hub_file(backbone.hub_id), "hub download")
+        path, origin = hub_file(backbone.hub_id, backbone.hub_filenames, help_line=f"{help_line}; or use --init random",
+                                field=backbone.name)
+        return _found(path, origin)
     raise BackboneError(f"no pre-trained weights found; {help_line}; or use --init random", field=backbone.name)
 
 

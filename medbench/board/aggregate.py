@@ -1,6 +1,7 @@
 """Aggregating completed runs into leaderboard JSON.
 
-One entry per (task, backbone, init, regime; regime e.g. ``freeze-head``, absent for full fine-tuning):
+One entry per (task, backbone, init, regime, protocol; regime e.g. ``freeze-head``, absent for full
+fine-tuning; protocol ``finetune``, ``linear`` or ``knn``, see :mod:`medbench.probe.protocols`):
 every test metric as mean, sample standard deviation (ddof=1) and the per-seed values; the headline metric
 named; OOD scores likewise; provenance of the entry. Numbers are stored
 unrounded; rounding happens only when rendered.
@@ -27,8 +28,9 @@ from typing import Any
 
 import polars as pl
 
-from medbench.board.schema import SCHEMA_NAME, SCHEMA_VERSION
+from medbench.board.schema import ENTRY_KEY, SCHEMA_NAME, SCHEMA_VERSION
 from medbench.board.summary import summarize
+from medbench.probe.protocols import protocol_name
 from medbench.provenance import code_provenance, now_utc
 from medbench.store import RunDir
 from medbench.utils import atomic_write_json
@@ -55,10 +57,11 @@ def _rows(runs: list[RunDir]) -> pl.DataFrame:
             for metric, value in scores.items():
                 records.append({
                     "task": r["task"], "backbone": r["backbone"], "init": r["init"],
-                    "regime": r.get("regime", ""), "seed": r["seed"],
+                    "regime": r.get("regime", ""), "protocol": protocol_name(r.get("protocol")), "seed": r["seed"],
                     "scope": scope, "metric": metric, "value": value, "run": str(run.path),
                 })
-    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "regime": pl.Utf8, "seed": pl.Int64,
+    schema = {"task": pl.Utf8, "backbone": pl.Utf8, "init": pl.Utf8, "regime": pl.Utf8, "protocol": pl.Utf8,
+              "seed": pl.Int64,
               "scope": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64, "run": pl.Utf8}
     return pl.DataFrame(records, schema=schema)
 
@@ -73,6 +76,7 @@ def _setting(run: RunDir) -> dict[str, Any]:
     request = {k: v for k, v in (config.get("request") or {}).items() if k not in ("seed", "weights", "similarity")}
     return {"request": request, "task_hash": config.get("task_hash"),
             "data": (config.get("data") or {}).get("fingerprint"), "plan": config.get("plan"),
+            "probe": config.get("probe"),
             "input": config.get("input"),
             "weights_sha256": (run.result().get("provenance", {}).get("model") or {}).get("weights_sha256")}
 
@@ -144,14 +148,13 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
     results = {str(run.path): run.result() for run in runs}
     entries = []
     if rows.height:
-        keys = rows.select("task", "backbone", "init", "regime").unique(maintain_order=True).sort(
-            "task", "backbone", "init", "regime")
-        for task, backbone, init, regime in keys.iter_rows():
+        keys = rows.select(*ENTRY_KEY).unique(maintain_order=True).sort(*ENTRY_KEY)
+        for task, backbone, init, regime, protocol in keys.iter_rows():
             sub = rows.filter((pl.col("task") == task) & (pl.col("backbone") == backbone) & (pl.col("init") == init)
-                              & (pl.col("regime") == regime))
+                              & (pl.col("regime") == regime) & (pl.col("protocol") == protocol))
             seeds = sorted(sub["seed"].unique().to_list())
             run_paths = sorted(sub["run"].unique().to_list())
-            check_poolable(" · ".join(x for x in (task, backbone, init, regime) if x),
+            check_poolable(" · ".join(x for x in (task, backbone, init, regime, protocol) if x),
                            [RunDir(Path(p)) for p in run_paths])
             first = results[run_paths[0]]
             metrics: dict[str, Any] = {}
@@ -170,6 +173,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                 "backbone": backbone,
                 "init": init,
                 **({"regime": regime} if regime else {}),  # e.g. freeze-head: never pooled with full fine-tuning
+                "protocol": protocol,  # finetune | linear | knn: never pooled with each other
                 "headline": {"metric": headline_metric, **metrics.get(headline_metric, summarize([]))},
                 "metrics": metrics,
                 "ood": ood,
@@ -181,7 +185,7 @@ def build_leaderboard(runs: list[RunDir], baseline: tuple[str, str | None] | Non
                     "data_fingerprint": prov["data_fingerprint"],
                     "model": prov["model"],
                     "device": prov["device"],
-                    "engine": prov["engine"],
+                    "engine": prov.get("engine"),
                     "medbench_version": prov["medbench_version"],
                     "training_numerics": training_numerics(RunDir(Path(run_paths[0]))),
                     "git_sha": prov["git_sha"],

@@ -243,6 +243,9 @@ def axes_blocks(agg: SeedAggregate) -> dict:
             if r.metrics.get("calibration", {}).get("reliability_diagram")]
     if "convergence" in out:
         out["convergence"]["curve"] = mean_curve(agg)
+    for attr in ((out.get("fairness") or {}).get("attributes") or {}).values():
+        if isinstance(attr, dict) and "groups" not in attr:  # unavailable (no such column in the predictions):
+            attr["groups"] = {}                               # reported with its status and reason, no groups
     return out
 
 
@@ -400,16 +403,18 @@ def relative_block(ctx: EntryContext, base: EntryContext) -> dict:
 
 
 def shift_matrix(entries: list[dict]) -> list[dict]:
-    """Per backbone x init (x regime): trained on (rows) x evaluated on (columns), the headline metric."""
+    """Per backbone x init (x regime x protocol): trained on (rows) x evaluated on (columns), the headline metric."""
     out: dict[tuple, dict] = {}
+    from medbench.board.schema import entry_key
+
     for e in entries:
         shift = e.get("shift")
         if not shift:
             continue
-        regime = e.get("regime", "")
-        m = out.setdefault((e["backbone"], e["init"], regime),
+        _, _, _, regime, protocol = entry_key(e)
+        m = out.setdefault((e["backbone"], e["init"], regime, protocol),
                            {"backbone": e["backbone"], "init": e["init"], **({"regime": regime} if regime else {}),
-                            "rows": [], "columns": [], "cells": []})
+                            "protocol": protocol, "rows": [], "columns": [], "cells": []})
         metric = e["headline"]["metric"]
         m["rows"].append(e["task"])
         if e["task"] not in m["columns"]:
@@ -439,8 +444,10 @@ def first_record(ctx: EntryContext) -> RunRecord:
 
 
 def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict:
-    """Add every axis block to ``entries`` (in place); returns the board-level blocks."""
+    """Add every axis block to ``entries`` (in place); returns the board-level blocks. Entries are keyed by
+    :func:`medbench.board.schema.entry_key`; a baseline backbone is compared with entries of its protocol."""
     from medbench.board.replicates import replicates_block
+    from medbench.board.schema import entry_key
     from medbench.errors import UsageError
 
     records = [r for r in (RunRecord.load(run) for run in runs) if r is not None]
@@ -448,7 +455,7 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
     groups: dict[tuple, list[RunRecord]] = {}
     variant_groups: dict[tuple, dict[tuple, list[RunRecord]]] = {}
     for r in records:
-        key = (r.result["task"], r.result["backbone"], r.result["init"], r.result.get("regime", ""))
+        key = entry_key(r.result)
         v = r.variant
         if v:
             variant_groups.setdefault(key, {}).setdefault((v["kind"], v["value"]), []).append(r)
@@ -462,7 +469,7 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
                                                sorted(variant_groups.get(key, {}).items())})
     base_key = None
     if baseline is not None:
-        cands = sorted({(b, i) for (_, b, i, regime) in contexts
+        cands = sorted({(b, i) for (_, b, i, regime, _p) in contexts
                         if not regime and b == baseline[0] and baseline[1] in (None, i)})
         if not cands:
             raise UsageError(f"baseline backbone {baseline[0]!r} has no runs among these", field="--baseline")
@@ -470,13 +477,13 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
             raise UsageError(f"baseline {baseline[0]!r} has runs with several inits ({', '.join(i for _, i in cands)}); "
                              f"name one as BACKBONE@INIT", field="--baseline")
         base_key = cands[0]
-    by_key = {(e["task"], e["backbone"], e["init"], e.get("regime", "")): e for e in entries}
+    by_key = {entry_key(e): e for e in entries}
     for key, ctx in contexts.items():
         entry = by_key.get(key)
         if entry is None:  # variant runs only: an entry without plain runs
             prov = first_record(ctx).result.get("provenance", {})
             entry = {"task": key[0], "backbone": key[1], "init": key[2], **({"regime": key[3]} if key[3] else {}),
-                     "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": [],
+                     "protocol": key[4], "headline": {"metric": ctx.headline}, "metrics": {}, "ood": {}, "seeds": [], "runs": [],
                      "provenance": {k: prov.get(k) for k in ("task_version", "task_hash", "data_fingerprint", "model",
                                                              "device", "engine", "medbench_version", "git_sha",
                                                              "libraries")}}
@@ -496,8 +503,9 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
             entry["resolution"] = res
         entry["variant_runs"] = sorted(str(r.run.path) for aggs in ctx.variants.values() for r in aggs.records)
         entry["warnings"] = entry_warnings(ctx.plain.records + [r for a in ctx.variants.values() for r in a.records])
-        if base_key is not None and key[1:] != (*base_key, "") and (key[0], *base_key, "") in contexts:
-            entry["relative_to_baseline"] = relative_block(ctx, contexts[(key[0], *base_key, "")])
-    entries.sort(key=lambda e: (e["task"], e["backbone"], e["init"], e.get("regime", "")))
+        base = (key[0], *base_key, "", key[4]) if base_key is not None else None
+        if base is not None and key != base and base in contexts:
+            entry["relative_to_baseline"] = relative_block(ctx, contexts[base])
+    entries.sort(key=entry_key)
     return {"baseline": {"backbone": base_key[0], "init": base_key[1]} if base_key else None,
             "shift_matrix": shift_matrix(entries)}

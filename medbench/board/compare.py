@@ -1,6 +1,7 @@
 """``medbench compare BASELINE NEW``: the regression gate between two leaderboards (or two run stores).
 
-**Matching.** Entries are matched on (task, backbone, init, regime); only numbers are compared (provenance,
+**Matching.** Entries are matched on (task, backbone, init, regime, protocol; an entry without a
+protocol is fine-tuning); only numbers are compared (provenance,
 dates, paths and git revisions differ between runs by design). Compared per matched entry: the headline
 (default) and each ``--metric`` (a test metric, ``ood:TARGET:NAME`` for an OOD score). A run store (a folder
 of runs, ``medbench run --out``) is aggregated as ``medbench leaderboard`` does (runs scored by another
@@ -64,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from medbench.board.schema import entry_key
 from medbench.errors import UsageError
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the command line reads the defaults below at start-up
@@ -123,12 +125,8 @@ def load_side(path: Path, name: str, message: Callable[[str], None] | None = Non
 # --------------------------------------------------------------------------- entries and metrics
 
 
-def entry_key(e: dict) -> tuple[str, str, str, str]:
-    return (e["task"], e["backbone"], e["init"], e.get("regime", ""))
-
-
 def key_dict(key: tuple) -> dict:
-    return {"task": key[0], "backbone": key[1], "init": key[2], "regime": key[3] or None}
+    return {"task": key[0], "backbone": key[1], "init": key[2], "regime": key[3] or None, "protocol": key[4]}
 
 
 def key_text(key: tuple) -> str:

@@ -1,11 +1,13 @@
 """A leaderboard rendered for people: Markdown, or one self-contained HTML page.
 
 Numbers are stored unrounded; they are rounded here only (``DIGITS``). Best
-entry per task (and regime) in bold; entries *not significantly different from
+entry per task (and regime, and protocol) in bold; entries *not significantly different from
 the best* (``significance.tied_with_best``, paired bootstrap, see
 :mod:`medbench.board.significance`) in italics, as CJ21 does. Published
 reference rows (``--published``) are listed beside the user's rows of the same
-tasks, marked with their citation.
+tasks, marked with their citation. A board with several protocols (fine-tuning,
+linear probe, kNN) also gets them side by side: a Markdown section and the HTML
+view ``protocols``, one row per task x backbone x init, one column per protocol.
 
 The HTML page needs no network: CSS and JS are inline, plots are inline SVG
 (matplotlib) and reliability diagrams base64 PNGs read from the run folders
@@ -24,7 +26,7 @@ from typing import Any
 
 DIGITS = 4
 
-VIEWS = [("overview", "Overview"), ("significance", "Significance"), ("calibration", "Calibration"),
+VIEWS = [("overview", "Overview"), ("protocols", "Protocols"), ("significance", "Significance"), ("calibration", "Calibration"),
          ("fairness", "Fairness"), ("shift", "OOD shift"), ("convergence", "Convergence"),
          ("data-efficiency", "Data efficiency"), ("resolution", "Resolution"), ("published", "Published"),
          ("provenance", "Provenance")]
@@ -60,7 +62,30 @@ def _m(s: Any) -> float | None:
 
 
 def label(e: dict) -> str:
-    return e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+    """init, regime and (for a probe) protocol of an entry: ``pretrained``, ``random (freeze-head)``,
+    ``pretrained · linear``."""
+    protocol = e.get("protocol") or "finetune"
+    return e["init"] + (f" ({e['regime']})" if e.get("regime") else "") + (f" · {protocol}" if protocol != "finetune"
+                                                                          else "")
+
+
+def protocol_table(board: dict) -> tuple[list[str], list[tuple[tuple[str, str, str], dict[str, dict]]]]:
+    """The protocols side by side: (protocols in order, rows of ((task, backbone, init), protocol -> entry)),
+    when the board holds more than one protocol; ([], []) otherwise. Entries of a regime (``--freeze``) stay
+    in the main table."""
+    from medbench.probe.protocols import PROTOCOLS
+
+    rows: dict[tuple[str, str, str], dict[str, dict]] = {}
+    seen: set[str] = set()
+    for e in board["entries"]:
+        if e.get("regime") or e.get("published"):
+            continue
+        protocol = e.get("protocol") or "finetune"
+        seen.add(protocol)
+        rows.setdefault((e["task"], e["backbone"], e["init"]), {})[protocol] = e
+    if len(seen) < 2:
+        return [], []
+    return [p for p in PROTOCOLS if p in seen], sorted(rows.items())
 
 
 def mark(e: dict) -> str:
@@ -138,36 +163,224 @@ def published_value(e: dict) -> str:
 # --------------------------------------------------------------------------- Markdown
 
 
+def md_cell(v: Any) -> str:
+    """A Markdown table cell: ``|`` escaped, line breaks folded."""
+    return " ".join(str(v).split()).replace("|", "\\|")
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows)]
+
+
+def steps_text(s: Any) -> str:
+    """A step count over seeds: whole steps (a mean of whole numbers gets one decimal when it is not whole)."""
+    if not isinstance(s, dict):
+        return "–" if s is None else str(s)
+    m = s.get("mean")
+    if m is None:
+        return "undefined"
+    text = f"{m:.0f}" if float(m).is_integer() else f"{m:.1f}"
+    return text + (f" ± {s['std']:.1f}" if s.get("std") is not None else "")
+
+
+def _md_section(title: str, lines: list[str], empty: str) -> list[str]:
+    return ["", f"## {title}", "", *(lines or [f"_{empty}_"])]
+
+
 def render_markdown(board: dict, published: list[dict] | None = None) -> str:
+    """The board as Markdown tables, one section per axis of the HTML page (overview, significance,
+    calibration, fairness, OOD shift, convergence, data efficiency, resolution, published rows, provenance),
+    for a pull-request comment or a paper draft."""
+    published = published or []
     out = ["# medbench leaderboard", "",
            f"Created {board.get('created') or '–'} · medbench {board['provenance'].get('medbench_version', '–')} · "
            f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}", "",
            "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
-           "*italics*: not significantly different from the best" + _method_note(board) + ".", "",
-           "| task | backbone | init | metric | mean ± std | interval | seeds | p vs best | OOD (drop) | ECE → T-scaled "
-           "| temperature | warnings |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "*italics*: not significantly different from the best" + _method_note(board) + ".", ""]
+    rows = []
     for e in board["entries"]:
         value = mean_std(e["headline"])
         m = mark(e)
         value = f"**{value}**" if m == "best" else (f"*{value}*" if m == "tied" else value)
-        out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | {value} | "
-                   f"{interval(e['headline'])} | {len(e.get('seeds') or [])} | {p_text(e)} | {ood_text(e)} | {ece_text(e)} "
-                   f"| {temperature_text(e)} | {warning_codes(e)} |")
+        rows.append([e["task"], e["backbone"], label(e), e["headline"]["metric"], value, interval(e["headline"]),
+                     len(e.get("seeds") or []), p_text(e), ood_text(e), ece_text(e), temperature_text(e),
+                     warning_codes(e)])
+    out += md_table(["task", "backbone", "init", "metric", "mean ± std", "interval", "seeds", "p vs best",
+                     "OOD (drop)", "ECE → T-scaled", "temperature", "warnings"], rows)
     warned = [e for e in board["entries"] if e.get("warnings")]
     if warned:
         out += ["", "## Warnings", ""]
         for e in warned:
-            out.append(f"* {e['task']} · {e['backbone']} · {label(e)}:")
-            out += [f"  * {line}" for line in warning_lines(e)]
+            out.append(f"* {md_cell(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
+            out += [f"  * {md_cell(line)}" for line in warning_lines(e)]
+    protocols, prows = protocol_table(board)
+    protocol_lines: list[str] = []
+    if protocols:
+        table_rows = []
+        for (task, backbone, init), by in prows:
+            metric = next(iter(by.values()))["headline"]["metric"]
+            cells = []
+            for p in protocols:
+                e = by.get(p)
+                value = mean_std(e["headline"]) if e else "–"
+                cells.append(f"**{value}**" if e and mark(e) == "best" else value)
+            table_rows.append([task, backbone, init, metric, *cells])
+        protocol_lines = ["Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full training "
+                          "set has one seed: its fit is deterministic). **Bold**: best of its task within the protocol.",
+                          "", *md_table(["task", "backbone", "init", "metric", *protocols], table_rows)]
+    out += _md_section("Protocols", protocol_lines, "One protocol in this board: nothing to put side by side.")
+    for title, section, empty in (
+            ("Significance", _md_significance(board), "One entry per task: nothing to compare."),
+            ("Calibration", _md_calibration(board), "No calibration blocks in this board."),
+            ("Fairness", _md_fairness(board), "No fairness blocks in this board."),
+            ("OOD shift", _md_shift(board), "No OOD targets in this board."),
+            ("Convergence", _md_convergence(board), "No convergence blocks in this board."),
+            ("Data efficiency", _md_efficiency(board), "No data-efficiency runs (--fractions/--shots) in this board."),
+            ("Resolution", _md_resolution(board), "No resolution runs (--resolutions) in this board.")):
+        out += _md_section(title, section, empty)
     if published:
-        out += ["", "## Published reference rows (same tasks)", "",
-                "| task | backbone | init | metric | mean ± std | source | paper's row / column |", "|---|---|---|---|---|---|---|"]
-        for e in published:
-            paper = e.get("paper") or {}
-            out.append(f"| {e['task']} | {e['backbone']} | {label(e)} | {e['headline']['metric']} | "
-                       f"{published_value(e)} | {e.get('citation')} | {paper.get('target', '')} / {paper.get('column', '')} |")
+        out += _md_section("Published reference rows (same tasks)", md_table(
+            ["task", "backbone", "init", "metric", "mean ± std", "source", "paper's row / column"],
+            [[e["task"], e["backbone"], label(e), e["headline"]["metric"], published_value(e), e.get("citation"),
+              f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}"]
+             for e in published]), "")
+    out += _md_section("Provenance", _md_provenance(board), "")
     return "\n".join(out) + "\n"
+
+
+def _md_significance(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        sig = e.get("significance")
+        if not sig:
+            continue
+        vs = sig.get("vs_best") or {}
+        ci = vs.get("ci") or {}
+        rows.append([e["task"], e["backbone"], label(e), num(sig["best"]),
+                     num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""),
+                     num(vs.get("delta")), f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–",
+                     num(vs.get("p_value"))])
+    if not rows:
+        return []
+    method = board.get("significance") or {}
+    note = (f"Test: {method.get('test')}; alpha = {method.get('alpha')}; grouped by "
+            f"{', '.join(method.get('group_by') or [])}.") if method else ""
+    return [note, "", *md_table(["task", "backbone", "init", "best", "tied with best", "Δ vs best", "paired interval",
+                                 "p"], rows)]
+
+
+def _md_calibration(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        cal = e.get("calibration")
+        if not cal:
+            continue
+        b, a = cal.get("before") or {}, cal.get("after") or {}
+        rows.append([e["task"], e["backbone"], label(e), *(mean_std(s.get(k)) for s, k in (
+            (b, "ece"), (a, "ece"), (b, "mce"), (a, "mce"), (b, "brier"), (a, "brier"), (b, "nll"), (a, "nll")))])
+    return md_table(["task", "backbone", "init", "ECE", "ECE (T-scaled)", "MCE", "MCE (T-scaled)", "Brier",
+                     "Brier (T-scaled)", "NLL", "NLL (T-scaled)"], rows) if rows else []
+
+
+def _md_fairness(board: dict) -> list[str]:
+    out: list[str] = []
+    for e in board["entries"]:
+        attrs = (e.get("fairness") or {}).get("attributes") or {}
+        if not attrs:
+            continue
+        rows = []
+        for name, a in attrs.items():
+            if a.get("status") == "unavailable" or (not a.get("groups") and a.get("reason")):
+                rows.append([name, "unavailable", a.get("reason") or "–", "–", "–", "–"])
+                continue
+            worst = a.get("worst_group")
+            worst = worst.get("auc") if isinstance(worst, dict) else worst
+            groups = "; ".join(
+                f"{g}: n {b.get('n', '–')}, AUC {num(_m(b.get('auc')))}" + (f" ({b['status']})" if b.get("status")
+                                                                            not in (None, "ok") else "")
+                for g, b in (a.get("groups") or {}).items() if isinstance(b, dict))
+            rows.append([name, worst if isinstance(worst, str) else "varies over seeds",
+                         mean_std((a.get("gap") or {}).get("auc")), mean_std(a.get("equalized_odds_difference")),
+                         mean_std(a.get("demographic_parity_difference")), groups or "–"])
+        out += ["", f"### {e['task']} · {e['backbone']} ({label(e)})", "",
+                *md_table(["attribute", "worst group (AUC)", "AUC gap", "equalized odds diff.",
+                           "demographic parity diff.", "groups"], rows)]
+    return out[1:] if out else []
+
+
+def _md_shift(board: dict) -> list[str]:
+    out: list[str] = []
+    for m in board.get("shift_matrix") or []:
+        rows = [[c["trained_on"], c["evaluated_on"], c["metric"],
+                 mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]),
+                 mean_std(c["drop"]) if c.get("drop") else "–"] for c in m["cells"]]
+        out += ["", f"### {m['backbone']} ({m['init']})", "",
+                *md_table(["trained on", "evaluated on", "metric", "value", "drop"], rows)]
+    rows = []
+    for e in board["entries"]:
+        for target, metrics in (e.get("shift") or {}).items():
+            for metric, v in metrics.items():
+                if isinstance(v, dict) and "drop" in v:
+                    rows.append([e["task"], e["backbone"], label(e), target, metric, mean_std(v.get("in_distribution")),
+                                 mean_std(v.get("target")), mean_std(v.get("drop")), mean_std(v.get("relative_drop"))])
+    if rows:
+        out += ["", "### Per entry", "", *md_table(["task", "backbone", "init", "target", "metric", "in distribution",
+                                                    "target value", "drop", "relative drop"], rows)]
+    return out[1:] if out else []
+
+
+def _md_convergence(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        c = e.get("convergence")
+        if not c:
+            continue
+        rows.append([e["task"], e["backbone"], label(e), c.get("metric", ""), steps_text(c.get("steps_to_95")),
+                     steps_text(c.get("steps_to_99")), steps_text(c.get("total_steps"))])
+    return md_table(["task", "backbone", "init", "validation metric", "steps to 95%", "steps to 99%", "total steps"],
+                    rows) if rows else []
+
+
+def _md_efficiency(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        for kind, curve in (e.get("data_efficiency") or {}).items():
+            for p in curve["points"]:
+                s = (p.get("metrics") or {}).get(curve["metric"])
+                n = p.get("n_train")
+                rows.append([e["task"], e["backbone"], label(e), kind, num(p[curve["x"]]),
+                             steps_text(n) if isinstance(n, dict) else num(n), mean_std(s)])
+            rows.append([e["task"], e["backbone"], label(e), f"{kind}: normalized area", "–", "–",
+                         mean_std(curve.get("area"))])
+    return md_table(["task", "backbone", "init", "kind", "x", "training images", "headline"], rows) if rows else []
+
+
+def _md_resolution(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        res = e.get("resolution")
+        if not res:
+            continue
+        for p in res["points"]:
+            rel = p.get("relative_to_default") or {}
+            rows.append([e["task"], e["backbone"], label(e), p["crop"], mean_std((p.get("metrics") or {}).get(res["metric"])),
+                         num(rel.get("delta")), num(rel.get("p_value"))])
+    return md_table(["task", "backbone", "init", "crop", "headline", "Δ vs default", "p"], rows) if rows else []
+
+
+def _md_provenance(board: dict) -> list[str]:
+    rows = []
+    for e in board["entries"]:
+        p = e.get("provenance") or {}
+        rows.append([e["task"], e["backbone"], label(e), p.get("task_version"), (p.get("task_hash") or "")[:12],
+                     (p.get("data_fingerprint") or "")[:12], (p.get("weights_sha256") or "–")[:12],
+                     ", ".join(map(str, p.get("seeds") or [])), (p.get("device") or {}).get("device", "–"),
+                     p.get("medbench_version"), (p.get("git_sha") or "–")[:12], p.get("date")])
+    libs = board["provenance"].get("libraries") or {}
+    return [*md_table(["task", "backbone", "init", "task version", "task hash", "data fingerprint", "weights sha256",
+                       "seeds", "device", "medbench", "git sha", "date"], rows),
+            "", "Libraries: " + (", ".join(f"{k} {v}" for k, v in libs.items() if v) or "–")]
 
 
 # --------------------------------------------------------------------------- the regression gate's report
@@ -189,8 +402,7 @@ def compare_cells(row: dict) -> list[str]:
     else:
         pair = "unpaired" if row.get("mode") == "unpaired" else "–"
     tol = "–" if row.get("tolerance") is None else f"{num(row['tolerance'])} ({row['set_by']})"
-    init = row["init"] + (f" ({row['regime']})" if row.get("regime") else "")
-    return [row["task"], row["backbone"], init, row["metric"], num(row.get("baseline")), num(row.get("new")),
+    return [row["task"], row["backbone"], label(row), row["metric"], num(row.get("baseline")), num(row.get("new")),
             signed(row.get("worse_by")), pair, tol]
 
 
@@ -209,7 +421,7 @@ def compare_summary(report: dict) -> str:
 def compare_lists(report: dict) -> list[tuple[str, str]]:
     """(kind, text) lines below the table: duplicates, missing and added entries, changed data, row notes."""
     def name(e: dict) -> str:
-        return " · ".join(x for x in (e["task"], e["backbone"], e["init"], e.get("regime")) if x)
+        return f"{e['task']} · {e['backbone']} · {label(e)}"
 
     out = [("duplicate", f"{d['board']} holds {name(d)} {len(d['entries'])} times (entries {d['entries']})")
            for d in report["duplicates"]]
@@ -227,10 +439,8 @@ def render_compare_markdown(report: dict) -> str:
     out = [f"### medbench regression gate: {'✅ pass' if passed else '❌ regression'}", "",
            f"NEW `{report['new']['path']}` ({report['new']['kind']}) against BASELINE `{report['baseline']['path']}` "
            f"({report['baseline']['kind']}): {compare_summary(report)}.", "",
-           "| | " + " | ".join(COMPARE_COLUMNS) + " |", "|---" * (len(COMPARE_COLUMNS) + 1) + "|"]
-    for r in report["rows"]:
-        cells = [c.replace("|", "\\|") for c in [*compare_cells(r), compare_status(r)]]
-        out.append(f"| {'✅' if r['passed'] else '❌'} | " + " | ".join(cells) + " |")
+           *md_table(["", *COMPARE_COLUMNS], [["✅" if r["passed"] else "❌", *compare_cells(r), compare_status(r)]
+                                              for r in report["rows"]])]
     lines = compare_lists(report)
     if lines:
         out += [""] + [f"* **{kind}** {text}" for kind, text in lines]
@@ -521,6 +731,24 @@ def _resolution(board: dict) -> str:
                    ("delta", "Δ vs default"), ("p", "p")], rows)
 
 
+def _protocols(board: dict) -> str:
+    protocols, rows = protocol_table(board)
+    if not protocols:
+        return ("<p class='note'>One protocol in this board. <code>medbench run --protocol finetune,linear,knn</code> "
+                "evaluates a backbone by fine-tuning, a linear probe and kNN on frozen features.</p>")
+    out = []
+    for (task, backbone, init), by in rows:
+        metric = next(iter(by.values()))["headline"]["metric"]
+        cells = "".join(_td(mean_std(by[p]["headline"]) if p in by else "–",
+                            by[p]["headline"].get("mean") if p in by else None, "value") for p in protocols)
+        out.append("<tr>" + _td(task) + _td(backbone) + _td(init) + _td(metric) + cells + "</tr>")
+    note = ("<p class='note'>The headline metric of each protocol (mean ± std over seeds): full fine-tuning, a "
+            "linear probe and kNN on frozen features. A probe of pre-trained weights on the full training set has one "
+            "seed (its fit is deterministic).</p>")
+    return note + _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
+                          *[(p, p) for p in protocols]], out)
+
+
 def _published(published: list[dict]) -> str:
     if not published:
         return "<p class='note'>No published rows for these tasks (or --published not given).</p>"
@@ -551,7 +779,8 @@ def _provenance(board: dict) -> str:
 def render_html(board: dict, published: list[dict] | None = None, title: str = "medbench leaderboard") -> str:
     published = published or []
     prov = board["provenance"]
-    sections = {"overview": _overview(board, published), "significance": _significance(board),
+    sections = {"overview": _overview(board, published), "protocols": _protocols(board),
+                "significance": _significance(board),
                 "calibration": _calibration(board), "fairness": _fairness(board), "shift": _shift(board),
                 "convergence": _convergence(board), "data-efficiency": _efficiency(board),
                 "resolution": _resolution(board), "published": _published(published), "provenance": _provenance(board)}

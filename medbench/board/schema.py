@@ -26,6 +26,18 @@ SCHEMA_NAME = "medbench-leaderboard"
 #: (what the paired regression gate needs, medbench.board.replicates): a board without it is gated by the
 #: unpaired rule
 SCHEMA_VERSION = 2
+#: what identifies an entry: runs of other values are never pooled, and entries are matched on it. ``regime``
+#: is "" for full fine-tuning (absent from the entry); ``protocol`` (``finetune``, ``linear``, ``knn``, see
+#: medbench.probe.protocols) was added as an optional field in format 2: an entry without it is fine-tuning
+ENTRY_KEY = ("task", "backbone", "init", "regime", "protocol")
+
+
+def entry_key(entry: dict) -> tuple[str, str, str, str, str]:
+    """(task, backbone, init, regime, protocol) of a leaderboard entry (or of a run's ``result.json``)."""
+    from medbench.probe.protocols import protocol_name
+
+    return (entry["task"], entry["backbone"], entry["init"], entry.get("regime") or "",
+            protocol_name(entry.get("protocol")))
 
 
 class LeaderboardFormatError(MedbenchError):

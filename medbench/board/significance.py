@@ -1,7 +1,7 @@
 """Which entries of a task are not significantly different from the best (CJ21 marks them in italics).
 
 Test: the paired bootstrap of :mod:`medbench.scoring.paired` on the headline
-metric. Within a group (same task and regime; every backbone and init), the
+metric. Within a group (same task, regime and protocol; every backbone and init), the
 best entry is the one with the best seed-mean headline (higher or lower is
 better per the metric's registry). Each other entry is compared with it on
 the *same test resamples*: replicate ``b`` of both entries scores the same
@@ -25,7 +25,7 @@ from typing import Any
 from medbench.store import RunDir
 
 TEST_NAME = "paired bootstrap of the headline metric on the same test resamples (seed means), two-sided"
-GROUP_BY = ["task", "regime"]
+GROUP_BY = ["task", "regime", "protocol"]
 
 
 def method(alpha: float) -> dict[str, Any]:
@@ -36,22 +36,24 @@ def method(alpha: float) -> dict[str, Any]:
 def mark_significance(entries: list[dict], runs: list[RunDir]) -> dict | None:
     """Add a ``significance`` block to every entry of a group with two or more entries; returns the method."""
     from medbench.board.axes import RunRecord, SeedAggregate
+    from medbench.board.schema import entry_key
     from medbench.scoring import higher_is_better
     from medbench.scoring.paired import paired_difference
 
     groups: dict[tuple, list[dict]] = {}
     for e in entries:
         if e.get("headline", {}).get("mean") is not None and not e.get("published"):
-            groups.setdefault((e["task"], e.get("regime", "")), []).append(e)
+            key = entry_key(e)
+            groups.setdefault((key[0], key[3], key[4]), []).append(e)
     records: dict[tuple, list] = {}
     for run in runs:
         rec = RunRecord.load(run)
         if rec is None or rec.variant:
             continue
         r = rec.result
-        records.setdefault((r["task"], r["backbone"], r["init"], r.get("regime", "")), []).append(rec)
+        records.setdefault(entry_key(r), []).append(rec)
     alpha_used = None
-    for (task, regime), group in groups.items():
+    for (task, regime, protocol), group in groups.items():
         if len(group) < 2:
             continue
         metric = group[0]["headline"]["metric"]
@@ -59,7 +61,7 @@ def mark_significance(entries: list[dict], runs: list[RunDir]) -> dict | None:
             continue  # entries of one task share its headline; a mix is not comparable
         hib = higher_is_better(metric)
         best = max(group, key=lambda e: e["headline"]["mean"] if hib else -e["headline"]["mean"])
-        aggs = {id(e): SeedAggregate(records.get((task, e["backbone"], e["init"], regime), [])) for e in group}
+        aggs = {id(e): SeedAggregate(records.get(entry_key(e), [])) for e in group}
         b_agg = aggs[id(best)]
         alpha = round(1 - b_agg.level, 10)
         alpha_used = alpha if alpha_used is None else alpha_used

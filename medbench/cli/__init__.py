@@ -4,7 +4,7 @@
 """
 
 # command groups register on import, in the order 'medbench --help' lists them
-from medbench.cli import listing, run, scores, board, status, data, transfusion  # noqa: F401,I001
+from medbench.cli import listing, run, scores, board, status, data, task, transfusion  # noqa: F401,I001
 from medbench.cli.app import app, main
 
 __all__ = ["app", "main"]

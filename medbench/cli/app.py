@@ -57,6 +57,9 @@ class LauncherChoice(str, Enum):
 
 
 TASKS_DIR_OPT = typer.Option(None, "--tasks-dir", help="Extra folder of task/suite YAML files (repeatable).")
+VERIFY_PIXELS_OPT = typer.Option(
+    False, "--verify-pixels", help="Key the preprocessing cache and the runs on the sha256 of every image file "
+    "(read in full) instead of its size and modification time. Env: MEDBENCH_VERIFY_PIXELS=1.")
 ALLOW_OUTSIDE_OPT = typer.Option(
     False, "--allow-outside-data-root", help="Let task specs and label files name absolute paths or paths "
     "outside the dataset folder (off: such paths are refused). Env: MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1.")

@@ -47,11 +47,11 @@ def interrupted(err: KeyboardInterrupt) -> None:
 
 
 def normalization_label(mean, std) -> str:
-    """``ImageNet``, ``per timm config``, else the numbers (one when the three channels agree)."""
+    """``ImageNet``, ``per model config``, else the numbers (one when the three channels agree)."""
     from medbench.backbones.backbone import IMAGENET_MEAN, IMAGENET_STD
 
     if mean is None or std is None:
-        return "per timm config"
+        return "per model config"
     if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
         return "ImageNet"
 
@@ -74,7 +74,7 @@ def print_board(board: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from medbench.board.render import temperature_text, warning_codes, warning_lines
+    from medbench.board.render import label, temperature_text, warning_codes, warning_lines
 
     table = Table(title="medbench results (test split; mean ± std over seeds, interval of the mean over test resamples)")
     for col in ("task", "backbone", "init", "headline", "value", "interval", "accuracy", "seeds", "OOD (drop)",
@@ -87,7 +87,7 @@ def print_board(board: dict) -> None:
         cal = e.get("calibration") or {}
         ece = (f"{_fmt(cal['before'].get('ece'))} → {_fmt(cal['after'].get('ece'))}"
                if cal.get("before") and cal.get("after") else "-")
-        init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
+        init = label(e)
         sig = e.get("significance") or {}  # best of its task in bold, not significantly different in italics
         value = _fmt(e["headline"])
         value = f"[bold]{value}[/bold]" if sig.get("best") else (f"[italic]{value}[/italic]" if sig.get("tied_with_best") else value)
@@ -99,9 +99,31 @@ def print_board(board: dict) -> None:
     con.print(table)
     for e in board["entries"]:
         for line in warning_lines(e):
-            init = e["init"] + (f" ({e['regime']})" if e.get("regime") else "")
-            con.print(f"[yellow]warning[/yellow] {escape(e['task'])} · {escape(e['backbone'])} · {escape(init)}: "
+            con.print(f"[yellow]warning[/yellow] {escape(e['task'])} · {escape(e['backbone'])} · {escape(label(e))}: "
                       f"{escape(line)}", soft_wrap=True)
+    print_protocols(board)
+
+
+def print_protocols(board: dict) -> None:
+    """The protocols side by side (fine-tuning, linear probe, kNN), when the board has more than one."""
+    from rich.table import Table
+
+    from medbench.board.render import mark, mean_std, protocol_table
+
+    protocols, rows = protocol_table(board)
+    if not protocols:
+        return
+    table = Table(title="protocols side by side (headline, mean ± std over seeds; bold: best of the task in its protocol)")
+    for col in ("task", "backbone", "init", "headline", *protocols):
+        table.add_column(col)
+    for (task, backbone, init), by in rows:
+        cells = []
+        for p in protocols:
+            e = by.get(p)
+            value = mean_std(e["headline"]) if e else "-"
+            cells.append(f"[bold]{value}[/bold]" if e and mark(e) == "best" else value)
+        table.add_row(task, backbone, init, next(iter(by.values()))["headline"]["metric"], *cells)
+    console().print(table)
 
 
 def _drop(entry: dict, target: str, metric: str) -> str:
@@ -129,13 +151,28 @@ def _gb(memory: dict | None) -> str:
     return f"{bound}{memory['total'] / 1e9:.2f}"
 
 
+def duration(hours: float | None) -> str:
+    """A time estimate in the unit that reads: ``40 s``, ``12.5 min``, ``3.20 h``; ``?`` when unknown."""
+    if hours is None:
+        return "?"
+    seconds = hours * 3600
+    if seconds < 1:
+        return "< 1 s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{hours:.2f} h"
+
+
 def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
     """The ``--dry-run`` table of :func:`medbench.run.plan.plan_runs` and what it implies."""
     from rich.table import Table
 
-    table = Table(title=f"plan: {backbone} on {len(plans)} task(s)")
-    for col in ("task", "dataset", "data", "n_train", "steps", "batch", "input", "seeds", "GFLOP/img",
-                "PFLOP/run", "h/run", "GB/device"):
+    table = Table(title=f"plan: {backbone} on {len(plans)} task(s); time per run at {assume_tflops:g} TFLOP/s "
+                        "sustained (--assume-tflops); lr = base_lr x batch / 512")
+    for col in ("task", "dataset", "data", "n_train", "steps", "batch", "lr", "input", "seeds", "GFLOP/img",
+                "PFLOP/run", "time/run", "GB/device"):
         table.add_column(col)
     total_h = 0.0
     for p in plans:
@@ -144,20 +181,28 @@ def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
         total_h += (h or 0.0) * p.seeds
         pflops = "?"
         if p.pflops_per_run:  # "+?": evaluation unknown (split sizes not counted), training only
-            pflops = f"{p.pflops_per_run:.2f}" + ("" if p.eval_pflops_per_run is not None else "+?")
-        table.add_row(p.task, p.dataset, p.data_status, n, str(p.steps or "?"), str(p.batch_size),
-                      f"{p.resize}->{p.crop}", str(p.seeds), f"{p.gflops_per_image:.1f}", pflops,
-                      f"{h:.2f}" if h is not None else "?",
-                      _gb(p.memory))
+            pflops = f"{p.pflops_per_run:.3g}" + ("" if p.eval_pflops_per_run is not None else "+?")
+        table.add_row(p.task, p.dataset, p.data_status, n, str(int(p.steps)) if p.steps else "?", str(p.batch_size),
+                      f"{p.lr:.3g}" if p.lr is not None else "?", f"{p.resize}->{p.crop}", str(p.seeds),
+                      f"{p.gflops_per_image:.1f}", pflops, duration(h), _gb(p.memory))
     con = console()
     con.print(table)
     runs = sum(p.seeds for p in plans)
     no_eval = sum(1 for p in plans if p.steps and p.eval_pflops_per_run is None)
-    con.print(f"{runs} runs; estimated {total_h:.1f} device-hours at {assume_tflops:g} TFLOP/s sustained "
+    con.print(f"{runs} runs; estimated {total_h:.1f} device-hours ({duration(total_h)}) at {assume_tflops:g} TFLOP/s "
+              "sustained "
               "(training + evaluation: validation during training, val/test predictions, OOD tests; "
               "schedules of tasks with unknown size not counted"
               + (f"; evaluation of {no_eval} task(s) without counted splits not counted ('+?')" if no_eval else "")
               + ")")
+    from medbench.run.plan import gpu_visible, matmul_tflops
+
+    if not gpu_visible():  # the default rate is a GPU's: on a CPU the times above are not this machine's
+        cpu = matmul_tflops()
+        con.print(f"no GPU visible: the times assume {assume_tflops:g} TFLOP/s (a data-centre GPU); this CPU "
+                  f"multiplies float32 matrices at {cpu:.3g} TFLOP/s (measured now) and trains at a third to a half "
+                  f"of that (docs/performance.md): --assume-tflops {cpu / 2.5:.2g} estimates a run here",
+                  soft_wrap=True)
     worst = max((p for p in plans if p.memory), key=lambda p: p.memory["total"], default=None)
     if worst is not None:
         m = worst.memory
@@ -285,14 +330,20 @@ def print_inspection(summary: dict) -> None:
     con.print(f"task {summary['task']} (dataset {summary['dataset']}, adapter {summary['adapter']}, "
               f"root {summary['root'] or '-'}): {summary['n']:,} images, {summary['patients']:,} patients")
     splits = summary["splits"]
-    table = Table(title="labels per split: positive / negative / missing")
+    table = Table(title="labels per split: positive / negative / missing (prevalence: positive share of the "
+                        "labelled images)")
     table.add_column("label")
     for name, part in splits.items():
         table.add_column(f"{name} ({part['n']:,} img, {part['patients']:,} pat)")
     labels = next(iter(splits.values()))["labels"]
+
+    def cell(c: dict) -> str:
+        prev = c.get("prevalence")
+        return (f"{c['pos']:,} / {c['neg']:,} / {c['missing']:,}"
+                + (f" ({100 * prev:.1f} %)" if prev is not None else ""))
+
     for label in labels:
-        table.add_row(label, *[f"{p['labels'][label]['pos']:,} / {p['labels'][label]['neg']:,} / "
-                               f"{p['labels'][label]['missing']:,}" for p in splits.values()])
+        table.add_row(label, *[cell(p["labels"][label]) for p in splits.values()])
     con.print(table)
     attrs = Table(title="attributes per split")
     attrs.add_column("attribute")
@@ -308,11 +359,106 @@ def print_inspection(summary: dict) -> None:
         con.print(f"image files: {summary['files_checked']:,} checked, {summary['missing_files']:,} missing"
                   + (f" (e.g. {', '.join(summary['missing_examples'][:3])})" if summary["missing_files"] else ""))
     for key, value in summary["notes"].items():
-        con.print(f"{key}: {value}", soft_wrap=True)
+        con.print(f"{key}: {value}", soft_wrap=True, markup=False)
+    from rich.markup import escape
+
+    problems = summary.get("problems") or []
+    for problem in problems:  # what would stop 'medbench run' before training
+        con.print(f"[red]problem[/red]: {escape(problem)}", soft_wrap=True)
+    if problems:
+        con.print(f"{len(problems)} problem(s): 'medbench run' refuses this task before training until they are "
+                  "fixed", soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class LogReporter:
+    """Progress as plain lines on stderr, for logs (CI, ``nohup``, SLURM): no bars, no control characters.
+
+    One line when a run starts and when it ends (status, time, headline), and one every
+    ``every_percent`` % of its steps with the loss, the time elapsed and the estimated time left
+    (from the steps done in this process: a resumed run's earlier steps are not counted).
+    """
+
+    def __init__(self, every_percent: float = 5.0, stream=None):
+        self.every_percent = every_percent
+        self.stream = stream
+        self._run: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def _print(self, text: str) -> None:
+        import time
+
+        stream = self.stream or sys.stderr
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(str(text).split())}", file=stream, flush=True)
+
+    def run_started(self, index, total, request, steps) -> None:
+        import math
+        import time
+
+        name = f"{request.task} seed {request.seed}" + (f" {request.folder_suffix}" if request.folder_suffix else "")
+        self._run = {"name": name, "steps": int(steps), "start": time.monotonic(), "first": None,
+                     "every": max(1, math.ceil(int(steps) * self.every_percent / 100)), "index": index, "total": total}
+        self._print(f"run {index + 1}/{total} started: {name}, backbone {request.backbone}, {int(steps)} steps")
+
+    def step(self, step, loss) -> None:
+        import time
+
+        run = self._run
+        if not run:
+            return
+        done = int(step) + 1
+        if run["first"] is None:  # the first step this process trains (later than 1 when resumed)
+            run["first"], run["first_time"] = done, time.monotonic()
+        if done % run["every"] and done != run["steps"]:
+            return
+        elapsed = time.monotonic() - run["start"]
+        trained = done - run["first"] + 1
+        rate = (time.monotonic() - run["first_time"]) / max(trained - 1, 1) if trained > 1 else None
+        left = f"{_clock(rate * (run['steps'] - done))}" if rate is not None else "?"
+        self._print(f"{run['name']}: step {done}/{run['steps']} ({100 * done // run['steps']}%), loss {loss:.4f}, "
+                    f"elapsed {_clock(elapsed)}, left ~{left}")
+
+    def run_finished(self, outcome) -> None:
+        import time
+
+        req = outcome.request
+        name = self._run.get("name") if self._run else f"{req.task} seed {req.seed}"
+        took = f" in {_clock(time.monotonic() - self._run['start'])}" if self._run else ""
+        head = ((outcome.result or {}).get("headline") or {}) if outcome.status in ("ok", "skipped") else {}
+        value = head.get("value")
+        metric = f", {head.get('metric')} {value:.4f}" if isinstance(value, (int, float)) else ""
+        status = {"ok": "done", "skipped": "already complete, reused", "busy": "being trained by another process"}
+        what = status.get(outcome.status, outcome.status)
+        error = f": {outcome.error}" if outcome.status == "failed" and outcome.error else ""
+        self._print(f"run {name}: {what}{took if outcome.status == 'ok' else ''}{metric}{error}")
+        self._run = {}
+
+    def message(self, text) -> None:
+        self._print(text)
+
+
+def progress_reporter():
+    """The progress display of ``medbench run``: bars on a terminal, plain log lines otherwise
+    (:class:`LogReporter`). ``MEDBENCH_PROGRESS=bars`` (or ``1``) forces bars, ``log`` forces lines."""
+    choice = (os.environ.get("MEDBENCH_PROGRESS") or "").strip().lower()
+    if choice == "log":
+        return LogReporter()
+    if choice in ("bars", "1", "true", "yes", "on") or sys.stderr.isatty():
+        return RichReporter()
+    return LogReporter()
 
 
 class RichReporter:
-    """Progress bars for a suite: one for runs, one for the steps of the current run."""
+    """Progress bars for a suite on a terminal: one for runs, one for the steps of the current run."""
 
     def __enter__(self):
         from rich.progress import (
@@ -321,11 +467,12 @@ class RichReporter:
             Progress,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console(stderr=True),
-                                 transient=False, disable=not sys.stderr.isatty() and not os.environ.get("MEDBENCH_PROGRESS"))
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console(stderr=True), transient=False)
         self.progress.__enter__()
         self.suite_bar = None
         self.step_bar = None

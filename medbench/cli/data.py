@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,10 +44,13 @@ def data_inspect(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    check: bool = typer.Option(False, "--check", help="Exit 2 when 'medbench run' would refuse the task before "
+                               "training (the problems are listed either way)."),
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
 ) -> None:
-    """Splits, patients, label and attribute counts of TASK from its label files (images may be absent)."""
+    """Splits, patients, label counts and prevalence, attribute counts of TASK from its label files (images may be
+    absent), and the problems that would make 'medbench run' refuse it (--check: exit 2 when there are any)."""
     try:
         from medbench.data.inspect import inspect_task
         from medbench.data.locate import DataLocations
@@ -61,5 +65,9 @@ def data_inspect(
         return
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
-        return
-    print_inspection(summary)
+    else:
+        print_inspection(summary)
+    if summary["problems"] and check:  # 'medbench run' would refuse this task before training
+        print(f"medbench: error: {len(summary['problems'])} problem(s) would stop 'medbench run' before training; "
+              f"the first: {summary['problems'][0]}", file=sys.stderr)
+        raise typer.Exit(2)

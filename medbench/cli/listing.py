@@ -64,6 +64,14 @@ def _list_rows(what: ListWhat, tasks_dir: list[Path]) -> list[dict]:
         rows.append({"name": "timm/<model>", "family": "timm", "pretraining": "per timm tag", "params": None,
                      "resolution": None, "default_init": "pretrained", "source": "timm",
                      "weights": "hf-hub:timm/<model>", "mean": None, "std": None})
+        # foundation encoders (medbench.backbones.foundation; open_clip and transformers: medbench[foundation])
+        for name, family, weights in (("timm/hf-hub:<org>/<name>", "timm", "hf-hub:<org>/<name>"),
+                                      ("open_clip/<model>[:<tag>]", "open_clip", "hf-hub of the open_clip tag"),
+                                      ("open_clip/hf-hub:<org>/<name>", "open_clip", "hf-hub:<org>/<name>"),
+                                      ("hf/<org>/<name>", "transformers", "hf-hub:<org>/<name>")):
+            rows.append({"name": name, "family": family, "pretraining": "per model config", "params": None,
+                         "resolution": None, "default_init": "pretrained", "source": family, "weights": weights,
+                         "mean": None, "std": None})
         return rows
     from medbench.spec.catalog import Catalog
 

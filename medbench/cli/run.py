@@ -12,18 +12,19 @@ import typer
 from medbench.cli.app import (
     ALLOW_OUTSIDE_OPT,
     TASKS_DIR_OPT,
+    VERIFY_PIXELS_OPT,
     EngineChoice,
     LauncherChoice,
     PrecisionChoice,
     app,
 )
 from medbench.cli.console import (
-    RichReporter,
     console,
     fail,
     interrupted,
     print_board,
     print_plan,
+    progress_reporter,
 )
 
 
@@ -52,17 +53,20 @@ def run(
         None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
         "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
     allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
+    verify_pixels: bool = VERIFY_PIXELS_OPT,
     fractions: Optional[str] = typer.Option(None, "--fractions", help="Data efficiency: also fine-tune on these percentages of the training images, e.g. 1,5,10,25,50 ('default': 1,5,10,25,50,100)."),
     shots: Optional[str] = typer.Option(None, "--shots", help="Data efficiency: also fine-tune on k images per class, e.g. 1,5,10 ('default': 1,5,10,100,500)."),
     resolutions: Optional[str] = typer.Option(None, "--resolutions", help="Resolution sweep: also fine-tune at these crop sizes (px), e.g. 64,128."),
     freeze: Optional[str] = typer.Option(None, "--freeze", help="Frozen features: 'head' (train the head only) or L (freeze the first L blocks)."),
     similarity: Optional[str] = typer.Option(None, "--similarity", help="Per-layer similarity initial vs fine-tuned: cka | svcca | cka,svcca."),
+    protocol: Optional[List[str]] = typer.Option(None, "--protocol", help="finetune | linear | knn, comma-separated or repeated (default: the suite's or task's protocols, else finetune). linear/knn: a probe on frozen features, cached in OUT/features (docs/probes.md)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Probes: cls | mean | cls+mean (default: the model's own pooling)."),
     launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
     cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
 ) -> None:
-    """Fine-tune BACKBONE on every task of the suites/tasks and write the leaderboard."""
+    """Fine-tune (or probe, --protocol) BACKBONE on every task of the suites/tasks and write the leaderboard."""
     try:
         variants = _variants(fractions, shots, resolutions)
         _run(backbone=backbone, suites=suite or [], tasks=task or [], seeds=seeds, data_root=data_root,
@@ -70,7 +74,8 @@ def run(
              tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
              micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
              checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
-             variants=variants, freeze=freeze, similarity=similarity,
+             verify_pixels=verify_pixels, variants=variants, freeze=freeze, similarity=similarity, protocols=protocol,
+             pooling=pooling,
              dispatch={"launcher": launcher.value, "max_concurrent": max_concurrent, "wait": not no_wait,
                        "cluster_config": cluster_config, "threads": threads, "tasks_dir": tasks_dir or []})
     except typer.Exit:
@@ -133,6 +138,35 @@ def _task_variants(catalog, names: list[str], suites: list[str], variants: list[
     return out
 
 
+def _task_protocols(catalog, names: list[str], suites: list[str], protocols: list[str] | None) -> dict[str, list[str]]:
+    """Per task, its protocols: ``--protocol``, else those of the suites naming it, else the task's own
+    ``protocols:``, else fine-tuning."""
+    from medbench.probe.protocols import FINETUNE, parse_protocols
+
+    chosen = parse_protocols(protocols) if protocols else []
+    declared: dict[str, list[str]] = {}
+    for suite in suites:
+        for task, ps in catalog.suite_protocols(suite).items():
+            declared[task] = list(dict.fromkeys([*declared.get(task, []), *ps]))
+    return {name: chosen or declared.get(name) or list(catalog.task(name).spec.protocols or [FINETUNE])
+            for name in names}
+
+
+def _check_protocol_options(per_task: dict[str, list[str]], *, freeze, similarity, pooling, max_steps) -> None:
+    """Options of one protocol given while no task runs it: one line naming the option."""
+    from medbench.errors import UsageError
+    from medbench.probe.protocols import FINETUNE, PROBES
+
+    used = {p for ps in per_task.values() for p in ps}
+    for option, value in (("--freeze", freeze), ("--similarity", similarity), ("--max-steps", max_steps)):
+        if value is not None and FINETUNE not in used:
+            raise UsageError(f"applies to --protocol finetune, and the runs are {', '.join(sorted(used))} only",
+                             field=option)
+    if pooling is not None and not used & set(PROBES):
+        raise UsageError("applies to the probes (--protocol linear|knn); fine-tuning trains the model's own head",
+                         field="--pooling")
+
+
 def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
     from medbench.errors import UsageError
 
@@ -149,7 +183,9 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
-         allow_outside_data_root, variants=(), freeze=None, similarity=None, dispatch=None) -> None:
+         allow_outside_data_root, verify_pixels=False, variants=(), freeze=None, similarity=None, protocols=None,
+         pooling=None,
+         dispatch=None) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.data.locate import DataLocations
@@ -164,8 +200,15 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     catalog = Catalog(tasks_dir)
     names = _selected_tasks(catalog, suites, tasks)
     per_task = _task_variants(catalog, names, suites, list(variants))
+    task_protocols = _task_protocols(catalog, names, suites, protocols)
+    _check_protocol_options(task_protocols, freeze=freeze, similarity=similarity, pooling=pooling,
+                            max_steps=max_steps)
+    from medbench.backbones.pooling import parse_pooling
+
+    pooling = parse_pooling(pooling)
     bb = get_backbone(backbone)
-    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
+    locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root,
+                                       verify_pixels=verify_pixels)
     from medbench.train.checkpoint import CheckpointPolicy
 
     checkpoints = CheckpointPolicy.parse(checkpoint_every)
@@ -181,6 +224,14 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
         if extra:
             console().print("plus variant runs (--fractions/--shots/--resolutions, and the suite's own) per seed, "
                              "each on its own schedule: " + ", ".join(f"{t} {k}" for t, k in extra.items()))
+        probes = {t: [p for p in ps if p != "finetune"] for t, ps in task_protocols.items()}
+        if any(probes.values()):
+            console().print("plus probe runs on frozen features (" + ", ".join(f"{t}: {'/'.join(p)}" for t, p in
+                                                                      probes.items() if p) + "): one forward pass "
+                            "over the train, val, test and OOD images per backbone, init and resolution, cached in "
+                            f"{out / 'features'} and shared by every probe; the fits cost seconds"
+                            + ("" if all("finetune" in ps for ps in task_protocols.values()) else
+                               "; the table above is the fine-tuning cost, for comparison"), soft_wrap=True)
         return
 
     from medbench.run.request import expand_requests
@@ -202,13 +253,14 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
         n = seeds or catalog.task(name).spec.default_seeds
         requests += expand_requests([name], backbone, list(range(n)), init=init, weights=weights,
                                     max_steps=max_steps, engine=engine_cfg, variants=per_task[name],
-                                    freeze=freeze, similarity=similarity)
+                                    freeze=freeze, similarity=similarity, protocols=task_protocols[name],
+                                    pooling=pooling)
     store = RunStore(out)
     check_writable(out)
     if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.run.dispatch)
         _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
         return
-    with RichReporter() as reporter:
+    with progress_reporter() as reporter:
         runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
@@ -257,7 +309,10 @@ def _finish(outcomes, store) -> None:
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
     rescore_outdated(done, console().print)  # runs reused by a launcher, scored by older scoring code
-    board = write_leaderboard(done, store.leaderboard_path())
+    from medbench.utils import undefined_numbers_reported
+
+    with undefined_numbers_reported():
+        board = write_leaderboard(done, store.leaderboard_path())
     print_board(board)
     failed = [o for o in outcomes if o.status == "failed"]
     busy = [o for o in outcomes if o.status == "busy" and not o.run_dir.complete]

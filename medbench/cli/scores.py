@@ -35,6 +35,7 @@ def score(
         from medbench.errors import UsageError
         from medbench.store import find_run_dirs
         from medbench.store.scores import rescore
+        from medbench.utils import undefined_numbers_reported
 
         overrides = _scoring_overrides(bootstrap, ci_level, threshold, ece_bins, ece_binning, min_group_size,
                                        intersections)
@@ -42,7 +43,8 @@ def score(
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
         for r in runs:
-            scores = rescore(r, overrides)
+            with undefined_numbers_reported():
+                scores = rescore(r, overrides)
             print(f"{r.path}: {score_line(scores)}")
             for w in scores.get("warnings", []):
                 print(f"  warning [{w['code']}] {w['message']}")
@@ -85,6 +87,7 @@ def leaderboard(
     """Aggregate finished runs into one leaderboard JSON (validated against the shipped JSON Schema)."""
     try:
         from medbench.board.aggregate import write_leaderboard
+        from medbench.utils import undefined_numbers_reported
         from medbench.errors import UsageError
         from medbench.store import find_run_dirs
         from medbench.store.scores import rescore_outdated
@@ -97,7 +100,8 @@ def leaderboard(
         if baseline:
             name, _, base_init = baseline.partition("@")
             base = (name, base_init or None)
-        board = write_leaderboard(runs, output, base)
+        with undefined_numbers_reported():
+            board = write_leaderboard(runs, output, base)
         print_board(board)
         if published:
             print_published(board)

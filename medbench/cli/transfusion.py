@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from medbench.cli.app import ALLOW_OUTSIDE_OPT, TASKS_DIR_OPT, EngineChoice, app
-from medbench.cli.console import RichReporter, console, fail
+from medbench.cli.console import console, fail, progress_reporter
 from medbench.cli.run import check_writable
 
 
@@ -75,7 +75,7 @@ def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds,
     configure_torch(threads or os.cpu_count())
     check_writable(out)
     failed = []
-    with RichReporter() as reporter:
+    with progress_reporter() as reporter:
         runner = Runner(catalog, locations, RunStore(out), reporter=reporter, fail_fast=fail_fast)
         for t in tasks:
             n = seeds or catalog.task(t).spec.default_seeds

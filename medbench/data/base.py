@@ -201,16 +201,20 @@ class DatasetIndex:
             notes=dict(self.notes),
         )
 
-    def fingerprint(self) -> str:
-        """Content hash of what defines this dataset: file list, labels, metadata.
+    def fingerprint(self, pixels: str | None = None) -> str:
+        """Content hash of what defines this dataset: file list, labels, metadata, and with ``pixels`` the
+        image files' content.
 
-        Image bytes are not read (that would cost a full pass over the data);
-        in-memory pixels are hashed.
+        ``pixels`` is the digest of the image files' stamps (:mod:`medbench.data.fingerprint`: size and
+        mtime per file, or their sha256 on request), which ``medbench.run.prepare`` passes for the run key;
+        without it (the stored split's key) image files are not looked at. In-memory pixels are hashed.
         """
         h = hashlib.sha256()
         h.update(self.name.encode())
         cols = ["sample_id", "patient_id", "path", "split", *self.label_columns]
         h.update(self.table.select(cols).write_csv().encode())
+        if pixels is not None:
+            h.update(f"|files:{pixels}".encode())
         if self.pixels is not None:
             h.update(str(self.pixels.shape).encode())
             h.update(str(self.pixels.dtype).encode())

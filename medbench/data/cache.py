@@ -7,14 +7,18 @@ Training and evaluation read only the cache. An entry holds the rows of a
 bad images), so a half-written entry is never used.
 
 The key is what fixes the pixels, and nothing else: the pixel source (the
-resolved dataset folder and the ordered list of image paths, or for in-memory
-datasets such as synthetic and MedMNIST a hash of the pixel array), the size,
-the channels, :data:`~medbench.data.image_io.DECODER_VERSION` and the cache
-format version. Labels, label policies (CheXpert's U-Ignore vs U-Ones), the
+resolved dataset folder and the ordered list of image paths with each file's
+stamp, or for in-memory datasets such as synthetic and MedMNIST a hash of the
+pixel array), the size, the channels,
+:data:`~medbench.data.image_io.DECODER_VERSION` and the cache format version.
+A file's stamp (:mod:`medbench.data.fingerprint`) is its size and mtime, or
+with ``--verify-pixels`` the sha256 of its bytes: an image replaced under the
+same path gets a new entry, never the old pixels. Labels, label policies (CheXpert's U-Ignore vs U-Ones), the
 label set and splits are not in it, so tasks that differ only there share one
 entry. A task whose images are a subset or a reordering of an existing entry's
-(the same folder, size, channels and versions; e.g. ``frontal_only`` after the
-full CheXpert) reads that entry through a row map instead of decoding again.
+(the same folder, size, channels and versions, and each image with the stamp
+the entry recorded for it; e.g. ``frontal_only`` after the full CheXpert)
+reads that entry through a row map instead of decoding again.
 
 Images wider than 8 bits are min-max scaled per image to 8 bits; images are
 squashed to S x S (Pillow, antialiased bilinear), as BiT does. An entry is
@@ -48,8 +52,9 @@ from medbench.utils import (
     writer_tag,
 )
 
-#: bumped when the entry layout or :func:`prepare` changes (2: keyed on the pixel source, rows file)
-CACHE_VERSION = 2
+#: bumped when the entry layout or :func:`prepare` changes (2: keyed on the pixel source, rows file; 3: file
+#: stamps in the key and the rows file)
+CACHE_VERSION = 3
 #: in-memory sources whose prepared images exceed this go through the memory-mapped file instead
 #: (TissueMNIST at 160 px would otherwise hold 6 GB in RAM)
 IN_MEMORY_LIMIT_BYTES = 1 << 30
@@ -151,14 +156,15 @@ def _family(source: dict, size: int, channels: int) -> str:
 
 
 def cache_key(index: DatasetIndex, size: int, channels: int, *, source: dict | None = None,
-              paths: list[str | None] | None = None) -> str:
-    """The entry of ``index`` at ``size``/``channels``: pixel source, ordered image paths, versions.
+              paths: list[str | None] | None = None, stamps: list[str | None] | None = None) -> str:
+    """The entry of ``index`` at ``size``/``channels``: pixel source, ordered image paths and their file stamps
+    (:func:`medbench.data.fingerprint.file_stamps`), versions.
 
     Labels, splits and sample metadata do not enter: they do not change the pixels.
     """
     source = pixel_source(index) if source is None else source
     paths = row_paths(index) if paths is None else paths
-    rows = hashlib.sha256(json.dumps(paths).encode()).hexdigest()
+    rows = hashlib.sha256(json.dumps(paths if stamps is None else [paths, stamps]).encode()).hexdigest()
     return sha256_json({"family": _family(source, size, channels), "rows": rows, "n": len(paths)})[:24]
 
 
@@ -189,8 +195,12 @@ def build_cache(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     root: Path | None = None,
+    stamps: list[str | None] | None = None,
 ) -> CachedImages:
-    """The cached images of ``index`` at ``size`` x ``size`` with ``channels``; built when absent."""
+    """The cached images of ``index`` at ``size`` x ``size`` with ``channels``; built when absent.
+
+    ``stamps``: each row's file stamp (:mod:`medbench.data.fingerprint`), part of the key; None for
+    in-memory pixels (hashed instead) and in tests that do not replace files."""
     n = len(index)
     shape = (n, channels, size, size)
     if index.pixels is not None and root is None and n * channels * size * size <= IN_MEMORY_LIMIT_BYTES:
@@ -203,13 +213,13 @@ def build_cache(
     folder = (root or cache_dir() / "images") / index.name
     source, paths = pixel_source(index), row_paths(index)
     family = _family(source, size, channels)
-    key = cache_key(index, size, channels, source=source, paths=paths)
+    key = cache_key(index, size, channels, source=source, paths=paths, stamps=stamps)
     data_path = folder / f"{key}.u8"
     meta_path = folder / f"{key}.json"
     meta = _read_meta(meta_path)
     if meta is not None and data_path.is_file() and tuple(meta["shape"]) == shape:
         return _open(data_path, shape, meta, on_bad_image)
-    covering = _covering_entry(folder, family, paths, shape)
+    covering = _covering_entry(folder, family, paths, shape, stamps)
     if covering is not None:
         return covering if on_bad_image != "fail" or not covering.bad else _fail_on(covering.bad)
     _remove_dead_partials(folder, key)
@@ -250,7 +260,7 @@ def build_cache(
         raise _cache_error(folder, err) from err
     rows_file = folder / f"{key}.rows.json"
     if all(p is not None for p in paths):  # what a later subset looks its rows up in
-        atomic_write_text(rows_file, json.dumps(paths))
+        atomic_write_text(rows_file, json.dumps({"paths": paths, "stamps": stamps}))
     meta = {"shape": list(shape), "dataset": index.name, "bad": bad, "version": CACHE_VERSION,
             "decoder": DECODER_VERSION, "family": family, "source": source,
             "rows": rows_file.name if all(p is not None for p in paths) else None}
@@ -266,9 +276,10 @@ def _read_meta(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and "shape" in meta else None
 
 
-def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...]) -> CachedImages | None:
-    """An existing entry of the same family holding every image of ``paths`` (the smallest such), read
-    through a row map; None when there is none."""
+def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...],
+                    stamps: list[str | None] | None = None) -> CachedImages | None:
+    """An existing entry of the same family holding every image of ``paths`` with the same file stamps (the
+    smallest such), read through a row map; None when there is none."""
     if not paths or any(p is None for p in paths) or not folder.is_dir():
         return None
     wanted = set(paths)
@@ -284,8 +295,9 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
     for n, _, meta_path, meta in sorted(candidates, key=lambda c: (c[0], c[1])):
         data_path = meta_path.with_suffix(".u8")
         try:
-            stored = json.loads((folder / meta["rows"]).read_text())
-        except (OSError, ValueError):
+            record = json.loads((folder / meta["rows"]).read_text())
+            stored, stored_stamps = record["paths"], record["stamps"]
+        except (OSError, ValueError, TypeError, KeyError):
             continue
         if len(stored) != n or not data_path.is_file():
             continue
@@ -294,6 +306,9 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
             where.setdefault(p, i)
         if not wanted <= where.keys():
             continue
+        if (stamps is None) != (stored_stamps is None) or (stamps is not None and any(
+                stored_stamps[where[p]] != st for p, st in zip(paths, stamps))):
+            continue  # an image changed since that entry was built (or was stamped another way)
         rows = np.fromiter((where[p] for p in paths), dtype=np.int64, count=len(paths))
         base = _open(data_path, (n, *shape[1:]), meta, "skip")
         bad_at = {b["row"]: b for b in base.bad}

@@ -2,8 +2,11 @@
 
 Runs the task's adapter and split (nothing is decoded; images may be absent)
 and summarises each split: images, patients, per-label positives / negatives /
-missing, and the count of every value of the task's subgroup attributes (binned
-as the task bins them). Image files are only checked for existence.
+missing and prevalence (positives over labelled images), and the count of every
+value of the task's subgroup attributes (binned as the task bins them). Image
+files are only checked for existence. ``problems`` lists what would stop
+``medbench run`` before training (:mod:`medbench.data.checks`: attribute columns,
+single-group attributes, one-class splits); the command prints them (``--check``: and exits 2).
 Generic over :class:`~medbench.data.base.DatasetIndex`, so it works for every
 adapter, the synthetic smoke tasks included.
 """
@@ -17,42 +20,21 @@ from typing import Any
 import polars as pl
 
 from medbench.data.base import DatasetIndex
+from medbench.data.checks import SPLIT_ORDER, attribute_counts, task_data_problems
 from medbench.data.locate import DataLocations
 from medbench.data.task_data import load_task_data
 from medbench.spec import AttributeSpec, ResolvedTask
 
-SPLIT_ORDER = ("train", "val", "test")
-UNKNOWN = "unknown"
-
-
-def _edge(v: float) -> str:
-    return f"{v:g}"
-
-
-def attribute_counts(table: pl.DataFrame, attr: AttributeSpec) -> dict[str, int]:
-    """Rows per value of ``attr``: binned ``[lo, hi)`` when the attribute has bins; nulls are ``unknown``."""
-    col = attr.source_column
-    if col not in table.columns:
-        return {UNKNOWN: table.height} if table.height else {}
-    if attr.bins is None:
-        values = table[col].cast(pl.Utf8)
-    else:
-        edges = attr.bins
-        x = table[col].cast(pl.Float64, strict=False)
-        names = [f"[{_edge(lo)}, {_edge(hi)})" for lo, hi in zip(edges, edges[1:])]
-        expr = pl.when(pl.col("x").is_null() | pl.col("x").is_nan()).then(pl.lit(UNKNOWN))
-        for lo, hi, name in zip(edges, edges[1:], names):
-            expr = expr.when((pl.col("x") >= lo) & (pl.col("x") < hi)).then(pl.lit(name))
-        values = pl.DataFrame({"x": x}).select(expr.otherwise(pl.lit("outside bins")).alias("v"))["v"]
-    counts = values.fill_null(UNKNOWN).value_counts()
-    return dict(sorted(zip(counts[counts.columns[0]].to_list(), counts["count"].to_list())))
+__all__ = ["SPLIT_ORDER", "attribute_counts", "inspect_task", "missing_files", "split_summary"]
 
 
 def split_summary(table: pl.DataFrame, index: DatasetIndex, attributes: list[AttributeSpec]) -> dict[str, Any]:
     labels = {}
     for name, col in zip(index.label_names, index.label_columns):
         s = table[col]
-        labels[name] = {"pos": int((s == 1).sum()), "neg": int((s == 0).sum()), "missing": int(s.null_count())}
+        pos, neg = int((s == 1).sum()), int((s == 0).sum())
+        labels[name] = {"pos": pos, "neg": neg, "missing": int(s.null_count()),
+                        "prevalence": pos / (pos + neg) if pos + neg else None}
     attrs = {attr.name: attribute_counts(table, attr) for attr in attributes}
     return {"n": table.height, "patients": int(table["patient_id"].n_unique()), "labels": labels,
             "attributes": attrs}
@@ -120,4 +102,5 @@ def inspect_task(task: ResolvedTask, locations: DataLocations, *, check_files: b
         "missing_files": n_missing,
         "missing_examples": examples,
         "notes": index.notes,
+        "problems": [str(p) for p in task_data_problems(data)],
     }

@@ -32,10 +32,13 @@ class DataLocations:
     #: The user's switch (``--allow-outside-data-root`` / ``MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT=1``), never
     #: the spec's: a task file from elsewhere cannot grant itself access to other files.
     allow_outside_root: bool = False
+    #: how image files are stamped for the cache and run keys (medbench.data.fingerprint): ``stat`` (size and
+    #: mtime, the default) or ``content`` (sha256 of every file: ``--verify-pixels`` / MEDBENCH_VERIFY_PIXELS=1)
+    pixel_check: str = "stat"
 
     @classmethod
     def from_cli(cls, data_root: Path | None, data: list[str] | None, *,
-                 allow_outside_root: bool = False) -> "DataLocations":
+                 allow_outside_root: bool = False, verify_pixels: bool = False) -> "DataLocations":
         overrides: dict[str, Path] = {}
         for item in data or []:
             name, sep, path = item.partition("=")
@@ -44,7 +47,9 @@ class DataLocations:
             overrides[name.strip()] = Path(path).expanduser()
         root = data_root or (Path(os.environ["MEDBENCH_DATA"]).expanduser() if os.environ.get("MEDBENCH_DATA") else None)
         allow = allow_outside_root or _truthy(os.environ.get("MEDBENCH_ALLOW_OUTSIDE_DATA_ROOT"))
-        return cls(root, overrides, allow)
+        from medbench.data.fingerprint import pixel_check_mode
+
+        return cls(root, overrides, allow, pixel_check_mode(verify_pixels))
 
     def resolve(self, dataset: str) -> tuple[Path | None, str]:
         """(path, how it was chosen); path is None when nothing names this dataset."""

@@ -36,6 +36,9 @@ class TaskData:
     root: Path | None
     #: where the split came from: {"file": path or None, "reused": bool, "differs_from_recomputed": int}
     split_source: dict | None = None
+    #: how the split was made: ``official`` (the publisher's) or ``grouped`` (ours, also an official task's
+    #: ``fallback: grouped`` on a copy without the official split)
+    split_method: str = "grouped"
 
     def rows(self, split: str) -> np.ndarray:
         return np.nonzero((self.index.table["split"] == split).to_numpy())[0]
@@ -132,16 +135,27 @@ def _load_task_data(task: ResolvedTask, locations: DataLocations, split_store: P
     if list(index.label_names) != list(spec.labels):
         raise DataError(f"adapter returned labels {index.label_names}, the task declares {spec.labels}",
                         where=str(task.path), field="labels")
-    split = assign_splits(index, spec.splits, where=str(task.path))
+    no_official = index.table["split"].null_count() == index.table.height
+    method = "grouped" if spec.splits.method == "grouped" or (no_official and spec.splits.fallback == "grouped") \
+        else "official"
+    split = assign_splits(index, spec.splits, where=str(task.path), task_type=spec.type)
     source = None
     if split_store is not None:
         split, source = _reuse_or_store(stored_split_path(split_store, task, index), index, split,
                                         spec.splits.group_by)
+    notes = dict(index.notes)
+    unsplit = int((index.table["split"].is_null() & (split == "drop")).sum()) if spec.splits.method == "official" \
+        else 0
+    if unsplit:  # the publisher's split names no side for them (an image in neither NIH list, a blank cell)
+        notes["rows_without_official_split"] = f"{unsplit} left out (no official split)"
     table = index.table.with_columns(split)
     keep = (table["split"] != "drop").to_numpy()
     index = DatasetIndex(name=index.name, table=table, label_names=index.label_names, root=index.root,
-                         pixels=index.pixels, source_files=index.source_files, notes=index.notes).subset(keep)
-    for name in ("train", "test"):
+                         pixels=index.pixels, source_files=index.source_files, notes=notes).subset(keep)
+    needed = ("test",) if spec.splits.evaluation_only else ("train", "test")
+    for name in needed:
         if not (index.table["split"] == name).any():
-            raise DataError(f"the {name} split is empty", where=str(task.path), field="splits")
-    return TaskData(task=task, index=index, root=root, split_source=source)
+            hint = "" if name == "test" else ("; an external test set is declared evaluation-only with splits: "
+                                              "{method: grouped, fractions: {test: 1}}")
+            raise DataError(f"the {name} split is empty{hint}", where=str(task.path), field="splits")
+    return TaskData(task=task, index=index, root=root, split_source=source, split_method=method)

@@ -76,6 +76,8 @@ class TaskPlan:
     eval_pflops_per_run: float | None = None
     #: one per OOD target: name, task, dataset, data_status, data_path, how_to_get, n_test
     ood: list[dict] | None = None
+    #: the learning rate the run trains at: base_lr x batch_size / 512 (None when the size is unknown)
+    lr: float | None = None
 
     @property
     def pflops_per_run(self) -> float | None:
@@ -271,7 +273,31 @@ def plan_task(task: ResolvedTask, backbone: Backbone, seeds: int, locations: Dat
                     resize=resize, crop=crop, seeds=seeds, gflops_per_image=gflops, train_pflops_per_run=pflops,
                     hours_per_run=hours, memory=memory, n_val=counts["val"] if counts else None,
                     n_test=counts["test"] if counts else None, val_evaluations=val_passes, eval_images=eval_images,
-                    eval_pflops_per_run=eval_pflops, ood=ood)
+                    eval_pflops_per_run=eval_pflops, ood=ood, lr=train_plan.lr if train_plan else None)
+
+
+def matmul_tflops(size: int = 2048, repeats: int = 3) -> float:
+    """This machine's float32 matrix-multiply rate on CPU in TFLOP/s (best of ``repeats``, torch's current
+    thread count): the ceiling a CPU run approaches. docs/performance.md measures training at a third to a
+    half of it."""
+    import time
+
+    import torch
+
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e12
+
+
+def gpu_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def plan_runs(catalog: Catalog, tasks: list[str], backbone: Backbone, seeds: int | None, locations: DataLocations,

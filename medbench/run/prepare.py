@@ -29,11 +29,14 @@ class PreparedData:
     labels: np.ndarray  # float32 [N, L], NaN missing
     resize: int
     crop: int
+    #: digest of the image files' stamps (medbench.data.fingerprint); None for in-memory pixels
+    pixels: str | None = None
 
     @property
     def fingerprint(self) -> str:
+        """The data fingerprint of the run key: rows, labels, metadata and the image files' stamps."""
         if not hasattr(self, "_fingerprint"):
-            self._fingerprint = self.data.index.fingerprint()
+            self._fingerprint = self.data.index.fingerprint(self.pixels)
         return self._fingerprint
 
     def rows(self, split: str) -> np.ndarray:
@@ -70,7 +73,16 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Message
     resize, crop = resolve_input(spec.input, native_size(data.index) if need_native else None)
     if resolution is not None:  # resolution sweep: another crop, the task's resize/crop ratio kept
         resize, crop = max(resolution, int(round(resolution * resize / crop))), resolution
-    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image)
+    stamps = pixels = None
+    if data.index.pixels is None:  # files: a stamp per image (size + mtime, or sha256 with --verify-pixels)
+        from medbench.data.cache import row_paths
+        from medbench.data.fingerprint import file_stamps, stamps_digest
+
+        stamps = file_stamps(data.index.root, row_paths(data.index), locations.pixel_check)
+        pixels = stamps_digest(locations.pixel_check, stamps)
+    images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image,
+                         stamps=stamps)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
-    return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop)
+    return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop,
+                        pixels=pixels)

@@ -30,6 +30,11 @@ class RunRequest:
     freeze: str | None = None
     #: representation similarity initial vs fine-tuned (medbench.analysis.similarity): None, "cka", "cka,svcca"
     similarity: str | None = None
+    #: evaluation protocol (medbench.probe.protocols): None for fine-tuning, "linear" or "knn" for a probe on
+    #: frozen features
+    protocol: str | None = None
+    #: probes only: the features' pooling (medbench.backbones.pooling); None: the model's own
+    pooling: str | None = None
 
     @property
     def variant(self) -> str:
@@ -44,10 +49,12 @@ class RunRequest:
 
     @property
     def folder_suffix(self) -> str:
-        """Run-folder suffix: the data variant and the training regime (e.g. ``frac10``, ``freeze-head``)."""
+        """Run-folder suffix: the data variant, the training regime and the protocol (e.g. ``frac10``,
+        ``freeze-head``, ``shots5-linear``, ``knn-cls+mean``)."""
         from medbench.train.freeze import freeze_variant
 
-        return "-".join(x for x in (self.variant, freeze_variant(self.freeze)) if x)
+        probe = f"{self.protocol}-{self.pooling}" if self.protocol and self.pooling else (self.protocol or "")
+        return "-".join(x for x in (self.variant, freeze_variant(self.freeze), probe) if x)
 
     def variant_spec(self) -> dict | None:
         set_ = [(k, v) for k, v in (("fraction", self.fraction), ("shots", self.shots),
@@ -67,7 +74,8 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
     separates runs without touching this function; fields that are None are
     left out, so adding an optional field keeps the keys of earlier runs.
     ``weights`` enters as ``weights_id`` (the file's sha256), not as its path.
-    Beside the request: the task's content hash, the data fingerprint, the OOD
+    Beside the request: the task's content hash, the data fingerprint (``PreparedData.fingerprint``: rows,
+    labels, metadata and the image files' stamps, so replaced images make a new run), the OOD
     targets' hashes and fingerprints, the resolved plan (schedule, batch, lr,
     MixUp) and input geometry, the world size (batch statistics are per rank),
     the training-numerics version (:data:`medbench.train.numerics.TRAINING_NUMERICS`:
@@ -98,7 +106,26 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
 
 
 def _canonical_variant(req: RunRequest, backbone) -> RunRequest:
-    """``freeze``/``similarity`` validated and spelled one way, so equal settings give equal run keys."""
+    """``freeze``/``similarity``/``protocol``/``pooling`` validated and spelled one way, so equal settings give
+    equal run keys. A probe run keeps only what changes its numbers: no step cap and no fine-tuning engine
+    settings (the precision of the features stays)."""
+    if req.protocol is not None or req.pooling is not None:
+        from medbench.backbones.pooling import parse_pooling
+        from medbench.errors import UsageError
+        from medbench.probe.protocols import request_protocol
+
+        protocol = request_protocol(req.protocol)
+        if protocol is None:
+            if req.pooling is not None:
+                raise UsageError("--pooling applies to the probes (--protocol linear|knn); fine-tuning trains the "
+                                 "model's own head", field="--pooling")
+            req = replace(req, protocol=None)
+        else:
+            if req.freeze or req.similarity:
+                raise UsageError(f"--{'freeze' if req.freeze else 'similarity'} applies to --protocol finetune, not "
+                                 f"to the {protocol} probe (its network is frozen as it is)", field="--protocol")
+            return replace(req, protocol=protocol, pooling=parse_pooling(req.pooling), max_steps=None,
+                           engine=EngineConfig(precision=req.engine.precision))
     if not req.freeze and not req.similarity:
         return req
 
@@ -111,9 +138,29 @@ def _canonical_variant(req: RunRequest, backbone) -> RunRequest:
 
 def expand_requests(tasks: list[str], backbone: str, seeds: list[int], *, init: str | None, weights: Path | None,
                     max_steps: int | None, engine: EngineConfig, variants: list[dict] | None = None,
-                    freeze: str | None = None, similarity: str | None = None) -> list[RunRequest]:
-    """The plain run of every task x seed, then each variant (``{"fraction": 0.1}``, ``{"shots": 5}``,
-    ``{"resolution": 64}``) of every task x seed; ``freeze``/``similarity`` apply to all of them."""
-    return [RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights, max_steps=max_steps,
-                       engine=engine, freeze=freeze, similarity=similarity, **v)
-            for v in [{}, *(variants or [])] for t in tasks for s in seeds]
+                    freeze: str | None = None, similarity: str | None = None,
+                    protocols: list[str] | None = None, pooling: str | None = None) -> list[RunRequest]:
+    """Per protocol (default: fine-tuning), the plain run of every task x seed, then each variant
+    (``{"fraction": 0.1}``, ``{"shots": 5}``, ``{"resolution": 64}``) of every task x seed.
+
+    ``freeze``/``similarity`` apply to the fine-tuning runs, ``pooling`` to the probe runs. A probe whose
+    numbers cannot depend on the seed (a pre-trained init: no random tensor in the frozen network; the
+    full training set or a resolution variant: no seeded subset; a deterministic fit) runs its first seed
+    only: the other seeds would repeat it number for number.
+    """
+    from medbench.probe.features import seed_free
+    from medbench.probe.protocols import is_probe, request_protocol
+
+    out = []
+    for protocol in protocols or ["finetune"]:
+        probe = is_probe(protocol)
+        for v in [{}, *(variants or [])]:
+            one_seed = probe and init is not None and seed_free(init) and "fraction" not in v and "shots" not in v
+            for t in tasks:
+                for s in (seeds[:1] if one_seed else seeds):
+                    out.append(RunRequest(task=t, backbone=backbone, seed=s, init=init, weights=weights,
+                                          max_steps=None if probe else max_steps, engine=engine,
+                                          freeze=None if probe else freeze, similarity=None if probe else similarity,
+                                          protocol=request_protocol(protocol), pooling=pooling if probe else None,
+                                          **v))
+    return out

@@ -35,7 +35,7 @@ from medbench.spec.catalog import Catalog
 from medbench.store import CONFIG, HISTORY, METRICS, RunDir, RunStore
 from medbench.train.checkpoint import CheckpointPolicy
 from medbench.train.hyperrule import make_plan
-from medbench.utils import atomic_write_bytes
+from medbench.utils import atomic_write_bytes, undefined_numbers_reported
 
 EVAL_BATCH = 128
 CANONICAL_META = ["sample_id", "patient_id", "split", "sex", "age", "view", "site"]
@@ -161,6 +161,9 @@ class Runner:
         self.stop = GracefulStop()  # installed (signal handlers) by run_all
         self._prepared: dict[str, PreparedData] = {}
         self._backbones: dict = {}
+        from medbench.store.features import FeatureStore
+
+        self.feature_store = FeatureStore(store.out)
 
     def prepared(self, task_name: str, resolution: int | None = None) -> PreparedData:
         key = task_name if resolution is None else f"{task_name}@{resolution}"
@@ -193,8 +196,9 @@ class Runner:
         src = self.prepared(task.name, resolution)
         if tgt.images.size != src.images.size or tgt.images.channels != src.images.channels:
             raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
-                            f"the task at {src.images.size}px/{src.images.channels}ch; align their input:",
-                            where=str(task.path), field="ood")
+                            f"the task at {src.images.size}px/{src.images.channels}ch; give both the same input "
+                            f"(input: {{resize: {src.images.size}, crop: {src.crop}, channels: "
+                            f"{src.images.channels}}} in {tgt_task.path})", where=str(task.path), field="ood")
         return tgt_task, tgt, pairs
 
     def preflight(self, requests: list[RunRequest]) -> None:
@@ -203,24 +207,56 @@ class Runner:
         from medbench.train.distributed import prepare_environment
         from medbench.train.finetune import check_engine
 
+        from medbench.data.checks import check_task_data
+
         dist = prepare_environment()
         with _node_rank_first(dist):  # launched: one process per node builds the caches, then the others
             for name in dict.fromkeys(r.task for r in requests):
                 task = self.catalog.task(name)
                 check_metrics(task.spec.metrics, task.spec.type, where=str(task.path))
-                if len(self.prepared(name).train_rows(task.spec.type)) == 0:
+                if task.spec.splits.evaluation_only:
+                    raise DataError(f"task {name!r} is evaluation-only (splits.fractions: {{test: 1}}): it is scored "
+                                    "as another task's OOD target (ood: [{task: " + name + "}]), never trained",
+                                    where=str(task.path), field="splits.fractions")
+                prepared = self.prepared(name)
+                check_task_data(prepared.data)  # attributes, one-class splits: one line, before any training
+                if len(prepared.train_rows(task.spec.type)) == 0:
                     raise DataError("no labelled training image", where=str(task.path), field="labels")
                 for target in task.spec.ood:
                     if target.task in self.catalog.task_names() and \
                             missing_dataset(self.catalog.task(target.task), self.locations) is not None:
                         continue  # skipped (and recorded) when the run gets there
                     self._ood_target(task, target)
+            checked_pooling: set = set()
             for req in requests:
-                self.backbone(req.backbone)
-                spec = self.catalog.task(req.task).spec
+                backbone = self.backbone(req.backbone)
+                task = self.catalog.task(req.task)
+                spec = task.spec
+                if req.protocol is not None:
+                    self._check_probe(req, task, backbone, dist, checked_pooling)
+                    continue
                 plan = make_plan(len(self.prepared(req.task).train_rows(spec.type)), spec.hyperrule,
                                  max_steps=req.max_steps)
                 check_engine(plan, req.engine, dist)
+
+    def _check_probe(self, req: RunRequest, task: ResolvedTask, backbone, dist, checked: set) -> None:
+        """A probe request can run: a validation split to choose on, a pooling the network has, a precision
+        the device has (before anything runs)."""
+        from medbench.backbones.pooling import check_pooling
+        from medbench.errors import UsageError
+
+        req = _canonical_variant(req, backbone)
+        prepared = self.prepared(req.task, req.resolution)
+        if len(prepared.rows("val")) == 0:
+            raise DataError(f"the {req.protocol} probe chooses its {'regularisation' if req.protocol == 'linear' else 'k'} "
+                            "on the validation split, and this task has no validation image; give splits a val "
+                            "fraction", where=str(task.path), field="splits")
+        if req.engine.precision == "fp16" and not dist.device.startswith("cuda"):
+            raise UsageError("fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU", field="--precision")
+        what = (backbone.name, req.pooling, task.spec.input.channels, prepared.crop)
+        if what not in checked:
+            check_pooling(backbone, req.pooling, in_chans=task.spec.input.channels, size=prepared.crop)
+            checked.add(what)
 
     def run_all(self, requests: list[RunRequest]) -> list[RunOutcome]:
         outcomes = []
@@ -265,7 +301,8 @@ class Runner:
         variant = _variant_record(req, prepared, train_rows)
         if variant is not None and "rows" in variant:
             train_rows = variant.pop("rows")
-        plan = make_plan(len(train_rows), spec.hyperrule, max_steps=req.max_steps)
+        probe = req.protocol is not None
+        plan = None if probe else make_plan(len(train_rows), spec.hyperrule, max_steps=req.max_steps)
         ood = []
         for target in spec.ood:
             if missing_dataset(self.catalog.task(target.task), self.locations) is not None:
@@ -273,11 +310,14 @@ class Runner:
                 continue
             tgt_task, tgt, _ = self._ood_target(task, target, req.resolution)
             ood.append([target.display_name, tgt_task.hash, tgt.fingerprint])
+        # a probe's numbers do not depend on the world size (each feature part is computed whole by one
+        # rank, the fit by rank 0): its key holds the probe's settings in place of a training plan
         key = run_key(replace(req, init=init), task, prepared.fingerprint,
-                      weights_sha256(req.weights) if req.weights else None, plan=plan.as_dict(),
+                      weights_sha256(req.weights) if req.weights else None,
+                      plan=_probe_settings(req.protocol) if probe else plan.as_dict(),
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
-                      ood=ood, world_size=world)
+                      ood=ood, world_size=1 if probe else world)
         run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.folder_suffix)
         return req, task, init, prepared, train_rows, variant, plan, key, run
 
@@ -306,6 +346,9 @@ class Runner:
             progress: dict = {"steps_done": 0, "resumed_from_step": 0, "checkpoint_step": None}
             try:
                 with self.stop.deferred():
+                    if req.protocol is not None:
+                        return self._probe_and_write(req, run, key, task, init, prepared, train_rows, variant,
+                                                     dist, progress, index, total)
                     return self._train_and_write(req, run, key, task, init, prepared, train_rows, variant, plan,
                                                  dist, progress, index, total)
             except (KeyboardInterrupt, SystemExit, OutputError):
@@ -361,13 +404,10 @@ class Runner:
 
         from medbench.backbones.create import create_model
         from medbench.data.loader import Normalization, TrainStream, eval_batches
-        from medbench.provenance import code_provenance, now_utc
-        from medbench.store.scores import rescore
+        from medbench.provenance import now_utc
         from medbench.train.checkpoint import CheckpointClock, CheckpointStore
         from medbench.train.data_parallel import gather_shards, shard, wait_for_all
-        from medbench.train.distributed import describe_device
         from medbench.train.finetune import Finetuner, predict_logits
-        from medbench.train.numerics import TRAINING_NUMERICS
 
         spec = task.spec
         backbone = self.backbone(req.backbone)
@@ -459,105 +499,358 @@ class Runner:
             wait_for_all(dist.world_size)
             return RunOutcome(req, run, "ok")
         try:
-            for split, rows in (("val", val_rows), ("test", test_rows)):
-                Predictions.from_logits(_prediction_meta(prepared, rows, attrs), split_logits[split],
-                                        spec.labels, spec.type).save(run.prediction_file(split))
             if req.similarity:
                 _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
                                   lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop,
                                                             norm=norm, batch_size=EVAL_BATCH), dist.device)
-
-            ood_records = []
-            for target in spec.ood:
-                tgt_task = self.catalog.task(target.task)
-                absent = missing_dataset(tgt_task, self.locations)
-                if absent is not None:  # OOD is an extra axis: a target without data is skipped and recorded
-                    self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
-                    ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
-                    continue
-                tgt_task, tgt, pairs = self._ood_target(task, target, req.resolution)
-                rows = tgt.rows("test")
-                src_idx = [spec.labels.index(s) for s, _ in pairs]
-                meta = _prediction_meta(tgt, rows, attrs)
-                keep_cols = [c for c in meta.columns if not c.startswith("label:")]
-                meta = meta.select(keep_cols).with_columns(
-                    **{f"label:{s}": tgt.data.index.table[rows.tolist()][f"label:{d}"] for s, d in pairs})
-                # the mapped labels' logits; multiclass: their softmax is the probability renormalized over the
-                # mapped classes, and target images of an unmapped class are not labelled (medbench.predictions)
-                Predictions.from_logits(meta, ood_logits[target.display_name][:, src_idx], [s for s, _ in pairs],
-                                        spec.type).save(run.prediction_file(f"ood-{target.display_name}"))
-                ood_records.append({"name": target.display_name, "task": target.task, "task_hash": tgt_task.hash,
-                                    "label_pairs": pairs, "n": int(len(rows)), "data_fingerprint": tgt.fingerprint})
-
-            fingerprint = prepared.fingerprint
-            config = {
-                "key": key,
-                "training_numerics": TRAINING_NUMERICS,
-                "request": {**asdict(req), "init": init, "weights": str(req.weights) if req.weights else None},
-                "task": task.name,
-                "task_version": spec.version,
-                "task_hash": task.hash,
-                "task_source": task.source,
-                "task_spec": spec.model_dump(mode="json"),
-                "backbone": req.backbone,
-                "init": init,
-                "seed": req.seed,
-                "plan": plan.as_dict(),
-                "input": {"resize": prepared.resize, "crop": prepared.crop, "channels": spec.input.channels},
-                "engine": asdict(req.engine),
-                "world_size": dist.world_size,
-                "ood_targets": ood_records,
-                "variant": variant,
-                "data": {
-                    "dataset": spec.dataset.name,
-                    "fingerprint": fingerprint,
-                    "n": {"train": int(len(train_rows)), "val": int(len(val_rows)), "test": int(len(test_rows))},
-                    "patients": {s: int(prepared.data.index.table.filter(pl.col("split") == s)["patient_id"].n_unique())
-                                 for s in ("train", "val", "test")},
-                    "skipped_images": len(prepared.images.bad),
-                    "split": prepared.data.split_source,
-                },
-            }
-            run.write_json(CONFIG, config)
-            run.write_json(HISTORY, history.as_dict())
-            buf = io.BytesIO()
-            prepared.data.split_table().write_parquet(buf)
-            atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
-            scores = rescore(run)
-            result = {
-                "status": "ok",
-                "key": key,
-                "task": task.name,
-                "backbone": req.backbone,
-                "init": init,
-                "seed": req.seed,
-                "variant": variant,
+            config_extra = {"plan": plan.as_dict(), "engine": asdict(req.engine), "world_size": dist.world_size}
+            result_extra = {
                 **({"regime": _regime(req.freeze), "freeze": freeze_info} if req.freeze else {}),
-                "headline": {"metric": headline, "value": scores["test"].get(headline)},
-                "warnings": scores.get("warnings", []),
-                "metrics": scores,
-                "started": started,
-                "finished": now_utc(),
                 "train_seconds": history.seconds,
                 "training": {"resumed_from_step": progress["resumed_from_step"],
                              "checkpoints": self.checkpoints.describe() if can_save else "off"},
-                "provenance": {
-                    **code_provenance(),
-                    "task_version": spec.version,
-                    "task_hash": task.hash,
-                    "data_fingerprint": fingerprint,
-                    "model": built.provenance(),
-                    "device": describe_device(dist),
-                    "engine": asdict(req.engine),
-                    "torch_deterministic": torch.are_deterministic_algorithms_enabled(),
-                },
             }
-            run.write_json(METRICS, scores)
-            run.write_result(result)  # last: marks the run complete
+            provenance_extra = {"engine": asdict(req.engine),
+                                "torch_deterministic": torch.are_deterministic_algorithms_enabled()}
+            result = self._write_run(req, run, key, task, init, prepared, train_rows, variant, split_logits, ood_logits,
+                                     config_extra=config_extra, result_extra=result_extra,
+                                     model_provenance=built.provenance(), provenance_extra=provenance_extra,
+                                     history=history.as_dict(), started=started, dist=dist)
             run.clear_checkpoint()
             return RunOutcome(req, run, "ok", result=result)
         finally:
             wait_for_all(dist.world_size)
+
+    def _probe_and_write(self, req: RunRequest, run: RunDir, key: str, task: ResolvedTask, init: str,
+                         prepared: PreparedData, train_rows: np.ndarray, variant: dict | None, dist,
+                         progress: dict, index: int, total: int) -> RunOutcome:
+        """A linear or kNN probe: frozen features of train, val, test and each OOD target's test split (from the
+        feature cache, computed where missing, sharded over the ranks), the probe fitted on rank 0 with its
+        hyper-parameter chosen on val, then the run written like a fine-tuned one."""
+        import time
+
+        from medbench.probe.protocols import protocol_name
+        from medbench.provenance import now_utc
+        from medbench.train.data_parallel import wait_for_all
+
+        spec = task.spec
+        backbone = self.backbone(req.backbone)
+        if dist.is_main:
+            run.path.mkdir(parents=True, exist_ok=True)
+        self.reporter.run_started(index, total, req, 0)
+        started = now_utc()
+        clock = time.perf_counter()
+        lazy = _LazyModel(self, req, backbone, spec, init, dist)
+        usage = {"embedded_images": 0, "cached_images": 0, "embed_seconds": 0.0, "entries": []}
+        train_all = prepared.rows("train")
+        sets = [(task.name, prepared, "train", train_all), (task.name, prepared, "val", prepared.rows("val")),
+                (task.name, prepared, "test", prepared.rows("test"))]
+        targets = []
+        for target in spec.ood:
+            if missing_dataset(self.catalog.task(target.task), self.locations) is None:
+                tgt = self._ood_target(task, target, req.resolution)[1]
+                sets.append((target.task, tgt, "test", tgt.rows("test")))
+                targets.append(target.display_name)
+        feats = [self._features(req, init, backbone, name, data, split, rows, crop=prepared.crop, model=lazy,
+                                dist=dist, usage=usage) for name, data, split, rows in sets]
+        if not dist.is_main:
+            wait_for_all(dist.world_size)
+            return RunOutcome(req, run, "ok")
+        try:
+            (f_train, manifest), (f_val, _), (f_test, _) = feats[:3]
+            position = np.full(int(train_all.max()) + 1 if len(train_all) else 0, -1, dtype=np.int64)
+            position[train_all] = np.arange(len(train_all))
+            x_train, y_train = f_train[position[train_rows]], prepared.labels[train_rows]
+            fit_started = time.perf_counter()
+            predict, record = _fit_probe(req.protocol, x_train, y_train, spec, f_val, self._selection(task, prepared),
+                                         dist.device)
+            split_logits = {"val": predict(f_val), "test": predict(f_test)}
+            ood_logits = {name: predict(f) for name, (f, _) in zip(targets, feats[3:])}
+            fit_seconds = time.perf_counter() - fit_started
+            pooling = manifest.get("pooling") or {}
+            probe_block = {"protocol": req.protocol, "pooling": pooling, "features": {
+                "dim": int(f_train.shape[1]), "embedded_images": usage["embedded_images"],
+                "cached_images": usage["cached_images"], "embed_seconds": usage["embed_seconds"],
+                "entries": usage["entries"]}, **record, "fit_seconds": fit_seconds}
+            config_extra = {"probe": {**_probe_settings(req.protocol), "pooling": pooling.get("name"),
+                                      "precision": req.engine.precision}}
+            result_extra = {"protocol": protocol_name(req.protocol), "probe": probe_block,
+                            "train_seconds": time.perf_counter() - clock}
+            return RunOutcome(req, run, "ok", result=self._write_run(
+                req, run, key, task, init, prepared, train_rows, variant, split_logits, ood_logits,
+                config_extra=config_extra, result_extra=result_extra, model_provenance=manifest.get("model") or {},
+                provenance_extra={"engine": {"precision": req.engine.precision, "training": None}}, history=None,
+                started=started, dist=dist))
+        finally:
+            wait_for_all(dist.world_size)
+
+    def _selection(self, task: ResolvedTask, prepared: PreparedData):
+        """The probes' choice on the validation split: the task's headline (signed so higher is better), and
+        validation NLL (negated) where the headline is undefined for every candidate."""
+        from medbench.probe.selection import Selection
+        from medbench.scoring import compute_metrics, higher_is_better
+
+        spec = task.spec
+        meta = _prediction_meta(prepared, prepared.rows("val"), [a.source_column for a in spec.attributes])
+
+        def criterion(metric: str, sign: float):
+            def score(logits: np.ndarray) -> float | None:
+                preds = Predictions.from_logits(meta, logits, spec.labels, spec.type)
+                value = compute_metrics(preds, [metric]).get(metric)
+                return None if value is None else sign * float(value)
+            return metric, score
+
+        sign = 1.0 if higher_is_better(spec.headline) else -1.0
+        return Selection(primary=criterion(spec.headline, sign), fallback=criterion("nll", -1.0))
+
+    def _features(self, req: RunRequest, init: str, backbone, task_name: str, data: PreparedData, split: str,
+                  rows: np.ndarray, *, crop: int, model: "_LazyModel", dist, usage: dict) -> tuple:
+        """(features ``[len(rows), D]``, manifest) of ``rows`` from the feature cache, computing the missing parts
+        (each rank the parts ``i % world == rank``; rank 0 checks them and completes the entry); on other ranks
+        (None, None)."""
+        import time
+
+        from medbench.backbones.pooling import pooling_name
+        from medbench.backbones.weights import weights_sha256
+        from medbench.data.loader import Normalization
+        from medbench.probe.features import embed_rows, extractor_identity
+        from medbench.store.features import FeatureCacheDamaged, rows_digest
+        from medbench.train.data_parallel import wait_for_all
+
+        weights = model.weights_file()
+        spec = {"extractor": extractor_identity(backbone=backbone.name, init=init,
+                                                weights_sha256=weights_sha256(weights) if weights else None,
+                                                seed=req.seed, pooling=pooling_name(req.pooling),
+                                                precision=req.engine.precision, mean=backbone.mean, std=backbone.std),
+                "data": {"dataset": data.data.index.name, "fingerprint": data.fingerprint,
+                         "pixels": data.images.path.name if data.images.path is not None else "in memory",
+                         "split": split, "rows": rows_digest(rows), "n": int(len(rows)), "resize": data.images.size,
+                         "crop": crop, "channels": data.images.channels}}
+        entry = self.feature_store.entry(task=task_name, backbone=backbone.name, split=split, spec=spec,
+                                         n_rows=len(rows), world_size=dist.world_size)
+        norm = Normalization(backbone.mean, backbone.std)
+        for attempt in range(2):
+            lock = entry.lock(wait_message=self.reporter.message) if dist.is_main else contextlib.nullcontext()
+            with lock:
+                wait_for_all(dist.world_size)  # the others start once rank 0 holds the entry
+                computed = 0
+                if not entry.complete:
+                    if dist.is_main:
+                        entry.write_spec()
+                    missing = set(entry.missing_parts())
+                    todo = [i for i in range(entry.n_parts) if i % dist.world_size == dist.rank and i in missing]
+                    if todo:
+                        n = sum(entry.part_range(i)[1] - entry.part_range(i)[0] for i in todo)
+                        self.reporter.message(f"{task_name} {split}: computing {backbone.name} features of {n} images")
+                    started = time.perf_counter()
+                    for i in todo:
+                        if self.stop.requested:
+                            from medbench.run.failures import StopRequested
+
+                            raise StopRequested(self.stop.signum or 2, f"in {req.task} seed {req.seed} while computing "
+                                                f"{split} features (finished parts kept)")
+                        a, b = entry.part_range(i)
+                        entry.write_part(i, embed_rows(model.get(), data.images.pixels, rows[a:b], crop=crop,
+                                                       norm=norm, pooling=req.pooling, device=dist.device,
+                                                       precision=req.engine.precision, batch_size=EVAL_BATCH),
+                                         meta={"rank": dist.rank, "world_size": dist.world_size})
+                        computed += b - a
+                    usage["embed_seconds"] += time.perf_counter() - started
+                    wait_for_all(dist.world_size)
+                    if dist.is_main:
+                        from medbench.provenance import now_utc
+
+                        entry.finish({"pooling": {"name": pooling_name(req.pooling)}, "model": model.provenance(),
+                                      "task": task_name, "split": split, "computed": now_utc(),
+                                      "device": dist.device})
+                    wait_for_all(dist.world_size)
+            usage["embedded_images"] += computed
+            if not dist.is_main:
+                return None, None
+            try:
+                features, manifest = entry.load()
+            except FeatureCacheDamaged as err:
+                entry.discard(parts=True)
+                if attempt == 0 and dist.world_size == 1:
+                    self.reporter.message(f"{entry.path}: {err}; computing the damaged parts again")
+                    continue
+                raise
+            usage["cached_images"] += len(rows) - computed
+            usage["entries"].append(str(entry.path.relative_to(self.store.out)))
+            return features, manifest
+        raise AssertionError("unreachable")
+
+    def _write_run(self, req: RunRequest, run: RunDir, key: str, task: ResolvedTask, init: str,
+                   prepared: PreparedData, train_rows: np.ndarray, variant: dict | None,
+                   split_logits: dict[str, np.ndarray], ood_logits: dict[str, np.ndarray], *, config_extra: dict,
+                   result_extra: dict, model_provenance: dict, provenance_extra: dict, history: dict | None,
+                   started: str, dist) -> dict:
+        """Rank 0 writes a finished run (fine-tuned or probed) the one way: per-sample predictions (logits) of
+        val, test and every OOD target (``ood_logits``: the model's outputs on the target's test rows, mapped
+        here through the label pairs), config, history (fine-tuning), splits, scores, and ``result.json``
+        last."""
+        from medbench.provenance import code_provenance, now_utc
+        from medbench.store.scores import rescore
+        from medbench.train.distributed import describe_device
+        from medbench.train.numerics import TRAINING_NUMERICS
+
+        spec = task.spec
+        headline = spec.headline
+        attrs = [a.source_column for a in spec.attributes]
+        val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
+        for split, rows in (("val", val_rows), ("test", test_rows)):
+            Predictions.from_logits(_prediction_meta(prepared, rows, attrs), split_logits[split],
+                                    spec.labels, spec.type).save(run.prediction_file(split))
+
+        ood_records = []
+        for target in spec.ood:
+            tgt_task = self.catalog.task(target.task)
+            absent = missing_dataset(tgt_task, self.locations)
+            if absent is not None:  # OOD is an extra axis: a target without data is skipped and recorded
+                self.reporter.message(f"{task.name}: OOD target {target.display_name!r} skipped: {absent}")
+                ood_records.append({"name": target.display_name, "task": target.task, "skipped": absent})
+                continue
+            tgt_task, tgt, pairs = self._ood_target(task, target, req.resolution)
+            rows = tgt.rows("test")
+            src_idx = [spec.labels.index(s) for s, _ in pairs]
+            meta = _prediction_meta(tgt, rows, attrs)
+            keep_cols = [c for c in meta.columns if not c.startswith("label:")]
+            meta = meta.select(keep_cols).with_columns(
+                **{f"label:{s}": tgt.data.index.table[rows.tolist()][f"label:{d}"] for s, d in pairs})
+            # the mapped labels' logits; multiclass: their softmax is the probability renormalized over the
+            # mapped classes, and target images of an unmapped class are not labelled (medbench.predictions)
+            Predictions.from_logits(meta, ood_logits[target.display_name][:, src_idx], [s for s, _ in pairs],
+                                    spec.type).save(run.prediction_file(f"ood-{target.display_name}"))
+            ood_records.append({"name": target.display_name, "task": target.task, "task_hash": tgt_task.hash,
+                                "label_pairs": pairs, "n": int(len(rows)), "data_fingerprint": tgt.fingerprint})
+
+        fingerprint = prepared.fingerprint
+        config = {
+            "key": key,
+            "training_numerics": TRAINING_NUMERICS,
+            "request": {**asdict(req), "init": init, "weights": str(req.weights) if req.weights else None},
+            "task": task.name,
+            "task_version": spec.version,
+            "task_hash": task.hash,
+            "task_source": task.source,
+            "task_spec": spec.model_dump(mode="json"),
+            "backbone": req.backbone,
+            "init": init,
+            "seed": req.seed,
+            **({"protocol": req.protocol} if req.protocol else {}),
+            **{k: v for k, v in config_extra.items() if k in ("plan", "probe")},
+            "input": {"resize": prepared.resize, "crop": prepared.crop, "channels": spec.input.channels},
+            **{k: v for k, v in config_extra.items() if k not in ("plan", "probe")},
+            "ood_targets": ood_records,
+            "variant": variant,
+            "data": {
+                "dataset": spec.dataset.name,
+                "fingerprint": fingerprint,
+                "n": {"train": int(len(train_rows)), "val": int(len(val_rows)), "test": int(len(test_rows))},
+                "patients": {s: int(prepared.data.index.table.filter(pl.col("split") == s)["patient_id"].n_unique())
+                             for s in ("train", "val", "test")},
+                "skipped_images": len(prepared.images.bad),
+                "split": prepared.data.split_source,
+            },
+        }
+        run.write_json(CONFIG, config)
+        if history is not None:
+            run.write_json(HISTORY, history)
+        buf = io.BytesIO()
+        prepared.data.split_table().write_parquet(buf)
+        atomic_write_bytes(run.path / "splits.parquet", buf.getvalue())
+        with undefined_numbers_reported():  # undefined values are recorded as such in the scores
+            scores = rescore(run)
+        result_extra = dict(result_extra)
+        before = {k: result_extra.pop(k) for k in ("regime", "freeze", "protocol", "pooling", "probe")
+                  if k in result_extra}
+        result = {
+            "status": "ok",
+            "key": key,
+            "task": task.name,
+            "backbone": req.backbone,
+            "init": init,
+            "seed": req.seed,
+            "variant": variant,
+            **before,
+            "headline": {"metric": headline, "value": scores["test"].get(headline)},
+            "warnings": scores.get("warnings", []),
+            "metrics": scores,
+            "started": started,
+            "finished": now_utc(),
+            **result_extra,
+            "provenance": {
+                **code_provenance(),
+                "task_version": spec.version,
+                "task_hash": task.hash,
+                "data_fingerprint": fingerprint,
+                "model": model_provenance,
+                "device": describe_device(dist),
+                **provenance_extra,
+            },
+        }
+        run.write_json(METRICS, scores)
+        run.write_result(result)  # last: marks the run complete
+        return result
+
+
+
+def _probe_settings(protocol: str) -> dict:
+    """What fixes a probe's fit beside its features (in the run key in place of a training plan)."""
+    from medbench.probe import knn, linear
+
+    return {"linear": linear.settings, "knn": knn.settings}[protocol]()
+
+
+def _fit_probe(protocol: str, x_train: np.ndarray, y_train: np.ndarray, spec, x_val: np.ndarray, selection,
+               device: str):
+    """(predict: features -> logits, record) of the fitted probe (an empty split predicts nothing)."""
+    if protocol == "linear":
+        from medbench.probe.linear import fit_linear_probe
+
+        probe, record = fit_linear_probe(x_train, y_train, spec.type, x_val, selection, device=device)
+        fitted = probe.logits
+    else:
+        from medbench.probe.knn import fit_knn_probe, vote_logits
+
+        knn, k, record = fit_knn_probe(x_train, y_train, spec.type, x_val, selection, device=device)
+        fitted = lambda x: vote_logits(knn.predict_proba(x, [k])[k], spec.type)  # noqa: E731
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return fitted(x) if len(x) else np.zeros((0, spec.num_outputs))
+
+    return predict, record
+
+
+class _LazyModel:
+    """The frozen network of a probe run, built on first use only (cached features need none)."""
+
+    def __init__(self, runner: "Runner", req: RunRequest, backbone, spec, init: str, dist):
+        self.runner, self.req, self.backbone, self.spec, self.init, self.dist = runner, req, backbone, spec, init, dist
+        self.built = None
+        self._weights: list = []
+
+    def weights_file(self):
+        """The weights file the network is built from (resolved once; None when the init reads none)."""
+        if not self._weights:
+            from medbench.backbones.init import preflight
+
+            self._weights.append(preflight(self.backbone, self.init, self.req.weights)[1])
+        return self._weights[0]
+
+    def get(self):
+        if self.built is None:
+            from medbench.backbones.create import create_model
+
+            self.built = create_model(self.backbone, num_outputs=self.spec.num_outputs,
+                                      in_chans=self.spec.input.channels, init=self.init, weights=self.weights_file(),
+                                      seed=self.req.seed)
+            self.built.model.to(self.dist.device)
+        return self.built.model
+
+    def provenance(self) -> dict:
+        self.get()
+        return self.built.provenance()
 
 
 def _variant_record(req: RunRequest, prepared: PreparedData, train_rows: np.ndarray) -> dict | None:

@@ -197,6 +197,20 @@ class Catalog:
                 out.setdefault(task, []).extend(block.runs())
         return {t: [dict(v) for v in dict.fromkeys(tuple(sorted(v.items())) for v in vs)] for t, vs in out.items()}
 
+    def suite_protocols(self, name: str, _stack: tuple[str, ...] = ()) -> dict[str, list[str]]:
+        """Per task, the protocols the suite declares for it: a suite's ``protocols`` cover all of its tasks
+        (nested suites included); a nested suite's own apply where the suite above declares none."""
+        if name in _stack:  # suite_tasks reports the cycle
+            return {}
+        suite = self.suite(name)
+        if suite.protocols:
+            return {t: list(suite.protocols) for t in self.suite_tasks(name, _stack)}
+        out: dict[str, list[str]] = {}
+        for sub in suite.suites:
+            for task, protocols in self.suite_protocols(sub, (*_stack, name)).items():
+                out[task] = list(dict.fromkeys([*out.get(task, []), *protocols]))
+        return out
+
     def suite_tasks(self, name: str, _stack: tuple[str, ...] = ()) -> list[str]:
         """The suite's tasks in order, nested suites expanded, duplicates removed."""
         if name in _stack:

@@ -4,6 +4,10 @@ A task lives in one YAML file. ``include:`` names one or more files (relative
 to the including file) whose content is deep-merged underneath: mappings merge
 key by key, everything else (lists included) is replaced. Files whose name
 starts with ``_`` are include-only bases, never tasks themselves.
+``include: builtin:NAME`` names a file shipped with medbench by its name
+(``builtin:chexpert``, ``builtin:_chest-xray-base``) or by the task it defines,
+wherever medbench is installed, so a user's variant of a built-in task does not
+hard-code a site-packages path.
 
 Every error names the file and the dotted field, e.g.
 ``tasks/nih.yaml: splits.fractions.val: Input should be a valid number``.
@@ -110,10 +114,42 @@ def _load(path: Path, shown: Path, _stack: tuple[Path, ...],
     merged: dict[str, Any] = {}
     origins: Origins = {}
     for inc in includes:
-        inc_shown = Path(os.path.normpath(shown.parent / inc))
-        sub, sub_origins = _load(path.parent / inc, inc_shown, (*_stack, path), (*chain, shown))
+        if inc.startswith(BUILTIN_PREFIX):
+            target = builtin_file(inc[len(BUILTIN_PREFIX):], where=described)
+            inc_shown = target
+        else:
+            target, inc_shown = path.parent / inc, Path(os.path.normpath(shown.parent / inc))
+        sub, sub_origins = _load(target, inc_shown, (*_stack, path), (*chain, shown))
         merged, origins = _merge_with_origins(merged, origins, sub, sub_origins)
     return _merge_with_origins(merged, origins, data, own)
+
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_file(name: str, *, where: str | Path | None = None) -> Path:
+    """The YAML file shipped with medbench named ``name`` (its file name without ``.yaml``, e.g. ``chexpert`` or
+    ``_chest-xray-base``), or else the one defining the task ``name``."""
+    from medbench.resources import builtin_tasks_dir
+
+    files = sorted(builtin_tasks_dir().rglob("*.yaml"))
+    for f in files:
+        if f.stem == name:
+            return f
+    names: list[str] = []
+    for f in files:
+        try:
+            head = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        task = head.get("task") if isinstance(head, dict) else None
+        if task == name:
+            return f
+        if isinstance(task, str):
+            names.append(task)
+    choices = sorted(set(names) | {f.stem for f in files if f.stem.startswith("_")})
+    raise SpecError(f"no built-in task or base file {name!r}{did_you_mean(name, choices)}; 'medbench list tasks' "
+                    "shows the built-in tasks (source builtin)", where=where, field="include")
 
 
 def _merge_with_origins(base: dict[str, Any], base_origins: Origins, override: dict[str, Any],

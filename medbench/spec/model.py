@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from medbench.utils import sha256_json
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
+#: evaluation protocols (medbench.probe.protocols): fine-tuning, a linear probe or kNN on frozen features
+Protocol = Literal["finetune", "linear", "knn"]
 
 
 class _Strict(BaseModel):
@@ -36,12 +38,18 @@ class DatasetSpec(_Strict):
 
 class SplitSpec(_Strict):
     #: ``official``: the publisher's split column (val carved from train by group when absent);
-    #: ``grouped``: every group (patient / lesion) assigned to one split, by seeded hash order
+    #: ``grouped``: every group (patient / lesion) assigned to one split (see medbench.data.splits)
     method: Literal["official", "grouped"] = "grouped"
     group_by: str = "patient_id"
+    #: image fractions of ``grouped``; ``{test: 1}`` makes the task evaluation-only (an external test set:
+    #: scored as another task's OOD target, never trained)
     fractions: dict[Literal["train", "val", "test"], float] = Field(
         default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2}
     )
+    #: ``grouped`` (and validation carved from an official train split): label-stratified iterative
+    #: assignment of whole groups, so every split gets each label's prevalence; false: the groups in seeded
+    #: hash order cut at the fractions, labels ignored
+    stratify: bool = True
     #: with ``official``: fraction of the official train groups held out as validation when the
     #: publisher ships no validation split
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -61,9 +69,16 @@ class SplitSpec(_Strict):
         total = sum(v.values())
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"fractions must sum to 1 (they sum to {total:g})")
-        if v.get("train", 0) <= 0 or v.get("test", 0) <= 0:
-            raise ValueError("fractions need train > 0 and test > 0")
+        if v.get("test", 0) <= 0:
+            raise ValueError("fractions need test > 0")
+        if v.get("train", 0) <= 0 and v.get("val", 0) > 0:
+            raise ValueError("an evaluation-only task (train: 0) has no validation split; use fractions: {test: 1}")
         return v
+
+    @property
+    def evaluation_only(self) -> bool:
+        """The whole dataset is a test set (``fractions: {test: 1}`` with ``grouped``): never trained."""
+        return self.method == "grouped" and self.fractions.get("train", 0) <= 0
 
 
 class InputSpec(_Strict):
@@ -198,6 +213,9 @@ class TaskSpec(_Strict):
     expected_train_size: int | None = Field(None, ge=1)
     #: how scores, intervals, fairness thresholds and calibration bins are computed
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    #: the evaluation protocols run when neither ``--protocol`` nor a suite says otherwise (default:
+    #: fine-tuning only); which runs are made, not what one run computes: not in the content hash
+    protocols: list[Protocol] | None = Field(None, min_length=1)
 
     @field_validator("attributes", mode="before")
     @classmethod
@@ -272,12 +290,17 @@ class SuiteSpec(_Strict):
     suites: list[str] = Field(default_factory=list)
     #: variant runs for some of the tasks (data efficiency, resolution), besides each task's plain runs
     variants: list[SuiteVariants] = Field(default_factory=list)
+    #: the evaluation protocols of every task of the suite (nested suites included), unless ``--protocol``
+    #: says otherwise; null: each task's own ``protocols`` (default fine-tuning)
+    protocols: list[Protocol] | None = Field(None, min_length=1)
 
 
 #: TaskSpec fields that never reach a run's numbers: left out of the content hash. ``family``,
-#: ``description`` and ``citation`` are for people; ``default_seeds`` says how many runs a suite makes
-#: (each run's seed is in its own key); ``expected_train_size`` only feeds ``--dry-run``.
-HASH_EXCLUDED_FIELDS = frozenset({"family", "description", "citation", "default_seeds", "expected_train_size"})
+#: ``description`` and ``citation`` are for people; ``default_seeds`` and ``protocols`` say which runs a
+#: suite makes (each run's seed and protocol are in its own key); ``expected_train_size`` only feeds
+#: ``--dry-run``.
+HASH_EXCLUDED_FIELDS = frozenset({"family", "description", "citation", "default_seeds", "expected_train_size",
+                                  "protocols"})
 
 
 def task_content_hash(spec: TaskSpec) -> str:

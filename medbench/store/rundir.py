@@ -2,7 +2,8 @@
 
 Layout under the output folder::
 
-    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head)
+    runs/<task>/<backbone>/<init>-seed<k>[-<variant>]-<key[:10]>/   (variant e.g. frac10, res64, freeze-head,
+                                                                      linear, shots5-knn, linear-cls+mean)
         config.json          what defines the run (resolved task spec, backbone, plan, ...)
         predictions/val.parquet, test.parquet, ood-<target>.parquet  (+ .json sidecars): labels, logits
                              (float32) and the probabilities derived from them (see medbench.predictions)
@@ -18,13 +19,16 @@ Layout under the output folder::
         .lock                held (flock) by the process training the run
         .<file>.<random>.<pid>@<host>.tmp   a file being written (utils.atomic_path); one left by a
                              killed writer is removed when the run is next claimed (see RunDir.claim)
+    features/            the probes' feature cache (see medbench.store.features)
     leaderboard.json
 
 **The key.** ``<key>`` is :func:`medbench.run.request.run_key`: a sha256 of
 everything that fixes the run's numbers: every field of the run request (task,
 backbone, resolved init, the *content* hash of the weights file, seed, step
 cap, engine settings, and any field added later), the task's content hash,
-the data fingerprint of the task and of each OOD target, the resolved training
+the data fingerprint of the task and of each OOD target (rows, labels, metadata
+and each image file's stamp: size and mtime, or its sha256 with
+``--verify-pixels``; see :mod:`medbench.data.fingerprint`), the resolved training
 plan and input geometry, the world size, the training-numerics version and the
 store format. Changing any of them makes a new run; nothing else does
 (checkpoint settings, thread count, output paths, ``medbench.__version__``).

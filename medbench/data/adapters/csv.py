@@ -11,26 +11,38 @@ Example (labels from one class column)::
         path_root: images              # ... relative to <folder>/images
         path_suffix: ".png"            # appended when the column holds ids, not file names
         patient_column: patient        # the group kept on one side of a split (default: one per image)
+        patient_pattern: '^(P\\d+)_'   # optional: the patient is this part of the column (named group
+                                       # 'patient', else the first group); e.g. COVID-00040a -> COVID-00040
         split_column: fold             # optional: the publisher's split; map names with split_values
         split_values: {training: train, validation: val, testing: test}
         label_column: diagnosis
         classes: {mel: [melanoma, MEL], nv: [nevus]}   # task label -> raw values (default: the label itself)
+        missing_values: ["?", "n/a"]   # raw values read as a missing label (blank cells always are)
         sex_column: gender             # M/F/male/female/...; anything else is missing
         age_column: age                # 35, "35Y", "35 years", ...
         view_column: projection
         site_column: hospital          # or site: "Hospital A" for every row
-        attribute_columns: [scanner]   # more columns kept for subgroup metrics
 
-Labels from one column per label (multi-label, one-hot, CheXpert-style)::
+Every other column of the CSV is kept under its own name, so a task may use it as a
+subgroup attribute (``attributes: [scanner]``); ``attribute_columns`` only asserts
+that the named columns exist. A column named like a canonical column (``path``,
+``sex``, ``age``, ``view``, ``site``, ``split``, ...) is not kept under that name:
+name it with the option above instead.
+
+Labels from one column per label (multi-label, or a 0/1 column of a binary task)::
 
         label_columns: {Edema: edema_col, Effusion: effusion_col}
         value_map: {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": null, "": null}
 
-With ``label_column``, a multiclass task one-hot encodes the class; a binary task
-is 1 for its label's values and 0 for ``negative_values`` (default: every other
-non-blank value). A value that maps to nothing is an error naming the file, the
-column and the value (``unmatched: drop`` leaves such rows out instead). Blank
-cells are missing labels.
+Every label value is declared, never guessed: a value that maps to nothing is an
+error naming the file, the column, the values seen and the option that maps them
+(``unmatched: drop`` leaves such rows out instead). With ``label_column``, a
+multiclass task one-hot encodes the class (``classes`` maps raw values to task
+labels); a binary task is 1 for its label's values (``classes: {LABEL: [...]}``,
+default the label itself) and 0 for ``negative_values``, which must then be
+given: a ``label_column: abnormal`` over a 0/1 column would otherwise read every
+row as negative (write ``label_columns: {abnormal: abnormal}`` for a 0/1 column).
+Blank cells and ``missing_values`` are missing labels.
 
 ``csv`` and ``path_root`` are resolved with :func:`~medbench.data.base.data_path`:
 they must stay inside the dataset folder (no absolute path elsewhere, no ``..``
@@ -40,11 +52,12 @@ paths the CSV yields are held to the same rule.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medbench.data.adapters._common import (
     class_labels,
@@ -53,7 +66,7 @@ from medbench.data.adapters._common import (
     parse_options,
     require_root,
 )
-from medbench.data.base import DatasetIndex, data_path, label_column, read_csv_checked
+from medbench.data.base import CANONICAL_SCHEMA, LABEL_PREFIX, DatasetIndex, data_path, label_column, read_csv_checked
 from medbench.errors import DataError
 
 DEFAULT_VALUE_MAP: dict[str, Optional[int]] = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "": None}
@@ -68,11 +81,13 @@ class Options(BaseModel):
     path_root: str = ""
     path_suffix: str = ""
     patient_column: str | None = None
+    patient_pattern: str | None = None
     split_column: str | None = None
     split_values: dict[str, Literal["train", "val", "test", "drop"]] = Field(default_factory=dict)
     label_column: str | None = None
     classes: dict[str, list[str]] = Field(default_factory=dict)
     negative_values: list[str] | None = None
+    missing_values: list[str] = Field(default_factory=list)
     label_columns: dict[str, str] | None = None
     value_map: dict[str, Optional[int]] = Field(default_factory=lambda: dict(DEFAULT_VALUE_MAP))
     unmatched: Literal["error", "drop"] = "error"
@@ -82,6 +97,16 @@ class Options(BaseModel):
     site_column: str | None = None
     site: str | None = None
     attribute_columns: list[str] = Field(default_factory=list)
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as err:
+                raise ValueError(f"not a regular expression ({err})") from None
+        return v
 
     @model_validator(mode="after")
     def _one_label_source(self) -> "Options":
@@ -120,12 +145,11 @@ class CsvAdapter:
         df = df.with_columns(pl.col(c).str.strip_chars() for c in required)
 
         if opts.label_column is not None:
-            label_df, keep = class_labels(df[opts.label_column], labels, task_type, aliases=opts.classes or None,
-                                          negatives=opts.negative_values, unmatched=opts.unmatched, where=csv_path,
-                                          field=opts.label_column)
+            label_df, keep = _class_column(df[opts.label_column], opts, labels, task_type, csv_path)
         else:
             assert opts.label_columns is not None
             lookup = {str(k).strip(): v for k, v in opts.value_map.items()}
+            lookup.update({str(m).strip(): None for m in opts.missing_values})
             cols = {}
             keep = pl.Series([True] * df.height)
             for lab in labels:
@@ -135,8 +159,9 @@ class CsvAdapter:
                 if unknown.any():
                     if opts.unmatched == "error":
                         bad = sorted(set(raw.filter(unknown).to_list()))
-                        raise DataError(f"values {bad[:5]} are not in value_map {sorted(lookup)}", where=csv_path,
-                                        field=col)
+                        raise DataError(f"values {_few(bad)} of label {lab!r} are not in value_map {sorted(lookup)}; "
+                                        "map each in dataset.options.value_map (1 positive, 0 negative, null "
+                                        "missing) or list it in missing_values", where=csv_path, field=col)
                     keep = keep & ~unknown
                 cols[label_column(lab)] = raw.replace_strict(lookup, default=None, return_dtype=pl.Int8)
             label_df = pl.DataFrame(cols)
@@ -144,8 +169,14 @@ class CsvAdapter:
         paths = pl.lit(image_base) + pl.col(opts.path_column) + pl.lit(opts.path_suffix)
         table = df.select(sample_id=paths, path=paths,
                           patient_id=pl.col(opts.patient_column) if opts.patient_column else paths)
+        if opts.patient_pattern:
+            source = opts.patient_column or opts.path_column
+            table = table.with_columns(patient_id=_patients_from_pattern(df[source], opts.patient_pattern, csv_path,
+                                                                         source))
         if opts.split_column:
             split = df[opts.split_column]
+            split = pl.Series(opts.split_column, [None if v is None or v == "" else v for v in split.to_list()],
+                              dtype=pl.Utf8)  # a blank cell: no official split (left out and counted)
             if opts.split_values:
                 split = split.replace(opts.split_values)
             table = table.with_columns(split=split)
@@ -160,8 +191,9 @@ class CsvAdapter:
             extra["site"] = df[opts.site_column]
         elif opts.site is not None:
             extra["site"] = pl.Series([opts.site] * df.height, dtype=pl.Utf8)
-        for c in opts.attribute_columns:
-            if c not in extra and c not in table.columns:
+        for c in df.columns:  # every other column, for subgroup attributes (attribute_columns are among them)
+            if c not in extra and c not in table.columns and c not in CANONICAL_SCHEMA \
+                    and not c.startswith(LABEL_PREFIX):
                 extra[c] = df[c]
         table = pl.concat([table.with_columns(**extra) if extra else table, label_df], how="horizontal").filter(keep)
         blank = table.filter(pl.col("patient_id").is_null() | (pl.col("patient_id") == ""))
@@ -169,6 +201,78 @@ class CsvAdapter:
             raise DataError(f"{blank.height} rows have no patient", where=csv_path, field=opts.patient_column)
         return DatasetIndex(name=f"csv-{csv_path.stem}", table=table, label_names=list(labels), root=root,
                             source_files=[csv_path], notes={"rows_left_out": int((~keep).sum())})
+
+
+def _few(values: list, n: int = 5) -> str:
+    """``['a', 'b', ...]``: the first ``n`` values seen, with how many more."""
+    shown = ", ".join(repr(v) for v in values[:n])
+    return f"[{shown}{f', ... ({len(values) - n} more)' if len(values) > n else ''}]"
+
+
+_ZERO_ONE = {"0", "1", "0.0", "1.0"}
+
+
+def _class_column(values: pl.Series, opts: Options, labels: list[str], task_type: str, csv_path: Path
+                  ) -> tuple[pl.DataFrame, pl.Series]:
+    """Label columns from one class column, every raw value declared (see the module docstring)."""
+    raw = values.fill_null("")
+    missing = {str(m).strip() for m in opts.missing_values} | {""}
+    seen = sorted(set(raw.to_list()) - missing)
+    col = opts.label_column
+    if task_type == "binary":
+        (lab,) = labels
+        positive = {str(v).strip() for v in opts.classes.get(lab, [lab])}
+        negative = {str(v).strip() for v in opts.negative_values or []}
+        undeclared = [v for v in seen if v not in positive | negative]
+        if undeclared and opts.unmatched == "error":
+            if set(seen) <= _ZERO_ONE and lab not in seen:
+                hint = (f"a 0/1 column is read with label_columns: {{{lab}: {col}}} instead of label_column "
+                        "(1 positive, 0 negative)")
+            elif opts.negative_values is None:
+                hint = (f"declare the negatives with dataset.options.negative_values (positives: classes: "
+                        f"{{{lab}: [...]}}, now {sorted(positive)}; missing: missing_values)")
+            else:
+                hint = (f"add them to dataset.options.negative_values, classes: {{{lab}: [...]}} (positive) or "
+                        "missing_values, or set unmatched: drop")
+            raise DataError(f"values {_few(undeclared)} are not declared for the binary label {lab!r} "
+                            f"(values seen: {_few(seen)}); {hint}", where=csv_path, field=col)
+        negatives = sorted(negative) if opts.negative_values is not None else []
+    else:
+        declared = {str(v).strip() for lab in labels for v in opts.classes.get(lab, [lab])}
+        undeclared = [v for v in seen if v not in declared]
+        if undeclared and opts.unmatched == "error":
+            raise DataError(f"{int(raw.is_in(undeclared).sum())} rows have values {_few(undeclared)} that are none "
+                            f"of the task's labels {labels}; map them with dataset.options.classes (task label -> raw "
+                            "values), read them as missing with missing_values, or leave the rows out with "
+                            "unmatched: drop", where=csv_path, field=col)
+        negatives = None
+    cleaned = pl.Series(col, [None if v in missing else v for v in raw.to_list()], dtype=pl.Utf8)
+    label_df, _ = class_labels(cleaned, labels, task_type, aliases=opts.classes or None, negatives=negatives,
+                               unmatched="drop", where=csv_path, field=col)
+    keep = ~raw.is_in(undeclared) if undeclared else pl.Series([True] * raw.len())
+    return label_df, keep
+
+
+def _patients_from_pattern(values: pl.Series, pattern: str, csv_path: Path, column: str) -> pl.Series:
+    """The patient id as the part of each value ``pattern`` matches (group ``patient``, else the first group,
+    else the whole match); a value it does not match is an error naming the column and examples."""
+    rx = re.compile(pattern)
+    group: int | str = "patient" if "patient" in rx.groupindex else (1 if rx.groups else 0)
+    out: list[str | None] = []
+    unmatched: list[str] = []
+    for v in values.to_list():
+        m = rx.search(v) if v else None
+        if m is None or not m.group(group):
+            unmatched.append(v)
+            out.append(None)
+        else:
+            out.append(m.group(group))
+    if unmatched:
+        raise DataError(f"patient_pattern '{pattern}' does not match {len(unmatched)} values (e.g. "
+                        f"{_few(sorted(set(map(str, unmatched))), 3)}); fix dataset.options.patient_pattern (a "
+                        "regular expression; the patient is its group 'patient', else its first group)",
+                        where=csv_path, field=column)
+    return pl.Series("patient_id", out, dtype=pl.Utf8)
 
 
 ADAPTER = CsvAdapter()
