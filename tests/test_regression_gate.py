@@ -3,7 +3,8 @@ benign changes, failing on what is not a number, a report for CI, run stores com
 
 Boards come from the session's smoke store (``smoke_run``: the README's command, default thread count) and
 from the committed ``leaderboards/smoke-cpu.json`` (``--threads 1``, the CI baseline); two small training
-runs of one task add a real regression (fewer steps) and a rerun with another thread count and micro-batch.
+runs add a real regression (smoke-tb with fewer steps) and a rerun with another thread count and
+micro-batch (smoke-cxr).
 Oracles: the stored replicates decoded with zlib/base64/numpy directly (the documented encoding), the
 runs' ``bootstrap.parquet`` read with polars, and hand formulas for the paired interval and the terms.
 """
@@ -161,25 +162,49 @@ def test_the_paired_interval_is_the_percentile_interval_of_replicate_differences
 # --------------------------------------------------------------------------- must show: real training changes
 
 
-def _train(out: Path, *args: str) -> Path:
-    proc = run_cli("run", "--backbone", "cbr-small", "--task", "smoke-cxr", "--out", str(out), *args)
+def _seed_mean_replicates(runs: list[str], metric: str) -> np.ndarray:
+    return np.mean([pl.read_parquet(Path(r) / "bootstrap.parquet")[json.dumps(["test", metric])].to_numpy()
+                    for r in runs], axis=0)
+
+
+def _run_auc(run: str) -> float:
+    return json.loads((Path(run) / "metrics.json").read_text())["test"]["auc"]
+
+
+def _train(out: Path, task: str, *args: str) -> Path:
+    proc = run_cli("run", "--backbone", "cbr-small", "--task", task, "--out", str(out), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "leaderboard.json"
 
 
 def test_a_regression_produced_by_training_is_caught(smoke_run: Path, smoke_board: Path, tmp_path: Path) -> None:
-    """smoke-cxr trained for 30 steps instead of 50 (the schedule's shape kept): a real drop of about 0.03
-    (measured: docs/regression-gate.md). Also compared as run stores, paired on the same test resamples."""
-    shorter = _train(tmp_path / "short", "--max-steps", "30")
+    """smoke-tb trained for 30 steps instead of 50 (the schedule's shape kept): a real drop of about 0.2 on
+    both seeds (measured: docs/regression-gate.md). Also compared as run stores, paired on the same test
+    resamples."""
+    shorter = _train(tmp_path / "short", "smoke-tb", "--max-steps", "30")
     proc, report = gate(smoke_board, shorter, "--allow-missing")
     assert proc.returncode == 1, report
     (row,) = report["rows"]
-    assert row["task"] == "smoke-cxr" and row["status"] == "regression" and row["mode"] == "paired"
+    assert row["task"] == "smoke-tb" and row["status"] == "regression" and row["mode"] == "paired"
     assert row["worse_by"] > row["tolerance"] >= ABS_TOL
+    # oracle: the runs' bootstrap.parquet read with polars, averaged over seeds, differenced resample by
+    # resample, and its 95 % percentile interval; the per-seed differences from each run's metrics.json
+    base_e = next(e for e in json.loads(smoke_board.read_text())["entries"] if e["task"] == "smoke-tb")
+    short_e = json.loads(shorter.read_text())["entries"][0]
+    d = _seed_mean_replicates(base_e["runs"], "auc") - _seed_mean_replicates(short_e["runs"], "auc")
+    low, high = np.percentile(d[np.isfinite(d)], [2.5, 97.5])
+    assert row["interval"]["low"] == pytest.approx(low, abs=1e-5) and row["interval"]["high"] == pytest.approx(high, abs=1e-5)
+    seed_d = np.array([_run_auc(a) - _run_auc(b) for a, b in zip(sorted(base_e["runs"]), sorted(short_e["runs"]))])
+    assert row["seed_differences"] == pytest.approx(list(seed_d), abs=1e-12)
+    assert row["terms"]["seed"] == pytest.approx(2 * seed_d.std(ddof=1) / math.sqrt(2), abs=1e-12)
+    assert row["worse_by"] == pytest.approx(seed_d.mean(), abs=1e-12)
     proc, store_report = gate(smoke_run, tmp_path / "short", "--allow-missing")
     assert proc.returncode == 1 and store_report["baseline"]["kind"] == store_report["new"]["kind"] == "run store"
     (store_row,) = store_report["rows"]
     assert store_row["worse_by"] == pytest.approx(row["worse_by"]) and store_row["status"] == "regression"
+    # the run stores' replicates are not rounded to float32: the same interval up to that rounding
+    assert store_row["interval"]["low"] == pytest.approx(low, abs=1e-5)
+    assert store_row["interval"]["high"] == pytest.approx(high, abs=1e-5)
 
 
 def test_a_rerun_with_other_threads_and_micro_batch_passes(smoke_board: Path, tmp_path: Path) -> None:
@@ -189,7 +214,7 @@ def test_a_rerun_with_other_threads_and_micro_batch_passes(smoke_board: Path, tm
     proc, report = gate(SMOKE_CPU, smoke_board)
     assert proc.returncode == 0, report
     assert report["compared"] == report["paired"] == 6
-    rerun = _train(tmp_path / "mb16", "--threads", "1", "--micro-batch", "16")
+    rerun = _train(tmp_path / "mb16", "smoke-cxr", "--threads", "1", "--micro-batch", "16")
     proc, report = gate(smoke_board, rerun, "--allow-missing")
     assert proc.returncode == 0, report
     (row,) = report["rows"]
