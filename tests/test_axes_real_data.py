@@ -85,7 +85,7 @@ def test_fairness_by_sex_and_age_for_a_real_model(nih_predictions) -> None:
     # class of a label that both classes hold in the test set), and defined in most resamples
     f, m = (out.replicates[("fairness", "attributes", "sex", "groups", g, "auc")] for g in ("F", "M"))
     assert np.array_equal(np.isnan(reps), np.isnan(f) | np.isnan(m))
-    assert np.isfinite(reps).mean() > 0.7
+    assert np.isfinite(reps).mean() > 0.5
 
 
 def test_calibration_for_a_real_model(nih_predictions, tmp_path) -> None:

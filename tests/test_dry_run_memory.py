@@ -178,5 +178,5 @@ def test_dry_run_without_data_names_missing_ood_datasets(monkeypatch: pytest.Mon
                          ("padchest", "bimcv.cipf.es")):
         line = out.split(f"OOD target '{target}' of chexpert has no data")[1].split("OOD target")[0]
         assert f"dataset '{target}'" in line and "skipped and recorded, not an error" in line and hint in line
-    assert f"{plan.pflops_per_run:.2f}+?" in out and "evaluation of 2 task(s) without counted splits" in out
+    assert f"{plan.pflops_per_run:.3g}+?" in out and "evaluation of 2 task(s) without counted splits" in out
 

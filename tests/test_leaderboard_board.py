@@ -480,27 +480,29 @@ def test_runs_of_other_settings_are_not_pooled_as_seeds(tmp_path) -> None:
     from medbench.store import CONFIG
     from medbench.store.scores import rescore
 
-    store = tmp_path / "store"
-    runs = [write_run(store, seed=s) for s in (0, 1)]
-    for run in runs:
-        rescore(run)
-    assert build_leaderboard(runs)["entries"][0]["seeds"] == [0, 1]  # one setting: pooled
-
-    def set_plan(run, total_steps):
+    def set_plan(run, total_steps):  # as the run was trained (before it is scored: config.json is then recorded)
         config = json.loads((run.path / CONFIG).read_text())
         config["plan"] = {"batch_size": 32, "total_steps": total_steps}
         (run.path / CONFIG).write_text(json.dumps(config))
 
-    set_plan(runs[0], 80)
-    set_plan(runs[1], 2)
+    runs = [write_run(tmp_path / "store", seed=s) for s in (0, 1)]
+    for run in runs:
+        set_plan(run, 80)
+        rescore(run)
+    assert build_leaderboard(runs)["entries"][0]["seeds"] == [0, 1]  # one setting: pooled
+
+    other = [write_run(tmp_path / "mixed", seed=s) for s in (0, 1)]
+    for run, steps in zip(other, (80, 2)):
+        set_plan(run, steps)
+        rescore(run)
     with pytest.raises(UsageError) as err:
-        build_leaderboard(runs)
+        build_leaderboard(other)
     msg = str(err.value)
-    assert "\n" not in msg and str(runs[0].path) in msg and str(runs[1].path) in msg
+    assert "\n" not in msg and str(other[0].path) in msg and str(other[1].path) in msg
     assert "differ in plan.total_steps (80 vs 2)" in msg and "smoke-cxr · fake-a · random" in msg
 
-    set_plan(runs[1], 80)
     again = write_run(tmp_path / "other", seed=0)  # seed 0 once more, from another store
+    set_plan(again, 80)
     rescore(again)
     with pytest.raises(UsageError, match=r"seed 0 has two complete runs"):
         build_leaderboard([*runs, again])

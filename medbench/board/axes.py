@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from medbench.store import CONFIG, METRICS, RunDir
+from medbench.store import CONFIG, RunDir
 
 SKIP_IN_BOARD = {"per_label", "curve", "reliability_diagram"}
 #: sizes and settings, the same in every seed: kept as plain numbers (every measured number is a summary)
@@ -57,9 +57,7 @@ class RunRecord:
         result = run.result()
         if not result:
             return None
-        path = run.path / METRICS
-        metrics = run.read_json(METRICS) if path.is_file() else result.get("metrics", {})
-        return cls(run, result, metrics)
+        return cls(run, result, run.scores())
 
     @property
     def seed(self) -> int:

@@ -124,10 +124,10 @@ def load_board(path: Path, *, field: str | None = None) -> dict:
         raise LeaderboardFormatError("no such file; expected a leaderboard JSON file", where=path, field=field) from None
     except OSError as err:
         raise LeaderboardFormatError(f"cannot read it ({err.strerror or err})", where=path, field=field) from None
-    try:
-        board = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LeaderboardFormatError(f"not JSON (line {err.lineno}, column {err.colno}: {err.msg}); expected a "
-                                     "leaderboard JSON file", where=path, field=field) from None
+    from medbench.utils import parse_json
+
+    # malformed or nested past MAX_JSON_DEPTH levels: one line naming the file, not a RecursionError
+    board = parse_json(text, where=path, error=LeaderboardFormatError, field=field,
+                       expected="a leaderboard JSON file")
     validate_board(board, where=path)
     return board

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from medbench.board.compare import ABS_TOL, K_CI, K_SEED
-from medbench.cli.app import app
+from medbench.cli.app import app, finite
 from medbench.cli.console import fail, print_compare
 
 
@@ -50,9 +50,9 @@ def compare(
     baseline: Path = typer.Argument(..., help="Baseline: a leaderboard JSON (e.g. leaderboards/smoke-cpu.json) or a run store (the --out folder of 'medbench run')."),
     new: Path = typer.Argument(..., help="New leaderboard JSON or run store to check against it."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Compare these too (repeatable): 'headline' (default), a test metric (accuracy, auc/Edema) or ood:TARGET:METRIC."),
-    tolerance: float = typer.Option(ABS_TOL, "--tolerance", help="abs_tol: the least consistent drop of a seed mean that counts as a regression (default calibrated on benign changes: docs/regression-gate.md)."),
-    k_seed: float = typer.Option(K_SEED, "--k-seed", help="Multiple of the standard error of the per-seed differences (paired) or of the difference of seed means (unpaired) that is tolerated."),
-    k_ci: float = typer.Option(K_CI, "--k-ci", help="Multiple of the half-width of the paired interval of the difference (unpaired: of the combined test-resampling intervals) that is tolerated."),
+    tolerance: float = typer.Option(ABS_TOL, "--tolerance", callback=finite, help="abs_tol: the least consistent drop of a seed mean that counts as a regression (default calibrated on benign changes: docs/regression-gate.md)."),
+    k_seed: float = typer.Option(K_SEED, "--k-seed", callback=finite, help="Multiple of the standard error of the per-seed differences (paired) or of the difference of seed means (unpaired) that is tolerated."),
+    k_ci: float = typer.Option(K_CI, "--k-ci", callback=finite, help="Multiple of the half-width of the paired interval of the difference (unpaired: of the combined test-resampling intervals) that is tolerated."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Entries missing from NEW do not fail the gate."),
     allow_changed_data: bool = typer.Option(False, "--allow-changed-data", help="Entries whose task hash or dataset fingerprint differ are compared (unpaired) instead of a usage error."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),

@@ -17,7 +17,9 @@ from medbench.cli.app import (
     LauncherChoice,
     PrecisionChoice,
     app,
+    finite,
 )
+from medbench.limits import MAX_BATCH, MAX_JOBS, MAX_SEEDS, MAX_STEPS, MAX_THREADS
 from medbench.cli.console import (
     console,
     fail,
@@ -25,6 +27,7 @@ from medbench.cli.console import (
     print_board,
     print_plan,
     progress_reporter,
+    safe,
 )
 
 
@@ -33,11 +36,11 @@ def run(
     backbone: str = typer.Option(..., "--backbone", "-b", help="Registered backbone name (see 'medbench list backbones')."),
     suite: Optional[List[str]] = typer.Option(None, "--suite", "-s", help="Suite to run (repeatable)."),
     task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to run (repeatable)."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds 0..N-1 per task (default: the task's)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, max=MAX_SEEDS, help="Seeds 0..N-1 per task (default: the task's)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + leaderboard)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, max=MAX_STEPS, help="Cap the schedule at N steps."),
     init: Optional[str] = typer.Option(None, "--init", help="pretrained | random | mean-var | transfusion:K | gabor (default: pretrained if the backbone has weights)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Pre-trained weights file for the backbone."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; train nothing."),
@@ -45,10 +48,10 @@ def run(
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
     zero_stage: int = typer.Option(0, "--zero-stage", min=0, max=2, help="DeepSpeed ZeRO stage."),
     precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32, "--precision", help="fp32 | bf16 | fp16 (CUDA)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, max=MAX_BATCH, help="Per-device micro-batch (gradient accumulation)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: all cores)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
-    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, help="Sustained TFLOP/s for --dry-run time estimates."),
+    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, max=1e9, callback=finite, help="Sustained TFLOP/s for --dry-run time estimates."),
     checkpoint_every: Optional[List[str]] = typer.Option(
         None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
         "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
@@ -62,7 +65,7 @@ def run(
     protocol: Optional[List[str]] = typer.Option(None, "--protocol", help="finetune | linear | knn, comma-separated or repeated (default: the suite's or task's protocols, else finetune). linear/knn: a probe on frozen features, cached in OUT/features (docs/probes.md)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Probes: cls | mean | cls+mean (default: the model's own pooling)."),
     launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
-    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, max=MAX_JOBS, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
     cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
 ) -> None:
@@ -241,7 +244,8 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
 
     # a missing weights file fails here, before any run; the runs get the resolved file's path, and its origin
     # (local weights folder, hub cache, hub download) stays with it (medbench.backbones.weights.file_origin)
-    init, weights = preflight(bb, init, weights)
+    init, weights = preflight(bb, init, weights,
+                              in_chans=tuple(sorted({catalog.task(n).spec.input.channels for n in names})))
     from medbench.analysis.similarity import parse_methods
     from medbench.train.freeze import parse_freeze
 
@@ -275,7 +279,7 @@ def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max
     runner = Runner(catalog, locations, store, checkpoints=checkpoints)
     outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
                         checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
-                        config=config, config_path=cluster_config, message=console().print,
+                        config=config, config_path=cluster_config, message=lambda text: console().print(safe(text)),
                         preflight=lambda: runner.preflight(requests),  # bad input stops before any job
                         locate=lambda req, world: runner.locate(req, world_size=world))
     if wait:
@@ -308,7 +312,7 @@ def _finish(outcomes, store) -> None:
     # a run another process was training counts once it is complete
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
-    rescore_outdated(done, console().print)  # runs reused by a launcher, scored by older scoring code
+    rescore_outdated(done, lambda text: console().print(safe(text), soft_wrap=True))  # runs reused by a launcher, scored by older scoring code
     from medbench.utils import undefined_numbers_reported
 
     with undefined_numbers_reported():
@@ -330,7 +334,8 @@ def _finish(outcomes, store) -> None:
         con.print(f"{len(busy)} run(s) are being trained by another medbench process; rerun to include them.")
     for o in failed:
         where = f" (details: {o.run_dir.path / 'result.json'})" if o.run_dir else ""
-        con.print(f"[red]failed[/red] {o.request.task} seed {o.request.seed}: {o.error}{where}", soft_wrap=True)
+        con.print(f"[red]failed[/red] {safe(o.request.task)} seed {o.request.seed}: {safe(o.error)}{safe(where)}",
+                  soft_wrap=True)
     con.print(f"leaderboard: {store.leaderboard_path()}")
     sys.stdout.flush()
     if failed:

@@ -195,12 +195,17 @@ def build_cache(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     root: Path | None = None,
+    notice: Callable[[str], None] | None = None,
     stamps: list[str | None] | None = None,
 ) -> CachedImages:
     """The cached images of ``index`` at ``size`` x ``size`` with ``channels``; built when absent.
 
     ``stamps``: each row's file stamp (:mod:`medbench.data.fingerprint`), part of the key; None for
-    in-memory pixels (hashed instead) and in tests that do not replace files."""
+    in-memory pixels (hashed instead) and in tests that do not replace files.
+
+    An entry that is damaged (its array file shorter or longer than its sidecar says, e.g. truncated by a
+    full disk or a copy, or a sidecar that is not JSON) is not used: it is rebuilt, and ``notice`` gets one
+    line naming the file and why."""
     n = len(index)
     shape = (n, channels, size, size)
     if index.pixels is not None and root is None and n * channels * size * size <= IN_MEMORY_LIMIT_BYTES:
@@ -217,8 +222,14 @@ def build_cache(
     data_path = folder / f"{key}.u8"
     meta_path = folder / f"{key}.json"
     meta = _read_meta(meta_path)
+    if meta is None and meta_path.is_file() and notice:
+        notice(f"{meta_path}: preprocessing cache sidecar is unreadable; rebuilding the entry")
     if meta is not None and data_path.is_file() and tuple(meta["shape"]) == shape:
-        return _open(data_path, shape, meta, on_bad_image)
+        damage = _size_problem(data_path, shape)
+        if damage is None:
+            return _open(data_path, shape, meta, on_bad_image)
+        if notice:
+            notice(f"{data_path}: preprocessing cache entry is damaged ({damage}); rebuilding it")
     covering = _covering_entry(folder, family, paths, shape, stamps)
     if covering is not None:
         return covering if on_bad_image != "fail" or not covering.bad else _fail_on(covering.bad)
@@ -271,9 +282,25 @@ def build_cache(
 def _read_meta(path: Path) -> dict | None:
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return meta if isinstance(meta, dict) and "shape" in meta else None
+    ok = isinstance(meta, dict) and isinstance(meta.get("shape"), list) and len(meta["shape"]) == 4 \
+        and all(isinstance(x, int) and x >= 0 for x in meta["shape"]) and isinstance(meta.get("bad", []), list) \
+        and all(isinstance(b, dict) and isinstance(b.get("row"), int) and 0 <= b["row"] < meta["shape"][0]
+                for b in meta.get("bad", []))
+    return meta if ok else None
+
+
+def _size_problem(data_path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the array file cannot hold ``shape`` uint8 values (truncated, or not the size written), or None."""
+    expected = int(np.prod(shape))
+    try:
+        actual = data_path.stat().st_size
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if actual != expected:
+        return f"{actual:,} bytes, expected {expected:,}"
+    return None
 
 
 def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...],
@@ -297,9 +324,9 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
         try:
             record = json.loads((folder / meta["rows"]).read_text())
             stored, stored_stamps = record["paths"], record["stamps"]
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):
             continue
-        if len(stored) != n or not data_path.is_file():
+        if len(stored) != n or not data_path.is_file() or _size_problem(data_path, (n, *shape[1:])) is not None:
             continue
         where: dict[str, int] = {}
         for i, p in enumerate(stored):

@@ -28,6 +28,7 @@ MASTER_PORT), so the run is data-parallel exactly as under torchrun.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -142,18 +143,18 @@ class ClusterConfig:
     def load(cls, path: Path | None) -> "ClusterConfig":
         if path is None:
             return cls()
-        import yaml
-
         from medbench.errors import SpecError
+        from medbench.yamlio import read_yaml
 
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise SpecError(f"cannot read the cluster config ({' '.join(str(err).split())})", where=str(path),
-                            field="--cluster-config") from None
+        # the one YAML reader: safe, no duplicate keys, bounded aliases and nesting; one line naming the file
+        data = read_yaml(Path(path), where=str(path), error=SpecError, field="--cluster-config") or {}
         if not isinstance(data, dict):
             raise SpecError("expected a mapping of submitit parameters (slurm_partition, gpus_per_node, "
                             "timeout_min, ...)", where=str(path), field="--cluster-config")
+        bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise SpecError(f"{bad[0]}: expected a finite number, got {data[bad[0]]}", where=str(path),
+                            field="--cluster-config")
         return cls(dict(data))
 
 
@@ -341,11 +342,14 @@ def _stop_local_job(folder: Path, name: str, job) -> None:
 
     worker = {}
     try:
-        import json
+        from medbench.errors import MedbenchError
+        from medbench.utils import read_json
 
-        worker = json.loads((folder / f"{name}.worker.json").read_text())
-    except (OSError, ValueError):
+        worker = read_json(folder / f"{name}.worker.json")
+    except MedbenchError:
         pass
+    if not isinstance(worker, dict):
+        worker = {}
     if worker.get("state") == "running" and worker.get("host") == socket.gethostname() and worker.get("pid"):
         try:
             os.kill(int(worker["pid"]), signal.SIGINT)

@@ -81,7 +81,7 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Message
         stamps = file_stamps(data.index.root, row_paths(data.index), locations.pixel_check)
         pixels = stamps_digest(locations.pixel_check, stamps)
     images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image,
-                         stamps=stamps)
+                         stamps=stamps, notice=reporter.message)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
     return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop,

@@ -227,11 +227,17 @@ class Runner:
                             missing_dataset(self.catalog.task(target.task), self.locations) is not None:
                         continue  # skipped (and recorded) when the run gets there
                     self._ood_target(task, target)
+            from medbench.backbones.init import preflight as check_init_and_weights
+
             checked_pooling: set = set()
             for req in requests:
                 backbone = self.backbone(req.backbone)
                 task = self.catalog.task(req.task)
                 spec = task.spec
+                # the one weights preflight (fine-tuning and probes alike): every file read, finite, and
+                # loadable into the architecture (meta device) before anything runs; files already checked
+                # in this process are skipped
+                check_init_and_weights(backbone, req.init, req.weights, in_chans=(spec.input.channels,))
                 if req.protocol is not None:
                     self._check_probe(req, task, backbone, dist, checked_pooling)
                     continue

@@ -260,6 +260,10 @@ class Finetuner:
             for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
                 loss = task_loss(self.task_type, self.engine.forward(xm), ym)
                 if not math.isfinite(loss.item()):
+                    if step == 0:  # before any update: the learning rate cannot be the cause
+                        raise MedbenchError(f"loss is {loss.item()} at step 0, before any update: the initial "
+                                            "network or the images give non-finite outputs; check the weights "
+                                            "(--weights / --init) and the input", field="--init")
                     raise MedbenchError(f"training diverged at step {step}: loss is {loss.item()}",
                                         field="hyperrule.base_lr")
                 self.engine.backward(loss)
