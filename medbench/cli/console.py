@@ -304,32 +304,28 @@ def print_published(board: dict) -> None:
     console().print(table)
 
 
-def print_compare(report: dict, baseline: Path, new: Path) -> None:
+def print_compare(report: dict) -> None:
     from rich.table import Table
 
-    from medbench.board.render import label
+    from medbench.board.render import COMPARE_COLUMNS, compare_cells, compare_lists, compare_status, compare_summary
 
-    fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-    table = Table(title=f"medbench compare: {new} against {baseline} (worse by > tolerance fails)")
-    for col in ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "tolerance", "status"):
+    new, base = report["new"], report["baseline"]
+    table = Table(title=safe(f"medbench compare: {new['path']} ({new['kind']}) against {base['path']} ({base['kind']}); "
+                             "worse by > tolerance fails"))
+    for col in COMPARE_COLUMNS:
         table.add_column(col)
-    style = {"regression": ("REGRESSION", "red"), "better": ("better", "green"), "ok": ("ok", None)}
     for r in report["rows"]:
-        init = label(r)
-        word, color = style[r["status"]]
-        status = cell(word, color)
-        if r.get("reason"):
-            status.append(f" ({plain(r['reason'])})")
-        row(table, r["task"], r["backbone"], init, r["metric"], fmt(r["baseline"]), fmt(r["new"]),
-            fmt(r["worse_by"]), fmt(r.get("tolerance")), status)
+        row(table, *compare_cells(r), cell(compare_status(r), "green" if r["passed"] else "red"))
     con = console()
     con.print(table)
-    for what, color in (("missing", "red"), ("added", "yellow")):
-        for e in report[what]:
-            con.print(f"[{color}]{what}[/{color}] in NEW: {safe(e['task'])} {safe(e['backbone'])} {safe(label(e))}")
+    colors = {"duplicate": "red", "missing": "red" if not report["allow_missing"] else "yellow", "added": "yellow",
+              "changed data": "yellow", "note": "dim"}
+    for kind, text in compare_lists(report):
+        con.print(f"[{colors[kind]}]{kind}[/{colors[kind]}] {safe(text)}", soft_wrap=True)
     verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
-    con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
-              f"{len(report['missing'])} missing, {len(report['added'])} added")
+    rule = report["rule"]
+    con.print(f"{verdict}: {compare_summary(report)} (abs_tol {rule['abs_tol']:g}, k_seed {rule['k_seed']:g}, "
+              f"k_ci {rule['k_ci']:g})")
 
 
 def print_status(report: dict, as_json: bool) -> None:
