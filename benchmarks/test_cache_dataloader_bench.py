@@ -22,7 +22,7 @@ target is asserted for the DataLoader over the originals (the P1 claim: the cach
 the machine was idle; the resized-files ratio is reported with it, as the answer to the second question.
 
 Run with ``PYTHONPATH=. python -m pytest benchmarks/test_cache_dataloader_bench.py -n 0 --benchmark-only -s``.
-``MEDBENCH_BENCH_ROUNDS`` (default 3) sets the rounds, ``MEDBENCH_BENCH_WORKERS`` (default 2) the DataLoader workers.
+``MEDBENCH_BENCH_ROUNDS`` (default 3) sets the rounds, ``MEDBENCH_BENCH_LOADER_WORKERS`` (default 2) the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from medbench.data.cache import prepare
 from medbench.data.image_io import read_image
 
 ROUNDS = int(os.environ.get("MEDBENCH_BENCH_ROUNDS", "3"))
-WORKERS = int(os.environ.get("MEDBENCH_BENCH_WORKERS", "2"))
+WORKERS = int(os.environ.get("MEDBENCH_BENCH_LOADER_WORKERS", "2"))
 TARGET_SPEEDUP = 20.0
 
 

@@ -52,6 +52,12 @@ class OutputError(MedbenchError):
     """
 
 
+class IntegrityError(MedbenchError):
+    """A stored file (a run's result, scores, predictions or replicates, a preprocessing cache entry, a
+    leaderboard) is unreadable, truncated, nested beyond the bound medbench reads, or no longer what was
+    recorded when it was written. The message names the file and what to do (usually: recompute it)."""
+
+
 class RunFailed(MedbenchError):
     """One run of a suite failed; recorded, the suite goes on unless --fail-fast."""
 

@@ -33,7 +33,6 @@ every class, so no metric scores them (never as class 0), and
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,8 +236,38 @@ class Predictions:
 
     @classmethod
     def load(cls, path: Path) -> "Predictions":
-        meta = json.loads(path.with_suffix(".json").read_text())
-        return cls(pl.read_parquet(path), meta["label_names"], meta["task_type"])
+        return cls.parse(path.read_bytes(), path.with_suffix(".json").read_bytes(), where=path)
+
+    @classmethod
+    def parse(cls, table_bytes: bytes, meta_bytes: bytes, *, where: Path | str) -> "Predictions":
+        """Predictions from the bytes of their parquet file and JSON sidecar; a damaged or foreign file is one
+        :class:`~medbench.errors.IntegrityError` line naming ``where`` (never a polars error naming nothing)."""
+        from medbench.errors import IntegrityError
+        from medbench.utils import parse_json
+
+        sidecar = Path(where).with_suffix(".json")
+        meta = parse_json(meta_bytes, where=sidecar, expected="the predictions sidecar medbench wrote")
+        names = meta.get("label_names") if isinstance(meta, dict) else None
+        task_type = meta.get("task_type") if isinstance(meta, dict) else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
+                or task_type not in ("binary", "multiclass", "multilabel"):
+            raise IntegrityError("expected label_names (a list of names) and task_type (binary, multiclass or "
+                                 "multilabel)", where=sidecar)
+        try:
+            table = pl.read_parquet(io.BytesIO(table_bytes))
+        except Exception as err:  # polars raises several types for damaged files (and panics as exceptions)
+            detail = " ".join(str(err).split()[:20])
+            raise IntegrityError(f"not a readable predictions table ({type(err).__name__}: {detail})",
+                                 where=where) from None
+        wanted = [label_column(n) for n in names] + [prob_column(n) for n in names]
+        missing = [c for c in wanted if c not in table.columns]
+        if missing:
+            raise IntegrityError(f"column {missing[0]!r} is missing; expected the predictions of labels {names}",
+                                 where=where)
+        for col in wanted:
+            if not table[col].dtype.is_numeric():
+                raise IntegrityError(f"column {col!r} holds {table[col].dtype}, expected numbers", where=where)
+        return cls(table, list(names), task_type)
 
 
 def label_names_in(table: pl.DataFrame) -> list[str]:

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from medbench.errors import OutputError
+    from medbench.errors import MedbenchError, OutputError
+
+#: nesting levels of a JSON file medbench reads (a leaderboard or a metrics.json has about 12); deeper
+#: input is refused with one line naming the file, instead of exhausting Python's recursion later
+MAX_JSON_DEPTH = 64
 
 
 def _current_umask() -> int:
@@ -188,3 +192,54 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _nested_deeper_than(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_json(text: str | bytes, *, where: str | Path | None, error: "type[MedbenchError] | None" = None,
+               field: str | None = None, expected: str = "a JSON file") -> Any:
+    """``json.loads`` for files medbench reads back (run results, scores, leaderboards): malformed or
+    over-nested input (more than :data:`MAX_JSON_DEPTH` levels) is one ``error`` line naming ``where``
+    (default :class:`~medbench.errors.IntegrityError`)."""
+    from medbench.errors import IntegrityError
+
+    error = error or IntegrityError
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"not JSON (line {err.lineno}, column {err.colno}: {err.msg}); expected {expected}",
+                    where=where, field=field) from None
+    except UnicodeDecodeError as err:
+        raise error(f"not UTF-8 text (byte {err.start}); expected {expected}", where=where, field=field) from None
+    except RecursionError:
+        raise error(f"nested deeper than {MAX_JSON_DEPTH} levels; expected {expected}", where=where,
+                    field=field) from None
+    if isinstance(obj, (dict, list)) and _nested_deeper_than(obj, MAX_JSON_DEPTH):
+        raise error(f"nested deeper than {MAX_JSON_DEPTH} levels; expected {expected}", where=where, field=field)
+    return obj
+
+
+def read_json(path: Path, *, where: str | Path | None = None, error: "type[MedbenchError] | None" = None,
+              field: str | None = None, expected: str = "a JSON file") -> Any:
+    """The JSON file ``path`` through :func:`parse_json`; a missing or unreadable file is one line too."""
+    from medbench.errors import IntegrityError
+
+    error = error or IntegrityError
+    where = path if where is None else where
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"file not found; expected {expected}", where=where, field=field) from None
+    except OSError as err:
+        raise error(f"cannot read it ({err.strerror or err}); expected {expected}", where=where,
+                    field=field) from None
+    return parse_json(raw, where=where, error=error, field=field, expected=expected)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "medbench"
 #: the flow of docs/architecture.md, first to last; a module belongs to the first stage whose prefix it has
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("common", ("medbench", "medbench.errors", "medbench.utils", "medbench.paths", "medbench.resources",
-                "medbench.provenance", "medbench.plugins", "medbench.yamlio")),
+                "medbench.provenance", "medbench.plugins", "medbench.yamlio", "medbench.limits")),
     ("spec", ("medbench.spec",)),
     ("data", ("medbench.data",)),
     ("backbones", ("medbench.backbones",)),

@@ -179,3 +179,35 @@ def test_a_repository_needing_its_own_code_is_refused(hub) -> None:
                             "preprocessor_config.json": b"{}"})
     with pytest.raises(BackboneError, match="model_type 'my-custom-vit' is not a model this transformers knows"):
         get_backbone("hf/test-org/custom")
+
+
+def test_hostile_hub_files_are_one_line_before_anything_runs(hub) -> None:
+    """Issue 16 for the foundation prefixes: a configuration nested beyond the JSON bound, and weights with a
+    NaN tensor, are one BackboneError line naming the file, from get_backbone and the weights preflight (never
+    a RecursionError, never a run that trains on NaN)."""
+    from transformers import AutoModel, Dinov2Config
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    hub("test-org/deep-config", {"config.json": deep, "open_clip_config.json": deep})
+    hub("test-org/deep-pre", {"config.json": json.dumps({"model_type": "dinov2"}).encode(),
+                              "preprocessor_config.json": deep})
+    for name, file in (("hf/test-org/deep-config", "config.json"), ("open_clip/hf-hub:test-org/deep-config", "open_clip_config.json"),
+                       ("hf/test-org/deep-pre", "preprocessor_config.json")):
+        with pytest.raises(BackboneError) as err:
+            get_backbone(name)
+        text = str(err.value)
+        assert "nested deeper than" in text and file in text and "\n" not in text, text
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          patch_size=4, image_size=32)
+    state = AutoModel.from_config(config).state_dict()
+    key = next(k for k in state if k.endswith("weight") and state[k].dim() == 2)
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    snap = hub("test-org/nan-dino", {"config.json": json.dumps(config.to_dict()).encode(),
+                                     "preprocessor_config.json": b"{}", "model.safetensors": _safetensors(state)})
+    bb = get_backbone("hf/test-org/nan-dino")
+    with pytest.raises(BackboneError) as err:
+        preflight(bb, "pretrained", None, in_chans=(3,))
+    text = str(err.value)
+    assert str(snap / "model.safetensors") in text or "model.safetensors" in text, text
+    assert key in text and "\n" not in text, text

@@ -335,21 +335,30 @@ def test_compare_passes_itself_and_fails_on_an_auc_lowered_by_0_1(tmp_path: Path
     assert human.returncode == 1 and "REGRESSION" in human.stdout and "1 regression(s)" in human.stdout
 
 
-def test_tolerance_follows_seed_noise_and_intervals(fake_board: Path, tmp_path: Path) -> None:
-    from medbench.board.compare import Tolerance
-
+def test_unpaired_tolerance_follows_seed_noise_and_intervals(fake_board: Path, tmp_path: Path) -> None:
+    """Boards without replicates (made before the paired gate) and of other seeds are judged by the unpaired
+    rule: the seed standard error of the difference of seed means and both boards' test-resampling
+    half-widths."""
     board = json.loads(fake_board.read_text())
+    for e in board["entries"]:
+        e.pop("replicates")
+    (tmp_path / "b.json").write_text(json.dumps(board))
     h = entries_by_backbone(board)["fake-weak"]["headline"]
-    tol = Tolerance().of(h, h)
     half = (h["ci"]["high"] - h["ci"]["low"]) / 2
-    assert tol["ci_term"] == pytest.approx(2 ** 0.5 * half)
-    assert tol["seed_term"] == pytest.approx(2 * (2 * h["std"] ** 2 / h["n"]) ** 0.5)
-    assert tol["tolerance"] == max(0.005, tol["ci_term"], tol["seed_term"])
+    ci_term, seed_term = 2 ** 0.5 * half, 2 * (2 * h["std"] ** 2 / h["n"]) ** 0.5
+    tol = max(0.001, ci_term, seed_term)
     slightly = copy.deepcopy(board)  # a drop within the noise passes, the same drop with --k-ci 0 --k-seed 0 fails
-    entries_by_backbone(slightly)["fake-weak"]["headline"]["mean"] -= 0.6 * tol["tolerance"]
+    s = entries_by_backbone(slightly)["fake-weak"]["headline"]
+    s["mean"] -= 0.6 * tol
+    s["seeds"] = [5, 6]  # other seeds: not paired on seeds either
     (tmp_path / "s.json").write_text(json.dumps(slightly))
-    assert _compare(fake_board, tmp_path / "s.json")[0].returncode == 0
-    assert _compare(fake_board, tmp_path / "s.json", "--k-ci", "0", "--k-seed", "0")[0].returncode == 1
+    proc, report = _compare(tmp_path / "b.json", tmp_path / "s.json", "--tolerance", "0.001")
+    row = next(r for r in report["rows"] if r["backbone"] == "fake-weak")
+    assert row["mode"] == "unpaired" and row["seeds_paired"] is False
+    assert row["terms"]["ci"] == pytest.approx(ci_term) and row["terms"]["seed"] == pytest.approx(seed_term)
+    assert row["tolerance"] == pytest.approx(tol) and row["status"] == "ok" and proc.returncode == 0
+    assert _compare(tmp_path / "b.json", tmp_path / "s.json", "--tolerance", "0.001", "--k-ci", "0", "--k-seed", "0"
+                    )[0].returncode == 1
 
 
 def test_compare_reports_missing_added_and_other_metrics(fake_board: Path, tmp_path: Path) -> None:
@@ -370,8 +379,9 @@ def test_compare_reports_missing_added_and_other_metrics(fake_board: Path, tmp_p
     assert proc.returncode == 0 and report["status"] == "pass"
     proc, report = _compare(fake_board, tmp_path / "c.json", "--allow-missing", "--metric", "accuracy")
     assert proc.returncode == 1
-    (row,) = [r for r in report["rows"] if r["status"] == "regression"]
+    (row,) = [r for r in report["rows"] if not r["passed"]]
     assert row["metric"] == "accuracy" and row["backbone"] == "fake-weak" and row["reason"] == "undefined in NEW"
+    assert row["status"] == "invalid" and report["invalid"] == 1
 
 
 def test_compare_usage_errors_exit_2(fake_board: Path, tmp_path: Path) -> None:
@@ -470,27 +480,29 @@ def test_runs_of_other_settings_are_not_pooled_as_seeds(tmp_path) -> None:
     from medbench.store import CONFIG
     from medbench.store.scores import rescore
 
-    store = tmp_path / "store"
-    runs = [write_run(store, seed=s) for s in (0, 1)]
-    for run in runs:
-        rescore(run)
-    assert build_leaderboard(runs)["entries"][0]["seeds"] == [0, 1]  # one setting: pooled
-
-    def set_plan(run, total_steps):
+    def set_plan(run, total_steps):  # as the run was trained (before it is scored: config.json is then recorded)
         config = json.loads((run.path / CONFIG).read_text())
         config["plan"] = {"batch_size": 32, "total_steps": total_steps}
         (run.path / CONFIG).write_text(json.dumps(config))
 
-    set_plan(runs[0], 80)
-    set_plan(runs[1], 2)
+    runs = [write_run(tmp_path / "store", seed=s) for s in (0, 1)]
+    for run in runs:
+        set_plan(run, 80)
+        rescore(run)
+    assert build_leaderboard(runs)["entries"][0]["seeds"] == [0, 1]  # one setting: pooled
+
+    other = [write_run(tmp_path / "mixed", seed=s) for s in (0, 1)]
+    for run, steps in zip(other, (80, 2)):
+        set_plan(run, steps)
+        rescore(run)
     with pytest.raises(UsageError) as err:
-        build_leaderboard(runs)
+        build_leaderboard(other)
     msg = str(err.value)
-    assert "\n" not in msg and str(runs[0].path) in msg and str(runs[1].path) in msg
+    assert "\n" not in msg and str(other[0].path) in msg and str(other[1].path) in msg
     assert "differ in plan.total_steps (80 vs 2)" in msg and "smoke-cxr · fake-a · random" in msg
 
-    set_plan(runs[1], 80)
     again = write_run(tmp_path / "other", seed=0)  # seed 0 once more, from another store
+    set_plan(again, 80)
     rescore(again)
     with pytest.raises(UsageError, match=r"seed 0 has two complete runs"):
         build_leaderboard([*runs, again])

@@ -438,6 +438,42 @@ def test_one_leaderboard_holds_the_protocols_side_by_side(probed: dict) -> None:
     assert [m["protocol"] for m in report["missing"]] == ["knn"]
 
 
+def test_probe_runs_record_their_files_and_an_edit_is_refused(probed: dict, tmp_path: Path) -> None:
+    """Issue 16 for probe runs: result.json records the sha256 of every file of the run (hashlib over the bytes
+    on disk), so a damaged prediction file stops a re-score before it writes anything, and an edited
+    metrics.json is refused by the leaderboard, each naming the file."""
+    import hashlib
+    import shutil
+
+    from medbench.board.aggregate import build_leaderboard
+    from medbench.errors import IntegrityError
+    from medbench.store import RunDir
+    from medbench.store.scores import rescore
+
+    for name in ("linear", "knn"):
+        run = probed["outcomes"][name].run_dir.path
+        files = json.loads((run / "result.json").read_text())["files"]
+        on_disk = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*")
+                   if p.is_file() and p.name != "result.json" and not p.name.startswith(".")}
+        assert files == on_disk and {"predictions/test.parquet", "predictions/val.parquet", "metrics.json"} <= set(files)
+    copy = tmp_path / "run"
+    shutil.copytree(probed["outcomes"]["linear"].run_dir.path, copy)
+    metrics = (copy / "metrics.json").read_bytes()
+    data = bytearray((copy / "predictions" / "test.parquet").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "predictions" / "test.parquet").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="test.parquet: sha256 differs"):
+        rescore(RunDir(copy))
+    assert (copy / "metrics.json").read_bytes() == metrics
+    shutil.rmtree(copy)
+    shutil.copytree(probed["outcomes"]["linear"].run_dir.path, copy)
+    edited = json.loads(metrics)
+    edited["test"] = {k: 0.99 for k in edited["test"]}
+    (copy / "metrics.json").write_text(json.dumps(edited))
+    with pytest.raises(IntegrityError, match="metrics.json: sha256 differs"):
+        build_leaderboard([RunDir(copy)])
+
+
 def test_a_damaged_or_half_written_part_is_never_used(toy, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     FORWARDED["images"] = 0
@@ -464,6 +500,50 @@ def test_a_damaged_or_half_written_part_is_never_used(toy, tmp_path: Path, monke
         np.testing.assert_array_equal(_cached(out, s), before[s])
     assert not list(test_dir.glob(".*.tmp"))
     assert again.result["probe"]["features"]["embedded_images"] == len(before["train"]) + len(before["test"])
+
+
+def test_feature_cache_files_are_read_back_with_bounds(toy, tmp_path: Path, monkeypatch) -> None:
+    """What the feature cache reads back (issue 16): a manifest that lists other parts than the entry has, one
+    nested beyond the JSON bound, a started entry's spec.json that is not an object, and a part whose features
+    are not finite (written with matching digests, as a broken extractor would) never give features of another
+    shape or a NaN to a probe: the entry is completed again (only the non-finite part is recomputed) and every
+    split's features equal the first computation's."""
+    import hashlib
+    import io
+
+    import medbench.store.features as features
+
+    monkeypatch.setattr(features, "PART_ROWS", 8)
+    out = tmp_path / "out"
+    FORWARDED["images"] = 0
+    _runner(toy, out).run_all([_req("linear")])
+    before = {s: _cached(out, s) for s in ("train", "val", "test")}
+    dirs = {s: next(p for p in (out / "features" / "toy-derm" / COUNTING).iterdir() if f"-{s}-" in p.name)
+            for s in ("train", "val", "test")}
+    manifest = json.loads((dirs["train"] / "manifest.json").read_text())
+    assert len(manifest["parts"]) > 1
+    manifest["parts"] = manifest["parts"][:1]  # one part listed: the others' rows would be missing
+    (dirs["train"] / "manifest.json").write_text(json.dumps(manifest))
+    (dirs["train"] / "spec.json").write_text("[1, 2]")
+    (dirs["test"] / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    arr = np.load(dirs["val"] / "part-00000.npy")
+    arr[0, 0] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    (dirs["val"] / "part-00000.npy").write_bytes(buf.getvalue())
+    meta = json.loads((dirs["val"] / "part-00000.json").read_text())
+    (dirs["val"] / "part-00000.json").write_text(json.dumps({**meta, "sha256": digest}))
+    manifest = json.loads((dirs["val"] / "manifest.json").read_text())
+    manifest["parts"][0]["sha256"] = digest
+    (dirs["val"] / "manifest.json").write_text(json.dumps(manifest))
+    FORWARDED["images"] = 0
+    (outcome,) = _runner(toy, out).run_all([_req("knn")])
+    assert outcome.status == "ok", outcome.error
+    assert FORWARDED["images"] == 8  # the val part with a NaN, nothing else
+    for s in ("train", "val", "test"):
+        np.testing.assert_array_equal(_cached(out, s), before[s])
+    assert np.isfinite(_probs(outcome.run_dir.path, "test")).all()
 
 
 def test_an_interrupted_extraction_resumes_with_the_missing_parts_only(toy, tmp_path: Path, monkeypatch) -> None:
@@ -670,3 +750,31 @@ def test_seed_free_probe_settings_run_their_first_seed_only() -> None:
         [("linear", s, 0.5, None, None, None, "mean") for s in (0, 1, 2)] + [("linear", 0, None, 64, None, None, "mean")]
     assert plan("random") == finetune + [("linear", s, f, r, None, None, "mean")
                                          for f, r in ((None, None), (0.5, None), (None, 64)) for s in (0, 1, 2)]
+
+
+def test_features_of_a_grey_one_channel_cache_are_those_of_its_three_identical_channels() -> None:
+    """Probes read pixels through the evaluation path: a grey cache stored with one channel feeds a 3-channel
+    network what the 3 identical channels would, normalised per channel (hand formula in float32)."""
+    import torch
+
+    from medbench.data.loader import Normalization
+    from medbench.probe.features import embed_rows
+
+    class Identity(torch.nn.Module):  # its features are its (flattened) input
+        def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, size=(7, 1, 6, 6), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rows = np.array([5, 0, 3, 3])
+    got = embed_rows(Identity(), grey, rows, crop=6, norm=Normalization(mean, std), pooling=None, device="cpu",
+                     batch_size=3, channels=3, workers=2)
+    x = np.repeat(grey[rows], 3, axis=1).astype(np.float32)
+    m = (255 * np.asarray(mean, dtype=np.float32)).reshape(1, 3, 1, 1)
+    s = (255 * np.asarray(std, dtype=np.float32)).reshape(1, 3, 1, 1)
+    want = ((x - m) / s).reshape(len(rows), -1)
+    assert got.shape == want.shape and np.allclose(got, want, rtol=0, atol=1e-6)
+    colour = embed_rows(Identity(), np.repeat(grey, 3, axis=1), rows, crop=6, norm=Normalization(mean, std),
+                        pooling=None, device="cpu", batch_size=3)
+    assert np.array_equal(got, colour)

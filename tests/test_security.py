@@ -37,11 +37,26 @@ def trees() -> dict[Path, ast.AST]:
     return {p: ast.parse(p.read_text(), filename=str(p)) for p in SOURCES}
 
 
-def test_yaml_is_only_read_with_safe_load(trees) -> None:
+def test_yaml_is_only_read_by_the_one_safe_reader(trees) -> None:
+    """Only medbench/yamlio.py imports yaml, no module calls a yaml loading function, and the one reader's
+    loader is a SafeLoader (plain data only)."""
+    import yaml
+
+    from medbench.yamlio import BoundedSafeLoader
+
+    importers = set()
+    for p, t in trees.items():
+        for node in ast.walk(t):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "yaml" or n.startswith("yaml.") for n in names):
+                importers.add(p.relative_to(REPO).as_posix())
+    assert importers == {"medbench/yamlio.py"}
     bad = [(p.name, n.lineno) for p, t in trees.items() for n, owner, name in calls(t)
-           if owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all")]
+           if owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all",
+                                           "safe_load", "safe_load_all")]
     assert bad == []
-    assert any(owner == "yaml" and name == "safe_load" for t in trees.values() for _, owner, name in calls(t))
+    assert issubclass(BoundedSafeLoader, yaml.SafeLoader) and not issubclass(BoundedSafeLoader, yaml.FullLoader)
 
 
 def test_no_eval_exec_or_shell(trees) -> None:

@@ -279,6 +279,18 @@ def test_item8_leaderboard_refuses_runs_of_different_training_numerics(tmp_path:
     assert proc.returncode == 2 and "training numerics" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _as_an_older_medbench_wrote_it(run, metrics: dict) -> None:
+    """``metrics.json`` as older scoring code wrote it, recorded in ``result.json`` as that medbench did (the
+    run's file digests, issue 16): a legitimate old score, not an edit (an edit is refused, see
+    tests/test_hostile_inputs.py)."""
+    import hashlib
+
+    run.write_json(METRICS, metrics)
+    result = json.loads((run.path / "result.json").read_text())
+    result["files"][METRICS] = hashlib.sha256((run.path / METRICS).read_bytes()).hexdigest()
+    (run.path / "result.json").write_text(json.dumps(result))
+
+
 def test_item8_runs_scored_by_older_scoring_code_are_rescored_when_read(tmp_path: Path) -> None:
     from medbench.store.scores import rescore
 
@@ -287,7 +299,7 @@ def test_item8_runs_scored_by_older_scoring_code_are_rescored_when_read(tmp_path
     old = run.read_json(METRICS)
     old["scoring"].pop("scoring_version", None)  # as written before scoring was versioned
     old["test"]["auc"] = 0.123  # a stale number
-    run.write_json(METRICS, old)
+    _as_an_older_medbench_wrote_it(run, old)
     proc = run_cli("leaderboard", str(tmp_path), "-o", str(tmp_path / "b.json"))
     assert proc.returncode == 0, proc.stderr
     assert "re-scored from its saved predictions" in " ".join(proc.stdout.split())
@@ -317,7 +329,7 @@ def test_item8_run_rescores_a_reused_run_and_saves_logits(tmp_path: Path) -> Non
     assert run.read_json(CONFIG)["training_numerics"] == TRAINING_NUMERICS
     m = run.read_json(METRICS)
     m["scoring"]["scoring_version"] = 0
-    run.write_json(METRICS, m)
+    _as_an_older_medbench_wrote_it(run, m)
     proc = run_cli(*args, env={"MEDBENCH_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = " ".join((proc.stdout + proc.stderr).split())

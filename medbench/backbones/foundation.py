@@ -35,7 +35,6 @@ tokens or feature map when it has none); ``cls``/``mean`` read the tower's final
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -364,10 +363,9 @@ def _hf_preprocessor(repo: str, name: str) -> tuple[dict, Path | None]:
             path = _download_hub_file(repo, filename)
         except BackboneError:  # the repository ships none
             return {}, None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise BackboneError(f"cannot read preprocessor_config.json: {err}", where=path, field=name) from None
+    from medbench.utils import read_json
+
+    data = read_json(Path(path), error=BackboneError, field=name, expected="the repository's preprocessor_config.json")
     return (data if isinstance(data, dict) else {}), Path(path)
 
 

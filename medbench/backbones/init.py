@@ -129,8 +129,14 @@ def needs_weights(name: str) -> bool:
     return _SCHEMES[name].needs_weights
 
 
-def preflight(backbone: "Backbone", init: str | None, weights: Path | None) -> tuple[str, Path | None]:
-    """Check the init scheme and find the weights before any run starts: (init, weights file or None)."""
+def preflight(backbone: "Backbone", init: str | None, weights: Path | None,
+              in_chans: tuple[int, ...] = ()) -> tuple[str, Path | None]:
+    """Check the init scheme, find the weights and check them before any run starts: (init, weights file or
+    None). Every tensor of the file is read and must be finite, and the file is loaded into the architecture
+    on the meta device for each of ``in_chans`` (the tasks' input channels; none given: the contents only,
+    ``Runner.preflight`` checks again with its tasks' channels): a broken, truncated, foreign or NaN file is
+    one line naming it here, exit 2, not a failure of every run
+    (:func:`medbench.backbones.weights.check_weights`)."""
     init = init or backbone.default_init
     name, arg = parse_init(init)
     if _SCHEMES[name].check_arg is not None:
@@ -142,9 +148,11 @@ def preflight(backbone: "Backbone", init: str | None, weights: Path | None) -> t
         return init, None
     if backbone.load_weights is None:
         raise BackboneError(f"{backbone.name} has no pre-trained weights; use --init random", field="--init")
-    from medbench.backbones.weights import resolve_weights_file
+    from medbench.backbones.weights import check_weights, resolve_weights_file
 
-    return init, resolve_weights_file(backbone, weights)[0]
+    path = resolve_weights_file(backbone, weights)[0]
+    check_weights(backbone, path, in_chans)
+    return init, path
 
 
 def parse_init(spec: str) -> tuple[str, str | None]:

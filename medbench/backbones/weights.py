@@ -125,11 +125,10 @@ def hub_file(hub_id: str, filenames: tuple[str, ...], *, help_line: str, field: 
 
 def hub_json(hub_id: str, filename: str, *, help_line: str, field: str) -> dict:
     """A JSON file of a hub repository (a model configuration), found as :func:`hub_file` finds files."""
+    from medbench.utils import read_json
+
     path, _ = hub_file(hub_id, (filename,), help_line=help_line, field=field)
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise BackboneError(f"cannot read {filename}: {err}", where=path, field=field) from None
+    data = read_json(Path(path), error=BackboneError, field=field, expected=f"the repository's {filename}")
     if not isinstance(data, dict):
         raise BackboneError(f"{filename} is not a JSON object", where=path, field=field)
     return data
@@ -217,6 +216,110 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+#: what passed :func:`check_weights` in this process: (file, size, mtime) for the contents, plus (backbone,
+#: input channels) for loading into an architecture
+_CHECKED: set[tuple] = set()
+
+
+def _named_tensors(path: Path):
+    """(name, tensor) of every tensor of a weights file, one at a time (a large file is not held whole)."""
+    import numpy as np
+    import torch
+
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            for key in archive.files:
+                array = archive[key]
+                if array.dtype.kind not in "biufc":
+                    raise ValueError(f"array {key!r} has dtype {array.dtype}, not numbers")
+                yield key, torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        yield from read_state_dict(path).items()
+
+
+def check_weights(backbone: "Backbone", path: Path, in_chans: tuple[int, ...] = ()) -> None:
+    """Load and check a weights file before any run trains; one :class:`BackboneError` line naming the file
+    (field ``--weights``) when it cannot serve.
+
+    Every tensor is read (a truncated, empty or foreign file fails here; ``.pth`` files through
+    ``torch.load(weights_only=True)``, ``.npz`` without pickles) and must hold finite numbers only (a NaN or
+    infinite value is named with its tensor and count). Then the file is loaded into the architecture
+    built on the meta device (no memory, no compute; on the CPU for a builder that cannot build there), for
+    each input channel count of ``in_chans`` (the tasks'), by the backbone's own loader, so a missing or
+    misshapen tensor is found now, not when a run starts. A file that passed is not checked again in this
+    process.
+    """
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise BackboneError(f"cannot read weights ({err.strerror or err})", where=path, field="--weights") from None
+    file_key = (_absolute(path), stat.st_size, stat.st_mtime_ns)
+    todo = [c for c in sorted(set(in_chans)) if (*file_key, backbone.name, c) not in _CHECKED]
+    if file_key in _CHECKED and not todo:
+        return
+    if file_key not in _CHECKED:
+        _check_contents(path, stat.st_size)
+        _CHECKED.add(file_key)
+    if backbone.load_weights is None:
+        raise BackboneError(f"{backbone.name} cannot load pre-trained weights; use --init random", where=path,
+                            field="--weights")
+    for channels in todo:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            try:
+                try:
+                    with torch.device("meta"):
+                        model = backbone.build(num_classes=1, in_chans=channels)
+                except Exception:  # a builder that cannot build on the meta device (a plug-in's): on the CPU
+                    model = backbone.build(num_classes=1, in_chans=channels)
+                backbone.load_weights(model, path)
+            except BackboneError:
+                raise
+            except Exception as err:
+                detail = " ".join(str(err).split()) or type(err).__name__
+                raise BackboneError(f"weights do not load into {backbone.name} ({channels} input channels): "
+                                    f"{detail[:300]}", where=path, field="--weights") from None
+        _CHECKED.add((*file_key, backbone.name, channels))
+
+
+def _check_contents(path: Path, size: int) -> None:
+    """Every tensor of the file read and finite (see :func:`check_weights`)."""
+    import torch
+
+    if size == 0:
+        raise BackboneError("weights file is empty (0 bytes)", where=path, field="--weights")
+    count = 0
+    try:
+        for name, tensor in _named_tensors(path):
+            count += 1
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                continue
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise BackboneError(f"tensor {name!r} holds {bad:,} non-finite values (NaN or infinite) of "
+                                    f"{tensor.numel():,}; expected finite weights (the file is broken: get it "
+                                    "again)", where=path, field="--weights")
+    except BackboneError:
+        raise
+    except Exception as err:  # truncated, not the suffix's format, pickled objects, ...
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise BackboneError(f"cannot read weights: {detail[:300]}", where=path, field="--weights") from None
+    if count == 0:
+        raise BackboneError("file holds no tensors; expected pre-trained weights", where=path, field="--weights")
+
+
 def load_state_dict_into(model: "nn.Module", path: Path, *, classifier: str) -> None:
     """Load every non-head tensor of ``path`` into ``model``; refuse a partial match.
 
@@ -259,7 +362,9 @@ def weights_sha256(path: Path) -> str:
     if memo_path.is_file():
         try:
             memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            memo = {}
+        if not isinstance(memo, dict):
             memo = {}
     if key not in memo:
         memo[key] = sha256_file(path)

@@ -37,10 +37,9 @@ from medbench.utils import atomic_write_json
 
 
 def _scores(run: RunDir, result: dict) -> dict:
-    """The run's scores: ``metrics.json`` (kept current by ``medbench score``), else ``result.json``'s."""
-    from medbench.store import METRICS
-
-    return run.read_json(METRICS) if (run.path / METRICS).is_file() else result["metrics"]
+    """The run's scores: ``metrics.json`` (kept current by ``medbench score``, checked against the digest
+    ``result.json`` recorded: a hand-edited file is refused), else ``result.json``'s copy."""
+    return run.scores()
 
 
 def _rows(runs: list[RunDir]) -> pl.DataFrame:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from medbench.errors import UsageError
 from medbench.scoring.paired import paired_difference, seed_mean
-from medbench.store import METRICS, RunDir
+from medbench.store import RunDir
 
 
 def _value(tree: dict, path: tuple):
@@ -30,7 +30,7 @@ def compare_runs(runs_a: Sequence[RunDir], runs_b: Sequence[RunDir], path: tuple
     for runs in (runs_a, runs_b):
         if not runs:
             raise UsageError("no scored runs on one side of the comparison", field="RUN_DIR")
-        metrics = [r.read_json(METRICS) for r in runs]
+        metrics = [r.scores() for r in runs]
         sides.append((metrics, [read_replicates(r).get(path) for r in runs]))
     resampling = {str(m["scoring"].get("resampling")) for ms, _ in sides for m in ms}
     if len(resampling) > 1:

@@ -1,13 +1,17 @@
 """Leaderboard plots as inline SVG text (matplotlib, Agg; no files, no network).
 
-Each function takes leaderboard blocks and returns an ``<svg>`` string, or
-None when the board holds nothing to plot. Used by :mod:`medbench.board.render`.
+Each function takes leaderboard blocks and returns an ``<svg>`` element (markup of
+:mod:`medbench.board.html`: checked, names escaped), or None when the board holds nothing to plot.
+Used by :mod:`medbench.board.render`.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medbench.board.html import Markup
 
 
 def _figure(w: float = 5.2, h: float = 3.4):
@@ -17,27 +21,46 @@ def _figure(w: float = 5.2, h: float = 3.4):
     import matplotlib.pyplot as plt
 
     plt.rcParams["svg.fonttype"] = "none"  # text stays text (smaller, selectable)
+    plt.rcParams["text.parse_math"] = False  # names from a board are text, never mathtext ($...$)
+    plt.rcParams["text.usetex"] = False
     fig, ax = plt.subplots(figsize=(w, h), dpi=100)
     return fig, ax
 
 
-def _svg(fig, label: str) -> str:
+def _svg(fig, label: str) -> "Markup":
+    """The figure as inline SVG for the page: checked and re-serialised by :func:`medbench.board.html.svg`,
+    ``label`` (which may hold a name from the board) set as escaped attributes."""
     import matplotlib.pyplot as plt
+
+    from medbench.board.html import svg
 
     buf = io.StringIO()
     fig.tight_layout()
     fig.savefig(buf, format="svg", metadata={"Date": None})
     plt.close(fig)
-    text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
-    return text.replace("<svg ", f'<svg class="plot" data-plot="{label}" role="img" aria-label="{label}" ', 1)
+    return svg(buf.getvalue(), {"class": "plot", "data-plot": label, "role": "img", "aria-label": label})
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, else None (a board's numbers are only checked for their JSON type)."""
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 def _mean(s: Any) -> float | None:
-    return s.get("mean") if isinstance(s, dict) else (s if isinstance(s, (int, float)) else None)
+    return _number(s.get("mean")) if isinstance(s, dict) else _number(s)
 
 
-def efficiency_curves(entries: list[dict], kind: str) -> str | None:
+def _spread(s: Any) -> float:
+    """The std of a summary as a non-negative error bar (0 when absent or not a number)."""
+    v = _number(s.get("std")) if isinstance(s, dict) else None
+    return abs(v) if v is not None else 0.0
+
+
+def efficiency_curves(entries: list[dict], kind: str) -> "Markup | None":
     """Headline metric vs training fraction (or shots per class), one line per entry, ± std error bars."""
     lines = []
     for e in entries:
@@ -47,11 +70,12 @@ def efficiency_curves(entries: list[dict], kind: str) -> str | None:
         xs, ys, err = [], [], []
         for p in curve["points"]:
             s = (p.get("metrics") or {}).get(curve["metric"]) or {}
-            if s.get("mean") is None:
+            x = _number(p.get(curve["x"]))
+            if _mean(s) is None or x is None:
                 continue
-            xs.append(p[curve["x"]])
-            ys.append(s["mean"])
-            err.append(s.get("std") or 0.0)
+            xs.append(x)
+            ys.append(_mean(s))
+            err.append(_spread(s))
         if xs:
             lines.append((f"{e['task']} · {e['backbone']} ({e['init']})", xs, ys, err, curve["metric"]))
     if not lines:
@@ -69,7 +93,7 @@ def efficiency_curves(entries: list[dict], kind: str) -> str | None:
     return _svg(fig, f"data-efficiency-{kind}")
 
 
-def shift_heatmap(matrix: dict) -> str | None:
+def shift_heatmap(matrix: dict) -> "Markup | None":
     """Trained on (rows) x evaluated on (columns): the headline metric's seed mean, annotated."""
     import numpy as np
 
@@ -97,7 +121,7 @@ def shift_heatmap(matrix: dict) -> str | None:
     return _svg(fig, "shift-matrix")
 
 
-def calibration_bars(entries: list[dict]) -> str | None:
+def calibration_bars(entries: list[dict]) -> "Markup | None":
     """ECE before and after temperature scaling per entry (seed mean ± std)."""
     rows = []
     for e in entries:
@@ -112,7 +136,7 @@ def calibration_bars(entries: list[dict]) -> str | None:
     fig, ax = _figure(max(4.0, 0.9 * len(rows) + 2), 3.2)
     x = np.arange(len(rows))
     for off, idx, label in ((-0.2, 1, "before"), (0.2, 2, "after T-scaling")):
-        ax.bar(x + off, [_mean(r[idx]) for r in rows], 0.4, yerr=[(r[idx].get("std") or 0) for r in rows],
+        ax.bar(x + off, [_mean(r[idx]) for r in rows], 0.4, yerr=[_spread(r[idx]) for r in rows],
                capsize=2, label=label)
     ax.set_xticks(x, [r[0] for r in rows], fontsize=7)
     ax.set_ylabel("ECE")
@@ -121,7 +145,7 @@ def calibration_bars(entries: list[dict]) -> str | None:
     return _svg(fig, "calibration-ece")
 
 
-def fairness_groups(entry: dict, attribute: str, metric: str = "auc") -> str | None:
+def fairness_groups(entry: dict, attribute: str, metric: str = "auc") -> "Markup | None":
     """One bar per group of ``attribute``: the metric's seed mean with its test-resampling interval."""
     attr = ((entry.get("fairness") or {}).get("attributes") or {}).get(attribute)
     if not attr:
@@ -132,11 +156,12 @@ def fairness_groups(entry: dict, attribute: str, metric: str = "auc") -> str | N
         m = _mean(s)
         if m is None:
             continue
-        ci = s.get("ci") if isinstance(s, dict) else None
+        ci = s.get("ci") if isinstance(s, dict) and isinstance(s.get("ci"), dict) else {}
+        low, high = _number(ci.get("low")), _number(ci.get("high"))
         names.append(f"{g}\n(n={block.get('n')})")
         means.append(m)
-        lo.append(m - ci["low"] if ci and ci.get("low") is not None else 0.0)
-        hi.append(ci["high"] - m if ci and ci.get("high") is not None else 0.0)
+        lo.append(max(0.0, m - low) if low is not None else 0.0)  # an interval that misses its mean: no bar
+        hi.append(max(0.0, high - m) if high is not None else 0.0)
     if not names:
         return None
     fig, ax = _figure(max(3.0, 0.7 * len(names) + 1.8), 2.8)

@@ -10,8 +10,10 @@ linear probe, kNN) also gets them side by side: a Markdown section and the HTML
 view ``protocols``, one row per task x backbone x init, one column per protocol.
 
 The HTML page needs no network: CSS and JS are inline, plots are inline SVG
-(matplotlib) and reliability diagrams base64 PNGs read from the run folders
-when they exist. The table sorts on a header click; the URL hash
+(matplotlib) and reliability diagrams base64 PNGs read from the board's own
+run folders (:func:`run_image`: never another path a board lists). Every
+value is escaped by the element builder of :mod:`medbench.board.html`, and a
+Content-Security-Policy lets only the page's own script run. The table sorts on a header click; the URL hash
 ``#sort=COLUMN:asc|desc&view=VIEW`` sorts and selects a view on load
 (``document.body.dataset.sorted`` / ``.view`` say what was applied).
 """
@@ -19,10 +21,12 @@ when they exist. The table sorts on a header click; the URL hash
 from __future__ import annotations
 
 import base64
-import html
 import json
+import re
 from pathlib import Path
 from typing import Any
+
+from medbench.board.html import Markup, el, fragment, json_script, page
 
 DIGITS = 4
 
@@ -163,9 +167,49 @@ def published_value(e: dict) -> str:
 # --------------------------------------------------------------------------- Markdown
 
 
+class Md(str):
+    """Markdown the renderer made (emphasis around a number): :func:`md_text` leaves it as it is. Never
+    construct it from a board's strings."""
+
+    __slots__ = ()
+
+
+#: what is Markdown (or HTML) anywhere in a line: code, emphasis, table cells, strikethrough, raw HTML and
+#: autolinks (``<``, ``>``), an entity (``&`` before ``name;`` or ``#N;``), a link or image (``](``; without
+#: it ``[`` is text: no reference is ever defined), an underscore at a word's edge (inside a word it is text)
+_MD_INLINE = re.compile(r"[\\`*|~<>]|\](?=\()|&(?=#?[0-9A-Za-z]+;)|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+#: what would make a line (a list item's text, a heading) start a block: heading, quote, list, rule, setext
+_MD_BLOCK_START = re.compile(r"^(?:[#>+=-]|\d+(?=[.)]))")
+_MD_ENTITY = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def md_text(v: Any) -> str:
+    """A value from a board as Markdown text that may start a line (a list item, a heading): :func:`md_cell`,
+    and a leading block marker (``#``, ``>``, ``-``, ``1.``) escaped."""
+    text = md_cell(v)
+    if isinstance(v, Md):
+        return text
+    start = _MD_BLOCK_START.match(text)
+    if start is None:
+        return text
+    at = start.end() if start.group(0)[0].isdigit() else 0
+    return text[:at] + "\\" + text[at:]
+
+
+def md_emphasis(v: Any, marker: str) -> Md:
+    """``v`` (escaped) in bold (``**``) or italics (``*``)."""
+    return Md(f"{marker}{md_cell(v)}{marker}")
+
+
 def md_cell(v: Any) -> str:
-    """A Markdown table cell: ``|`` escaped, line breaks folded."""
-    return " ".join(str(v).split()).replace("|", "\\|")
+    """A value from a board inside a Markdown line (a table cell): on one line (line breaks folded); code,
+    emphasis, link, image, table, strikethrough and HTML characters escaped (``<`` ``>`` ``&`` as entities,
+    so no renderer reads raw HTML). Names stay readable: ``nih_cxr`` is left as it is (an underscore inside
+    a word is no emphasis). :class:`Md` is kept as it is."""
+    if isinstance(v, Md):
+        return v
+    text = " ".join(str(v).split())
+    return _MD_INLINE.sub(lambda m: _MD_ENTITY.get(m.group(0), "\\" + m.group(0)), text)
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
@@ -194,15 +238,16 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
     for a pull-request comment or a paper draft."""
     published = published or []
     out = ["# medbench leaderboard", "",
-           f"Created {board.get('created') or '–'} · medbench {board['provenance'].get('medbench_version', '–')} · "
-           f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}", "",
+           md_text(f"Created {board.get('created') or '–'} · medbench {board['provenance'].get('medbench_version', '–')} · "
+                   f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}"),
+           "",
            "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
-           "*italics*: not significantly different from the best" + _method_note(board) + ".", ""]
+           "*italics*: not significantly different from the best" + md_cell(_method_note(board)) + ".", ""]
     rows = []
     for e in board["entries"]:
         value = mean_std(e["headline"])
         m = mark(e)
-        value = f"**{value}**" if m == "best" else (f"*{value}*" if m == "tied" else value)
+        value = md_emphasis(value, "**") if m == "best" else (md_emphasis(value, "*") if m == "tied" else value)
         rows.append([e["task"], e["backbone"], label(e), e["headline"]["metric"], value, interval(e["headline"]),
                      len(e.get("seeds") or []), p_text(e), ood_text(e), ece_text(e), temperature_text(e),
                      warning_codes(e)])
@@ -212,8 +257,8 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
     if warned:
         out += ["", "## Warnings", ""]
         for e in warned:
-            out.append(f"* {md_cell(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
-            out += [f"  * {md_cell(line)}" for line in warning_lines(e)]
+            out.append(f"* {md_text(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
+            out += [f"  * {md_text(line)}" for line in warning_lines(e)]
     protocols, prows = protocol_table(board)
     protocol_lines: list[str] = []
     if protocols:
@@ -224,7 +269,7 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
             for p in protocols:
                 e = by.get(p)
                 value = mean_std(e["headline"]) if e else "–"
-                cells.append(f"**{value}**" if e and mark(e) == "best" else value)
+                cells.append(md_emphasis(value, "**") if e and mark(e) == "best" else value)
             table_rows.append([task, backbone, init, metric, *cells])
         protocol_lines = ["Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full training "
                           "set has one seed: its fit is deterministic). **Bold**: best of its task within the protocol.",
@@ -264,8 +309,8 @@ def _md_significance(board: dict) -> list[str]:
     if not rows:
         return []
     method = board.get("significance") or {}
-    note = (f"Test: {method.get('test')}; alpha = {method.get('alpha')}; grouped by "
-            f"{', '.join(method.get('group_by') or [])}.") if method else ""
+    note = md_text(f"Test: {method.get('test')}; alpha = {method.get('alpha')}; grouped by "
+                   f"{', '.join(map(str, method.get('group_by') or []))}.") if method else ""
     return [note, "", *md_table(["task", "backbone", "init", "best", "tied with best", "Δ vs best", "paired interval",
                                  "p"], rows)]
 
@@ -303,7 +348,7 @@ def _md_fairness(board: dict) -> list[str]:
             rows.append([name, worst if isinstance(worst, str) else "varies over seeds",
                          mean_std((a.get("gap") or {}).get("auc")), mean_std(a.get("equalized_odds_difference")),
                          mean_std(a.get("demographic_parity_difference")), groups or "–"])
-        out += ["", f"### {e['task']} · {e['backbone']} ({label(e)})", "",
+        out += ["", f"### {md_text(e['task'])} · {md_text(e['backbone'])} ({md_text(label(e))})", "",
                 *md_table(["attribute", "worst group (AUC)", "AUC gap", "equalized odds diff.",
                            "demographic parity diff.", "groups"], rows)]
     return out[1:] if out else []
@@ -315,7 +360,7 @@ def _md_shift(board: dict) -> list[str]:
         rows = [[c["trained_on"], c["evaluated_on"], c["metric"],
                  mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]),
                  mean_std(c["drop"]) if c.get("drop") else "–"] for c in m["cells"]]
-        out += ["", f"### {m['backbone']} ({m['init']})", "",
+        out += ["", f"### {md_text(m['backbone'])} ({md_text(m['init'])})", "",
                 *md_table(["trained on", "evaluated on", "metric", "value", "drop"], rows)]
     rows = []
     for e in board["entries"]:
@@ -380,7 +425,75 @@ def _md_provenance(board: dict) -> list[str]:
     libs = board["provenance"].get("libraries") or {}
     return [*md_table(["task", "backbone", "init", "task version", "task hash", "data fingerprint", "weights sha256",
                        "seeds", "device", "medbench", "git sha", "date"], rows),
-            "", "Libraries: " + (", ".join(f"{k} {v}" for k, v in libs.items() if v) or "–")]
+            "", "Libraries: " + md_cell(", ".join(f"{k} {v}" for k, v in libs.items() if v) or "–")]
+
+
+# --------------------------------------------------------------------------- the regression gate's report
+
+#: the columns of a compare report row, for the console table and the Markdown form
+COMPARE_COLUMNS = ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "paired interval",
+                   "tolerance (set by)", "status")
+
+
+def signed(v: float | None) -> str:
+    return "–" if v is None else f"{v:+.{DIGITS}f}"
+
+
+def compare_cells(row: dict) -> list[str]:
+    """The cells of one ``medbench compare`` row (without the status, which each form marks its own way)."""
+    iv = row.get("interval")
+    if iv:
+        pair = f"[{signed(iv['low'])}, {signed(iv['high'])}]"
+    else:
+        pair = "unpaired" if row.get("mode") == "unpaired" else "–"
+    tol = "–" if row.get("tolerance") is None else f"{num(row['tolerance'])} ({row['set_by']})"
+    return [row["task"], row["backbone"], label(row), row["metric"], num(row.get("baseline")), num(row.get("new")),
+            signed(row.get("worse_by")), pair, tol]
+
+
+def compare_status(row: dict) -> str:
+    return {"ok": "pass", "better": "pass (better)", "regression": "REGRESSION",
+            "invalid": "FAIL"}[row["status"]] + (f": {row['reason']}" if row.get("reason") else "")
+
+
+def compare_summary(report: dict) -> str:
+    return (f"{report['compared']} compared ({report['paired']} paired), {report['regressions']} regression(s), "
+            f"{report['invalid']} not comparable, {len(report['duplicates'])} duplicate(s), "
+            f"{len(report['missing'])} missing{' (allowed)' if report['missing'] and report['allow_missing'] else ''}, "
+            f"{len(report['added'])} added")
+
+
+def compare_lists(report: dict) -> list[tuple[str, str]]:
+    """(kind, text) lines below the table: duplicates, missing and added entries, changed data, row notes."""
+    def name(e: dict) -> str:
+        return f"{e['task']} · {e['backbone']} · {label(e)}"
+
+    out = [("duplicate", f"{d['board']} holds {name(d)} {len(d['entries'])} times (entries {d['entries']})")
+           for d in report["duplicates"]]
+    out += [("missing", f"in NEW: {name(e)}") for e in report["missing"]]
+    out += [("added", f"in NEW: {name(e)}") for e in report["added"]]
+    out += [("changed data", f"{name(e)}: {e['reason']} (--allow-changed-data)") for e in report["changed_data"]]
+    out += [("note", f"{name(r)} {r['metric']}: {r['note']}") for r in report["rows"] if r.get("note")]
+    return out
+
+
+def render_compare_markdown(report: dict) -> str:
+    """A ``medbench compare`` report as Markdown, e.g. for a pull-request comment."""
+    passed = report["status"] == "pass"
+    rule = report["rule"]
+    out = [f"### medbench regression gate: {'✅ pass' if passed else '❌ regression'}", "",
+           md_text(f"NEW {report['new']['path']} ({report['new']['kind']}) against BASELINE "
+                   f"{report['baseline']['path']} ({report['baseline']['kind']}): {compare_summary(report)}."), "",
+           *md_table(["", *COMPARE_COLUMNS], [["✅" if r["passed"] else "❌", *compare_cells(r), compare_status(r)]
+                                              for r in report["rows"]])]
+    lines = compare_lists(report)
+    if lines:
+        out += [""] + [f"* {md_emphasis(kind, '**')} {md_cell(text)}" for kind, text in lines]
+    out += ["", "<details><summary>Rule</summary>", "",
+            md_text(f"worse by = {rule['worse_by']}; paired: {rule['paired']}; unpaired: {rule['unpaired']}; "
+                    f"regression when {rule['regression']}. abs_tol = {rule['abs_tol']:g}, k_seed = {rule['k_seed']:g}, "
+                    f"k_ci = {rule['k_ci']:g} (calibration: {rule['calibration']})."), "", "</details>"]
+    return "\n".join(out) + "\n"
 
 
 def _method_note(board: dict) -> str:
@@ -462,23 +575,25 @@ JS = r"""
 })();
 """
 
-E = html.escape
+def _td(content: Any, value: Any = None, cls: str = "") -> Markup:
+    return el("td", {"class": cls or None, "data-value": None if value is None else str(value)}, content)
 
 
-def _td(text: Any, value: Any = None, cls: str = "") -> str:
-    dv = "" if value is None else f' data-value="{E(str(value))}"'
-    c = f' class="{cls}"' if cls else ""
-    return f"<td{c}{dv}>{E(str(text))}</td>"
+def _tr(cells: list[Markup], cls: str | None = None, **attrs: Any) -> Markup:
+    return el("tr", {"class": cls, **{k.replace("_", "-"): v for k, v in attrs.items()}}, cells)
 
 
-def _table(headers: list[tuple[str, str]], rows: list[str], *, table_id: str = "", sortable: bool = True) -> str:
-    tid = f' id="{table_id}"' if table_id else ""
-    cls = ' class="sortable"' if sortable else ""
-    head = "".join(f'<th data-col="{E(key)}" aria-sort="none">{E(title)}</th>' for key, title in headers)
-    return f"<table{tid}{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+def _table(headers: list[tuple[str, str]], rows: list[Markup], *, table_id: str = "", sortable: bool = True) -> Markup:
+    head = el("tr", None, [el("th", {"data-col": key, "aria-sort": "none"}, title) for key, title in headers])
+    return el("table", {"id": table_id or None, "class": "sortable" if sortable else None},
+              el("thead", None, head), el("tbody", None, rows))
 
 
-def _overview(board: dict, published: list[dict]) -> str:
+def _note(*content: Any) -> Markup:
+    return el("p", {"class": "note"}, *content)
+
+
+def _overview(board: dict, published: list[dict]) -> Markup:
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
                ("mean", "mean ± std"), ("interval", "interval"), ("seeds", "seeds"), ("p", "p vs best"),
                ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"), ("temperature", "temperature"),
@@ -487,37 +602,39 @@ def _overview(board: dict, published: list[dict]) -> str:
     for e in board["entries"]:
         h = e["headline"]
         ci = h.get("ci") or {}
-        rows.append(f'<tr class="entry {mark(e)}" data-key="{E(json.dumps([e["task"], e["backbone"], label(e)]))}">'
-                    + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
-                    + _td(mean_std(h), h.get("mean"), "value") + _td(interval(h), ci.get("low"))
-                    + _td(len(e.get("seeds") or []), len(e.get("seeds") or [])) + _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value"))
-                    + _td(ood_text(e)) + _td(ece_text(e)) + _td(temperature_text(e)) + _td(warning_codes(e))
-                    + _td("this board") + "</tr>")
+        n_seeds = len(e.get("seeds") or [])
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(h["metric"]),
+                         _td(mean_std(h), h.get("mean"), "value"), _td(interval(h), ci.get("low")),
+                         _td(n_seeds, n_seeds),
+                         _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value")),
+                         _td(ood_text(e)), _td(ece_text(e)), _td(temperature_text(e)), _td(warning_codes(e)),
+                         _td("this board")],
+                        f"entry {mark(e)}", data_key=json.dumps([e["task"], e["backbone"], label(e)])))
     for e in published:
         h = e["headline"]
-        rows.append('<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(h["metric"])
-                    + _td(published_value(e), h.get("mean"), "value") + _td("–") + _td(h.get("n") or "–", h.get("n"))
-                    + _td("–") + _td("–") + _td("–") + _td("–") + _td("–") + _td(f"published: {e.get('citation')}")
-                    + "</tr>")
-    note = ("<p class='note'>Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed "
-            "mean over test resamples. <b>Bold</b>: best entry of its task; <i>italics</i>: not significantly "
-            f"different from the best{E(_method_note(board))}. Click a header to sort.</p>")
-    return note + _table(headers, rows, table_id="board-table") + _warnings(board)
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(h["metric"]),
+                         _td(published_value(e), h.get("mean"), "value"), _td("–"), _td(h.get("n") or "–", h.get("n")),
+                         _td("–"), _td("–"), _td("–"), _td("–"), _td("–"), _td(f"published: {e.get('citation')}")],
+                        "published"))
+    note = _note("Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed mean over "
+                 "test resamples. ", el("b", None, "Bold"), ": best entry of its task; ", el("i", None, "italics"),
+                 f": not significantly different from the best{_method_note(board)}. Click a header to sort.")
+    return fragment(note, _table(headers, rows, table_id="board-table"), _warnings(board))
 
 
-def _warnings(board: dict) -> str:
+def _warnings(board: dict) -> Markup | None:
     items = []
     for e in board["entries"]:
         lines = warning_lines(e)
         if lines:
-            items.append(f"<li>{E(e['task'])} · {E(e['backbone'])} ({E(label(e))})<ul>"
-                         + "".join(f"<li>{E(line)}</li>" for line in lines) + "</ul></li>")
+            items.append(el("li", None, f"{e['task']} · {e['backbone']} ({label(e)})",
+                            el("ul", None, [el("li", None, line) for line in lines])))
     if not items:
-        return ""
-    return "<h3>Warnings</h3><ul class='warnings'>" + "".join(items) + "</ul>"
+        return None
+    return fragment(el("h3", None, "Warnings"), el("ul", {"class": "warnings"}, items))
 
 
-def _significance(board: dict) -> str:
+def _significance(board: dict) -> Markup:
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("best", "best"), ("tied", "tied with best"),
                ("delta", "Δ vs best"), ("interval", "paired interval"), ("p", "p")]
     rows = []
@@ -527,51 +644,107 @@ def _significance(board: dict) -> str:
             continue
         vs = sig.get("vs_best") or {}
         ci = vs.get("ci") or {}
-        rows.append(f'<tr class="{mark(e)}">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
-                    + _td(num(sig["best"])) + _td(num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""))
-                    + _td(num(vs.get("delta")), vs.get("delta")) + _td(f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–")
-                    + _td(num(vs.get("p_value")), vs.get("p_value")) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(num(sig["best"])),
+                         _td(num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else "")),
+                         _td(num(vs.get("delta")), vs.get("delta")),
+                         _td(f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–"),
+                         _td(num(vs.get("p_value")), vs.get("p_value"))], mark(e) or None))
     method = board.get("significance")
-    text = (f"<p class='note'>Test: {E(method['test'])}; alpha = {method['alpha']}; grouped by "
-            f"{', '.join(method['group_by'])}.</p>") if method else "<p class='note'>One entry per task: nothing to compare.</p>"
-    return text + (_table(headers, rows) if rows else "")
+    if method:
+        note = _note(f"Test: {method['test']}; alpha = {method['alpha']}; grouped by "
+                     f"{', '.join(map(str, method['group_by']))}.")
+    else:
+        note = _note("One entry per task: nothing to compare.")
+    return fragment(note, _table(headers, rows) if rows else None)
 
 
-def _reliability_images(e: dict, limit: int = 1) -> list[str]:
+#: a reliability diagram larger than this is not embedded (ours are tens of KB)
+MAX_EMBEDDED_IMAGE_BYTES = 4 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_image(entry: dict, path: str) -> tuple[bytes | None, str]:
+    """The bytes of a figure the board names, or (None, why not). Only the reliability diagram medbench
+    writes in a run folder of this very entry (``calibration/reliability-test.png`` of one of its ``runs``:
+    a complete run folder, the file inside it once links are resolved, checked against the digest the
+    run's ``result.json`` recorded), a PNG by its signature, at most :data:`MAX_EMBEDDED_IMAGE_BYTES`.
+    Any other path a board lists (``/home/you/secret.png``) is never read."""
+    import os
+
+    from medbench.errors import MedbenchError
+    from medbench.paths import is_inside
+    from medbench.store import RunDir
+    from medbench.store.scores import RELIABILITY
+
+    wanted = os.path.realpath(path)
+    for run_path in entry.get("runs") or []:
+        if not isinstance(run_path, str):
+            continue
+        run = RunDir(Path(run_path))
+        candidate = run.path / RELIABILITY
+        if os.path.realpath(candidate) != wanted:
+            continue
+        if not is_inside(os.path.realpath(run.path), wanted):
+            return None, "it lies outside its run folder"
+        if not run.complete:
+            return None, "its run folder holds no complete run"
+        try:
+            if candidate.stat().st_size > MAX_EMBEDDED_IMAGE_BYTES:
+                return None, "it is larger than a reliability diagram"
+            data = run.read_bytes(RELIABILITY)
+        except (OSError, MedbenchError) as err:
+            return None, str(err)
+        if not data.startswith(PNG_SIGNATURE):
+            return None, "it is not a PNG"
+        return data, ""
+    return None, "it is not the reliability diagram of one of this entry's runs"
+
+
+def _reliability_images(e: dict, limit: int = 1, consider: int = 10) -> list[Markup]:
+    """Up to ``limit`` of the entry's reliability diagrams (of the first ``consider`` paths it lists), and a
+    note for each listed path that is not shown (:func:`run_image` says why)."""
     out = []
-    for p in ((e.get("calibration") or {}).get("reliability_diagrams") or [])[:limit]:
-        path = Path(p)
-        if path.is_file() and path.suffix.lower() == ".png":
-            data = base64.b64encode(path.read_bytes()).decode()
-            out.append(f'<figure><img class="reliability" data-plot="reliability" alt="reliability diagram" '
-                       f'src="data:image/png;base64,{data}"><figcaption>{E(e["task"])} · {E(e["backbone"])} '
-                       f'({E(label(e))}), run {E(path.parent.parent.name)}</figcaption></figure>')
+    shown = 0
+    for p in ((e.get("calibration") or {}).get("reliability_diagrams") or [])[:consider]:
+        if shown >= limit:
+            break
+        if not isinstance(p, str):
+            continue
+        data, why = run_image(e, p)
+        if data is None:
+            out.append(_note(f"Reliability diagram {p} not shown: {why}."))
+            continue
+        shown += 1
+        src = "data:image/png;base64," + base64.b64encode(data).decode()
+        out.append(el("figure", None,
+                      el("img", {"class": "reliability", "data-plot": "reliability", "alt": "reliability diagram",
+                                 "src": src}),
+                      el("figcaption", None, f"{e['task']} · {e['backbone']} ({label(e)}), run {Path(p).parent.parent.name}")))
     return out
 
 
-def _calibration(board: dict) -> str:
+def _calibration(board: dict) -> Markup:
     from medbench.board.plots import calibration_bars
 
     headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("ece_b", "ECE"), ("ece_a", "ECE (T-scaled)"),
                ("brier_b", "Brier"), ("nll_b", "NLL"), ("temperature", "temperature scaling")]
     rows = []
-    imgs: list[str] = []
+    imgs: list[Markup] = []
     for e in board["entries"]:
         cal = e.get("calibration")
         if not cal:
             continue
         b, a = cal.get("before") or {}, cal.get("after") or {}
-        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e))
-                    + "".join(_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll")))
-                    + _td(temperature_text(e)) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e))]
+                        + [_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll"))]
+                        + [_td(temperature_text(e))]))
         imgs += _reliability_images(e)
     if not rows:
-        return "<p class='note'>No calibration blocks in this board.</p>"
-    plot = calibration_bars(board["entries"]) or ""
-    return _table(headers, rows) + f"<div class='plots'>{plot}{''.join(imgs)}</div>"
+        return _note("No calibration blocks in this board.")
+    return fragment(_table(headers, rows), el("div", {"class": "plots"}, calibration_bars(board["entries"]), imgs))
 
 
-def _fairness(board: dict) -> str:
+def _fairness(board: dict) -> Markup:
     from medbench.board.plots import fairness_groups
 
     parts = []
@@ -586,67 +759,67 @@ def _fairness(board: dict) -> str:
             worst = (a.get("worst_group") or {}).get("auc") if isinstance(a.get("worst_group"), dict) else a.get("worst_group")
             groups = ", ".join(f"{g}: {num(_m(b.get('auc')))}" for g, b in (a.get("groups") or {}).items()
                                if isinstance(b, dict))
-            rows.append("<tr>" + _td(name) + _td(worst if isinstance(worst, str) else "varies")
-                        + _td(mean_std((a.get("gap") or {}).get("auc")), _m((a.get("gap") or {}).get("auc")))
-                        + _td(mean_std(a.get("equalized_odds_difference")), _m(a.get("equalized_odds_difference")))
-                        + _td(groups) + "</tr>")
-        plots = [p for p in (fairness_groups(e, n) for n in list(attrs)[:3]) if p]
-        parts.append(f"<h3>{E(e['task'])} · {E(e['backbone'])} ({E(label(e))})</h3>" + _table(headers, rows)
-                     + f"<div class='plots'>{''.join(plots)}</div>")
-    return "".join(parts) or "<p class='note'>No fairness blocks in this board.</p>"
+            rows.append(_tr([_td(name), _td(worst if isinstance(worst, str) else "varies"),
+                             _td(mean_std((a.get("gap") or {}).get("auc")), _m((a.get("gap") or {}).get("auc"))),
+                             _td(mean_std(a.get("equalized_odds_difference")), _m(a.get("equalized_odds_difference"))),
+                             _td(groups)]))
+        plots = [fairness_groups(e, n) for n in list(attrs)[:3]]
+        parts.append(fragment(el("h3", None, f"{e['task']} · {e['backbone']} ({label(e)})"), _table(headers, rows),
+                              el("div", {"class": "plots"}, plots)))
+    return fragment(parts) if parts else _note("No fairness blocks in this board.")
 
 
-def _shift(board: dict) -> str:
+def _shift(board: dict) -> Markup:
     from medbench.board.plots import shift_heatmap
 
     parts = []
     for m in board.get("shift_matrix") or []:
-        rows = ["<tr>" + _td(c["trained_on"]) + _td(c["evaluated_on"]) + _td(c["metric"])
-                + _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"]))
-                + (_td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")) + "</tr>" for c in m["cells"]]
-        plot = shift_heatmap(m) or ""
-        parts.append(f"<h3>{E(m['backbone'])} ({E(m['init'])})</h3><div class='plots'>{plot}</div>"
-                     + _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
-                               ("value", "value"), ("drop", "drop")], rows))
-    return "".join(parts) or "<p class='note'>No OOD targets in this board.</p>"
+        rows = [_tr([_td(c["trained_on"]), _td(c["evaluated_on"]), _td(c["metric"]),
+                     _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"])),
+                     _td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")]) for c in m["cells"]]
+        parts.append(fragment(el("h3", None, f"{m['backbone']} ({m['init']})"),
+                              el("div", {"class": "plots"}, shift_heatmap(m)),
+                              _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
+                                      ("value", "value"), ("drop", "drop")], rows)))
+    return fragment(parts) if parts else _note("No OOD targets in this board.")
 
 
-def _convergence(board: dict) -> str:
+def _convergence(board: dict) -> Markup:
     rows = []
     for e in board["entries"]:
         c = e.get("convergence")
         if not c:
             continue
-        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(c.get("metric", ""))
-                    + _td(mean_std(c.get("steps_to_95")), _m(c.get("steps_to_95")))
-                    + _td(mean_std(c.get("steps_to_99")), _m(c.get("steps_to_99")))
-                    + _td(c.get("total_steps", "–"), c.get("total_steps")) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(c.get("metric", "")),
+                         _td(mean_std(c.get("steps_to_95")), _m(c.get("steps_to_95"))),
+                         _td(mean_std(c.get("steps_to_99")), _m(c.get("steps_to_99"))),
+                         _td(c.get("total_steps", "–"), c.get("total_steps"))]))
     if not rows:
-        return "<p class='note'>No convergence blocks in this board.</p>"
+        return _note("No convergence blocks in this board.")
     return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "validation metric"),
                    ("s95", "steps to 95%"), ("s99", "steps to 99%"), ("total", "total steps")], rows)
 
 
-def _efficiency(board: dict) -> str:
+def _efficiency(board: dict) -> Markup:
     from medbench.board.plots import efficiency_curves
 
-    plots = [p for p in (efficiency_curves(board["entries"], k) for k in ("fraction", "shots")) if p]
+    plots = [efficiency_curves(board["entries"], k) for k in ("fraction", "shots")]
     rows = []
     for e in board["entries"]:
         for kind, curve in (e.get("data_efficiency") or {}).items():
             for p in curve["points"]:
                 s = (p.get("metrics") or {}).get(curve["metric"])
-                rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(kind) + _td(p[curve["x"]], p[curve["x"]])
-                            + _td(mean_std(s), _m(s)) + "</tr>")
-            rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(f"{kind}: normalized area") + _td("–")
-                        + _td(mean_std(curve.get("area")), _m(curve.get("area"))) + "</tr>")
+                rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(kind), _td(p[curve["x"]], p[curve["x"]]),
+                                 _td(mean_std(s), _m(s))]))
+            rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(f"{kind}: normalized area"), _td("–"),
+                             _td(mean_std(curve.get("area")), _m(curve.get("area")))]))
     if not rows:
-        return "<p class='note'>No data-efficiency runs (--fractions/--shots) in this board.</p>"
-    return f"<div class='plots'>{''.join(plots)}</div>" + _table(
-        [("task", "task"), ("backbone", "backbone"), ("kind", "kind"), ("x", "x"), ("value", "headline")], rows)
+        return _note("No data-efficiency runs (--fractions/--shots) in this board.")
+    return fragment(el("div", {"class": "plots"}, plots), _table(
+        [("task", "task"), ("backbone", "backbone"), ("kind", "kind"), ("x", "x"), ("value", "headline")], rows))
 
 
-def _resolution(board: dict) -> str:
+def _resolution(board: dict) -> Markup:
     rows = []
     for e in board["entries"]:
         res = e.get("resolution")
@@ -655,60 +828,64 @@ def _resolution(board: dict) -> str:
         for p in res["points"]:
             s = (p.get("metrics") or {}).get(res["metric"])
             rel = (p.get("relative_to_default") or {})
-            rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(p["crop"], p["crop"]) + _td(mean_std(s), _m(s))
-                        + _td(num(rel.get("delta")), rel.get("delta")) + _td(num(rel.get("p_value")), rel.get("p_value")) + "</tr>")
+            rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(p["crop"], p["crop"]), _td(mean_std(s), _m(s)),
+                             _td(num(rel.get("delta")), rel.get("delta")), _td(num(rel.get("p_value")), rel.get("p_value"))]))
     if not rows:
-        return "<p class='note'>No resolution runs (--resolutions) in this board.</p>"
+        return _note("No resolution runs (--resolutions) in this board.")
     return _table([("task", "task"), ("backbone", "backbone"), ("crop", "crop"), ("value", "headline"),
                    ("delta", "Δ vs default"), ("p", "p")], rows)
 
 
-def _protocols(board: dict) -> str:
+def _protocols(board: dict) -> Markup:
     protocols, rows = protocol_table(board)
     if not protocols:
-        return ("<p class='note'>One protocol in this board. <code>medbench run --protocol finetune,linear,knn</code> "
-                "evaluates a backbone by fine-tuning, a linear probe and kNN on frozen features.</p>")
+        return _note("One protocol in this board. ", el("code", None, "medbench run --protocol finetune,linear,knn"),
+                     " evaluates a backbone by fine-tuning, a linear probe and kNN on frozen features.")
     out = []
     for (task, backbone, init), by in rows:
         metric = next(iter(by.values()))["headline"]["metric"]
-        cells = "".join(_td(mean_std(by[p]["headline"]) if p in by else "–",
-                            by[p]["headline"].get("mean") if p in by else None, "value") for p in protocols)
-        out.append("<tr>" + _td(task) + _td(backbone) + _td(init) + _td(metric) + cells + "</tr>")
-    note = ("<p class='note'>The headline metric of each protocol (mean ± std over seeds): full fine-tuning, a "
-            "linear probe and kNN on frozen features. A probe of pre-trained weights on the full training set has one "
-            "seed (its fit is deterministic).</p>")
-    return note + _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
-                          *[(p, p) for p in protocols]], out)
+        cells = [_td(mean_std(by[p]["headline"]) if p in by else "–",
+                     by[p]["headline"].get("mean") if p in by else None, "value") for p in protocols]
+        out.append(_tr([_td(task), _td(backbone), _td(init), _td(metric), *cells]))
+    note = _note("The headline metric of each protocol (mean ± std over seeds): full fine-tuning, a linear probe and "
+                 "kNN on frozen features. A probe of pre-trained weights on the full training set has one seed (its "
+                 "fit is deterministic).")
+    return fragment(note, _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
+                                  *[(p, p) for p in protocols]], out))
 
 
-def _published(published: list[dict]) -> str:
+def _published(published: list[dict]) -> Markup:
     if not published:
-        return "<p class='note'>No published rows for these tasks (or --published not given).</p>"
-    rows = ['<tr class="published">' + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(e["headline"]["metric"])
-            + _td(published_value(e), e["headline"].get("mean")) + _td(e.get("citation"))
-            + _td(f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}") + "</tr>"
-            for e in published]
+        return _note("No published rows for these tasks (or --published not given).")
+    rows = [_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(e["headline"]["metric"]),
+                 _td(published_value(e), e["headline"].get("mean")), _td(e.get("citation")),
+                 _td(f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}")],
+                "published") for e in published]
     return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
                    ("value", "mean ± std"), ("citation", "citation"), ("paper", "paper's row / column")], rows)
 
 
-def _provenance(board: dict) -> str:
+def _provenance(board: dict) -> Markup:
     rows = []
     for e in board["entries"]:
         p = e.get("provenance") or {}
-        rows.append("<tr>" + _td(e["task"]) + _td(e["backbone"]) + _td(label(e)) + _td(p.get("task_version"))
-                    + _td((p.get("task_hash") or "")[:12]) + _td((p.get("data_fingerprint") or "")[:12])
-                    + _td((p.get("weights_sha256") or "–")[:12]) + _td(", ".join(map(str, p.get("seeds") or [])))
-                    + _td((p.get("device") or {}).get("device", "–")) + _td(p.get("medbench_version"))
-                    + _td((p.get("git_sha") or "–")[:12]) + _td(p.get("date")) + "</tr>")
+        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(p.get("task_version")),
+                         _td(str(p.get("task_hash") or "")[:12]), _td(str(p.get("data_fingerprint") or "")[:12]),
+                         _td(str(p.get("weights_sha256") or "–")[:12]), _td(", ".join(map(str, p.get("seeds") or []))),
+                         _td((p.get("device") or {}).get("device", "–")), _td(p.get("medbench_version")),
+                         _td(str(p.get("git_sha") or "–")[:12]), _td(p.get("date"))]))
     libs = board["provenance"].get("libraries") or {}
-    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("tv", "task version"),
-                   ("th", "task hash"), ("data", "data fingerprint"), ("w", "weights sha256"), ("seeds", "seeds"),
-                   ("device", "device"), ("mv", "medbench"), ("git", "git sha"), ("date", "date")], rows) + (
-        "<p class='note'>Libraries: " + E(", ".join(f"{k} {v}" for k, v in libs.items() if v)) + "</p>")
+    return fragment(_table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("tv", "task version"),
+                            ("th", "task hash"), ("data", "data fingerprint"), ("w", "weights sha256"),
+                            ("seeds", "seeds"), ("device", "device"), ("mv", "medbench"), ("git", "git sha"),
+                            ("date", "date")], rows),
+                    _note("Libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v)))
 
 
 def render_html(board: dict, published: list[dict] | None = None, title: str = "medbench leaderboard") -> str:
+    """One self-contained page: every value from the board escaped for its context by the element builder
+    (:mod:`medbench.board.html`), a Content-Security-Policy that runs only the page's own script, nothing
+    fetched; the board itself rides along as an inline JSON data block (``#leaderboard-data``)."""
     published = published or []
     prov = board["provenance"]
     sections = {"overview": _overview(board, published), "protocols": _protocols(board),
@@ -716,11 +893,10 @@ def render_html(board: dict, published: list[dict] | None = None, title: str = "
                 "calibration": _calibration(board), "fairness": _fairness(board), "shift": _shift(board),
                 "convergence": _convergence(board), "data-efficiency": _efficiency(board),
                 "resolution": _resolution(board), "published": _published(published), "provenance": _provenance(board)}
-    nav = "".join(f'<a href="#view={k}" data-view="{k}">{E(t)}</a>' for k, t in VIEWS)
-    body = "".join(f'<section class="view" id="view-{k}"><h2>{E(t)}</h2>{sections[k]}</section>' for k, t in VIEWS)
+    nav = el("nav", None, [el("a", {"href": f"#view={k}", "data-view": k}, t) for k, t in VIEWS])
+    views = [el("section", {"class": "view", "id": f"view-{k}"}, el("h2", None, t), sections[k]) for k, t in VIEWS]
     meta = (f"created {board.get('created') or '–'} · medbench {prov.get('medbench_version', '–')} · git "
             f"{prov.get('git_sha') or '–'} · {board['schema']} v{board['schema_version']} · {len(board['entries'])} entries")
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{E(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{E(title)}</h1><div class='meta'>{E(meta)}</div>"
-            f"<nav>{nav}</nav>{body}<script>{JS}</script></body></html>\n")
+    body = fragment(el("h1", None, title), el("div", {"class": "meta"}, meta), nav, views,
+                    json_script("leaderboard-data", board))
+    return page(title, CSS, body, JS)

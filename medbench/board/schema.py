@@ -22,7 +22,9 @@ SCHEMA_NAME = "medbench-leaderboard"
 #: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
 #: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump.
 #: Entries' optional ``warnings`` list (codes and one-line messages, see medbench.scoring.checks) was added the
-#: same way: optional, so every earlier version-2 board stays valid
+#: same way: optional, so every earlier version-2 board stays valid; so was entries' optional ``replicates`` block
+#: (what the paired regression gate needs, medbench.board.replicates): a board without it is gated by the
+#: unpaired rule
 SCHEMA_VERSION = 2
 #: what identifies an entry: runs of other values are never pooled, and entries are matched on it. ``regime``
 #: is "" for full fine-tuning (absent from the entry); ``protocol`` (``finetune``, ``linear``, ``knn``, see
@@ -122,10 +124,10 @@ def load_board(path: Path, *, field: str | None = None) -> dict:
         raise LeaderboardFormatError("no such file; expected a leaderboard JSON file", where=path, field=field) from None
     except OSError as err:
         raise LeaderboardFormatError(f"cannot read it ({err.strerror or err})", where=path, field=field) from None
-    try:
-        board = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LeaderboardFormatError(f"not JSON (line {err.lineno}, column {err.colno}: {err.msg}); expected a "
-                                     "leaderboard JSON file", where=path, field=field) from None
+    from medbench.utils import parse_json
+
+    # malformed or nested past MAX_JSON_DEPTH levels: one line naming the file, not a RecursionError
+    board = parse_json(text, where=path, error=LeaderboardFormatError, field=field,
+                       expected="a leaderboard JSON file")
     validate_board(board, where=path)
     return board

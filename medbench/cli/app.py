@@ -56,6 +56,15 @@ class LauncherChoice(str, Enum):
     slurm = "slurm"
 
 
+def finite(value: float | None) -> float | None:
+    """typer callback: a float option must be a finite number (``nan``/``inf`` parse as floats)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"expected a finite number, got {value}")
+    return value
+
+
 TASKS_DIR_OPT = typer.Option(None, "--tasks-dir", help="Extra folder of task/suite YAML files (repeatable).")
 VERIFY_PIXELS_OPT = typer.Option(
     False, "--verify-pixels", help="Key the preprocessing cache and the runs on the sha256 of every image file "
@@ -91,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         else:  # typer/click's own argument errors (missing option, bad value, unknown command, ...)
             ctx = getattr(err, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            print(f"medbench: error: {' '.join(err.format_message().split())}{where}", file=sys.stderr)
+            from medbench.cli.console import plain
+
+            print(f"medbench: error: {plain(err.format_message())}{where}", file=sys.stderr)
             code = getattr(err, "exit_code", 2) or 2
     except aborts:
         print("medbench: interrupted; completed runs are kept", file=sys.stderr)
@@ -99,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # an error outside the commands' own handling: still one line
         if DEBUG["on"]:
             raise
-        print(f"medbench: error: unexpected {type(err).__name__}: {' '.join(str(err).split())} "
+        from medbench.cli.console import plain
+
+        print(f"medbench: error: unexpected {type(err).__name__}: {plain(err)} "
               "(--debug shows the traceback)", file=sys.stderr)
         code = 2
     sys.exit(code if isinstance(code, int) else 0)

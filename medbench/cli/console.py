@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import typer
 
 DEBUG = {"on": False}
+
+#: control characters (C0 but tab and newline, DEL, C1): a name from a board or a data file could otherwise
+#: move the cursor, retitle or clear the terminal
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(value: object) -> str:
+    """A value as one line of terminal text: control characters removed, whitespace runs as one space."""
+    return " ".join(_CONTROL.sub("", str(value)).split())
+
+
+def safe(value: object) -> str:
+    """A value from data (a board, a task, a label file) inside rich markup: :func:`plain`, with rich's markup
+    escaped (``[/]`` would otherwise be a markup error, ``[link=...]`` a hyperlink)."""
+    from rich.markup import escape
+
+    return escape(plain(value))
+
+
+def cell(value: object, style: str | None = None):
+    """A table cell that is text, never markup (rich parses ``str`` cells as markup)."""
+    from rich.text import Text
+
+    return value if isinstance(value, Text) else Text(plain(value), style=style or "")
+
+
+def row(table, *cells: object) -> None:
+    table.add_row(*(cell(c) for c in cells))
 
 
 def console(stderr: bool = False):
@@ -31,9 +60,9 @@ def fail(err: BaseException) -> None:
 
         err = output_error(Path(err.filename) if err.filename else Path("."), err)
     if isinstance(err, MedbenchError):
-        code, text = err.exit_code, str(err)
+        code, text = err.exit_code, plain(err)
     else:  # not a user error: still one line; --debug shows where it came from
-        code, text = 2, f"unexpected {type(err).__name__}: {' '.join(str(err).split())} (--debug shows the traceback)"
+        code, text = 2, f"unexpected {type(err).__name__}: {plain(err)} (--debug shows the traceback)"
     print(f"medbench: error: {text}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -71,7 +100,6 @@ def _fmt(summary: dict | None, pct: bool = False) -> str:
 
 
 def print_board(board: dict) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from medbench.board.render import label, temperature_text, warning_codes, warning_lines
@@ -89,9 +117,8 @@ def print_board(board: dict) -> None:
                if cal.get("before") and cal.get("after") else "-")
         init = label(e)
         sig = e.get("significance") or {}  # best of its task in bold, not significantly different in italics
-        value = _fmt(e["headline"])
-        value = f"[bold]{value}[/bold]" if sig.get("best") else (f"[italic]{value}[/italic]" if sig.get("tied_with_best") else value)
-        table.add_row(e["task"], e["backbone"], init, metric, value,
+        value = cell(_fmt(e["headline"]), "bold" if sig.get("best") else ("italic" if sig.get("tied_with_best") else None))
+        row(table, e["task"], e["backbone"], init, metric, value,
                       f"[{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "-",
                       _fmt(e["metrics"].get("accuracy")), str(len(e["seeds"])), ood or "-", ece, temperature_text(e),
                       _largest_gap(e), warning_codes(e))
@@ -99,8 +126,8 @@ def print_board(board: dict) -> None:
     con.print(table)
     for e in board["entries"]:
         for line in warning_lines(e):
-            con.print(f"[yellow]warning[/yellow] {escape(e['task'])} · {escape(e['backbone'])} · {escape(label(e))}: "
-                      f"{escape(line)}", soft_wrap=True)
+            con.print(f"[yellow]warning[/yellow] {safe(e['task'])} · {safe(e['backbone'])} · {safe(label(e))}: "
+                      f"{safe(line)}", soft_wrap=True)
     print_protocols(board)
 
 
@@ -121,8 +148,8 @@ def print_protocols(board: dict) -> None:
         for p in protocols:
             e = by.get(p)
             value = mean_std(e["headline"]) if e else "-"
-            cells.append(f"[bold]{value}[/bold]" if e and mark(e) == "best" else value)
-        table.add_row(task, backbone, init, next(iter(by.values()))["headline"]["metric"], *cells)
+            cells.append(cell(value, "bold" if e and mark(e) == "best" else None))
+        row(table, task, backbone, init, next(iter(by.values()))["headline"]["metric"], *cells)
     console().print(table)
 
 
@@ -182,9 +209,9 @@ def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
         pflops = "?"
         if p.pflops_per_run:  # "+?": evaluation unknown (split sizes not counted), training only
             pflops = f"{p.pflops_per_run:.3g}" + ("" if p.eval_pflops_per_run is not None else "+?")
-        table.add_row(p.task, p.dataset, p.data_status, n, str(int(p.steps)) if p.steps else "?", str(p.batch_size),
-                      f"{p.lr:.3g}" if p.lr is not None else "?", f"{p.resize}->{p.crop}", str(p.seeds),
-                      f"{p.gflops_per_image:.1f}", pflops, duration(h), _gb(p.memory))
+        row(table, p.task, p.dataset, p.data_status, n, str(int(p.steps)) if p.steps else "?", str(p.batch_size),
+            f"{p.lr:.3g}" if p.lr is not None else "?", f"{p.resize}->{p.crop}", str(p.seeds),
+            f"{p.gflops_per_image:.1f}", pflops, duration(h), _gb(p.memory))
     con = console()
     con.print(table)
     runs = sum(p.seeds for p in plans)
@@ -206,16 +233,22 @@ def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
     worst = max((p for p in plans if p.memory), key=lambda p: p.memory["total"], default=None)
     if worst is not None:
         m = worst.memory
-        con.print(f"memory per device, largest task ({worst.task}, micro-batch {m['micro_batch']}): "
+        con.print(f"memory per device, largest task ({safe(worst.task)}, micro-batch {m['micro_batch']}): "
                   f"params {m['params'] / 1e9:.2f} GB + grads {m['grads'] / 1e9:.2f} + optimizer "
                   f"{m['optimizer'] / 1e9:.2f} + activations {m['activations'] / 1e9:.2f} (measured on the meta "
                   f"device{', fp32 upper bound' if m['activations_upper_bound'] else ''}) = {m['total'] / 1e9:.2f} GB; "
                   "--micro-batch N lowers the activations")
+        auto, free = m.get("auto_micro_batch"), m.get("assumed_free_bytes", 0) / 1e9
+        con.print(f"--micro-batch auto (the default on GPUs) on a device with {free:.0f} GB free (--assume-memory): "
+                  + (f"micro-batch {auto} x {m['per_device_batch'] // auto} accumulation steps for {worst.task}, "
+                     "confirmed by a trial step when the run starts" if auto else
+                     f"not even 1 image of {worst.task} fits; use a smaller input or backbone"), soft_wrap=True)
     told = set()
     for p in plans:
         if p.data_status in ("missing", "incomplete"):
             where = p.data_path or f"--data {p.dataset}=PATH or --data-root DIR"
-            con.print(f"[yellow]missing[/yellow] dataset {p.dataset!r} for {p.task} (looked in {where}): {p.how_to_get}")
+            con.print(f"[yellow]missing[/yellow] dataset {safe(repr(p.dataset))} for {safe(p.task)} (looked in "
+                      f"{safe(where)}): {safe(p.how_to_get)}")
             told.add(p.dataset)
     for p in plans:  # an OOD target without data is skipped and recorded at run time: not an error
         for o in p.ood or []:
@@ -224,8 +257,9 @@ def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
             where = o["data_path"] or f"--data {o['dataset']}=PATH or --data-root DIR"
             how = "how to get it: see above" if o["dataset"] in told else o["how_to_get"]
             told.add(o["dataset"])
-            con.print(f"[yellow]OOD target[/yellow] {o['name']!r} of {p.task} has no data (dataset {o['dataset']!r}, "
-                      f"looked in {where}); it will be skipped and recorded, not an error; {how}")
+            con.print(f"[yellow]OOD target[/yellow] {safe(repr(o['name']))} of {safe(p.task)} has no data (dataset "
+                      f"{safe(repr(o['dataset']))}, looked in {safe(where)}); it will be skipped and recorded, not an "
+                      f"error; {safe(how)}")
 
 
 def score_line(scores: dict) -> str:
@@ -263,36 +297,35 @@ def print_published(board: dict) -> None:
         table.add_column(col)
     for e in rows:
         paper = e.get("paper") or {}
-        table.add_row(e["task"], e["backbone"], label(e), e["headline"]["metric"], published_value(e), e["citation"],
+        row(table, e["task"], e["backbone"], label(e), e["headline"]["metric"], published_value(e), e["citation"],
                       f"{paper.get('target', '')} / {paper.get('column', '')}")
     if not rows:
         table.add_row("-", "-", "-", "-", "no published rows for these tasks", "-", "-")
     console().print(table)
 
 
-def print_compare(report: dict, baseline: Path, new: Path) -> None:
+def print_compare(report: dict) -> None:
     from rich.table import Table
 
-    from medbench.board.render import label
+    from medbench.board.render import COMPARE_COLUMNS, compare_cells, compare_lists, compare_status, compare_summary
 
-    fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-    table = Table(title=f"medbench compare: {new} against {baseline} (worse by > tolerance fails)")
-    for col in ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "tolerance", "status"):
+    new, base = report["new"], report["baseline"]
+    table = Table(title=safe(f"medbench compare: {new['path']} ({new['kind']}) against {base['path']} ({base['kind']}); "
+                             "worse by > tolerance fails"))
+    for col in COMPARE_COLUMNS:
         table.add_column(col)
-    style = {"regression": "[red]REGRESSION[/red]", "better": "[green]better[/green]", "ok": "ok"}
     for r in report["rows"]:
-        init = label(r)
-        status = style[r["status"]] + (f" ({r['reason']})" if r.get("reason") else "")
-        table.add_row(r["task"], r["backbone"], init, r["metric"], fmt(r["baseline"]), fmt(r["new"]),
-                      fmt(r["worse_by"]), fmt(r.get("tolerance")), status)
+        row(table, *compare_cells(r), cell(compare_status(r), "green" if r["passed"] else "red"))
     con = console()
     con.print(table)
-    for what, color in (("missing", "red"), ("added", "yellow")):
-        for e in report[what]:
-            con.print(f"[{color}]{what}[/{color}] in NEW: {e['task']} {e['backbone']} {label(e)}")
+    colors = {"duplicate": "red", "missing": "red" if not report["allow_missing"] else "yellow", "added": "yellow",
+              "changed data": "yellow", "note": "dim"}
+    for kind, text in compare_lists(report):
+        con.print(f"[{colors[kind]}]{kind}[/{colors[kind]}] {safe(text)}", soft_wrap=True)
     verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
-    con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
-              f"{len(report['missing'])} missing, {len(report['added'])} added")
+    rule = report["rule"]
+    con.print(f"{verdict}: {compare_summary(report)} (abs_tol {rule['abs_tol']:g}, k_seed {rule['k_seed']:g}, "
+              f"k_ci {rule['k_ci']:g})")
 
 
 def print_status(report: dict, as_json: bool) -> None:
@@ -307,14 +340,14 @@ def print_status(report: dict, as_json: bool) -> None:
         for col in ("job", "launcher", "id", "state", "seconds", "error"):
             table.add_column(col)
         for j in report["jobs"]:
-            table.add_row(j["name"], j["launcher"] or "-", j["job_id"] or "-", j["state"],
+            row(table, j["name"], j["launcher"] or "-", j["job_id"] or "-", j["state"],
                           f"{j['seconds']:.0f}" if j["seconds"] is not None else "-", j["error"] or "")
         con.print(table)
     table = Table(title="runs")
     for col in ("task", "backbone", "run", "state", "checkpoint step", "error"):
         table.add_column(col)
     for r in report["runs"]:
-        table.add_row(r["task"], r["backbone"], r["run"], r["state"],
+        row(table, r["task"], r["backbone"], r["run"], r["state"],
                       str(r["checkpoint_step"]) if r["checkpoint_step"] else "-", r["error"] or "")
     con.print(table)
     for what, counts in report["counts"].items():
@@ -325,8 +358,8 @@ def print_inspection(summary: dict) -> None:
     from rich.table import Table
 
     con = console()
-    con.print(f"task {summary['task']} (dataset {summary['dataset']}, adapter {summary['adapter']}, "
-              f"root {summary['root'] or '-'}): {summary['n']:,} images, {summary['patients']:,} patients")
+    con.print(f"task {safe(summary['task'])} (dataset {safe(summary['dataset'])}, adapter {safe(summary['adapter'])}, "
+              f"root {safe(summary['root'] or '-')}): {summary['n']:,} images, {summary['patients']:,} patients")
     splits = summary["splits"]
     table = Table(title="labels per split: positive / negative / missing (prevalence: positive share of the "
                         "labelled images)")
@@ -335,13 +368,13 @@ def print_inspection(summary: dict) -> None:
         table.add_column(f"{name} ({part['n']:,} img, {part['patients']:,} pat)")
     labels = next(iter(splits.values()))["labels"]
 
-    def cell(c: dict) -> str:
+    def prevalence_cell(c: dict) -> str:
         prev = c.get("prevalence")
         return (f"{c['pos']:,} / {c['neg']:,} / {c['missing']:,}"
                 + (f" ({100 * prev:.1f} %)" if prev is not None else ""))
 
     for label in labels:
-        table.add_row(label, *[cell(p["labels"][label]) for p in splits.values()])
+        row(table, label, *[prevalence_cell(p["labels"][label]) for p in splits.values()])
     con.print(table)
     attrs = Table(title="attributes per split")
     attrs.add_column("attribute")
@@ -351,18 +384,16 @@ def print_inspection(summary: dict) -> None:
     for attr, values in next(iter(splits.values()))["attributes"].items():
         every = sorted({v for p in splits.values() for v in p["attributes"].get(attr, {})})
         for v in every:
-            attrs.add_row(attr, v, *[f"{p['attributes'][attr].get(v, 0):,}" for p in splits.values()])
+            row(attrs, attr, v, *[f"{p['attributes'][attr].get(v, 0):,}" for p in splits.values()])
     con.print(attrs)
     if summary["images"] == "files":
         con.print(f"image files: {summary['files_checked']:,} checked, {summary['missing_files']:,} missing"
-                  + (f" (e.g. {', '.join(summary['missing_examples'][:3])})" if summary["missing_files"] else ""))
+                  + (f" (e.g. {safe(', '.join(summary['missing_examples'][:3]))})" if summary["missing_files"] else ""))
     for key, value in summary["notes"].items():
-        con.print(f"{key}: {value}", soft_wrap=True, markup=False)
-    from rich.markup import escape
-
+        con.print(f"{safe(key)}: {safe(value)}", soft_wrap=True)
     problems = summary.get("problems") or []
     for problem in problems:  # what would stop 'medbench run' before training
-        con.print(f"[red]problem[/red]: {escape(problem)}", soft_wrap=True)
+        con.print(f"[red]problem[/red]: {safe(problem)}", soft_wrap=True)
     if problems:
         con.print(f"{len(problems)} problem(s): 'medbench run' refuses this task before training until they are "
                   "fixed", soft_wrap=True)
@@ -385,6 +416,7 @@ class LogReporter:
         self.every_percent = every_percent
         self.stream = stream
         self._run: dict = {}
+        self._work: dict = {}
 
     def __enter__(self):
         return self
@@ -396,7 +428,7 @@ class LogReporter:
         import time
 
         stream = self.stream or sys.stderr
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(str(text).split())}", file=stream, flush=True)
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {plain(text)}", file=stream, flush=True)
 
     def run_started(self, index, total, request, steps) -> None:
         import math
@@ -443,6 +475,36 @@ class LogReporter:
     def message(self, text) -> None:
         self._print(text)
 
+    def work_progress(self, label: str, done: int, total: int) -> None:
+        """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
+        clock): a line with the rate and the time left every 30 s, and a last one when it took 10 s or more
+        (short work and its errors stay one line)."""
+        import time
+
+        w = _work_rate(self._work, label, done, total)
+        now = time.monotonic()
+        if (w["finished"] and w["elapsed"] >= 10) or (not w["finished"] and now - w["printed"] >= 30):
+            w["printed"] = now
+            self._print(f"{label}: {done:,}/{total:,} ({done / max(total, 1):.0%}), {w['info']}")
+
+
+def _work_rate(work: dict, label: str, done: int, total: int) -> dict:
+    """The state of the work ``label`` in ``work`` (its clock starts at the first call) with this call's
+    elapsed seconds, rate, ``info`` (rate and time left) and whether it finished (then it is forgotten)."""
+    import time
+
+    now = time.monotonic()
+    state = work.setdefault(label, {"start": now, "printed": now, "bar": None})
+    elapsed = max(now - state["start"], 1e-9)
+    rate = done / elapsed
+    left = (total - done) / rate if rate > 0 else float("inf")
+    finished = done >= total
+    if finished:
+        work.pop(label, None)
+    state.update(elapsed=elapsed, rate=rate, finished=finished,
+                 info=f"{rate:,.1f}/s" if finished else f"{rate:,.1f}/s, {_duration(left)} left")
+    return state
+
 
 def progress_reporter():
     """The progress display of ``medbench run``: bars on a terminal, plain log lines otherwise
@@ -453,6 +515,14 @@ def progress_reporter():
     if choice in ("bars", "1", "true", "yes", "on") or sys.stderr.isatty():
         return RichReporter()
     return LogReporter()
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else (f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s")
 
 
 class RichReporter:
@@ -474,6 +544,7 @@ class RichReporter:
         self.progress.__enter__()
         self.suite_bar = None
         self.step_bar = None
+        self._work: dict = {}
         return self
 
     def __exit__(self, *exc):
@@ -495,8 +566,21 @@ class RichReporter:
             self.suite_bar = self.progress.add_task("runs", total=None, info="")
         self.progress.advance(self.suite_bar)
         if outcome.status == "failed":
-            self.progress.console.print(f"[red]failed[/red] {outcome.request.task} seed {outcome.request.seed}: "
-                                        f"{outcome.error}", soft_wrap=True)
+            self.progress.console.print(f"[red]failed[/red] {safe(outcome.request.task)} seed {outcome.request.seed}: "
+                                        f"{safe(outcome.error)}", soft_wrap=True)
 
     def message(self, text) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(cell(text), soft_wrap=True)
+
+    def work_progress(self, label: str, done: int, total: int) -> None:
+        """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
+        clock): a bar with the rate; when it took 10 s or more, a last line with the time and the rate."""
+        w = _work_rate(self._work, label, done, total)
+        if w["bar"] is None:
+            w["bar"] = self.progress.add_task(safe(label), total=total, info="")
+        self.progress.update(w["bar"], completed=done, info=w["info"])
+        if w["finished"]:
+            self.progress.remove_task(w["bar"])
+            if w["elapsed"] >= 10:
+                self.progress.console.print(cell(f"{label}: done in {_duration(w['elapsed'])} ({w['rate']:,.1f}/s)"),
+                                            soft_wrap=True)

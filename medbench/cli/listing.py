@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from medbench.cli.app import TASKS_DIR_OPT, app
-from medbench.cli.console import console, fail, normalization_label
+from medbench.cli.console import console, fail, normalization_label, row
 
 
 class ListWhat(str, Enum):
@@ -46,7 +46,7 @@ def list_cmd(
     for col in rows[0]:
         table.add_column(col)
     for r in rows:
-        table.add_row(*["" if v is None else (f"{v:,}" if isinstance(v, int) else str(v)) for v in r.values()])
+        row(table, *["" if v is None else (f"{v:,}" if isinstance(v, int) else str(v)) for v in r.values()])
     console().print(table)
 
 

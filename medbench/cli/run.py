@@ -17,7 +17,9 @@ from medbench.cli.app import (
     LauncherChoice,
     PrecisionChoice,
     app,
+    finite,
 )
+from medbench.limits import MAX_BATCH, MAX_JOBS, MAX_SEEDS, MAX_STEPS, MAX_THREADS
 from medbench.cli.console import (
     console,
     fail,
@@ -25,6 +27,7 @@ from medbench.cli.console import (
     print_board,
     print_plan,
     progress_reporter,
+    safe,
 )
 
 
@@ -33,22 +36,25 @@ def run(
     backbone: str = typer.Option(..., "--backbone", "-b", help="Registered backbone name (see 'medbench list backbones')."),
     suite: Optional[List[str]] = typer.Option(None, "--suite", "-s", help="Suite to run (repeatable)."),
     task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="Task to run (repeatable)."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds 0..N-1 per task (default: the task's)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, max=MAX_SEEDS, help="Seeds 0..N-1 per task (default: the task's)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + leaderboard)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, max=MAX_STEPS, help="Cap the schedule at N steps."),
     init: Optional[str] = typer.Option(None, "--init", help="pretrained | random | mean-var | transfusion:K | gabor (default: pretrained if the backbone has weights)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Pre-trained weights file for the backbone."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and its cost; train nothing."),
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
     zero_stage: int = typer.Option(0, "--zero-stage", min=0, max=2, help="DeepSpeed ZeRO stage."),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32, "--precision", help="fp32 | bf16 | fp16 (CUDA)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    precision: Optional[PrecisionChoice] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (CUDA). Default: bf16 autocast (fp32 BatchNorm) on GPUs that support it, else fp32; always fp32 on CPU."),
+    micro_batch: Optional[str] = typer.Option(None, "--micro-batch", help="Per-device micro-batch N (gradient accumulation keeps the batch) or 'auto': the largest that fits the device, confirmed by a trial step, halved on an out-of-memory error. Default: auto on GPUs, the whole batch on CPU."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: this process's share of the cores: launched ranks of a node split them)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network (docs/performance.md)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last memory layout (default: on GPUs)."),
+    assume_memory: float = typer.Option(80.0, "--assume-memory", min=0.001, max=1e9, callback=finite, help="GB free per device for --dry-run's --micro-batch auto (default 80)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
-    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, help="Sustained TFLOP/s for --dry-run time estimates."),
+    assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, max=1e9, callback=finite, help="Sustained TFLOP/s for --dry-run time estimates."),
     checkpoint_every: Optional[List[str]] = typer.Option(
         None, "--checkpoint-every", help="Checkpoint every N steps (500) and/or every duration (90s, 10m, 2h; "
         "repeatable), or 'off'. Default: 10m. An interrupted run resumes from its last checkpoint."),
@@ -62,7 +68,7 @@ def run(
     protocol: Optional[List[str]] = typer.Option(None, "--protocol", help="finetune | linear | knn, comma-separated or repeated (default: the suite's or task's protocols, else finetune). linear/knn: a probe on frozen features, cached in OUT/features (docs/probes.md)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Probes: cls | mean | cls+mean (default: the model's own pooling)."),
     launcher: LauncherChoice = typer.Option(LauncherChoice.inline, "--launcher", help="inline: the runs one after another in this process; local: one submitit job (process) per run on this machine; slurm: one SLURM job per run (docs/scaling.md)."),
-    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1, max=MAX_JOBS, help="With --launcher local|slurm: at most N jobs at once (local default: one per GPU set, or one per core / --threads cores)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="With --launcher slurm: submit and return (then 'medbench status OUT', rerun to write the leaderboard)."),
     cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help="YAML of submitit parameters (slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, ...)."),
 ) -> None:
@@ -71,8 +77,9 @@ def run(
         variants = _variants(fractions, shots, resolutions)
         _run(backbone=backbone, suites=suite or [], tasks=task or [], seeds=seeds, data_root=data_root,
              data=data or [], out=out, max_steps=max_steps, init=init, weights=weights, dry_run=dry_run,
-             tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
-             micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
+             tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value if precision else None,
+             micro_batch=_micro_batch(micro_batch), threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
+             compile_model=compile_model, channels_last=channels_last, assume_memory=assume_memory,
              checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
              verify_pixels=verify_pixels, variants=variants, freeze=freeze, similarity=similarity, protocols=protocol,
              pooling=pooling,
@@ -84,6 +91,51 @@ def run(
         interrupted(err)
     except Exception as err:
         fail(err)
+
+
+def _micro_batch(text: str | None) -> int | str | None:
+    """``--micro-batch``: None (the device's default), ``auto``, or a positive number."""
+    from medbench.errors import UsageError
+
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_BATCH:
+        raise UsageError(f"expected a number from 1 to {MAX_BATCH} or 'auto', got {text!r}", field="--micro-batch")
+    return value
+
+
+def _runs_on_gpus(dispatch: dict | None) -> bool:
+    """Whether the runs will train on GPUs: the SLURM cluster config asks for GPUs, else this machine has one."""
+    if dispatch and dispatch["launcher"] == "slurm":
+        from medbench.run.dispatch import ClusterConfig
+
+        return int(ClusterConfig.load(dispatch.get("cluster_config")).parameters.get("gpus_per_node", 0) or 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_defaults(precision: str | None, micro_batch: int | str | None, channels_last: bool | None,
+                    gpus: bool, launcher: str = "inline", zero_stage: int = 0) -> tuple[str, int | str | None, bool]:
+    """(precision, micro-batch, channels-last) with the documented defaults filled in: on GPUs bf16 autocast
+    where supported (a SLURM job's GPUs are assumed to support it; --precision fp32 for older ones),
+    ``--micro-batch auto`` and channels-last (with ZeRO stage 0); on CPU fp32, the whole batch per step, NCHW."""
+    if precision is None:
+        if not gpus:
+            precision = "fp32"
+        elif launcher == "slurm":
+            precision = "bf16"
+        else:
+            from medbench.train.finetune import default_precision
+
+            precision = default_precision("cuda:0")
+    if micro_batch is None and gpus:
+        micro_batch = "auto"
+    return precision, micro_batch, (gpus and zero_stage == 0) if channels_last is None else channels_last
 
 
 DEFAULT_FRACTIONS = "1,5,10,25,50,100"
@@ -184,8 +236,7 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
          allow_outside_data_root, verify_pixels=False, variants=(), freeze=None, similarity=None, protocols=None,
-         pooling=None,
-         dispatch=None) -> None:
+         pooling=None, dispatch=None, compile_model=False, channels_last=None, assume_memory=80.0) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.data.locate import DataLocations
@@ -212,13 +263,18 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     from medbench.train.checkpoint import CheckpointPolicy
 
     checkpoints = CheckpointPolicy.parse(checkpoint_every)
+    launcher = dispatch["launcher"] if dispatch else "inline"
+    gpus = _runs_on_gpus(dispatch)
+    precision, micro_batch, channels_last = device_defaults(precision, micro_batch, channels_last, gpus, launcher,
+                                                            zero_stage)
     if dry_run:
         if init is not None:
             parse_init(init)
         from medbench.run.plan import plan_runs
 
         plans = plan_runs(catalog, names, bb, seeds, locations, max_steps=max_steps, assume_tflops=assume_tflops,
-                          engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch})
+                          engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch,
+                                  "assume_memory_gb": _free_gpu_gb() if gpus and launcher != "slurm" else assume_memory})
         print_plan(plans, backbone, assume_tflops)
         extra = {t: len(v) for t, v in per_task.items() if v}
         if extra:
@@ -241,13 +297,18 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
 
     # a missing weights file fails here, before any run; the runs get the resolved file's path, and its origin
     # (local weights folder, hub cache, hub download) stays with it (medbench.backbones.weights.file_origin)
-    init, weights = preflight(bb, init, weights)
+    init, weights = preflight(bb, init, weights,
+                              in_chans=tuple(sorted({catalog.task(n).spec.input.channels for n in names})))
     from medbench.analysis.similarity import parse_methods
     from medbench.train.freeze import parse_freeze
 
     freeze, similarity = parse_freeze(freeze, bb), ",".join(parse_methods(similarity)) or None
-    configure_torch(threads or os.cpu_count())
+    from medbench.train.distributed import cores_per_rank
+    from medbench.train.finetune import Execution
+
+    configure_torch(threads or cores_per_rank())
     engine_cfg = EngineConfig(engine=engine, zero_stage=zero_stage, precision=precision, micro_batch_size=micro_batch)
+    execution = Execution(channels_last=channels_last, compile=compile_model)
     requests = []
     for name in names:
         n = seeds or catalog.task(name).spec.default_seeds
@@ -258,16 +319,17 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     store = RunStore(out)
     check_writable(out)
     if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.run.dispatch)
-        _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
+        _dispatch(catalog, locations, store, checkpoints, requests, execution=execution, **dispatch)
         return
     with progress_reporter() as reporter:
-        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
+        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints,
+                        execution=execution)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
 
 
 def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max_concurrent, wait, cluster_config,
-              threads, tasks_dir) -> None:
+              threads, tasks_dir, execution=None) -> None:
     from medbench.run.dispatch import ClusterConfig, dispatch
     from medbench.run.runner import Runner
 
@@ -275,11 +337,19 @@ def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max
     runner = Runner(catalog, locations, store, checkpoints=checkpoints)
     outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
                         checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
-                        config=config, config_path=cluster_config, message=console().print,
+                        execution=execution,
+                        config=config, config_path=cluster_config, message=lambda text: console().print(safe(text)),
                         preflight=lambda: runner.preflight(requests),  # bad input stops before any job
                         locate=lambda req, world: runner.locate(req, world_size=world))
     if wait:
         _finish(outcomes, store)
+
+
+def _free_gpu_gb() -> float:
+    """Free memory of this machine's first GPU, in GB (what --dry-run assumes for --micro-batch auto)."""
+    from medbench.train.memory import CudaMemory
+
+    return CudaMemory("cuda:0").available() / 1e9
 
 
 def check_writable(out: Path) -> None:
@@ -308,7 +378,7 @@ def _finish(outcomes, store) -> None:
     # a run another process was training counts once it is complete
     done = [o.run_dir for o in outcomes if o.run_dir is not None and
             (o.status in ("ok", "skipped") or (o.status == "busy" and o.run_dir.complete))]
-    rescore_outdated(done, console().print)  # runs reused by a launcher, scored by older scoring code
+    rescore_outdated(done, lambda text: console().print(safe(text), soft_wrap=True))  # runs reused by a launcher, scored by older scoring code
     from medbench.utils import undefined_numbers_reported
 
     with undefined_numbers_reported():
@@ -330,7 +400,8 @@ def _finish(outcomes, store) -> None:
         con.print(f"{len(busy)} run(s) are being trained by another medbench process; rerun to include them.")
     for o in failed:
         where = f" (details: {o.run_dir.path / 'result.json'})" if o.run_dir else ""
-        con.print(f"[red]failed[/red] {o.request.task} seed {o.request.seed}: {o.error}{where}", soft_wrap=True)
+        con.print(f"[red]failed[/red] {safe(o.request.task)} seed {o.request.seed}: {safe(o.error)}{safe(where)}",
+                  soft_wrap=True)
     con.print(f"leaderboard: {store.leaderboard_path()}")
     sys.stdout.flush()
     if failed:

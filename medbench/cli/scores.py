@@ -10,8 +10,9 @@ from typing import List, Optional
 
 import typer
 
-from medbench.cli.app import app
-from medbench.cli.console import console, fail, print_board, print_published, score_line
+from medbench.cli.app import app, finite
+from medbench.limits import MAX_BINS, MAX_IMAGES, MAX_INTERSECTIONS, MAX_RESAMPLES
+from medbench.cli.console import console, fail, plain, print_board, print_published, row, safe, score_line
 
 
 class BinningChoice(str, Enum):
@@ -22,13 +23,13 @@ class BinningChoice(str, Enum):
 @app.command()
 def score(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders, or folders above them."),
-    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, help="Bootstrap resamples for intervals (0: none; default: the task's, 1000)."),
-    ci_level: Optional[float] = typer.Option(None, "--ci-level", help="Confidence level of the intervals (default 0.95)."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", min=0, max=MAX_RESAMPLES, help="Bootstrap resamples for intervals (0: none; default: the task's, 1000)."),
+    ci_level: Optional[float] = typer.Option(None, "--ci-level", callback=finite, help="Confidence level of the intervals (default 0.95)."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="Fairness operating point chosen on validation: youden, or sensitivity:0.9."),
-    ece_bins: Optional[int] = typer.Option(None, "--ece-bins", min=1, help="Calibration bins (default 15)."),
+    ece_bins: Optional[int] = typer.Option(None, "--ece-bins", min=1, max=MAX_BINS, help="Calibration bins (default 15)."),
     ece_binning: Optional[BinningChoice] = typer.Option(None, "--ece-binning", help="uniform (equal width) or adaptive (equal mass)."),
-    min_group_size: Optional[int] = typer.Option(None, "--min-group-size", min=1, help="Smallest subgroup scored (default 20 images)."),
-    intersections: Optional[int] = typer.Option(None, "--intersections", min=1, help="Cross up to this many attributes (default 2)."),
+    min_group_size: Optional[int] = typer.Option(None, "--min-group-size", min=1, max=MAX_IMAGES, help="Smallest subgroup scored (default 20 images)."),
+    intersections: Optional[int] = typer.Option(None, "--intersections", min=1, max=MAX_INTERSECTIONS, help="Cross up to this many attributes (default 2)."),
 ) -> None:
     """Recompute every score and axis of finished runs from their saved predictions (no retraining)."""
     try:
@@ -45,9 +46,9 @@ def score(
         for r in runs:
             with undefined_numbers_reported():
                 scores = rescore(r, overrides)
-            print(f"{r.path}: {score_line(scores)}")
+            print(plain(f"{r.path}: {score_line(scores)}"))
             for w in scores.get("warnings", []):
-                print(f"  warning [{w['code']}] {w['message']}")
+                print(plain(f"  warning [{w['code']}] {w['message']}"))
     except typer.Exit:
         raise
     except Exception as err:
@@ -72,6 +73,8 @@ def _scoring_overrides(bootstrap, ci_level, threshold, ece_bins, ece_binning, mi
                 out["target_sensitivity"] = float(target)
             except ValueError:
                 raise UsageError(f"target sensitivity must be a number, got {target!r}", field="--threshold") from None
+            if not 0 < out["target_sensitivity"] <= 1:  # also refuses nan and inf
+                raise UsageError(f"target sensitivity must be in (0, 1], got {target!r}", field="--threshold")
     if ci_level is not None and not 0 < ci_level < 1:
         raise UsageError(f"must be between 0 and 1, got {ci_level}", field="--ci-level")
     return out
@@ -95,7 +98,7 @@ def leaderboard(
         runs = find_run_dirs(run_dirs)
         if not runs:
             raise UsageError("no completed run folders found", where=", ".join(map(str, run_dirs)), field="RUN_DIR")
-        rescore_outdated(runs, console().print)  # scored by older scoring code: re-scored from the predictions
+        rescore_outdated(runs, lambda text: console().print(safe(text), soft_wrap=True))  # scored by older scoring code: re-scored from the predictions
         base = None
         if baseline:
             name, _, base_init = baseline.partition("@")
@@ -132,7 +135,7 @@ def paired(
             runs = find_run_dirs([p])
             if not runs:
                 raise UsageError("no completed run folders found", where=p, field="RUN_DIR")
-            rescore_outdated(runs, lambda text: print(text, file=sys.stderr))
+            rescore_outdated(runs, lambda text: print(plain(text), file=sys.stderr))
             by_task: dict = {}
             for r in runs:
                 res = r.result()
@@ -160,7 +163,7 @@ def paired(
     for t, r in results.items():
         ci = r["ci"]
         fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(t, fmt(r["a"]), fmt(r["b"]), fmt(r["delta"]),
+        row(table, t, fmt(r["a"]), fmt(r["b"]), fmt(r["delta"]),
                       f"[{ci['low']:.4f}, {ci['high']:.4f}] ({r['level']:.0%})" if ci else "-",
                       f"{r['p_value']:.4f}" if r["p_value"] is not None else "-", r["better"] or "n.s.",
                       f"{r['seeds']['a']}/{r['seeds']['b']}")

@@ -10,7 +10,8 @@ from typing import List, Optional
 import typer
 
 from medbench.cli.app import ALLOW_OUTSIDE_OPT, TASKS_DIR_OPT, EngineChoice, app
-from medbench.cli.console import console, fail, progress_reporter
+from medbench.limits import MAX_BATCH, MAX_SEEDS, MAX_STEPS, MAX_THREADS
+from medbench.cli.console import console, fail, progress_reporter, safe
 from medbench.cli.run import check_writable
 
 
@@ -22,15 +23,15 @@ def transfusion(
     weights: Optional[List[str]] = typer.Option(None, "--weights", help="NAME=FILE pre-trained weights of one backbone (repeatable); FILE alone with one backbone."),
     freeze: Optional[List[str]] = typer.Option(None, "--freeze", help="Also run pretrained with frozen features: head or L (repeatable)."),
     similarity: str = typer.Option("cka", "--similarity", help="cka | svcca | cka,svcca."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds 0..N-1 (default: the task's)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap the schedule at N steps."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, max=MAX_SEEDS, help="Seeds 0..N-1 (default: the task's)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, max=MAX_STEPS, help="Cap the schedule at N steps."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with one sub-folder per dataset."),
     data: Optional[List[str]] = typer.Option(None, "--data", help="NAME=PATH for one dataset (repeatable)."),
     out: Path = typer.Option(Path("medbench-results"), "--out", "-o", help="Output folder (run store + report)."),
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="Per-device micro-batch (gradient accumulation)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, max=MAX_BATCH, help="Per-device micro-batch (gradient accumulation)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: all cores)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
     allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
 ) -> None:
@@ -93,10 +94,10 @@ def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds,
                                + f"\n**{t}: Table 2**\n\n" + markdown_table(report["table2"])
                                + f"\n**{t}: similarity per layer**\n\n" + similarity_markdown(report)))
             for name, path in files.items():
-                con.print(f"{name}: {path}")
+                con.print(f"{safe(name)}: {safe(path)}")
     for o in failed:
-        console().print(f"[red]failed[/red] {o.request.task} {o.request.backbone} {o.request.init} seed "
-                         f"{o.request.seed}: {o.error}", soft_wrap=True)
+        console().print(f"[red]failed[/red] {safe(o.request.task)} {safe(o.request.backbone)} {safe(o.request.init)} "
+                         f"seed {o.request.seed}: {safe(o.error)}", soft_wrap=True)
     sys.stdout.flush()
     if failed:
         raise typer.Exit(1)

@@ -48,6 +48,7 @@ import numpy as np
 import polars as pl
 
 from medbench.errors import DataError
+from medbench.paths import is_inside
 
 LABEL_PREFIX = "label:"
 
@@ -85,9 +86,7 @@ def paths_outside_root_allowed(allowed: bool) -> Iterator[None]:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    r = os.path.normpath(os.path.abspath(root))
-    q = os.path.normpath(os.path.abspath(path))
-    return q == r or q.startswith(r.rstrip(os.sep) + os.sep)
+    return is_inside(root, path)
 
 
 def data_path(root: Path, value: str | Path, *, field: str, where: str | Path | None = None) -> Path:
@@ -169,8 +168,9 @@ class DatasetIndex:
             t.select(self.label_columns).cast(pl.Float32).to_numpy().astype(np.float32, copy=False)
         )
 
-    def read_image(self, row: int) -> np.ndarray:
-        """Pixels of one row: ``[H, W]`` or ``[H, W, C]``, uint8/uint16/float."""
+    def read_image(self, row: int, *, reduce_to: int | None = None) -> np.ndarray:
+        """Pixels of one row: ``[H, W]`` or ``[H, W, C]``, uint8/uint16/float. ``reduce_to``: the size the image
+        will be resized to (a JPEG may then be decoded at reduced scale, see :func:`~medbench.data.image_io.read_image`)."""
         if self.pixels is not None:
             return np.asarray(self.pixels[row])
         from medbench.data.image_io import read_image
@@ -179,7 +179,7 @@ class DatasetIndex:
         if rel is None:
             raise DataError("row has neither a path nor in-memory pixels", where=self.name, field=f"row {row}")
         base = self.root if self.root is not None else Path(".")
-        return read_image(base / rel)
+        return read_image(base / rel, reduce_to=reduce_to)
 
     def image_path(self, row: int) -> Path | None:
         rel = self.table["path"][row]
@@ -356,6 +356,7 @@ def read_csv_checked(
     schema_overrides: dict[str, pl.DataType] | None = None,
     transform: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
     allowed: list[str] | None = None,
+    min_rows: int = 1,
 ) -> pl.DataFrame:
     """Read a publisher's CSV as strings, failing with the file and column named.
 
@@ -363,7 +364,8 @@ def read_csv_checked(
     would make the column ambiguous). ``allowed``, for files whose layout is
     fixed, lists every column the file may have: another one means the file
     is not what the adapter expects. A row with more or fewer fields than the
-    header is reported with its line number.
+    header is reported with its line number. A file with fewer than
+    ``min_rows`` data rows (a header alone) is refused, naming the file.
     """
     if not path.is_file():
         raise DataError(f"file not found (dataset {dataset!r})", where=path)
@@ -376,6 +378,7 @@ def read_csv_checked(
             infer_schema=False,
             schema_overrides=schema_overrides,
             truncate_ragged_lines=False,
+            glob=False,  # the file named, never a pattern: '[' or '*' in a file name is part of the name
         )
     except Exception as err:  # polars raises several error types for malformed CSV
         ragged = _ragged_line(path, separator)
@@ -399,4 +402,6 @@ def read_csv_checked(
         if unexpected:
             raise DataError(f"unexpected column {unexpected[0]!r}; expected only {allowed}", where=path,
                             field=unexpected[0])
+    if df.height < min_rows:
+        raise DataError(f"{df.height} data rows under the header; expected at least {min_rows}", where=path)
     return transform(df) if transform else df

@@ -374,10 +374,12 @@ def download_files(files: list[RemoteFile], dest: Path, *, subset: str = "", ver
 
 
 def write_manifest(dest: Path, name: str, records: list[dict]) -> Path:
-    import json
+    from medbench.errors import DataError
+    from medbench.utils import read_json
 
     path = dest / MANIFEST
-    previous = json.loads(path.read_text()).get("files", []) if path.is_file() else []
+    previous = read_json(path, error=DataError, expected="the download manifest medbench wrote").get("files", []) \
+        if path.is_file() else []
     by_file = {r["file"]: r for r in previous}
     by_file.update({r["file"]: r for r in records})
     atomic_write_json(path, {"dataset": name, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medbench.errors import UsageError
+from medbench.errors import DataError, UsageError
+from medbench.paths import name_problem
 
 
 def env_name(dataset: str) -> str:
@@ -52,7 +53,17 @@ class DataLocations:
         return cls(root, overrides, allow, pixel_check_mode(verify_pixels))
 
     def resolve(self, dataset: str) -> tuple[Path | None, str]:
-        """(path, how it was chosen); path is None when nothing names this dataset."""
+        """(path, how it was chosen); path is None when nothing names this dataset.
+
+        ``dataset`` comes from a task file: it must be a plain name (the path rule,
+        :func:`medbench.paths.name_problem`; ``TaskSpec`` checks it when the file is read, and so does this
+        lookup), so ``<data-root>/<name>`` is a folder of the data root. The switch
+        ``--allow-outside-data-root`` does not change that: a dataset elsewhere is ``--data NAME=PATH``.
+        """
+        problem = name_problem(dataset)
+        if problem:
+            raise DataError(f"{problem}; a dataset name is a folder name under --data-root (use --data NAME=PATH "
+                            "to point a dataset elsewhere)", field="dataset.name")
         if dataset in self.overrides:
             return self.overrides[dataset], f"--data {dataset}=..."
         env = os.environ.get(env_name(dataset))

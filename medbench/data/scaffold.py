@@ -62,6 +62,12 @@ def y(value) -> str:
     return json.dumps(value)
 
 
+def _c(value) -> str:
+    """Text from the CSV or the command line inside a ``#`` comment: on one line (a line break in a column
+    name would otherwise end the comment and write YAML)."""
+    return " ".join(str(value).split())
+
+
 @dataclass
 class Column:
     name: str
@@ -341,7 +347,7 @@ def task_yaml(p: Proposal) -> str:
     """The task file, every choice commented."""
     o = p.options
     lines = [
-        f"# Task proposed by 'medbench task new {p.name} --csv {p.csv}'. Read every line: each choice",
+        f"# Task proposed by 'medbench task new {_c(p.name)} --csv {_c(p.csv)}'. Read every line: each choice",
         "# comes from the CSV's columns and values; change what is wrong. Every field: medbench/spec/model.py;",
         "# the csv adapter's options: medbench/data/adapters/csv.py; a walkthrough: docs/own-dataset.md.",
         f"task: {y(p.name)}",
@@ -349,27 +355,27 @@ def task_yaml(p: Proposal) -> str:
         "family: own",
         f"description: {y(f'{p.name} from {p.csv.name}')}",
         "dataset:",
-        f"  name: {y(p.dataset)}  # where it is: --data {p.dataset}=FOLDER (here {p.root}), or MEDBENCH_DATA_"
-        f"{p.dataset.upper().replace('-', '_')}",
+        f"  name: {y(p.dataset)}  # where it is: --data {_c(p.dataset)}=FOLDER (here {_c(p.root)}), or MEDBENCH_DATA_"
+        f"{_c(p.dataset.upper().replace('-', '_'))}",
         "  adapter: csv",
         "  options:",
         f"    csv: {y(o['csv'])}",
     ]
     if "separator" in o:
         lines.append(f"    separator: {y(o['separator'])}")
-    lines.append(f"    path_column: {y(o['path_column'])}  # {p.why['path_column']}")
+    lines.append(f"    path_column: {y(o['path_column'])}  # {_c(p.why['path_column'])}")
     for key in ("path_root", "path_suffix"):
         if key in o:
             lines.append(f"    {key}: {y(o[key])}")
     if "patient_column" in o:
-        lines.append(f"    patient_column: {y(o['patient_column'])}  # {p.why['patient_column']}")
+        lines.append(f"    patient_column: {y(o['patient_column'])}  # {_c(p.why['patient_column'])}")
     else:
-        lines.append(f"    # {p.why['patient_column']}")
+        lines.append(f"    # {_c(p.why['patient_column'])}")
     if "split_column" in o:
         lines.append(f"    split_column: {y(o['split_column'])}")
         if "split_values" in o:
             lines.append(f"    split_values: {y(o['split_values'])}")
-    lines.append(f"    # labels: {p.why['labels']}")
+    lines.append(f"    # labels: {_c(p.why['labels'])}")
     for key in ("label_column", "label_columns", "classes", "negative_values", "missing_values"):
         if key in o:
             lines.append(f"    {key}: {y(o[key])}")
@@ -381,15 +387,15 @@ def task_yaml(p: Proposal) -> str:
         f"labels: {y(p.labels)}",
         "metrics: [auc, accuracy]",
         "headline: auc",
-        f"# {p.why['splits']}",
+        f"# {_c(p.why['splits'])}",
         f"splits: {y(p.splits)}",
     ]
     if p.attributes:
         lines.append("attributes:  # subgroups for the fairness axis (every other CSV column can be one too)")
         for a in p.attributes:
-            lines.append(f"  - {y(a)}  # {p.why.get(f'attribute {_attr_name(a)}', '')}".rstrip(" #"))
+            lines.append(f"  - {y(a)}  # {_c(p.why.get(f'attribute {_attr_name(a)}', ''))}".rstrip(" #"))
     for a, reason in p.dropped_attributes:
-        lines.append(f"# left out: {y(a)}: {reason}")
+        lines.append(f"# left out: {y(a)}: {_c(reason)}")
     lines += [
         "# input: BiT-HyperRule by image size (smaller than 96x96 px: resize 160, crop 128; else 512 and 480).",
         "# On a CPU, train small first, e.g.: input: {resize: 64, crop: 56, channels: 3}",

@@ -132,6 +132,10 @@ def _load_task_data(task: ResolvedTask, locations: DataLocations, split_store: P
             prefix = f"{err.where}: " if err.where else ""
             raise DataError(prefix + err.message, where=str(task.path), field=err.field) from err
         raise
+    if len(index) == 0:
+        where = index.source_files[0] if len(index.source_files) == 1 else str(task.path)
+        raise DataError("the dataset lists no images; expected at least one labelled image", where=where,
+                        field=None if len(index.source_files) == 1 else "dataset")
     if list(index.label_names) != list(spec.labels):
         raise DataError(f"adapter returned labels {index.label_names}, the task declares {spec.labels}",
                         where=str(task.path), field="labels")

@@ -32,7 +32,6 @@ the reason, in the console and in ``report.json``.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,12 +204,14 @@ def _fmt(s: dict | None, scale: float = 1.0) -> str:
     return f"{m:.4f}" if s.get("std") is None else f"{m:.4f} ± {s['std'] * scale:.4f}"
 
 
-def _per_label_auc(path: Path) -> dict[str, float | None]:
-    """Test AUC per label from the saved predictions (one-vs-rest for multiclass)."""
-    from medbench.predictions import Predictions
+def _per_label_auc(run_path: Path) -> dict[str, float | None]:
+    """Test AUC per label from the run's saved predictions (checked against its result.json; one-vs-rest
+    for multiclass)."""
     from medbench.scoring.classification import per_label_auc
+    from medbench.store import RunDir
+    from medbench.store.scores import load_predictions
 
-    return per_label_auc(Predictions.load(path))
+    return per_label_auc(load_predictions(RunDir(run_path), "test", required=True))
 
 
 def _arms_in_order(runs: list[_Run], inits: tuple[str, ...]) -> list[str]:
@@ -234,7 +235,7 @@ def build_report(task_name: str, runs: list["RunDir"], *, inits: tuple[str, ...]
                  in_chans: int, skipped: list[dict]) -> dict[str, Any]:
     """Every number of the report from completed run folders (nothing is recomputed but per-label AUCs)."""
     from medbench.backbones.registry import get_backbone
-    from medbench.store import HISTORY
+    from medbench.store import HISTORY, RunDir
 
     collected = [r for r in _collect(runs) if r.result["task"] == task_name]
     arms = _arms_in_order(collected, inits)
@@ -263,10 +264,10 @@ def build_report(task_name: str, runs: list["RunDir"], *, inits: tuple[str, ...]
             arm_runs = sorted((r for r in mine if r.arm == arm), key=lambda r: r.seed)
             if not arm_runs:
                 continue
-            hist = [json.loads((r.path / HISTORY).read_text()) for r in arm_runs]
+            hist = [RunDir(r.path).read_json(HISTORY) for r in arm_runs]  # checked against result.json
             steps, values = _mean_curve([(h["val_step"], h["val_metric"]) for h in hist])
             curves[arm] = {"step": steps, "val_metric": values, "seeds": [r.seed for r in arm_runs]}
-            records = [json.loads((r.path / "similarity.json").read_text()) for r in arm_runs
+            records = [RunDir(r.path).read_json("similarity.json") for r in arm_runs
                        if (r.path / "similarity.json").is_file()]
             if records:
                 layer_names = [layer["name"] for layer in records[0]["layers"]]
@@ -280,7 +281,7 @@ def build_report(task_name: str, runs: list["RunDir"], *, inits: tuple[str, ...]
                 entry["seeds"] = len(records)
                 sims[arm] = entry
             if arm in (RANDOM_INIT, TRANSFER_INIT):
-                aucs = [_per_label_auc(r.path / "predictions" / "test.parquet") for r in arm_runs]
+                aucs = [_per_label_auc(r.path) for r in arm_runs]
                 labels = labels or list(aucs[0])
                 per_label[(bb, arm)] = {lab: _summary([a.get(lab) for a in aucs]) for lab in labels}
         convergence[bb] = curves

@@ -14,7 +14,6 @@ dispatcher's state (``pending``, ``submitted``, the run's outcome, or
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -32,9 +31,12 @@ CATEGORY = {
 
 
 def _read(path: Path) -> dict | None:
+    from medbench.errors import MedbenchError
+    from medbench.utils import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except MedbenchError:
         return None
     return data if isinstance(data, dict) else None
 

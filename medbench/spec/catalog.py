@@ -31,13 +31,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 
-import yaml
-
 from medbench.errors import SpecError
 from medbench.plugins import plugin_failure, warn_plugin
 from medbench.resources import builtin_tasks_dir
 from medbench.spec import ResolvedTask, SuiteSpec, parse_suite_file, parse_task_file
 from medbench.utils import did_you_mean
+from medbench.yamlio import read_yaml
 
 TASK_ENTRY_POINT_GROUP = "medbench.tasks"
 
@@ -115,16 +114,7 @@ class Catalog:
         for path in sorted(folder.rglob("*.yaml")):
             if path.name.startswith("_"):
                 continue
-            try:
-                head = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as err:
-                mark = getattr(err, "problem_mark", None)
-                raise SpecError(f"invalid YAML: {getattr(err, 'problem', None) or err}", where=path,
-                                field=f"line {mark.line + 1}" if mark is not None else None) from err
-            except UnicodeDecodeError as err:
-                raise SpecError(f"not UTF-8 text (byte {err.start}); expected a YAML file", where=path) from err
-            except OSError as err:
-                raise SpecError(f"cannot read: {err.strerror or err}", where=path) from err
+            head = read_yaml(path)  # medbench.yamlio: safe, no duplicate keys, bounded aliases and nesting
             if not isinstance(head, dict):
                 raise SpecError("expected a mapping with 'task:' or 'suite:'", where=path)
             if "task" in head:

@@ -23,12 +23,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from medbench.errors import SpecError
 from medbench.spec.model import ResolvedTask, SuiteSpec, TaskSpec
 from medbench.utils import did_you_mean
+from medbench.yamlio import read_yaml
 
 # --------------------------------------------------------------------------- YAML loading
 
@@ -42,14 +42,7 @@ def _read_yaml(path: Path, *, included_from: str | Path | None = None,
         where = included_from if included_from else path
         raise SpecError(f"included file not found: {path}" if included_from else "file not found", where=where,
                         field="include" if included_from else None)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        line = f"line {mark.line + 1}" if mark is not None else None
-        raise SpecError(f"invalid YAML: {err.problem}", where=shown, field=line) from err
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SpecError(f"invalid YAML: {err}", where=shown) from err
+    data = read_yaml(path, where=shown)  # the one YAML reader: safe, no duplicate keys, bounded (medbench.yamlio)
     if data is None:
         raise SpecError("file is empty; expected a mapping with 'task:' or 'suite:'", where=shown)
     if not isinstance(data, dict):
@@ -139,8 +132,8 @@ def builtin_file(name: str, *, where: str | Path | None = None) -> Path:
     names: list[str] = []
     for f in files:
         try:
-            head = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            head = read_yaml(f)
+        except SpecError:  # a shipped file that does not read is reported when it is used, not here
             continue
         task = head.get("task") if isinstance(head, dict) else None
         if task == name:

@@ -14,19 +14,57 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medbench.limits import (
+    MAX_BATCH,
+    MAX_BINS,
+    MAX_IMAGES,
+    MAX_INTERSECTIONS,
+    MAX_LR,
+    MAX_PIXELS,
+    MAX_RESAMPLES,
+    MAX_SEED,
+    MAX_SEEDS,
+    MAX_STEPS,
+    MAX_VALIDATION_POINTS,
+)
+from medbench.paths import name_problem
 from medbench.utils import sha256_json
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
 #: evaluation protocols (medbench.probe.protocols): fine-tuning, a linear probe or kNN on frozen features
 Protocol = Literal["finetune", "linear", "knn"]
 
+# Bounds of every number a spec (or the command line) can set: medbench.limits, one place for both.
+# Floats must be finite everywhere (``.inf``/``.nan`` are refused at parse time, naming the field).
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first non-finite float in a nested value (adapter options), or None."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(value)"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, sub in items:
+        found = _non_finite(sub, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 class DatasetSpec(_Strict):
-    #: data-location key: ``--data NAME=PATH`` / ``MEDBENCH_DATA_<NAME>`` / ``<data-root>/<NAME>``
+    #: data-location key: ``--data NAME=PATH`` / ``MEDBENCH_DATA_<NAME>`` / ``<data-root>/<NAME>``; a plain
+    #: name (one folder name: no ``/``, no ``..``, not absolute), so a task file cannot name a folder
+    #: outside the data root (the path rule: :func:`medbench.paths.name_problem`)
     name: str
     #: the layout reader, a module of ``medbench.data.adapters``
     adapter: str
@@ -34,6 +72,23 @@ class DatasetSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     #: a corrupt or missing image: stop (``fail``) or leave it out and count it (``skip``)
     on_bad_image: Literal["fail", "skip"] = "fail"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(f"{problem}; a dataset name is a folder name under --data-root (use --data "
+                             "NAME=PATH to point a dataset elsewhere)")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = _non_finite(v)
+        if bad:
+            raise ValueError(f"option {bad} is not a finite number; expected a finite number")
+        return v
 
 
 class SplitSpec(_Strict):
@@ -56,7 +111,7 @@ class SplitSpec(_Strict):
     #: with ``official``: what the publisher calls each split, e.g. ``{valid: test}``
     rename: dict[str, Literal["train", "val", "test", "drop"]] = Field(default_factory=dict)
     #: the split seed is part of the task, never of the run: reruns and other backbones see the same split
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     #: with ``official``, when the copy at hand carries no official split (e.g. NIH without its list files):
     #: ``error``, or ``grouped`` with ``fractions``
     fallback: Literal["error", "grouped"] = "error"
@@ -84,9 +139,9 @@ class SplitSpec(_Strict):
 class InputSpec(_Strict):
     #: images are resized (squashed) to ``resize`` x ``resize`` once, into the cache; null: BiT-HyperRule
     #: by native size (area < 96x96: 160, else 512)
-    resize: int | None = Field(None, ge=8)
+    resize: int | None = Field(None, ge=8, le=MAX_PIXELS)
     #: training random crop / evaluation size; null: BiT-HyperRule (128 or 480)
-    crop: int | None = Field(None, ge=8)
+    crop: int | None = Field(None, ge=8, le=MAX_PIXELS)
     channels: Literal[1, 3] = 3
     hflip: bool = True
 
@@ -100,21 +155,21 @@ class InputSpec(_Strict):
 class HyperRuleSpec(_Strict):
     """Overrides of BiT-HyperRule (see :mod:`medbench.train.hyperrule`); null keeps the rule."""
 
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH)
     #: learning rate at batch 512; scaled linearly with ``batch_size``
-    base_lr: float = Field(0.003, gt=0)
+    base_lr: float = Field(0.003, gt=0, le=MAX_LR)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
     #: explicit [warm-up end, decay, decay, decay, end] in steps, instead of the rule's choice by size
     schedule: list[int] | None = None
     #: multiply the rule's step boundaries (e.g. 0.1 for a quick variant)
-    schedule_scale: float = Field(1.0, gt=0)
-    mixup_alpha: float | None = Field(None, ge=0)
+    schedule_scale: float = Field(1.0, gt=0, le=1000)
+    mixup_alpha: float | None = Field(None, ge=0, le=100)
     #: adaptive gradient clipping factor (CJ21); null: off
-    agc_clip: float | None = Field(None, gt=0)
+    agc_clip: float | None = Field(None, gt=0, le=100)
     #: validation evaluations during training, evenly spaced (the convergence axis, M21 Fig. 3); each is a
     #: forward pass over the validation split. Not part of BiT-HyperRule's optimisation
-    validation_points: int = Field(10, ge=1)
+    validation_points: int = Field(10, ge=1, le=MAX_VALIDATION_POINTS)
 
     @field_validator("schedule")
     @classmethod
@@ -123,6 +178,8 @@ class HyperRuleSpec(_Strict):
             return v
         if len(v) != 5 or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 0:
             raise ValueError("schedule must be 5 increasing step counts [warm-up, decay, decay, decay, end]")
+        if v[-1] > MAX_STEPS:
+            raise ValueError(f"schedule must end by step {MAX_STEPS:,}, got {v[-1]:,}")
         return v
 
 
@@ -163,22 +220,22 @@ class ScoringSpec(_Strict):
     """How scores are computed from predictions (``medbench score`` options override these)."""
 
     #: bootstrap resamples for confidence intervals (0: no intervals)
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = Field(1000, ge=0, le=MAX_RESAMPLES)
     #: confidence level of the percentile intervals
     ci_level: float = Field(0.95, gt=0, lt=1)
     #: seed of the resamples; fixed so every run of a task draws the same resamples (paired comparisons)
-    bootstrap_seed: int = 0
+    bootstrap_seed: int = Field(0, ge=0, le=MAX_SEED)
     #: calibration bins: ``uniform`` (equal width) or ``adaptive`` (equal mass)
-    ece_bins: int = Field(15, ge=1)
+    ece_bins: int = Field(15, ge=1, le=MAX_BINS)
     ece_binning: Literal["uniform", "adaptive"] = "uniform"
     #: fairness operating threshold, chosen per label on the validation split: ``youden`` (max TPR - FPR)
     #: or ``sensitivity`` (the highest threshold reaching ``target_sensitivity``)
     threshold: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)
     #: subgroups with fewer test images are reported with their size and status ``too_small``, not scored
-    min_group_size: int = Field(20, ge=1)
+    min_group_size: int = Field(20, ge=1, le=MAX_IMAGES)
     #: subgroups are crossed up to this many attributes (2: every pair; 1: single attributes only)
-    intersections: int = Field(2, ge=1)
+    intersections: int = Field(2, ge=1, le=MAX_INTERSECTIONS)
 
 
 class TaskSpec(_Strict):
@@ -207,10 +264,10 @@ class TaskSpec(_Strict):
     sampler: Literal["uniform", "balanced"] = "uniform"
     #: seeds run when ``--seeds`` is not given (the protocol's 5; fewer for quick suites); how many runs,
     #: not what one run computes: not in the content hash
-    default_seeds: int = Field(5, ge=1)
+    default_seeds: int = Field(5, ge=1, le=MAX_SEEDS)
     #: training images in the publisher's release, for ``--dry-run`` planning without the data; not in the
     #: content hash
-    expected_train_size: int | None = Field(None, ge=1)
+    expected_train_size: int | None = Field(None, ge=1, le=MAX_IMAGES)
     #: how scores, intervals, fairness thresholds and calibration bins are computed
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
     #: the evaluation protocols run when neither ``--protocol`` nor a suite says otherwise (default:
@@ -262,11 +319,13 @@ class VariantRuns(_Strict):
 
     @field_validator("shots", "resolutions")
     @classmethod
-    def _at_least(cls, v: list[int], info) -> list[int]:
-        low, what = (1, "shots must be >= 1") if info.field_name == "shots" else (8, "resolutions must be >= 8 px")
-        bad = [x for x in v if x < low]
-        if bad:
-            raise ValueError(f"{what}, got {bad[0]}")
+    def _in_range(cls, v: list[int], info) -> list[int]:
+        shots = info.field_name == "shots"
+        low, high, unit = (1, MAX_IMAGES, "") if shots else (8, MAX_PIXELS, " px")
+        for x in v:
+            if not low <= x <= high:
+                bound = f">= {low}" if x < low else f"<= {high}"
+                raise ValueError(f"{info.field_name} must be {bound}{unit}, got {x}")
         return v
 
     def runs(self) -> list[dict]:

@@ -4,6 +4,7 @@
 from medbench.store.rundir import (
     CHECKPOINT,
     CONFIG,
+    FILES,
     HISTORY,
     LOCK,
     METRICS,
@@ -15,5 +16,5 @@ from medbench.store.rundir import (
     find_run_dirs,
 )
 
-__all__ = ["CHECKPOINT", "CONFIG", "HISTORY", "LOCK", "METRICS", "PREDICTIONS", "RESULT", "STORE_FORMAT", "RunDir",
-           "RunStore", "find_run_dirs"]
+__all__ = ["CHECKPOINT", "CONFIG", "FILES", "HISTORY", "LOCK", "METRICS", "PREDICTIONS", "RESULT", "STORE_FORMAT",
+           "RunDir", "RunStore", "find_run_dirs"]

@@ -22,7 +22,10 @@ split is the same entry as that task's own test split.
 **Integrity.** Every file is written atomically (:func:`medbench.utils.atomic_path`); a part counts
 only with its sidecar and a matching sha256, and the manifest is written after every part is checked,
 so a half-written or damaged part is never used: it is computed again. Reading verifies each part
-against the manifest's sha256. **Resumable**: an interrupted extraction keeps its finished parts; the
+against the manifest's sha256, and what is read back is bounded like every file medbench reads back
+(JSON nesting, see :func:`medbench.utils.parse_json`): a manifest that does not list exactly the entry's
+parts, a part whose rows, width or dtype differ from what the entry needs, or features that are not
+finite, make the entry damaged (computed again), never features of another shape. **Resumable**: an interrupted extraction keeps its finished parts; the
 next run computes the others. **Sharded**: with W processes, part ``i`` is computed by rank ``i % W`` (a
 new entry has at least W parts; each part's sidecar names its rank), see
 :mod:`medbench.run.runner`; rank 0 checks all parts and writes the manifest.
@@ -33,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from medbench.store.rundir import RunDir
-from medbench.utils import atomic_write_bytes, atomic_write_json, safe_name, sha256_json
+from medbench.errors import IntegrityError
+from medbench.utils import atomic_write_bytes, atomic_write_json, parse_json, safe_name, sha256_json
 
 FEATURES = "features"
 FEATURE_FORMAT = 1
@@ -64,6 +67,20 @@ def rows_digest(rows: np.ndarray) -> str:
 
 class FeatureCacheDamaged(Exception):
     """A part of a complete entry does not match its manifest (changed on disk after it was written)."""
+
+
+def _read_object(path: Path) -> dict | None:
+    """A JSON object medbench wrote into the cache, or None when it is missing, unreadable, not JSON,
+    nested beyond :func:`medbench.utils.parse_json`'s bound or not an object."""
+    try:
+        obj = parse_json(path.read_bytes(), where=path)
+    except (OSError, IntegrityError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass(frozen=True)
@@ -91,12 +108,14 @@ class FeatureEntry:
 
     def manifest(self) -> dict | None:
         """The manifest of a complete entry (None: incomplete, unreadable, or another key's)."""
-        try:
-            m = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, ValueError):
+        m = _read_object(self.path / MANIFEST)
+        if m is None or m.get("key") != self.key or m.get("format") != FEATURE_FORMAT:
             return None
-        if not isinstance(m, dict) or m.get("key") != self.key or m.get("format") != FEATURE_FORMAT:
-            return None
+        parts, dim = m.get("parts"), m.get("dim")
+        if not isinstance(parts, list) or len(parts) != self.n_parts \
+                or not all(isinstance(p, dict) and _is_sha256(p.get("sha256")) for p in parts) \
+                or not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            return None  # not what finish() writes for this entry: incomplete, computed again
         return m
 
     @property
@@ -105,10 +124,12 @@ class FeatureEntry:
 
     def _read_part(self, i: int, sha256: str | None = None) -> np.ndarray | None:
         """Part ``i`` when it is whole (its sidecar's sha256, and ``sha256`` when given, match); else None."""
+        meta = _read_object(self._part_meta(i))
+        if meta is None:
+            return None
         try:
-            meta = json.loads(self._part_meta(i).read_text())
             data = self._part(i).read_bytes()
-        except (OSError, ValueError):
+        except OSError:
             return None
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta.get("sha256") or (sha256 is not None and digest != sha256):
@@ -118,7 +139,7 @@ class FeatureEntry:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError:
             return None
-        if arr.ndim != 2 or arr.shape[0] != stop - start or arr.dtype != np.float32:
+        if arr.ndim != 2 or arr.shape[0] != stop - start or arr.dtype != np.float32 or not np.isfinite(arr).all():
             return None
         return arr
 
@@ -138,7 +159,8 @@ class FeatureEntry:
                                                "sha256": hashlib.sha256(data).hexdigest(), **(meta or {})})
 
     def write_spec(self) -> None:
-        if not (self.path / SPEC).is_file():
+        """``spec.json``, written once (a damaged one again: it is what a later run reads the layout from)."""
+        if (_read_object(self.path / SPEC) or {}).get("key") != self.key:
             atomic_write_json(self.path / SPEC, {"key": self.key, "format": FEATURE_FORMAT, "spec": self.spec,
                                                  "n_rows": self.n_rows, "part_rows": self.part_rows})
 
@@ -155,7 +177,7 @@ class FeatureEntry:
                 raise FeatureCacheDamaged(f"{self._part(i)} has {arr.shape[1]} features, part 0 has {width}")
             width = arr.shape[1]
             parts.append({"file": self._part(i).name, "rows": list(self.part_range(i)),
-                          "sha256": json.loads(self._part_meta(i).read_text())["sha256"]})
+                          "sha256": (_read_object(self._part_meta(i)) or {}).get("sha256")})
         manifest = {"key": self.key, "format": FEATURE_FORMAT, "n_rows": self.n_rows, "dim": int(width or 0),
                     "parts": parts, **info}
         atomic_write_json(self.path / MANIFEST, manifest)
@@ -171,8 +193,11 @@ class FeatureEntry:
             arr = self._read_part(i, part["sha256"])
             if arr is None:
                 raise FeatureCacheDamaged(f"{self._part(i)} does not match {self.path / MANIFEST}")
+            if arr.shape[1] != manifest["dim"]:
+                raise FeatureCacheDamaged(f"{self._part(i)} has {arr.shape[1]} features, {self.path / MANIFEST} "
+                                          f"says {manifest['dim']}")
             arrays.append(arr)
-        dim = int(manifest.get("dim", 0))
+        dim = manifest["dim"]
         return (np.concatenate(arrays) if arrays else np.zeros((0, dim), dtype=np.float32)), manifest
 
     def discard(self, *, parts: bool = False) -> None:
@@ -216,10 +241,9 @@ class FeatureStore:
                 f"{safe_name(split)}-{key[:12]}")
         path = self.root / safe_name(task) / safe_name(backbone) / leaf
         part_rows = max(1, min(PART_ROWS, -(-n_rows // max(1, world_size))))
-        try:
-            started = json.loads((path / SPEC).read_text())
-            if started.get("key") == key and int(started.get("part_rows", 0)) > 0:
-                part_rows = int(started["part_rows"])
-        except (OSError, ValueError, TypeError):
-            pass
+        started = _read_object(path / SPEC) or {}
+        kept = started.get("part_rows")
+        if started.get("key") == key and isinstance(kept, int) and not isinstance(kept, bool) \
+                and 0 < kept <= max(PART_ROWS, n_rows):
+            part_rows = kept
         return FeatureEntry(path, key, spec, n_rows, part_rows)

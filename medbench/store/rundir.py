@@ -21,6 +21,9 @@ Layout under the output folder::
                              killed writer is removed when the run is next claimed (see RunDir.claim)
     features/            the probes' feature cache (see medbench.store.features)
     leaderboard.json
+    micro-batch/<setting>.json   --micro-batch auto: the micro-batch chosen for one (task, backbone, crop,
+                         device type, precision, ZeRO stage, world size, freezing, layout), how (memory
+                         model, trial steps) and every halving after an out-of-memory error
 
 **The key.** ``<key>`` is :func:`medbench.run.request.run_key`: a sha256 of
 everything that fixes the run's numbers: every field of the run request (task,
@@ -29,11 +32,16 @@ cap, engine settings, and any field added later), the task's content hash,
 the data fingerprint of the task and of each OOD target (rows, labels, metadata
 and each image file's stamp: size and mtime, or its sha256 with
 ``--verify-pixels``; see :mod:`medbench.data.fingerprint`), the resolved training
-plan and input geometry, the world size, the training-numerics version and the
-store format. Changing any of them makes a new run; nothing else does
-(checkpoint settings, thread count, output paths, ``medbench.__version__``).
-The code revision (git sha) and library versions are recorded in each result's
-provenance, not in the key.
+plan and input geometry, the world size, the training-numerics version, the
+execution options that pick other kernels when they are on (channels-last,
+``--compile``; absent when off, as on CPU) and the store format. Changing any
+of them makes a new run; nothing else does (checkpoint settings, thread count,
+output paths, ``medbench.__version__``, the input workers, the loss read-back
+interval). The micro-batch enters as requested (a number, ``auto`` or none);
+what ``auto`` chose is recorded in the run and under ``micro-batch/``, so a
+run halved after an out-of-memory error keeps its key and resumes. The code
+revision (git sha), library versions and the device are recorded in each
+result's provenance, not in the key.
 
 **Code changes: two versions.** What a code change invalidates depends on
 what it changes, and two constants say so (bump them in the commit that makes
@@ -64,12 +72,24 @@ not complete: the next ``medbench run`` trains it again, resuming from its
 checkpoint when there is one. Every file is written through
 :func:`medbench.utils.atomic_path` (temporary file, fsync, rename), so a kill
 at any instant leaves each file old-or-whole.
+
+**Integrity.** A complete run's ``result.json`` records the sha256 of every
+other file of the folder (``files``: relative path -> digest; the lock,
+checkpoints and temporary files excepted) when the run completes, and
+``medbench score`` records them again after recomputing the scores. Every
+later read of a recorded file (:meth:`RunDir.read_bytes`, :meth:`RunDir.read_json`:
+the leaderboard, ``paired``, ``score`` itself) checks it: a file edited or
+damaged since is one :class:`~medbench.errors.IntegrityError` line naming it,
+never a silently different number. This guards against accidents and casual
+edits, not against someone who rewrites ``result.json`` too (it is no
+signature). Runs completed before the record existed have no ``files``: they
+are read unchecked until ``medbench score`` records them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import os
 import shutil
 import time
@@ -77,7 +97,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medbench.utils import atomic_write_json, safe_name, writer_gone
+from medbench.errors import IntegrityError
+from medbench.utils import atomic_write_json, parse_json, safe_name, writer_gone
 
 RESULT = "result.json"
 CONFIG = "config.json"
@@ -88,6 +109,15 @@ CHECKPOINT = "checkpoint"
 LOCK = ".lock"
 #: bumped when the layout or the meaning of a stored file changes (part of the run key)
 STORE_FORMAT = 2
+#: the ``result.json`` key holding the sha256 of the run's other files
+FILES = "files"
+#: what to do about a recorded file that changed, by the command that can write it again
+_REMEDY = {
+    METRICS: "rerun 'medbench score {run}' to recompute the scores from the predictions",
+    "bootstrap.parquet": "rerun 'medbench score {run}' to recompute the scores from the predictions",
+}
+_RETRAIN = ("the run's own outputs changed since it completed: delete the run folder and rerun the same "
+            "command to train it again")
 #: a temporary file whose writer cannot be checked from here (written on another host, or by a medbench
 #: that did not tag its temporary files) counts as left behind when nothing has written to it for this long
 #: while the run's lock is held: an atomic write renames its file within seconds of its last write
@@ -113,7 +143,70 @@ class RunDir:
         atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        """A JSON file of the run, checked against the digest ``result.json`` recorded (see the module
+        docstring) and read with the nesting bound of :func:`medbench.utils.parse_json`."""
+        return parse_json(self.read_bytes(name), where=self.path / name,
+                          expected=f"the {name} medbench wrote", error=IntegrityError)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of ``name`` (relative to the run folder); when ``result.json`` recorded its sha256 they
+        must still have it, and a recorded file must still exist (:class:`IntegrityError` naming the file)."""
+        path = self.path / name
+        recorded = self.recorded_digests()
+        expected = recorded.get(Path(name).as_posix()) if recorded else None
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            told = f"missing, but {RESULT} recorded it when the run completed" if expected is not None else \
+                "missing; expected the file medbench writes in a run folder"
+            raise IntegrityError(f"{told}; {self._remedy(name)}", where=path) from None
+        except OSError as err:
+            raise IntegrityError(f"cannot read it ({err.strerror or err})", where=path) from None
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise IntegrityError(f"sha256 differs from the one {RESULT} recorded (edited or damaged since the run "
+                                 f"was scored); {self._remedy(name)}", where=path)
+        return data
+
+    def _remedy(self, name: str) -> str:
+        return _REMEDY.get(Path(name).as_posix(), _RETRAIN).format(run=self.path)
+
+    def scores(self) -> dict:
+        """The run's scores: ``metrics.json`` (checked; kept current by ``medbench score``), or the copy in
+        ``result.json`` for a run that has no ``metrics.json`` and never recorded one."""
+        recorded = self.recorded_digests() or {}
+        if (self.path / METRICS).is_file() or METRICS in recorded:
+            scores = self.read_json(METRICS)
+        else:
+            scores = (self.result() or {}).get("metrics", {})
+        if not isinstance(scores, dict):
+            raise IntegrityError("expected a mapping of scores", where=self.path / METRICS)
+        return scores
+
+    def recorded_digests(self) -> dict[str, str] | None:
+        """The ``files`` record of a complete run's ``result.json`` (None: not complete, or completed by a
+        medbench that did not record them)."""
+        r = self.result()
+        files = r.get(FILES) if r and r.get("status") == "ok" else None
+        return files if isinstance(files, dict) else None
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of every file of the folder later commands may read: relative path -> hex digest (not
+        ``result.json``, the lock, checkpoints, temporary or hidden files). Folder links are not followed."""
+        out: dict[str, str] = {}
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            rel_dir = Path(dirpath).relative_to(self.path)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (rel_dir == Path(".")
+                                                                                       and d == CHECKPOINT))
+            for f in sorted(filenames):
+                rel = (rel_dir / f).as_posix()
+                if f.startswith(".") or rel == RESULT or not os.path.isfile(os.path.join(dirpath, f)):
+                    continue
+                h = hashlib.sha256()
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+                out[rel] = h.hexdigest()
+        return out
 
     def result(self) -> dict | None:
         """The parsed ``result.json`` (complete or failed run), or None (absent, unreadable)."""
@@ -121,10 +214,26 @@ class RunDir:
         if not p.is_file():
             return None
         try:
-            r = json.loads(p.read_text())
-        except (OSError, ValueError):
+            r = parse_json(p.read_bytes(), where=p)
+        except (OSError, IntegrityError):
             return None
         return r if isinstance(r, dict) else None
+
+    def result_problem(self) -> IntegrityError | None:
+        """Why an existing ``result.json`` cannot be read (not JSON, too deep, not an object), or None."""
+        p = self.path / RESULT
+        try:
+            r = parse_json(p.read_bytes(), where=p, expected="the result.json medbench wrote")
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return IntegrityError(f"cannot read it ({err.strerror or err})", where=p)
+        except IntegrityError as err:
+            return err
+        if not isinstance(r, dict) or r.get("status") not in ("ok", "failed"):
+            return IntegrityError("not a run result (no 'status: ok' or 'failed'); expected the result.json "
+                                  "medbench wrote", where=p)
+        return None
 
     @property
     def status(self) -> str | None:
@@ -137,9 +246,21 @@ class RunDir:
         return self.status == "ok"
 
     def write_result(self, result: dict) -> None:
-        """The completion marker: call after every other file of the run is written."""
+        """The completion marker: call after every other file of the run is written. Records the sha256 of
+        every other file (:meth:`digests`), which later reads check."""
         assert result.get("status") == "ok"
-        self.write_json(RESULT, result)
+        self.write_json(RESULT, {**result, FILES: self.digests()})
+
+    def record_rescore(self, scores: dict, when: str) -> None:
+        """After ``medbench score`` rewrote the scores of a complete run: its ``result.json`` takes the new
+        scores and the new digests of every file, written last and atomically like the completion marker."""
+        result = self.result()
+        assert result is not None and result.get("status") == "ok"
+        headline = dict(result.get("headline") or {})
+        if headline.get("metric") is not None:
+            headline["value"] = (scores.get("test") or {}).get(headline["metric"])
+        self.write_json(RESULT, {**result, "headline": headline, "warnings": scores.get("warnings", []),
+                                 "metrics": scores, "rescored": when, FILES: self.digests()})
 
     def write_failure(self, record: dict) -> None:
         """Record a failed attempt (``status: failed``); the run stays incomplete and is retried."""
@@ -234,6 +355,10 @@ class RunStore:
     def leaderboard_path(self) -> Path:
         return self.out / "leaderboard.json"
 
+    def micro_batch_file(self, setting_key: str) -> Path:
+        """The ``--micro-batch auto`` choice of one setting on one device type (medbench.run.runner)."""
+        return self.out / "micro-batch" / f"{setting_key}.json"
+
     def runs(self) -> list[RunDir]:
         """Every run folder (complete or not)."""
         return [RunDir(p) for p in sorted((self.out / "runs").glob("*/*/*")) if p.is_dir()]
@@ -246,7 +371,9 @@ class RunStore:
 
 
 def find_run_dirs(paths: list[Path]) -> list[RunDir]:
-    """Complete runs under each path (a run folder or any folder above run folders)."""
+    """Complete runs under each path (a run folder or any folder above run folders). A ``result.json`` that
+    cannot be read (damaged: medbench writes it atomically) is one :class:`IntegrityError` line naming it,
+    not a run silently left out."""
     out: list[RunDir] = []
     for p in paths:
         p = Path(p)
@@ -254,6 +381,10 @@ def find_run_dirs(paths: list[Path]) -> list[RunDir]:
             candidates = [RunDir(p)]
         else:
             candidates = [RunDir(r.parent) for r in sorted(p.rglob(RESULT))]
+        for c in candidates:
+            problem = c.result_problem()
+            if problem is not None:
+                raise problem
         out.extend(c for c in candidates if c.complete)
     seen: set[Path] = set()
     unique = []

@@ -22,6 +22,17 @@ the test scope's values come from the same evaluation that computes their
 replicates. :func:`rescore_outdated` re-scores runs whose ``metrics.json`` was
 written by another scoring version (``medbench run`` reusing a run,
 ``medbench leaderboard``, ``medbench paired``).
+
+Nothing is written until every score is computed: predictions that are
+missing (the test and validation predictions, each OOD target the run
+recorded, and every file ``result.json`` recorded) or damaged, or that
+differ from what the run recorded, are one
+:class:`~medbench.errors.IntegrityError` line naming the file, and the
+run's ``metrics.json`` stays as it was. A complete run's ``result.json`` then
+takes the new scores and the digests of its files
+(:meth:`~medbench.store.rundir.RunDir.record_rescore`), so the leaderboard
+can tell a re-score (``medbench score`` or :func:`rescore_outdated`, both
+through :func:`rescore`) from an edit.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from medbench.scoring.registry import interval_rule, loop_values, metric_builder
 from medbench.scoring.version import SCORING_VERSION
 from medbench.spec import AttributeSpec, ScoringSpec
 from medbench.store import CONFIG, HISTORY, METRICS, RunDir
-from medbench.utils import atomic_write_bytes
+from medbench.utils import atomic_write_bytes, parse_json
 
 BOOTSTRAP = "bootstrap.parquet"
 RELIABILITY = "calibration/reliability-test.png"
@@ -58,13 +69,23 @@ def scoring_config(task_spec: dict, overrides: dict | None = None) -> ScoringSpe
         raise UsageError(e["msg"], field="scoring." + ".".join(map(str, e["loc"]))) from None
 
 
-def load_predictions(run: RunDir, name: str) -> Predictions | None:
+def load_predictions(run: RunDir, name: str, *, required: bool = False) -> Predictions | None:
+    """The run's predictions ``name`` (``test``, ``val``, ``ood-<target>``), checked against what
+    ``result.json`` recorded; None when absent and neither ``required`` nor recorded."""
+    from medbench.errors import IntegrityError
     from medbench.scoring.classification import check_finite
 
     path = run.prediction_file(name)
+    rel = path.relative_to(run.path).as_posix()
+    recorded = run.recorded_digests() or {}
     if not path.is_file():
+        if required or rel in recorded:
+            raise IntegrityError("predictions are missing; the run wrote them when it trained, and every score is "
+                                 "computed from them: restore the folder, or delete the run folder and rerun the "
+                                 "same command to train it again (nothing was rewritten)", where=path)
         return None
-    preds = Predictions.load(path)
+    sidecar = path.with_suffix(".json").relative_to(run.path).as_posix()
+    preds = Predictions.parse(run.read_bytes(rel), run.read_bytes(sidecar), where=path)
     check_finite(preds, where=str(path))
     return preds
 
@@ -83,6 +104,31 @@ def _get(tree: dict, path: tuple):
             return None
         node = node[p]
     return node
+
+
+def _task_spec(run: RunDir, config: object) -> dict:
+    """The task spec a run's ``config.json`` recorded, validated (a damaged one names the field)."""
+    from pydantic import ValidationError
+
+    from medbench.errors import IntegrityError
+    from medbench.spec import TaskSpec
+
+    spec = config.get("task_spec") if isinstance(config, dict) else None
+    if not isinstance(spec, dict):
+        raise IntegrityError("no task_spec mapping; expected the config.json medbench wrote", where=run.path / CONFIG,
+                             field="task_spec")
+    try:
+        TaskSpec.model_validate(spec)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise IntegrityError(f"{first['msg']}; expected the config.json medbench wrote", where=run.path / CONFIG,
+                             field="task_spec." + ".".join(map(str, first["loc"]))) from None
+    return spec
+
+
+def _expects_val(config: dict) -> bool:
+    n = ((config.get("data") or {}).get("n") or {}).get("val")
+    return isinstance(n, int) and n > 0
 
 
 def _ordered(values: dict, metrics: list[str]) -> dict:
@@ -107,8 +153,10 @@ def score_scope(preds: Predictions, metrics: list[str], cfg: ScoringSpec, resamp
     return point, reps
 
 
-def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tuple, np.ndarray]]:
-    """(metrics.json content, replicates by value path) of ``run``."""
+def score_run(run: RunDir, overrides: dict | None = None, *, images: dict[str, bytes] | None = None
+              ) -> tuple[dict, dict[tuple, np.ndarray]]:
+    """(metrics.json content, replicates by value path) of ``run``; nothing is written. ``images`` (when
+    given) receives the figures to write: relative path -> PNG bytes."""
     import medbench
     from medbench.scoring.calibration import calibration_axis
     from medbench.scoring.checks import score_warnings
@@ -117,12 +165,13 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
     from medbench.scoring.shift import drop_replicates, shift_axis, shift_metrics
 
     config = run.read_json(CONFIG)
-    spec = config["task_spec"]
+    spec = _task_spec(run, config)
     cfg = scoring_config(spec, overrides)
     metrics = list(spec["metrics"])
     headline = spec.get("headline", metrics[0])
     attributes = [AttributeSpec.model_validate(a) for a in spec.get("attributes", [])]
-    test, val = load_predictions(run, "test"), load_predictions(run, "val")
+    test = load_predictions(run, "test", required=True)
+    val = load_predictions(run, "val", required=_expects_val(config))
     out: dict = {"scoring": {**cfg.model_dump(mode="json"), "scoring_version": SCORING_VERSION,
                              "medbench_version": medbench.__version__, "resampling": {}},
                  "test": {}, "val": {}, "ood": {}, "labels": {}}
@@ -137,7 +186,7 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
     ood_metrics = shift_metrics(metrics)
     for record in config.get("ood_targets", []):
         name = record["name"]
-        preds = load_predictions(run, f"ood-{name}")
+        preds = load_predictions(run, f"ood-{name}", required=not record.get("skipped"))
         if preds is None:
             continue
         res = Resampling.of(preds, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope=f"ood:{name}") \
@@ -177,9 +226,11 @@ def score_run(run: RunDir, overrides: dict | None = None) -> tuple[dict, dict[tu
             out["scoring"]["resampling"]["test"] = res.describe()
         if "shift" in out:
             replicates.update(drop_replicates(replicates, out["shift"]))
-        png = _reliability(run, test, calibrated, cfg, config)
+        png = _reliability(test, calibrated, cfg, config)
         if png:
-            out["calibration"]["reliability_diagram"] = png
+            out["calibration"]["reliability_diagram"] = RELIABILITY
+            if images is not None:
+                images[RELIABILITY] = png
 
     has_history = (run.path / HISTORY).is_file()
     if has_history:
@@ -215,14 +266,13 @@ def _plain(obj):
     return obj
 
 
-def _reliability(run: RunDir, test: Predictions, calibrated: Predictions, cfg: ScoringSpec, config: dict) -> str | None:
+def _reliability(test: Predictions, calibrated: Predictions, cfg: ScoringSpec, config: dict) -> bytes | None:
     from medbench.scoring.calibration import reliability_png
 
     if len(test) == 0:
         return None
     title = f"{config.get('task')} · {config.get('backbone')} · {config.get('init')} · seed {config.get('seed')} (test)"
-    atomic_write_bytes(run.path / RELIABILITY, reliability_png(test, calibrated, cfg, title))
-    return RELIABILITY
+    return reliability_png(test, calibrated, cfg, title)
 
 
 def column_name(path: tuple) -> str:
@@ -243,40 +293,70 @@ def write_replicates(path: Path, replicates: dict[tuple, np.ndarray]) -> None:
 
 
 def read_replicates(run: RunDir) -> dict[tuple, np.ndarray]:
-    """Replicates of a scored run by value path (empty when the run has none)."""
+    """Replicates of a scored run by value path (empty when the run has none); checked against what
+    ``result.json`` recorded, a damaged file is one line naming it."""
     import polars as pl
 
+    from medbench.errors import IntegrityError
+
     path = run.path / BOOTSTRAP
-    if not path.is_file():
+    if not path.is_file() and BOOTSTRAP not in (run.recorded_digests() or {}):
         return {}
-    df = pl.read_parquet(path)
-    return {tuple(json.loads(c)): df[c].to_numpy() for c in df.columns}
+    data = run.read_bytes(BOOTSTRAP)
+    try:
+        df = pl.read_parquet(io.BytesIO(data))
+        out = {tuple(json.loads(c)): df[c].cast(pl.Float64).to_numpy() for c in df.columns}
+    except Exception as err:  # damaged parquet, or a column name that is not a JSON path
+        detail = " ".join(str(err).split()[:20])
+        raise IntegrityError(f"not readable bootstrap replicates ({type(err).__name__}: {detail}); rerun "
+                             f"'medbench score {run.path}' to recompute them", where=path) from None
+    return out
 
 
 def rescore(run: RunDir, overrides: dict | None = None) -> dict:
-    scores, replicates = score_run(run, overrides)
+    """Score ``run`` from its predictions and write ``bootstrap.parquet``, the figures and ``metrics.json``,
+    then (for a complete run) record the new scores and digests in ``result.json``. Nothing is written
+    when anything it reads is missing, damaged or changed since the run recorded it."""
+    from medbench.provenance import now_utc
+
+    images: dict[str, bytes] = {}
+    scores, replicates = score_run(run, overrides, images=images)
     write_replicates(run.path / BOOTSTRAP, replicates)
+    for rel, data in images.items():
+        atomic_write_bytes(run.path / rel, data)
     run.write_json(METRICS, scores)
+    if run.complete:
+        run.record_rescore(scores, now_utc())
     return scores
 
 
 def scoring_version_of(run: RunDir) -> int | None:
-    """The scoring version of a run's ``metrics.json``: 0 when it predates versioning, None without the file."""
+    """The scoring version of a run's ``metrics.json``: 0 when it predates versioning, None without the file
+    (or when it cannot be read: re-scoring it then reads it through :meth:`RunDir.read_json`, which names
+    an edited or damaged file)."""
+    from medbench.errors import IntegrityError
+
     path = run.path / METRICS
     if not path.is_file():
         return None
     try:
-        scoring = json.loads(path.read_text()).get("scoring") or {}
-    except (OSError, ValueError):
+        metrics = parse_json(path.read_bytes(), where=path)
+        scoring = (metrics.get("scoring") if isinstance(metrics, dict) else None) or {}
+        version = scoring.get("scoring_version", 0) if isinstance(scoring, dict) else None
+        return version if isinstance(version, int) and not isinstance(version, bool) else None
+    except (OSError, IntegrityError):
         return None
-    return int(scoring.get("scoring_version", 0))
 
 
 def recorded_settings(run: RunDir) -> dict:
-    """The scoring settings a run was last scored with (``medbench score`` options are kept on re-scoring)."""
-    try:
-        scoring = run.read_json(METRICS).get("scoring") or {}
-    except (OSError, ValueError):
+    """The scoring settings a run was last scored with (``medbench score`` options are kept on re-scoring);
+    none for a run never scored. A ``metrics.json`` edited or damaged since ``result.json`` recorded it is
+    an :class:`~medbench.errors.IntegrityError` naming it (a re-score never launders an edit)."""
+    if not (run.path / METRICS).is_file() and METRICS not in (run.recorded_digests() or {}):
+        return {}
+    metrics = run.read_json(METRICS)
+    scoring = (metrics.get("scoring") if isinstance(metrics, dict) else None) or {}
+    if not isinstance(scoring, dict):
         return {}
     return {k: v for k, v in scoring.items() if k in ScoringSpec.model_fields}
 

@@ -234,8 +234,8 @@ class CheckpointStore:
             index = json.loads(index_path.read_text())
             step = int(index["step"])
             files: dict[str, int] = dict(index["files"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointUnusable(f"unreadable {INDEX}: {err}") from err
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+            raise CheckpointUnusable(f"unreadable {INDEX}: {type(err).__name__}") from err
         if index.get("format") != FORMAT:
             raise CheckpointUnusable(f"format {index.get('format')} (this medbench writes {FORMAT})")
         if index.get("key") != key:

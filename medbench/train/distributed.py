@@ -109,6 +109,22 @@ def side_group():
     return _side_group
 
 
+def cores_per_rank() -> int:
+    """CPU cores this process may use: the cores it is allowed to run on (CPU affinity: taskset, cgroups) shared
+    with the other ranks of its node (LOCAL_WORLD_SIZE from torchrun and medbench's SLURM jobs, LOCAL_SIZE from
+    the deepspeed launcher); under SLURM at most ``SLURM_CPUS_PER_TASK``. Sets torch's threads (``--threads``
+    overrides) and the input path's workers, so launched ranks do not each start a thread per core of the node."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if per_task and per_task.isdigit():
+        return max(1, min(allowed, int(per_task)))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, allowed // max(1, local))
+
+
 def describe_device(info: DistInfo) -> dict:
     """What ran the job, for provenance."""
     import platform

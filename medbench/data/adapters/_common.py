@@ -8,7 +8,6 @@ of patients on both sides.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from medbench.data.base import label_column
 from medbench.errors import DataError
+from medbench.paths import walk
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -160,7 +160,7 @@ def find_file(root: Path, names: Iterable[str], *, max_depth: int = 2) -> Path |
     if hit is not None:
         return hit
     wanted = {n.lower() for n in names}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in walk(root):
         depth = len(Path(dirpath).relative_to(root).parts)
         if depth >= max_depth:
             dirnames[:] = []
@@ -178,7 +178,7 @@ def index_files(folders: Iterable[Path], suffixes: Iterable[str]) -> dict[str, P
     for folder in folders:
         if not folder.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        for dirpath, dirnames, filenames in walk(folder):
             dirnames.sort()
             for f in sorted(filenames):
                 p = Path(dirpath) / f

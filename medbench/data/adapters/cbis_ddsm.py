@@ -28,7 +28,6 @@ MONOCHROME2, in the releases seen so far RLE-compressed or uncompressed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +42,7 @@ from medbench.data.adapters._common import (
 )
 from medbench.data.base import DatasetIndex, label_column, read_csv_checked
 from medbench.errors import DataError
+from medbench.paths import walk
 
 CSV_FILES = {
     ("mass", "train"): "mass_case_description_train_set.csv",
@@ -99,7 +99,7 @@ def series_files(root: Path, series: set[str]) -> dict[str, Path]:
             if name in out:
                 continue
             dcms = []
-            for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
+            for dirpath, dirnames, filenames in walk(folder / name):
                 dirnames.sort()
                 dcms += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(".dcm")]
             if dcms:

@@ -32,7 +32,6 @@ files alone list the dataset.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +47,7 @@ from medbench.data.adapters._common import (
 )
 from medbench.data.base import DatasetIndex, label_column
 from medbench.errors import DataError
+from medbench.paths import walk
 
 NAME_RE = re.compile(r"^(MCUCXR|CHNCXR)_(\d+)_([01])\.(png|txt)$", re.IGNORECASE)
 SETS = {"MCUCXR": "montgomery", "CHNCXR": "shenzhen"}
@@ -100,7 +100,7 @@ def _read_text(path: Path) -> str:
 def discover(root: Path) -> dict[str, dict[str, Path]]:
     """``{stem: {"png": path, "txt": path}}`` for every image and reading below ``root``."""
     found: dict[str, dict[str, Path]] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in walk(root):
         # lung masks share the images' names; archive debris is not data
         dirnames[:] = sorted(d for d in dirnames if "mask" not in d.lower() and not d.startswith((".", "__MACOSX"))
                              and d.lower() not in {"annotations", "annotations-2"})
