@@ -125,7 +125,7 @@ def test_cache_against_dataloader(benchmark, dataset: DatasetIndex, cache, sourc
             "main_process_cpu": {k: summary(v) for k, v in cpu.items()}}
     benchmark.extra_info.update(info)
     lines = [f"{name}: epoch min {s['min']:.3f} s median {s['median']:.3f} s" for name, s in stats.items()]
-    lines += [f"cache vs {name}: {r['min']:.0f}x min, {r['median']:.0f}x median" for name, r in ratios.items()]
+    lines += [f"cache vs {name}: {r['min']:.1f}x min, {r['median']:.1f}x median" for name, r in ratios.items()]
     print(f"\nepoch of {N_IMAGES} images, {WORKERS} DataLoader workers, load {info['load_average']} "
           f"(other processes {busy:.2f} cores before):\n  " + "\n  ".join(lines))
     if busy < 0.2:
