@@ -43,11 +43,9 @@ from medbench.spec import ResolvedTask
 from medbench.spec.catalog import Catalog
 from medbench.train.hyperrule import TrainPlan, make_plan, rule_resolution
 from medbench.train.memory import (  # the memory model lives with training (--micro-batch auto uses it)
-    activation_bytes,
     largest_fitting,
     memo_backbone,
     memory_estimate,
-    parameter_count,
 )
 
 

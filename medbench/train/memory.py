@@ -305,8 +305,6 @@ def choose_micro_batch(model: Any, backbone: Backbone, *, per_device_batch: int,
                        margin: float = MARGIN) -> MicroBatchChoice:
     """The largest micro-batch dividing ``per_device_batch`` that fits (module docstring); moves ``model`` to
     ``device``. Raises :class:`~medbench.errors.MedbenchError` when not even one image fits."""
-    import torch
-
     from medbench.errors import MedbenchError
 
     memory = memory or device_memory(device)
