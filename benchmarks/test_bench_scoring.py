@@ -1,5 +1,7 @@
 """Scoring speed (P3): every bootstrapped score of a 100k-image x 14-label test set with 1000 resamples,
-vectorized (``medbench score``) against a per-resample loop over sklearn/netcal/fairlearn (the usual way).
+vectorized (``medbench score``) against two per-resample loops: a lean loop as a careful user writes it (the
+strongest baseline, the one the >= 50x target is measured against) and the shipped naive loop over the
+libraries' public functions (kept as the second line).
 
 "Every score" is what :func:`medbench.store.scores.score_run` bootstraps for a multilabel task with two
 subgroup attributes and one OOD target, i.e. every column of ``bootstrap.parquet``:
@@ -15,26 +17,38 @@ subgroup attributes and one OOD target, i.e. every column of ``bootstrap.parquet
 
 The medbench side is one ``score_run`` on a run folder (loading predictions, point values, temperature fit,
 thresholds, subgroups and intersections, reliability diagram and the vectorized bootstrap: all of it is
-timed). The loop computes the same numbers independently per resample: roc_auc_score, accuracy_score,
-balanced_accuracy_score, brier_score_loss, log_loss (sklearn), ECE/MCE (netcal, 15 equal-width bins),
-temperatures (a scipy minimisation of the validation NLL over T, once) and the scaled probabilities, the Youden
-threshold (sklearn's roc_curve, once on validation), the group rates (fairlearn MetricFrame),
-equalized_odds_difference and demographic_parity_difference (fairlearn). Means, worst groups and gaps follow
-medbench's strict rule (docs/metrics.md): over the components defined on the whole test set, undefined in a
-resample where one of them is. It is timed on ``LOOP_RESAMPLES`` resamples and scaled to
-``RESAMPLES`` (its cost is linear in the number of resamples); its values on those resamples must equal
+timed, wall and CPU). Both loops compute the same numbers independently per resample, on the resample's rows
+(``Resampling.sample_indices``), with temperatures (a scipy minimisation of the validation NLL over T) and Youden
+thresholds (sklearn's roc_curve on validation) computed once, outside the timing:
+
+* :class:`LeanLoop` (the strongest reasonable alternative): the libraries' definitions as direct numpy/scipy
+  formulas, without per-call input validation, type detection or MetricFrame/pandas construction: the
+  Mann-Whitney AUC of average ranks (``scipy.stats.rankdata``), accuracy and balanced accuracy, netcal's ECE/MCE
+  (15 equal-width bins of the clipped confidences), Brier, log loss with sklearn's clipping, group rates from
+  counts and fairlearn's worst-case differences of them;
+* :class:`Loop` (the shipped naive baseline): roc_auc_score, accuracy_score, balanced_accuracy_score,
+  brier_score_loss, log_loss (sklearn), ECE/MCE (netcal), the group rates from fairlearn's MetricFrame,
+  equalized_odds_difference and demographic_parity_difference (fairlearn).
+
+Means, worst groups and gaps follow medbench's strict rule (docs/metrics.md): over the components defined on the
+whole test set, undefined in a resample where one of them is. Each loop is timed on its first resamples and scaled
+to ``RESAMPLES`` (its cost is linear in the number of resamples); its values on those resamples must equal
 medbench's replicates (atol 1e-6), and it must produce exactly the set of replicate columns medbench does
-(nothing bootstrapped escapes the comparison). The loop is given the same work medbench's tables hold once
+(nothing bootstrapped escapes the comparison). The loops are given the same work medbench's tables hold once
 only: ``calibration.before`` equals the ``test`` calibration scores and ``shift.*.in_distribution`` is the
-mean of the ``test`` per-label values over the target's labels, so it reuses them.
+mean of the ``test`` per-label values over the target's labels, so they reuse them.
 
 Run the full benchmark with ``python -m pytest benchmarks/test_bench_scoring.py -n 0 --benchmark-only -s``
-(minutes; not part of the default test run). Environment knobs (a smaller size proves the comparison works;
-the >= 50x target is asserted only at the full size, 100 000 x 1000):
+(about 5 minutes on 2 idle cores: medbench ~0.5-1 min, the lean loop's 20 resamples ~1 min, the naive loop's 3
+~3 min; not part of the default test run). Environment knobs (a smaller size proves the comparison works; the
+>= 50x target against the lean loop is asserted only at the full size, 100 000 x 1000, and when other
+processes kept less than 0.2 cores busy just before, :func:`train_common.busy_cores`):
 
 * ``MEDBENCH_BENCH_N`` test images (default 100000; validation and OOD sets are N/5 each),
 * ``MEDBENCH_BENCH_RESAMPLES`` bootstrap resamples (default 1000),
-* ``MEDBENCH_BENCH_LOOP_RESAMPLES`` resamples the loop is timed on (default 3: about 100 s each at the full size).
+* ``MEDBENCH_BENCH_LEAN_RESAMPLES`` resamples the lean loop is timed on (default 20),
+* ``MEDBENCH_BENCH_LOOP_RESAMPLES`` resamples the naive loop is timed on (default 3: about 60 s each at the full
+  size; 0 skips it).
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ from fairlearn.metrics import (
 )
 from netcal.metrics import ECE, MCE
 from scipy.optimize import minimize_scalar
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -79,6 +94,7 @@ FULL_N, FULL_RESAMPLES = 100_000, 1000
 N = int(os.environ.get("MEDBENCH_BENCH_N", str(FULL_N)))
 RESAMPLES = int(os.environ.get("MEDBENCH_BENCH_RESAMPLES", str(FULL_RESAMPLES)))
 LOOP_RESAMPLES = min(int(os.environ.get("MEDBENCH_BENCH_LOOP_RESAMPLES", "3")), RESAMPLES)
+LEAN_RESAMPLES = min(int(os.environ.get("MEDBENCH_BENCH_LEAN_RESAMPLES", "20")), RESAMPLES)
 LABELS = 14
 OOD_LABELS = 8  # the OOD target scores the first 8 labels (a harmonized subset)
 N_VAL = N_OOD = max(N // 5, 200)
@@ -178,7 +194,43 @@ def _scale(p: np.ndarray, t: float) -> np.ndarray:
 
 
 class Loop:
-    """Every bootstrapped score, recomputed by the libraries on each resample."""
+    """Every bootstrapped score, recomputed by the libraries on each resample (the shipped naive baseline:
+    scikit-learn's and netcal's public functions, fairlearn's MetricFrame and differences)."""
+
+    name = "naive sklearn/netcal/fairlearn loop"
+
+    # the primitives; :class:`LeanLoop` replaces them by the same definitions without the libraries' overhead
+    _auc = staticmethod(_auc)
+    _balanced = staticmethod(_balanced)
+    _calibration = staticmethod(_calibration)
+
+    @staticmethod
+    def _accuracy(y: np.ndarray, d: np.ndarray) -> float:
+        return float(accuracy_score(y, d))
+
+    @staticmethod
+    def _group_rates(yy: np.ndarray, dd: np.ndarray, gg: np.ndarray) -> dict[str, dict[str, float]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a group without positives: fairlearn warns and reports 0
+            mf = MetricFrame(metrics={"tpr": partial(true_positive_rate, pos_label=1),
+                                      "fpr": partial(false_positive_rate, pos_label=1),
+                                      "fnr": partial(false_negative_rate, pos_label=1),
+                                      "selection_rate": partial(selection_rate, pos_label=1)},
+                             y_true=yy, y_pred=dd, sensitive_features=gg)
+            table = mf.by_group
+        return {g: {m: float(table.loc[g, m]) for m in RATES} for g in table.index}
+
+    @staticmethod
+    def _eod(yy, dd, gg, table, groups) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(equalized_odds_difference(yy, dd, sensitive_features=gg))
+
+    @staticmethod
+    def _dp(yy, dd, gg, table, groups) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(demographic_parity_difference(yy, dd, sensitive_features=gg))
 
     def __init__(self, run: RunDir):
         test = Predictions.load(run.prediction_file("test"))
@@ -230,8 +282,8 @@ class Loop:
         for k, name in enumerate(NAMES):
             keep = ~np.isnan(y[:, k])
             yy, pp, qq = y[keep, k].astype(int), p[keep, k], q[keep, k]
-            scores = {"auc": _auc(yy, pp), "accuracy": float(accuracy_score(yy, pp > 0.5)), **_calibration(yy, pp)}
-            scaled = _calibration(yy, qq)
+            scores = {"auc": self._auc(yy, pp), "accuracy": self._accuracy(yy, pp > 0.5), **self._calibration(yy, pp)}
+            scaled = self._calibration(yy, qq)
             for m, v in scores.items():
                 per[m].append((("test", m, k), v))
                 out[("test", f"{m}/{name}")] = v
@@ -261,11 +313,11 @@ class Loop:
             for k in range(LABELS):
                 keep = in_g & ~np.isnan(y[:, k])
                 yy, pp = y[keep, k].astype(int), p[keep, k]
-                comps["auc"].append(((attribute, g, "auc", k), _auc(yy, pp)))
+                comps["auc"].append(((attribute, g, "auc", k), self._auc(yy, pp)))
                 comps["accuracy"].append(((attribute, g, "accuracy", k),
-                                          float(accuracy_score(yy, pp > 0.5)) if yy.size else np.nan))
+                                          self._accuracy(yy, pp > 0.5) if yy.size else np.nan))
                 comps["balanced_accuracy"].append(((attribute, g, "balanced_accuracy", k),
-                                                   _balanced(yy, (pp > 0.5).astype(int))))
+                                                   self._balanced(yy, (pp > 0.5).astype(int))))
             for m, c in comps.items():
                 v = self._agg("mean", c)
                 out[(*prefix, "groups", g, m)] = v
@@ -279,45 +331,34 @@ class Loop:
         for k in range(LABELS):
             keep = ~np.isnan(y[:, k]) & np.isin(group_of, scored)
             yy, dd, gg = y[keep, k].astype(int), d[keep, k].astype(int), group_of[keep].astype(str)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a group without positives: fairlearn warns and reports 0
-                mf = MetricFrame(metrics={"tpr": partial(true_positive_rate, pos_label=1),
-                                          "fpr": partial(false_positive_rate, pos_label=1),
-                                          "fnr": partial(false_negative_rate, pos_label=1),
-                                          "selection_rate": partial(selection_rate, pos_label=1)},
-                                 y_true=yy, y_pred=dd, sensitive_features=gg)
-                table = mf.by_group
-                # a rate over an empty class is undefined (medbench's rule), not fairlearn's 0
-                for g in table.index:
-                    pos, neg = ((gg == g) & (yy == 1)).sum(), ((gg == g) & (yy == 0)).sum()
-                    if not pos:
-                        table.loc[g, ["tpr", "fnr"]] = np.nan
-                    if not neg:
-                        table.loc[g, "fpr"] = np.nan
-                if self.recording:
-                    for g in scored:
-                        self.defined[(attribute, "both", g, k)] = bool(g in table.index and np.isfinite(
-                            table.loc[g, "tpr"]) and np.isfinite(table.loc[g, "fpr"]))
-                both = [g for g in scored if self.defined.get((attribute, "both", g, k))]
-                lost = any(g not in table.index or not (np.isfinite(table.loc[g, "tpr"]) and
-                                                        np.isfinite(table.loc[g, "fpr"])) for g in both)
-                sel = np.isin(gg, both)
-                eod = (np.nan if lost else float(equalized_odds_difference(yy[sel], dd[sel], sensitive_features=gg[sel]))) \
-                    if len(both) >= 2 else np.nan
-                eods.append(((attribute, "eod", k), eod))
+            table = self._group_rates(yy, dd, gg)  # group -> rate -> value, for the groups present
+            # a rate over an empty class is undefined (medbench's rule), not fairlearn's 0
+            for g, row in table.items():
+                if not ((gg == g) & (yy == 1)).any():
+                    row["tpr"] = row["fnr"] = np.nan
+                if not ((gg == g) & (yy == 0)).any():
+                    row["fpr"] = np.nan
+            if self.recording:
+                for g in scored:
+                    self.defined[(attribute, "both", g, k)] = bool(g in table and np.isfinite(
+                        table[g]["tpr"]) and np.isfinite(table[g]["fpr"]))
+            both = [g for g in scored if self.defined.get((attribute, "both", g, k))]
+            lost = any(g not in table or not (np.isfinite(table[g]["tpr"]) and np.isfinite(table[g]["fpr"]))
+                       for g in both)
+            sel = np.isin(gg, both)
+            eod = (np.nan if lost else self._eod(yy[sel], dd[sel], gg[sel], table, both)) if len(both) >= 2 else np.nan
+            eods.append(((attribute, "eod", k), eod))
             for m in RATES:
-                comps = [((attribute, "rate", g, m, k), float(table.loc[g, m]) if g in table.index else np.nan)
+                comps = [((attribute, "rate", g, m, k), float(table[g][m]) if g in table else np.nan)
                          for g in scored]
                 gaps[m].append(((attribute, "gap", m, k), self._agg("gap", comps, 2)))
                 for (key, v), g in zip(comps, scored):
                     rates[g][m].append((key, v))
             sel_groups = [g for g in scored if self.defined.get((attribute, "rate", g, "selection_rate", k))]
-            sel_lost = any(g not in table.index for g in sel_groups)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dp = (np.nan if sel_lost else float(demographic_parity_difference(
-                    yy[np.isin(gg, sel_groups)], dd[np.isin(gg, sel_groups)],
-                    sensitive_features=gg[np.isin(gg, sel_groups)]))) if len(sel_groups) >= 2 else np.nan
+            sel_lost = any(g not in table for g in sel_groups)
+            sel = np.isin(gg, sel_groups)
+            dp = (np.nan if sel_lost else self._dp(yy[sel], dd[sel], gg[sel], table, sel_groups)) \
+                if len(sel_groups) >= 2 else np.nan
             dps.append(((attribute, "dp", k), dp))
         for g in scored:
             for m in RATES:
@@ -335,7 +376,7 @@ class Loop:
         for k, name in enumerate(self.ood.label_names):
             keep = ~np.isnan(y[:, k])
             yy, pp = y[keep, k].astype(int), p[keep, k]
-            for m, v in (("auc", _auc(yy, pp)), ("accuracy", float(accuracy_score(yy, pp > 0.5)))):
+            for m, v in (("auc", self._auc(yy, pp)), ("accuracy", self._accuracy(yy, pp > 0.5))):
                 per[m].append((("ood", m, k), v))
                 out[("ood", OOD, f"{m}/{name}")] = v
         for m, values in per.items():
@@ -360,6 +401,71 @@ class Loop:
         return out, time.perf_counter() - t0
 
 
+class LeanLoop(Loop):
+    """The same loop as a careful user writes it (the strongest per-resample baseline): the libraries'
+    definitions as direct numpy/scipy formulas, without their per-call input validation, type detection and
+    MetricFrame/pandas construction. AUC: the Mann-Whitney statistic of average ranks (``scipy.stats.rankdata``;
+    what ``roc_auc_score`` computes, ties counted one half); accuracy and balanced accuracy (the mean recall over
+    the classes present, sklearn's rule); ECE/MCE with netcal's 15 equal-width bins of the clipped confidences;
+    Brier; log loss with sklearn's clipping; TPR/FPR/FNR/selection rate per group from counts (fairlearn's
+    definitions) and the equalized-odds / demographic-parity differences as fairlearn's worst-case gaps of
+    those rates."""
+
+    name = "lean loop (library definitions, no validation or MetricFrame)"
+
+    @staticmethod
+    def _auc(y: np.ndarray, p: np.ndarray) -> float:
+        n_pos = int(y.sum())
+        n_neg = y.size - n_pos
+        if not n_pos or not n_neg:
+            return np.nan
+        r = rankdata(p)
+        return float((r[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+    @staticmethod
+    def _accuracy(y: np.ndarray, d: np.ndarray) -> float:
+        return float(np.mean(y == d))
+
+    @staticmethod
+    def _balanced(y: np.ndarray, d: np.ndarray) -> float:
+        recalls = [float(np.mean(d[y == c] == c)) for c in (0, 1) if (y == c).any()]
+        return float(np.mean(recalls)) if recalls else np.nan
+
+    @staticmethod
+    def _calibration(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        eps = np.finfo(np.float64).eps
+        c = np.clip(p, eps, 1 - eps)
+        b = np.clip(np.searchsorted(np.linspace(0, 1, 16), c, side="right") - 1, 0, 14)
+        n = np.bincount(b, minlength=15)
+        gap = np.abs(np.bincount(b, weights=y - c, minlength=15))
+        full = n > 0
+        return {"ece": float(gap.sum() / y.size), "mce": float((gap[full] / n[full]).max()),
+                "brier": float(np.mean((p - y) ** 2)),
+                "nll": float(-np.mean(np.where(y == 1, np.log(c), np.log1p(-c))))}
+
+    @staticmethod
+    def _group_rates(yy: np.ndarray, dd: np.ndarray, gg: np.ndarray) -> dict[str, dict[str, float]]:
+        names, code = np.unique(gg, return_inverse=True)
+        k = names.size
+        n = np.bincount(code, minlength=k)
+        pos = np.bincount(code, weights=yy, minlength=k)
+        sel = np.bincount(code, weights=dd, minlength=k)
+        tp = np.bincount(code, weights=yy * dd, minlength=k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tpr, fpr = tp / pos, (sel - tp) / (n - pos)
+        return {str(g): {"tpr": tpr[i], "fpr": fpr[i], "fnr": 1 - tpr[i], "selection_rate": sel[i] / n[i]}
+                for i, g in enumerate(names)}
+
+    @staticmethod
+    def _eod(yy, dd, gg, table, groups) -> float:
+        return max(max(table[g][m] for g in groups) - min(table[g][m] for g in groups) for m in ("tpr", "fpr"))
+
+    @staticmethod
+    def _dp(yy, dd, gg, table, groups) -> float:
+        rates = [table[g]["selection_rate"] for g in groups]
+        return float(max(rates) - min(rates))
+
+
 # --------------------------------------------------------------------------- the benchmark
 
 
@@ -368,31 +474,52 @@ def _load() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def test_scoring_speedup(benchmark, run: RunDir) -> None:
-    scores, replicates = benchmark.pedantic(score_run, args=(run,), rounds=1, iterations=1)
-    vec_seconds = benchmark.stats.stats.mean
-    loop, spent = Loop(run).run(LOOP_RESAMPLES)
-    loop_per_resample = spent / LOOP_RESAMPLES
-    loop_seconds = loop_per_resample * RESAMPLES
-    # the same columns: every score medbench bootstraps is recomputed by the loop, and nothing else
+def _check_same(loop: dict, replicates: dict, n: int, name: str) -> None:
+    """The loop computed every replicate column medbench bootstraps, nothing else, with the same values."""
     missing, extra = sorted(set(replicates) - set(loop)), sorted(set(loop) - set(replicates))
-    assert not missing and not extra, (missing[:10], extra[:10])
-    assert {k[0] for k in replicates} == {"test", "calibration", "fairness", "shift", "ood"}
-    for key, values in loop.items():  # the same numbers
+    assert not missing and not extra, (name, missing[:10], extra[:10])
+    for key, values in loop.items():
         assert len(replicates[key]) == RESAMPLES, key
-        got = replicates[key][:LOOP_RESAMPLES]
-        assert np.allclose(got, values, atol=1e-6, rtol=0, equal_nan=True), (key, got, values)
+        got = replicates[key][:n]
+        assert np.allclose(got, values, atol=1e-6, rtol=0, equal_nan=True), (name, key, got, values)
+
+
+def test_scoring_speedup(benchmark, run: RunDir) -> None:
+    from train_common import busy_cores
+
+    busy = busy_cores()  # other processes' load before medbench's timing (it uses both cores, the loops one)
+    cpu0 = time.process_time()
+    scores, replicates = benchmark.pedantic(score_run, args=(run,), rounds=1, iterations=1)
+    vec_cpu = time.process_time() - cpu0
+    vec_seconds = benchmark.stats.stats.mean
+    load_after_medbench = _load()
+    assert {k[0] for k in replicates} == {"test", "calibration", "fairness", "shift", "ood"}
     assert scores["calibration"]["temperature_status"] == {name: "fitted" for name in NAMES}
     assert scores["fairness"]["operating_point"]["chosen_on"] == "val"
-    speedup = loop_seconds / vec_seconds
     full = (N, RESAMPLES) == (FULL_N, FULL_RESAMPLES)
-    benchmark.extra_info.update({"vectorized_seconds": vec_seconds, "loop_seconds_per_resample": loop_per_resample,
-                                 "loop_seconds_extrapolated": loop_seconds, "speedup": speedup, "n": N,
-                                 "labels": LABELS, "resamples": RESAMPLES, "loop_resamples": LOOP_RESAMPLES,
-                                 "replicate_columns": len(replicates), "full_size": full, "load_average": _load()})
-    print(f"\nmedbench score {vec_seconds:.1f} s for {RESAMPLES} resamples ({len(replicates)} replicate columns, "
-          f"N={N}); sklearn/netcal/fairlearn loop {loop_per_resample:.2f} s per resample ({LOOP_RESAMPLES} timed) "
-          f"-> {loop_seconds:.0f} s extrapolated; load {_load()}; speed-up {speedup:.0f}x (target "
-          f"{TARGET_SPEEDUP:.0f}x{'' if full else ', asserted at the full size only'})")
-    if full:
-        assert speedup >= TARGET_SPEEDUP
+    info = {"vectorized_seconds": vec_seconds, "vectorized_cpu_seconds": vec_cpu, "n": N, "labels": LABELS,
+            "resamples": RESAMPLES, "replicate_columns": len(replicates), "full_size": full,
+            "load_average_after_medbench": load_after_medbench, "busy_cores_before": busy}
+    lines = [f"medbench score {vec_seconds:.1f} s wall, {vec_cpu:.1f} s CPU for {RESAMPLES} resamples "
+             f"({len(replicates)} replicate columns, N={N}; load {load_after_medbench})"]
+    speedups = {}
+    for loop_class, n_timed, key in ((LeanLoop, LEAN_RESAMPLES, "lean"), (Loop, LOOP_RESAMPLES, "naive")):
+        if not n_timed:
+            continue
+        loop, spent = loop_class(run).run(n_timed)
+        _check_same(loop, replicates, n_timed, key)
+        per_resample = spent / n_timed
+        speedups[key] = per_resample * RESAMPLES / vec_seconds
+        info.update({f"{key}_seconds_per_resample": per_resample, f"{key}_resamples_timed": n_timed,
+                     f"{key}_seconds_extrapolated": per_resample * RESAMPLES, f"{key}_speedup": speedups[key],
+                     f"load_average_after_{key}": _load()})
+        lines.append(f"{loop_class.name}: {per_resample:.2f} s per resample ({n_timed} timed) -> "
+                     f"{per_resample * RESAMPLES:.0f} s extrapolated: {speedups[key]:.0f}x; load {_load()}")
+    benchmark.extra_info.update(info)
+    print("\n" + "\n".join(lines) + f"\n(target {TARGET_SPEEDUP:.0f}x against the lean loop"
+          f"{'' if full else ', asserted at the full size only'})")
+    if full and "lean" in speedups:
+        if busy < 0.2:
+            assert speedups["lean"] >= TARGET_SPEEDUP
+        else:
+            print(f"  not asserted: other processes kept {busy:.2f} cores busy before the timing")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from medbench.data.base import DatasetIndex, label_column
 from medbench.data.cache import build_cache, prepare
-from medbench.data.loader import Normalization, TrainStream, to_model_input
+from medbench.data.loader import Normalization, TrainStream, normalize
 
 N_IMAGES = 12
 HEIGHT, WIDTH = 2500, 2000
@@ -87,7 +87,7 @@ def decoding_epoch(dataset: DatasetIndex) -> int:
         pixels = np.stack([prepare(dataset.read_image(int(r)), SIZE, CHANNELS) for r in batch])
         offsets = rng.integers(0, SIZE - CROP + 1, size=(len(batch), 2))
         crops = np.stack([p[:, oy : oy + CROP, ox : ox + CROP] for p, (oy, ox) in zip(pixels, offsets)])
-        x, y = to_model_input(crops, NORM), torch.from_numpy(labels[batch])
+        x, y = normalize(torch.from_numpy(crops), NORM), torch.from_numpy(labels[batch])
         assert x.shape[0] == y.shape[0]
         seen += x.shape[0]
     return seen

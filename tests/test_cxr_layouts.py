@@ -354,7 +354,8 @@ def test_padchest_16bit_pngs_in_imagedir_folders(tmp_path: Path) -> None:
     raw = index.read_image(0)
     assert raw.dtype == np.uint16 and raw.shape == (48, 40) and raw.max() > 255
     cached = build_cache(index, 32, 3, workers=1, root=tmp_path / "cache")
-    assert cached.pixels.shape == (t.height, 3, 32, 32) and cached.pixels.dtype == np.uint8
+    # grey radiographs for a 3-channel network are cached with one channel (broadcast on the device)
+    assert cached.pixels.shape == (t.height, 1, 32, 32) and cached.pixels.dtype == np.uint8
     assert cached.pixels[0].std() > 10  # 16-bit range scaled, not clipped to black/white
     cl = load_task_data(Catalog().task("padchest-cl"), DataLocations(None, {"padchest": root})).index.table
     classes = Catalog().task("padchest-cl").spec.labels
@@ -491,7 +492,7 @@ def test_cache_is_keyed_on_the_images_not_on_labels_or_splits(tmp_path: Path, mo
 
     decoded: list[Path] = []
     real_read = image_io.read_image
-    monkeypatch.setattr(image_io, "read_image", lambda p: decoded.append(p) or real_read(p))
+    monkeypatch.setattr(image_io, "read_image", lambda p, **kw: decoded.append(p) or real_read(p, **kw))
     partials: list[str] = []
     real_allocate = cache._allocate
     monkeypatch.setattr(cache, "_allocate", lambda p, n: partials.append(p.name) or real_allocate(p, n))

@@ -92,3 +92,23 @@ def test_agc_requires_zero_stage_0() -> None:
     plan = make_plan(100, HyperRuleSpec(batch_size=4, agc_clip=0.01))
     with pytest.raises(MedbenchError, match="ZeRO stage 0"):
         Finetuner(model, plan, "binary", EngineConfig(zero_stage=1), prepare_environment(), seed=0)
+
+
+def test_single_cpu_process_builds_no_deepspeed_comm_op(tmp_path) -> None:
+    """One CPU process starts DeepSpeed's communication backend without compiling the shared-memory all-reduce op
+    (a C++ build of about a minute on a fresh machine, used only between ranks): nothing is written to an empty
+    TORCH_EXTENSIONS_DIR and the backend holds no such op."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from medbench.train.distributed import init_process_group, prepare_environment; "
+            "init_process_group(prepare_environment()); import deepspeed.comm.comm as c; "
+            "print('op', c.cdb.shm_comm_op)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "op None" in proc.stdout
+    assert not (tmp_path / "extensions").exists() or not any((tmp_path / "extensions").rglob("*.so"))

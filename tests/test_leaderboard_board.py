@@ -335,21 +335,30 @@ def test_compare_passes_itself_and_fails_on_an_auc_lowered_by_0_1(tmp_path: Path
     assert human.returncode == 1 and "REGRESSION" in human.stdout and "1 regression(s)" in human.stdout
 
 
-def test_tolerance_follows_seed_noise_and_intervals(fake_board: Path, tmp_path: Path) -> None:
-    from medbench.board.compare import Tolerance
-
+def test_unpaired_tolerance_follows_seed_noise_and_intervals(fake_board: Path, tmp_path: Path) -> None:
+    """Boards without replicates (made before the paired gate) and of other seeds are judged by the unpaired
+    rule: the seed standard error of the difference of seed means and both boards' test-resampling
+    half-widths."""
     board = json.loads(fake_board.read_text())
+    for e in board["entries"]:
+        e.pop("replicates")
+    (tmp_path / "b.json").write_text(json.dumps(board))
     h = entries_by_backbone(board)["fake-weak"]["headline"]
-    tol = Tolerance().of(h, h)
     half = (h["ci"]["high"] - h["ci"]["low"]) / 2
-    assert tol["ci_term"] == pytest.approx(2 ** 0.5 * half)
-    assert tol["seed_term"] == pytest.approx(2 * (2 * h["std"] ** 2 / h["n"]) ** 0.5)
-    assert tol["tolerance"] == max(0.005, tol["ci_term"], tol["seed_term"])
+    ci_term, seed_term = 2 ** 0.5 * half, 2 * (2 * h["std"] ** 2 / h["n"]) ** 0.5
+    tol = max(0.001, ci_term, seed_term)
     slightly = copy.deepcopy(board)  # a drop within the noise passes, the same drop with --k-ci 0 --k-seed 0 fails
-    entries_by_backbone(slightly)["fake-weak"]["headline"]["mean"] -= 0.6 * tol["tolerance"]
+    s = entries_by_backbone(slightly)["fake-weak"]["headline"]
+    s["mean"] -= 0.6 * tol
+    s["seeds"] = [5, 6]  # other seeds: not paired on seeds either
     (tmp_path / "s.json").write_text(json.dumps(slightly))
-    assert _compare(fake_board, tmp_path / "s.json")[0].returncode == 0
-    assert _compare(fake_board, tmp_path / "s.json", "--k-ci", "0", "--k-seed", "0")[0].returncode == 1
+    proc, report = _compare(tmp_path / "b.json", tmp_path / "s.json", "--tolerance", "0.001")
+    row = next(r for r in report["rows"] if r["backbone"] == "fake-weak")
+    assert row["mode"] == "unpaired" and row["seeds_paired"] is False
+    assert row["terms"]["ci"] == pytest.approx(ci_term) and row["terms"]["seed"] == pytest.approx(seed_term)
+    assert row["tolerance"] == pytest.approx(tol) and row["status"] == "ok" and proc.returncode == 0
+    assert _compare(tmp_path / "b.json", tmp_path / "s.json", "--tolerance", "0.001", "--k-ci", "0", "--k-seed", "0"
+                    )[0].returncode == 1
 
 
 def test_compare_reports_missing_added_and_other_metrics(fake_board: Path, tmp_path: Path) -> None:
@@ -370,8 +379,9 @@ def test_compare_reports_missing_added_and_other_metrics(fake_board: Path, tmp_p
     assert proc.returncode == 0 and report["status"] == "pass"
     proc, report = _compare(fake_board, tmp_path / "c.json", "--allow-missing", "--metric", "accuracy")
     assert proc.returncode == 1
-    (row,) = [r for r in report["rows"] if r["status"] == "regression"]
+    (row,) = [r for r in report["rows"] if not r["passed"]]
     assert row["metric"] == "accuracy" and row["backbone"] == "fake-weak" and row["reason"] == "undefined in NEW"
+    assert row["status"] == "invalid" and report["invalid"] == 1
 
 
 def test_compare_usage_errors_exit_2(fake_board: Path, tmp_path: Path) -> None:

@@ -750,3 +750,31 @@ def test_seed_free_probe_settings_run_their_first_seed_only() -> None:
         [("linear", s, 0.5, None, None, None, "mean") for s in (0, 1, 2)] + [("linear", 0, None, 64, None, None, "mean")]
     assert plan("random") == finetune + [("linear", s, f, r, None, None, "mean")
                                          for f, r in ((None, None), (0.5, None), (None, 64)) for s in (0, 1, 2)]
+
+
+def test_features_of_a_grey_one_channel_cache_are_those_of_its_three_identical_channels() -> None:
+    """Probes read pixels through the evaluation path: a grey cache stored with one channel feeds a 3-channel
+    network what the 3 identical channels would, normalised per channel (hand formula in float32)."""
+    import torch
+
+    from medbench.data.loader import Normalization
+    from medbench.probe.features import embed_rows
+
+    class Identity(torch.nn.Module):  # its features are its (flattened) input
+        def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, size=(7, 1, 6, 6), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    rows = np.array([5, 0, 3, 3])
+    got = embed_rows(Identity(), grey, rows, crop=6, norm=Normalization(mean, std), pooling=None, device="cpu",
+                     batch_size=3, channels=3, workers=2)
+    x = np.repeat(grey[rows], 3, axis=1).astype(np.float32)
+    m = (255 * np.asarray(mean, dtype=np.float32)).reshape(1, 3, 1, 1)
+    s = (255 * np.asarray(std, dtype=np.float32)).reshape(1, 3, 1, 1)
+    want = ((x - m) / s).reshape(len(rows), -1)
+    assert got.shape == want.shape and np.allclose(got, want, rtol=0, atol=1e-6)
+    colour = embed_rows(Identity(), np.repeat(grey, 3, axis=1), rows, crop=6, norm=Normalization(mean, std),
+                        pooling=None, device="cpu", batch_size=3)
+    assert np.array_equal(got, colour)

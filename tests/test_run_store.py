@@ -142,6 +142,23 @@ def test_run_key_covers_what_fixes_the_numbers(tmp_path: Path) -> None:
         run_key(replace(req, weights=Path("/b/w.pth")), task, "fp", "sha", **base)
 
 
+
+def test_execution_options_that_change_numbers_enter_the_key_only_when_on(tmp_path: Path) -> None:
+    from medbench.train.finetune import Execution
+
+    task = Catalog([write_tiny_tasks(tmp_path)]).task("tiny-tb")
+    req = RunRequest(task="tiny-tb", backbone="cbr-tiny", seed=0, init="random")
+    base = dict(plan={"total_steps": 12}, input_geometry={"crop": 12}, ood=[], world_size=1)
+    key = run_key(req, task, "fp", None, **base)
+    # the CPU default and the options that never change a number keep the key runs had before the options
+    for same in (Execution.default_for("cpu"), Execution(log_every=5, loader_workers=3)):
+        assert run_key(req, task, "fp", None, **base, execution=same.key_fields()) == key
+    # channels-last (the GPU default) and --compile pick other kernels: other runs
+    changed = {run_key(req, task, "fp", None, **base, execution=e.key_fields())
+               for e in (Execution.default_for("cuda:0"), Execution(compile=True),
+                         Execution(channels_last=True, compile=True))}
+    assert len(changed) == 3 and key not in changed
+
 # ------------------------------------------------------------------ completion markers
 
 def test_only_an_ok_result_marks_a_run_complete(tmp_path: Path) -> None:

@@ -163,3 +163,52 @@ def test_paired_comparison() -> None:
     assert ece["better"] == "a" and ece["p_value"] < 0.05
     with pytest.raises(Exception, match="same test samples"):
         paired_bootstrap(a, _preds(y[:-1], good[:-1], "binary"), "auc")
+
+
+def test_identical_blocks_are_shared_and_chunks_and_threads_change_no_bit(monkeypatch) -> None:
+    """ECE and MCE bin the same confidences, Brier and NLL count the same images: their rows are registered once.
+    The sparse product split over threads gives the same bits; one resample per chunk (another BLAS path for the
+    dense rows) the same values to 1e-12; and every resample's values equal netcal / sklearn on its rows."""
+    import medbench.scoring.bootstrap as bs
+    from netcal.metrics import ECE, MCE
+    from sklearn.metrics import brier_score_loss
+
+    from medbench.scoring.registry import metric_builders
+
+    rng = np.random.default_rng(5)
+    n, k = 240, 3
+    y = (rng.random((n, k)) < 0.35).astype(float)
+    y[rng.random((n, k)) < 0.05] = np.nan
+    p = np.round(rng.random((n, k)), 2)
+    preds = _preds(y, p, "multilabel", [f"p{i // 2}" for i in range(n)])
+    res = Resampling.of(preds, n_resamples=12, seed=1, scope="test")
+    cfg = ScoringSpec()
+
+    def rows(names: list[str]) -> int:
+        stats = LinearStats(n, res.unit_of, res.n_units)
+        for b in metric_builders(preds, names, cfg)[0]:
+            b(stats)
+        return stats.n_rows
+
+    assert rows(["ece", "mce"]) == rows(["ece"]) and rows(["brier", "nll"]) < rows(["brier"]) + rows(["nll"])
+    names = ["auc", "accuracy", "ece", "mce", "brier", "nll"]
+    monkeypatch.setattr(bs, "THREADS", 1)
+    one = evaluate(n, metric_builders(preds, names, cfg)[0], res)
+    monkeypatch.setattr(bs, "THREADS", 3)
+    threaded = evaluate(n, metric_builders(preds, names, cfg)[0], res)
+    monkeypatch.setattr(bs, "SUMS_CELLS", 1)  # one resample per chunk
+    split = evaluate(n, metric_builders(preds, names, cfg)[0], res)
+    assert one.replicates.keys() == threaded.replicates.keys() == split.replicates.keys()
+    for key, values in one.replicates.items():
+        assert np.array_equal(values, threaded.replicates[key], equal_nan=True), key
+        assert np.allclose(values, split.replicates[key], rtol=0, atol=1e-12, equal_nan=True), key
+    counts = np.hstack(list(res.counts()))
+    eps = np.finfo(np.float64).eps
+    for b in range(12):
+        idx = res.sample_indices(counts[:, b])
+        for j in range(k):
+            keep = idx[~np.isnan(y[idx, j])]
+            yy, pp = y[keep, j].astype(int), np.clip(p[keep, j], eps, 1 - eps)
+            assert split.replicates[f"ece/l{j}"][b] == pytest.approx(ECE(bins=15).measure(pp, yy), abs=1e-9)
+            assert split.replicates[f"mce/l{j}"][b] == pytest.approx(MCE(bins=15).measure(pp, yy), abs=1e-9)
+            assert split.replicates[f"brier/l{j}"][b] == pytest.approx(brier_score_loss(yy, p[keep, j]), abs=1e-12)

@@ -19,7 +19,8 @@ When the runs were scored with different settings, ``scoring`` holds
 Blocks per entry: ``calibration``, ``fairness`` (per-label detail left in
 ``metrics.json``), ``shift``, ``convergence`` (with the mean validation
 curve), ``data_efficiency`` and ``resolution`` (from variant runs), and with
-a baseline backbone ``relative_to_baseline``. Board level: ``shift_matrix``
+a baseline backbone ``relative_to_baseline``; ``replicates``, the seed-mean test-resample replicates the
+paired regression gate needs (:mod:`medbench.board.replicates`). Board level: ``shift_matrix``
 (trained on x evaluated on, per backbone) and ``baseline``.
 """
 
@@ -443,6 +444,7 @@ def first_record(ctx: EntryContext) -> RunRecord:
 def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | None] | None = None) -> dict:
     """Add every axis block to ``entries`` (in place); returns the board-level blocks. Entries are keyed by
     :func:`medbench.board.schema.entry_key`; a baseline backbone is compared with entries of its protocol."""
+    from medbench.board.replicates import replicates_block
     from medbench.board.schema import entry_key
     from medbench.errors import UsageError
 
@@ -488,6 +490,9 @@ def enrich(entries: list[dict], runs: list[RunDir], baseline: tuple[str, str | N
         if ctx.plain.records:
             attach_intervals(entry, ctx.plain)
             entry.update(axes_blocks(ctx.plain))
+            reps = replicates_block(entry, ctx.plain)  # what the paired regression gate needs
+            if reps is not None:
+                entry["replicates"] = reps
         eff = efficiency_block(ctx)
         if eff:
             entry["data_efficiency"] = eff

@@ -428,6 +428,74 @@ def _md_provenance(board: dict) -> list[str]:
             "", "Libraries: " + md_cell(", ".join(f"{k} {v}" for k, v in libs.items() if v) or "–")]
 
 
+# --------------------------------------------------------------------------- the regression gate's report
+
+#: the columns of a compare report row, for the console table and the Markdown form
+COMPARE_COLUMNS = ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "paired interval",
+                   "tolerance (set by)", "status")
+
+
+def signed(v: float | None) -> str:
+    return "–" if v is None else f"{v:+.{DIGITS}f}"
+
+
+def compare_cells(row: dict) -> list[str]:
+    """The cells of one ``medbench compare`` row (without the status, which each form marks its own way)."""
+    iv = row.get("interval")
+    if iv:
+        pair = f"[{signed(iv['low'])}, {signed(iv['high'])}]"
+    else:
+        pair = "unpaired" if row.get("mode") == "unpaired" else "–"
+    tol = "–" if row.get("tolerance") is None else f"{num(row['tolerance'])} ({row['set_by']})"
+    return [row["task"], row["backbone"], label(row), row["metric"], num(row.get("baseline")), num(row.get("new")),
+            signed(row.get("worse_by")), pair, tol]
+
+
+def compare_status(row: dict) -> str:
+    return {"ok": "pass", "better": "pass (better)", "regression": "REGRESSION",
+            "invalid": "FAIL"}[row["status"]] + (f": {row['reason']}" if row.get("reason") else "")
+
+
+def compare_summary(report: dict) -> str:
+    return (f"{report['compared']} compared ({report['paired']} paired), {report['regressions']} regression(s), "
+            f"{report['invalid']} not comparable, {len(report['duplicates'])} duplicate(s), "
+            f"{len(report['missing'])} missing{' (allowed)' if report['missing'] and report['allow_missing'] else ''}, "
+            f"{len(report['added'])} added")
+
+
+def compare_lists(report: dict) -> list[tuple[str, str]]:
+    """(kind, text) lines below the table: duplicates, missing and added entries, changed data, row notes."""
+    def name(e: dict) -> str:
+        return f"{e['task']} · {e['backbone']} · {label(e)}"
+
+    out = [("duplicate", f"{d['board']} holds {name(d)} {len(d['entries'])} times (entries {d['entries']})")
+           for d in report["duplicates"]]
+    out += [("missing", f"in NEW: {name(e)}") for e in report["missing"]]
+    out += [("added", f"in NEW: {name(e)}") for e in report["added"]]
+    out += [("changed data", f"{name(e)}: {e['reason']} (--allow-changed-data)") for e in report["changed_data"]]
+    out += [("note", f"{name(r)} {r['metric']}: {r['note']}") for r in report["rows"] if r.get("note")]
+    return out
+
+
+def render_compare_markdown(report: dict) -> str:
+    """A ``medbench compare`` report as Markdown, e.g. for a pull-request comment."""
+    passed = report["status"] == "pass"
+    rule = report["rule"]
+    out = [f"### medbench regression gate: {'✅ pass' if passed else '❌ regression'}", "",
+           md_text(f"NEW {report['new']['path']} ({report['new']['kind']}) against BASELINE "
+                   f"{report['baseline']['path']} ({report['baseline']['kind']}): {compare_summary(report)}."), "",
+           *md_table(["", *COMPARE_COLUMNS], [["✅" if r["passed"] else "❌", *compare_cells(r), compare_status(r)]
+                                              for r in report["rows"]])]
+    lines = compare_lists(report)
+    if lines:
+        out += [""] + [f"* {md_emphasis(kind, '**')} {md_cell(text)}" for kind, text in lines]
+    out += ["", "<details><summary>Rule</summary>", "",
+            md_text(f"worse by = {rule['worse_by']}; paired: {rule['paired']}; unpaired: {rule['unpaired']}; "
+                    f"regression when {rule['regression']}. abs_tol = {rule['abs_tol']:g}, k_seed = {rule['k_seed']:g}, "
+                    f"k_ci = {rule['k_ci']:g} (calibration: {rule['calibration']})."), "", "</details>"]
+    return "\n".join(out) + "\n"
+
+
 def _method_note(board: dict) -> str:
     sig = board.get("significance")
     return f" ({sig['test']}, alpha = {sig['alpha']})" if sig else ""

@@ -22,7 +22,9 @@ SCHEMA_NAME = "medbench-leaderboard"
 #: ``provenance.task_version`` is the task's ``version:`` as written (an integer or a string such as "1.2",
 #: as ``TaskSpec.version``); allowing strings kept every earlier version-2 board valid, so no version bump.
 #: Entries' optional ``warnings`` list (codes and one-line messages, see medbench.scoring.checks) was added the
-#: same way: optional, so every earlier version-2 board stays valid
+#: same way: optional, so every earlier version-2 board stays valid; so was entries' optional ``replicates`` block
+#: (what the paired regression gate needs, medbench.board.replicates): a board without it is gated by the
+#: unpaired rule
 SCHEMA_VERSION = 2
 #: what identifies an entry: runs of other values are never pooled, and entries are matched on it. ``regime``
 #: is "" for full fine-tuning (absent from the entry); ``protocol`` (``finetune``, ``linear``, ``knn``, see

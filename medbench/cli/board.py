@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from medbench.board.compare import ABS_TOL, K_CI, K_SEED
 from medbench.cli.app import app, finite
 from medbench.cli.console import fail, print_compare
 
@@ -45,27 +47,39 @@ def render(
 
 @app.command()
 def compare(
-    baseline: Path = typer.Argument(..., help="Baseline leaderboard JSON (e.g. leaderboards/smoke-cpu.json)."),
-    new: Path = typer.Argument(..., help="New leaderboard JSON to check against it."),
+    baseline: Path = typer.Argument(..., help="Baseline: a leaderboard JSON (e.g. leaderboards/smoke-cpu.json) or a run store (the --out folder of 'medbench run')."),
+    new: Path = typer.Argument(..., help="New leaderboard JSON or run store to check against it."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Compare these too (repeatable): 'headline' (default), a test metric (accuracy, auc/Edema) or ood:TARGET:METRIC."),
-    tolerance: float = typer.Option(0.005, "--tolerance", callback=finite, help="Absolute tolerance: the least drop that counts as a regression."),
-    k_seed: float = typer.Option(2.0, "--k-seed", callback=finite, help="Multiple of the standard error of the difference of seed means that is tolerated."),
-    k_ci: float = typer.Option(1.0, "--k-ci", callback=finite, help="Multiple of the combined half-width of the test-resampling intervals that is tolerated."),
+    tolerance: float = typer.Option(ABS_TOL, "--tolerance", callback=finite, help="abs_tol: the least consistent drop of a seed mean that counts as a regression (default calibrated on benign changes: docs/regression-gate.md)."),
+    k_seed: float = typer.Option(K_SEED, "--k-seed", callback=finite, help="Multiple of the standard error of the per-seed differences (paired) or of the difference of seed means (unpaired) that is tolerated."),
+    k_ci: float = typer.Option(K_CI, "--k-ci", callback=finite, help="Multiple of the half-width of the paired interval of the difference (unpaired: of the combined test-resampling intervals) that is tolerated."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Entries missing from NEW do not fail the gate."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data", help="Entries whose task hash or dataset fingerprint differ are compared (unpaired) instead of a usage error."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown (e.g. a pull-request comment) to this file; '-' prints it instead of the table."),
 ) -> None:
-    """Regression gate: exit 1 when NEW is worse than BASELINE beyond the tolerance (0 pass, 2 usage error)."""
+    """Regression gate: exit 1 when NEW is worse than BASELINE beyond the tolerance, or holds what is not a number (0 pass, 2 usage error)."""
     try:
-        from medbench.board.compare import Tolerance, compare_boards
-        from medbench.board.schema import load_board
+        from medbench.board.compare import Tolerance, compare_sides, load_side
         from medbench.errors import UsageError
 
         if min(tolerance, k_seed, k_ci) < 0:
             raise UsageError("expected non-negative numbers", field="--tolerance/--k-seed/--k-ci")
-        base_board = load_board(baseline, field="BASELINE")
-        new_board = load_board(new, field="NEW")
+        note = lambda text: print(text, file=sys.stderr)  # noqa: E731  (runs re-scored from their predictions)
+        base_side = load_side(baseline, "BASELINE", note)
+        new_side = load_side(new, "NEW", note)
         metrics = list(dict.fromkeys(["headline", *(metric or [])]))
-        report = compare_boards(base_board, new_board, metrics, Tolerance(tolerance, k_seed, k_ci), allow_missing)
+        report = compare_sides(base_side, new_side, metrics, Tolerance(tolerance, k_seed, k_ci), allow_missing,
+                               allow_changed_data)
+        text = None
+        if markdown is not None:
+            from medbench.board.render import render_compare_markdown
+
+            text = render_compare_markdown(report)
+            if str(markdown) != "-":
+                from medbench.utils import atomic_write_text
+
+                atomic_write_text(markdown, text)
     except typer.Exit:
         raise
     except Exception as err:
@@ -73,7 +87,9 @@ def compare(
         return
     if as_json:
         print(json.dumps(report, indent=2))
+    elif text is not None and str(markdown) == "-":
+        print(text, end="")
     else:
-        print_compare(report, baseline, new)
+        print_compare(report)
     if report["status"] != "pass":
         raise typer.Exit(1)

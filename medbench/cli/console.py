@@ -238,6 +238,11 @@ def print_plan(plans: list, backbone: str, assume_tflops: float) -> None:
                   f"{m['optimizer'] / 1e9:.2f} + activations {m['activations'] / 1e9:.2f} (measured on the meta "
                   f"device{', fp32 upper bound' if m['activations_upper_bound'] else ''}) = {m['total'] / 1e9:.2f} GB; "
                   "--micro-batch N lowers the activations")
+        auto, free = m.get("auto_micro_batch"), m.get("assumed_free_bytes", 0) / 1e9
+        con.print(f"--micro-batch auto (the default on GPUs) on a device with {free:.0f} GB free (--assume-memory): "
+                  + (f"micro-batch {auto} x {m['per_device_batch'] // auto} accumulation steps for {worst.task}, "
+                     "confirmed by a trial step when the run starts" if auto else
+                     f"not even 1 image of {worst.task} fits; use a smaller input or backbone"), soft_wrap=True)
     told = set()
     for p in plans:
         if p.data_status in ("missing", "incomplete"):
@@ -299,32 +304,28 @@ def print_published(board: dict) -> None:
     console().print(table)
 
 
-def print_compare(report: dict, baseline: Path, new: Path) -> None:
+def print_compare(report: dict) -> None:
     from rich.table import Table
 
-    from medbench.board.render import label
+    from medbench.board.render import COMPARE_COLUMNS, compare_cells, compare_lists, compare_status, compare_summary
 
-    fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-    table = Table(title=f"medbench compare: {new} against {baseline} (worse by > tolerance fails)")
-    for col in ("task", "backbone", "init", "metric", "baseline", "new", "worse by", "tolerance", "status"):
+    new, base = report["new"], report["baseline"]
+    table = Table(title=safe(f"medbench compare: {new['path']} ({new['kind']}) against {base['path']} ({base['kind']}); "
+                             "worse by > tolerance fails"))
+    for col in COMPARE_COLUMNS:
         table.add_column(col)
-    style = {"regression": ("REGRESSION", "red"), "better": ("better", "green"), "ok": ("ok", None)}
     for r in report["rows"]:
-        init = label(r)
-        word, color = style[r["status"]]
-        status = cell(word, color)
-        if r.get("reason"):
-            status.append(f" ({plain(r['reason'])})")
-        row(table, r["task"], r["backbone"], init, r["metric"], fmt(r["baseline"]), fmt(r["new"]),
-            fmt(r["worse_by"]), fmt(r.get("tolerance")), status)
+        row(table, *compare_cells(r), cell(compare_status(r), "green" if r["passed"] else "red"))
     con = console()
     con.print(table)
-    for what, color in (("missing", "red"), ("added", "yellow")):
-        for e in report[what]:
-            con.print(f"[{color}]{what}[/{color}] in NEW: {safe(e['task'])} {safe(e['backbone'])} {safe(label(e))}")
+    colors = {"duplicate": "red", "missing": "red" if not report["allow_missing"] else "yellow", "added": "yellow",
+              "changed data": "yellow", "note": "dim"}
+    for kind, text in compare_lists(report):
+        con.print(f"[{colors[kind]}]{kind}[/{colors[kind]}] {safe(text)}", soft_wrap=True)
     verdict = "[green]pass[/green]" if report["status"] == "pass" else "[red]regression[/red]"
-    con.print(f"{verdict}: {report['compared']} compared, {report['regressions']} regression(s), "
-              f"{len(report['missing'])} missing, {len(report['added'])} added")
+    rule = report["rule"]
+    con.print(f"{verdict}: {compare_summary(report)} (abs_tol {rule['abs_tol']:g}, k_seed {rule['k_seed']:g}, "
+              f"k_ci {rule['k_ci']:g})")
 
 
 def print_status(report: dict, as_json: bool) -> None:
@@ -415,6 +416,7 @@ class LogReporter:
         self.every_percent = every_percent
         self.stream = stream
         self._run: dict = {}
+        self._work: dict = {}
 
     def __enter__(self):
         return self
@@ -473,6 +475,36 @@ class LogReporter:
     def message(self, text) -> None:
         self._print(text)
 
+    def work_progress(self, label: str, done: int, total: int) -> None:
+        """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
+        clock): a line with the rate and the time left every 30 s, and a last one when it took 10 s or more
+        (short work and its errors stay one line)."""
+        import time
+
+        w = _work_rate(self._work, label, done, total)
+        now = time.monotonic()
+        if (w["finished"] and w["elapsed"] >= 10) or (not w["finished"] and now - w["printed"] >= 30):
+            w["printed"] = now
+            self._print(f"{label}: {done:,}/{total:,} ({done / max(total, 1):.0%}), {w['info']}")
+
+
+def _work_rate(work: dict, label: str, done: int, total: int) -> dict:
+    """The state of the work ``label`` in ``work`` (its clock starts at the first call) with this call's
+    elapsed seconds, rate, ``info`` (rate and time left) and whether it finished (then it is forgotten)."""
+    import time
+
+    now = time.monotonic()
+    state = work.setdefault(label, {"start": now, "printed": now, "bar": None})
+    elapsed = max(now - state["start"], 1e-9)
+    rate = done / elapsed
+    left = (total - done) / rate if rate > 0 else float("inf")
+    finished = done >= total
+    if finished:
+        work.pop(label, None)
+    state.update(elapsed=elapsed, rate=rate, finished=finished,
+                 info=f"{rate:,.1f}/s" if finished else f"{rate:,.1f}/s, {_duration(left)} left")
+    return state
+
 
 def progress_reporter():
     """The progress display of ``medbench run``: bars on a terminal, plain log lines otherwise
@@ -483,6 +515,14 @@ def progress_reporter():
     if choice in ("bars", "1", "true", "yes", "on") or sys.stderr.isatty():
         return RichReporter()
     return LogReporter()
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else (f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s")
 
 
 class RichReporter:
@@ -504,6 +544,7 @@ class RichReporter:
         self.progress.__enter__()
         self.suite_bar = None
         self.step_bar = None
+        self._work: dict = {}
         return self
 
     def __exit__(self, *exc):
@@ -530,3 +571,16 @@ class RichReporter:
 
     def message(self, text) -> None:
         self.progress.console.print(cell(text), soft_wrap=True)
+
+    def work_progress(self, label: str, done: int, total: int) -> None:
+        """Work counted in items (a preprocessing cache being built; the first call, with 0 done, starts the
+        clock): a bar with the rate; when it took 10 s or more, a last line with the time and the rate."""
+        w = _work_rate(self._work, label, done, total)
+        if w["bar"] is None:
+            w["bar"] = self.progress.add_task(safe(label), total=total, info="")
+        self.progress.update(w["bar"], completed=done, info=w["info"])
+        if w["finished"]:
+            self.progress.remove_task(w["bar"])
+            if w["elapsed"] >= 10:
+                self.progress.console.print(cell(f"{label}: done in {_duration(w['elapsed'])} ({w['rate']:,.1f}/s)"),
+                                            soft_wrap=True)

@@ -47,9 +47,12 @@ def run(
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
     zero_stage: int = typer.Option(0, "--zero-stage", min=0, max=2, help="DeepSpeed ZeRO stage."),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32, "--precision", help="fp32 | bf16 | fp16 (CUDA)."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, max=MAX_BATCH, help="Per-device micro-batch (gradient accumulation)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: all cores)."),
+    precision: Optional[PrecisionChoice] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (CUDA). Default: bf16 autocast (fp32 BatchNorm) on GPUs that support it, else fp32; always fp32 on CPU."),
+    micro_batch: Optional[str] = typer.Option(None, "--micro-batch", help="Per-device micro-batch N (gradient accumulation keeps the batch) or 'auto': the largest that fits the device, confirmed by a trial step, halved on an out-of-memory error. Default: auto on GPUs, the whole batch on CPU."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: this process's share of the cores: launched ranks of a node split them)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network (docs/performance.md)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last memory layout (default: on GPUs)."),
+    assume_memory: float = typer.Option(80.0, "--assume-memory", min=0.001, max=1e9, callback=finite, help="GB free per device for --dry-run's --micro-batch auto (default 80)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
     assume_tflops: float = typer.Option(100.0, "--assume-tflops", min=0.001, max=1e9, callback=finite, help="Sustained TFLOP/s for --dry-run time estimates."),
     checkpoint_every: Optional[List[str]] = typer.Option(
@@ -74,8 +77,9 @@ def run(
         variants = _variants(fractions, shots, resolutions)
         _run(backbone=backbone, suites=suite or [], tasks=task or [], seeds=seeds, data_root=data_root,
              data=data or [], out=out, max_steps=max_steps, init=init, weights=weights, dry_run=dry_run,
-             tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value,
-             micro_batch=micro_batch, threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
+             tasks_dir=tasks_dir or [], engine=engine.value, zero_stage=zero_stage, precision=precision.value if precision else None,
+             micro_batch=_micro_batch(micro_batch), threads=threads, fail_fast=fail_fast, assume_tflops=assume_tflops,
+             compile_model=compile_model, channels_last=channels_last, assume_memory=assume_memory,
              checkpoint_every=checkpoint_every or [], allow_outside_data_root=allow_outside_data_root,
              verify_pixels=verify_pixels, variants=variants, freeze=freeze, similarity=similarity, protocols=protocol,
              pooling=pooling,
@@ -87,6 +91,51 @@ def run(
         interrupted(err)
     except Exception as err:
         fail(err)
+
+
+def _micro_batch(text: str | None) -> int | str | None:
+    """``--micro-batch``: None (the device's default), ``auto``, or a positive number."""
+    from medbench.errors import UsageError
+
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_BATCH:
+        raise UsageError(f"expected a number from 1 to {MAX_BATCH} or 'auto', got {text!r}", field="--micro-batch")
+    return value
+
+
+def _runs_on_gpus(dispatch: dict | None) -> bool:
+    """Whether the runs will train on GPUs: the SLURM cluster config asks for GPUs, else this machine has one."""
+    if dispatch and dispatch["launcher"] == "slurm":
+        from medbench.run.dispatch import ClusterConfig
+
+        return int(ClusterConfig.load(dispatch.get("cluster_config")).parameters.get("gpus_per_node", 0) or 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_defaults(precision: str | None, micro_batch: int | str | None, channels_last: bool | None,
+                    gpus: bool, launcher: str = "inline", zero_stage: int = 0) -> tuple[str, int | str | None, bool]:
+    """(precision, micro-batch, channels-last) with the documented defaults filled in: on GPUs bf16 autocast
+    where supported (a SLURM job's GPUs are assumed to support it; --precision fp32 for older ones),
+    ``--micro-batch auto`` and channels-last (with ZeRO stage 0); on CPU fp32, the whole batch per step, NCHW."""
+    if precision is None:
+        if not gpus:
+            precision = "fp32"
+        elif launcher == "slurm":
+            precision = "bf16"
+        else:
+            from medbench.train.finetune import default_precision
+
+            precision = default_precision("cuda:0")
+    if micro_batch is None and gpus:
+        micro_batch = "auto"
+    return precision, micro_batch, (gpus and zero_stage == 0) if channels_last is None else channels_last
 
 
 DEFAULT_FRACTIONS = "1,5,10,25,50,100"
@@ -187,8 +236,7 @@ def _selected_tasks(catalog, suites: list[str], tasks: list[str]) -> list[str]:
 def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, init, weights, dry_run, tasks_dir,
          engine, zero_stage, precision, micro_batch, threads, fail_fast, assume_tflops, checkpoint_every,
          allow_outside_data_root, verify_pixels=False, variants=(), freeze=None, similarity=None, protocols=None,
-         pooling=None,
-         dispatch=None) -> None:
+         pooling=None, dispatch=None, compile_model=False, channels_last=None, assume_memory=80.0) -> None:
     from medbench.backbones.init import parse_init, preflight
     from medbench.backbones.registry import get_backbone
     from medbench.data.locate import DataLocations
@@ -215,13 +263,18 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     from medbench.train.checkpoint import CheckpointPolicy
 
     checkpoints = CheckpointPolicy.parse(checkpoint_every)
+    launcher = dispatch["launcher"] if dispatch else "inline"
+    gpus = _runs_on_gpus(dispatch)
+    precision, micro_batch, channels_last = device_defaults(precision, micro_batch, channels_last, gpus, launcher,
+                                                            zero_stage)
     if dry_run:
         if init is not None:
             parse_init(init)
         from medbench.run.plan import plan_runs
 
         plans = plan_runs(catalog, names, bb, seeds, locations, max_steps=max_steps, assume_tflops=assume_tflops,
-                          engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch})
+                          engine={"zero_stage": zero_stage, "precision": precision, "micro_batch": micro_batch,
+                                  "assume_memory_gb": _free_gpu_gb() if gpus and launcher != "slurm" else assume_memory})
         print_plan(plans, backbone, assume_tflops)
         extra = {t: len(v) for t, v in per_task.items() if v}
         if extra:
@@ -250,8 +303,12 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     from medbench.train.freeze import parse_freeze
 
     freeze, similarity = parse_freeze(freeze, bb), ",".join(parse_methods(similarity)) or None
-    configure_torch(threads or os.cpu_count())
+    from medbench.train.distributed import cores_per_rank
+    from medbench.train.finetune import Execution
+
+    configure_torch(threads or cores_per_rank())
     engine_cfg = EngineConfig(engine=engine, zero_stage=zero_stage, precision=precision, micro_batch_size=micro_batch)
+    execution = Execution(channels_last=channels_last, compile=compile_model)
     requests = []
     for name in names:
         n = seeds or catalog.task(name).spec.default_seeds
@@ -262,16 +319,17 @@ def _run(*, backbone, suites, tasks, seeds, data_root, data, out, max_steps, ini
     store = RunStore(out)
     check_writable(out)
     if dispatch and dispatch["launcher"] != "inline":  # one job per run on an engine (medbench.run.dispatch)
-        _dispatch(catalog, locations, store, checkpoints, requests, **dispatch)
+        _dispatch(catalog, locations, store, checkpoints, requests, execution=execution, **dispatch)
         return
     with progress_reporter() as reporter:
-        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints)
+        runner = Runner(catalog, locations, store, reporter=reporter, fail_fast=fail_fast, checkpoints=checkpoints,
+                        execution=execution)
         outcomes = runner.run_all(requests)
     _finish(outcomes, store)
 
 
 def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max_concurrent, wait, cluster_config,
-              threads, tasks_dir) -> None:
+              threads, tasks_dir, execution=None) -> None:
     from medbench.run.dispatch import ClusterConfig, dispatch
     from medbench.run.runner import Runner
 
@@ -279,11 +337,19 @@ def _dispatch(catalog, locations, store, checkpoints, requests, *, launcher, max
     runner = Runner(catalog, locations, store, checkpoints=checkpoints)
     outcomes = dispatch(requests, launcher=launcher, out=store.out, tasks_dir=tasks_dir, locations=locations,
                         checkpoints=checkpoints, threads=threads, max_concurrent=max_concurrent, wait=wait,
+                        execution=execution,
                         config=config, config_path=cluster_config, message=lambda text: console().print(safe(text)),
                         preflight=lambda: runner.preflight(requests),  # bad input stops before any job
                         locate=lambda req, world: runner.locate(req, world_size=world))
     if wait:
         _finish(outcomes, store)
+
+
+def _free_gpu_gb() -> float:
+    """Free memory of this machine's first GPU, in GB (what --dry-run assumes for --micro-batch auto)."""
+    from medbench.train.memory import CudaMemory
+
+    return CudaMemory("cuda:0").available() / 1e9
 
 
 def check_writable(out: Path) -> None:

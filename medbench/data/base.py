@@ -168,8 +168,9 @@ class DatasetIndex:
             t.select(self.label_columns).cast(pl.Float32).to_numpy().astype(np.float32, copy=False)
         )
 
-    def read_image(self, row: int) -> np.ndarray:
-        """Pixels of one row: ``[H, W]`` or ``[H, W, C]``, uint8/uint16/float."""
+    def read_image(self, row: int, *, reduce_to: int | None = None) -> np.ndarray:
+        """Pixels of one row: ``[H, W]`` or ``[H, W, C]``, uint8/uint16/float. ``reduce_to``: the size the image
+        will be resized to (a JPEG may then be decoded at reduced scale, see :func:`~medbench.data.image_io.read_image`)."""
         if self.pixels is not None:
             return np.asarray(self.pixels[row])
         from medbench.data.image_io import read_image
@@ -178,7 +179,7 @@ class DatasetIndex:
         if rel is None:
             raise DataError("row has neither a path nor in-memory pixels", where=self.name, field=f"row {row}")
         base = self.root if self.root is not None else Path(".")
-        return read_image(base / rel)
+        return read_image(base / rel, reduce_to=reduce_to)
 
     def image_path(self, row: int) -> Path | None:
         rel = self.table["path"][row]

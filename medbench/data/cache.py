@@ -53,8 +53,14 @@ from medbench.utils import (
 )
 
 #: bumped when the entry layout or :func:`prepare` changes (2: keyed on the pixel source, rows file; 3: file
-#: stamps in the key and the rows file)
+#: stamps in the key and the rows file). Grey 1-channel entries for 3-channel networks need no bump: their key
+#: has 1 channel and their sidecar ``"grey": true``, which entries of earlier code never have
 CACHE_VERSION = 3
+#: JPEGs are decoded at the largest DCT-domain reduction (1/2, 1/4, 1/8) keeping both sides at least this many
+#: times the cache size, so the antialiased resize after it still reduces by 2x or more: the cached pixels then
+#: differ from a full-size decode's by 0.16-0.23 grey levels on average, at most 2 (at 1x: 0.3-2.1, up to 6;
+#: docs/performance.md)
+JPEG_REDUCE_MARGIN = 2
 #: in-memory sources whose prepared images exceed this go through the memory-mapped file instead
 #: (TissueMNIST at 160 px would otherwise hold 6 GB in RAM)
 IN_MEMORY_LIMIT_BYTES = 1 << 30
@@ -168,14 +174,51 @@ def cache_key(index: DatasetIndex, size: int, channels: int, *, source: dict | N
     return sha256_json({"family": _family(source, size, channels), "rows": rows, "n": len(paths)})[:24]
 
 
-def _decode_rows(args: tuple[DatasetIndex, str, tuple[int, ...], int, int, int]) -> list[dict]:
-    index, out_path, shape, start, stop, size = args
+def _cores() -> int:
+    """Cores this process may run on (CPU affinity: taskset, cgroups, a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def is_grey(img: np.ndarray) -> bool:
+    """A decoded image whose channels are one grey channel: ``[H, W]``, ``[H, W, 1]``, or colour channels that
+    are all equal (grey radiographs stored as RGB); an alpha channel does not count."""
+    if img.ndim == 2 or img.shape[-1] == 1:
+        return True
+    return bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]))
+
+
+#: the dataset and the colour-abort flag of a worker process (set once per process by :func:`_init_worker`, so
+#: the dataset index is not pickled with every chunk)
+_WORKER: dict = {}
+
+
+def _init_worker(index: DatasetIndex, abort: Any) -> None:
+    _WORKER.update(index=index, abort=abort)
+
+
+def _decode_rows(index: DatasetIndex, out_path: str, shape: tuple[int, ...], start: int, stop: int, size: int,
+                 grey_only: bool = False, abort: Any = None) -> tuple[list[dict], int]:
+    """Decode rows ``start``..``stop - 1`` into the memory-mapped file; (bad images, colour images seen).
+    ``grey_only``: a 1-channel build for a 3-channel network, given up (``abort`` set) at the first colour image."""
     channels = shape[1]
     out = np.memmap(out_path, dtype=np.uint8, mode="r+", shape=shape)
     bad = []
+    colour = 0
     for row in range(start, stop):
+        if abort is not None and abort.is_set():
+            break
         try:
-            out[row] = prepare(index.read_image(row), size, channels)
+            img = index.read_image(row, reduce_to=JPEG_REDUCE_MARGIN * size)
+            if channels == 1 and not is_grey(img):
+                colour += 1
+                if grey_only:
+                    if abort is not None:
+                        abort.set()
+                    break
+            out[row] = prepare(img, size, channels)
         except DataError as err:
             bad.append({"row": row, "path": str(index.image_path(row) or row), "error": err.message,
                         "field": err.field})
@@ -183,7 +226,11 @@ def _decode_rows(args: tuple[DatasetIndex, str, tuple[int, ...], int, int, int])
             bad.append({"row": row, "path": str(index.image_path(row) or row), "error": f"{type(err).__name__}: {err}"})
     out.flush()
     del out
-    return bad
+    return bad, colour
+
+
+def _worker_decode(job: tuple) -> tuple[list[dict], int]:
+    return _decode_rows(_WORKER["index"], *job, abort=_WORKER["abort"])
 
 
 def build_cache(
@@ -198,66 +245,143 @@ def build_cache(
     notice: Callable[[str], None] | None = None,
     stamps: list[str | None] | None = None,
 ) -> CachedImages:
-    """The cached images of ``index`` at ``size`` x ``size`` with ``channels``; built when absent.
+    """The cached images of ``index`` at ``size`` x ``size`` for a network taking ``channels``; built when absent.
 
-    ``stamps``: each row's file stamp (:mod:`medbench.data.fingerprint`), part of the key; None for
-    in-memory pixels (hashed instead) and in tests that do not replace files.
+    For a 3-channel network, grey datasets are cached with **one channel** (a third of the disk, memory and
+    transfer; the input path broadcasts it to 3 on the device, giving the same numbers): an existing 3-channel
+    entry is used as it is, else a grey 1-channel entry (``"grey": true`` in its sidecar: every image has one
+    channel or equal colour channels), else a 1-channel build that gives up at the first colour image, which
+    then makes a 3-channel entry. Decoding runs on every core the process may use (``workers``: default all),
+    one process each; JPEGs are decoded at reduced scale when ``size`` allows (:data:`JPEG_REDUCE_MARGIN`,
+    :func:`~medbench.data.image_io.read_image`). ``progress(done, total)`` is called as rows complete.
+    ``stamps``: each row's file stamp (:mod:`medbench.data.fingerprint`), part of the key; None for in-memory
+    pixels (hashed instead) and in tests that do not replace files.
 
     An entry that is damaged (its array file shorter or longer than its sidecar says, e.g. truncated by a
     full disk or a copy, or a sidecar that is not JSON) is not used: it is rebuilt, and ``notice`` gets one
-    line naming the file and why."""
-    n = len(index)
-    shape = (n, channels, size, size)
-    if index.pixels is not None and root is None and n * channels * size * size <= IN_MEMORY_LIMIT_BYTES:
+    line naming the file and why.
+    """
+    if index.pixels is not None and root is None and \
+            len(index) * channels * size * size <= IN_MEMORY_LIMIT_BYTES:
         # small in-memory sources (synthetic, MedMNIST) are cheap to prepare: no disk round trip
-        pixels = np.empty(shape, dtype=np.uint8)
-        for i in range(n):
-            pixels[i] = prepare(index.pixels[i], size, channels)
-        return CachedImages(pixels=pixels, ok=np.ones(n, dtype=bool), bad=[], path=None)
+        stored = 1 if channels == 3 and _all_grey(index.pixels) else channels
+        pixels = np.empty((len(index), stored, size, size), dtype=np.uint8)
+        for i in range(len(index)):
+            pixels[i] = prepare(index.pixels[i], size, stored)
+        return CachedImages(pixels=pixels, ok=np.ones(len(index), dtype=bool), bad=[], path=None)
+    if channels == 3:
+        found = _existing(index, size, 3, on_bad_image, root, stamps, notice) or \
+            _existing(index, size, 1, on_bad_image, root, stamps, notice, need_grey=True)
+        if found is not None:
+            return found
+        grey = _build(index, size, 1, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root,
+                      stamps=stamps, grey_only=True)
+        if grey is not None:
+            return grey
+    checked = channels == 3  # its entries were looked for above
+    return (None if checked else _existing(index, size, channels, on_bad_image, root, stamps, notice)) or \
+        _build(index, size, channels, on_bad_image=on_bad_image, workers=workers, progress=progress, root=root,
+               stamps=stamps)
 
+
+def _all_grey(pixels: np.ndarray) -> bool:
+    """In-memory images ``[N, H, W]`` or ``[N, H, W, C]`` that are all grey (see :func:`is_grey`)."""
+    return pixels.ndim == 3 or (pixels.ndim == 4 and is_grey(pixels))
+
+
+def _entry(index: DatasetIndex, size: int, channels: int, root: Path | None,
+           stamps: list[str | None] | None) -> dict:
+    """Where the entry of ``index`` at ``size``/``channels`` lives: folder, pixel source, row paths, family, key."""
     folder = (root or cache_dir() / "images") / index.name
     source, paths = pixel_source(index), row_paths(index)
     family = _family(source, size, channels)
     key = cache_key(index, size, channels, source=source, paths=paths, stamps=stamps)
-    data_path = folder / f"{key}.u8"
-    meta_path = folder / f"{key}.json"
-    meta = _read_meta(meta_path)
-    if meta is None and meta_path.is_file() and notice:
-        notice(f"{meta_path}: preprocessing cache sidecar is unreadable; rebuilding the entry")
-    if meta is not None and data_path.is_file() and tuple(meta["shape"]) == shape:
-        damage = _size_problem(data_path, shape)
+    return {"folder": folder, "source": source, "paths": paths, "family": family, "key": key,
+            "data": folder / f"{key}.u8", "meta": folder / f"{key}.json"}
+
+
+def _existing(index: DatasetIndex, size: int, channels: int, on_bad_image: str, root: Path | None,
+              stamps: list[str | None] | None, notice: Callable[[str], None] | None = None, *,
+              need_grey: bool = False) -> CachedImages | None:
+    """The complete entry of ``index`` (or one covering its images with the same file stamps), None when there
+    is none; ``need_grey``: only a 1-channel entry known to hold grey images (usable for a 3-channel network).
+    A damaged entry is not used (``notice`` gets one line naming it)."""
+    e = _entry(index, size, channels, root, stamps)
+    shape = (len(index), channels, size, size)
+    meta = _read_meta(e["meta"])
+    if meta is None and e["meta"].is_file() and notice:
+        notice(f"{e['meta']}: preprocessing cache sidecar is unreadable; rebuilding the entry")
+    if meta is not None and e["data"].is_file() and tuple(meta["shape"]) == shape \
+            and (not need_grey or meta.get("grey") is True):
+        damage = _size_problem(e["data"], shape)
         if damage is None:
-            return _open(data_path, shape, meta, on_bad_image)
+            return _open(e["data"], shape, meta, on_bad_image)
         if notice:
-            notice(f"{data_path}: preprocessing cache entry is damaged ({damage}); rebuilding it")
-    covering = _covering_entry(folder, family, paths, shape, stamps)
+            notice(f"{e['data']}: preprocessing cache entry is damaged ({damage}); rebuilding it")
+    covering = _covering_entry(e["folder"], e["family"], e["paths"], shape, stamps, need_grey=need_grey)
     if covering is not None:
         return covering if on_bad_image != "fail" or not covering.bad else _fail_on(covering.bad)
+    return None
+
+
+def _build(index: DatasetIndex, size: int, channels: int, *, on_bad_image: str, workers: int | None,
+           progress: Callable[[int, int], None] | None, root: Path | None,
+           stamps: list[str | None] | None, grey_only: bool = False) -> CachedImages | None:
+    """Decode every image into a new entry; ``grey_only`` (1 channel for a 3-channel network): None, and
+    nothing kept, when an image is in colour."""
+    e = _entry(index, size, channels, root, stamps)
+    folder, key, paths = e["folder"], e["key"], e["paths"]
+    n = len(index)
+    shape = (n, channels, size, size)
     _remove_dead_partials(folder, key)
     tmp_path = folder / f"{key}.u8.{uuid.uuid4().hex}.{writer_tag()}.partial"
     _allocate(tmp_path, int(np.prod(shape)))
     # in-memory pixels are resized in this process: worker processes would each receive a pickled copy
-    workers = 1 if index.pixels is not None else (workers or min(os.cpu_count() or 1, 8))
-    chunk = max(64, n // (workers * 8) if n else 64)
-    jobs = [(index, str(tmp_path), shape, s, min(n, s + chunk), size) for s in range(0, n, chunk)]
+    workers = 1 if index.pixels is not None else (workers or _cores())
+    chunk = max(8, min(256, n // (workers * 16) if n else 8))  # small chunks: even load, frequent progress
+    jobs = [(str(tmp_path), shape, s, min(n, s + chunk), size, grey_only) for s in range(0, n, chunk)]
     bad: list[dict] = []
+    colour = 0
     done = 0
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            bad.extend(_decode_rows(job))
-            done += job[4] - job[3]
-            if progress:
-                progress(done, n)
-    else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for job, result in zip(jobs, pool.map(_decode_rows, jobs)):
-                bad.extend(result)
-                done += job[4] - job[3]
+    if progress:
+        progress(0, n)  # starts the reporter's clock
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                b, c = _decode_rows(index, *job)
+                bad.extend(b)
+                colour += c
+                done += job[3] - job[2]
                 if progress:
                     progress(done, n)
+                if grey_only and colour:
+                    break
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import as_completed
+
+            ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+            abort = ctx.Event()
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(index, abort)) as pool:
+                futures = {pool.submit(_worker_decode, job): job for job in jobs}
+                for f in as_completed(futures):
+                    b, c = f.result()
+                    bad.extend(b)
+                    colour += c
+                    done += futures[f][3] - futures[f][2]
+                    if grey_only and colour:  # the running chunks stop at the flag, the waiting ones never start
+                        for other in futures:
+                            other.cancel()
+                        break
+                    if progress:
+                        progress(done, n)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    if grey_only and colour:
+        tmp_path.unlink(missing_ok=True)
+        return None
     bad.sort(key=lambda b: b["row"])
     if bad and on_bad_image == "fail":
         tmp_path.unlink(missing_ok=True)
@@ -266,17 +390,19 @@ def build_cache(
         raise DataError(f"{first['error']}{more}; set dataset.on_bad_image: skip to leave bad images out",
                         where=first["path"], field=first.get("field"))
     try:
-        os.replace(tmp_path, data_path)
+        os.replace(tmp_path, e["data"])
     except OSError as err:
         raise _cache_error(folder, err) from err
     rows_file = folder / f"{key}.rows.json"
     if all(p is not None for p in paths):  # what a later subset looks its rows up in
         atomic_write_text(rows_file, json.dumps({"paths": paths, "stamps": stamps}))
     meta = {"shape": list(shape), "dataset": index.name, "bad": bad, "version": CACHE_VERSION,
-            "decoder": DECODER_VERSION, "family": family, "source": source,
+            "decoder": DECODER_VERSION, "family": e["family"], "source": e["source"],
             "rows": rows_file.name if all(p is not None for p in paths) else None}
-    atomic_write_json(meta_path, meta)
-    return _open(data_path, shape, meta, on_bad_image)
+    if channels == 1:  # whether a 3-channel network may read it (every readable image grey)
+        meta["grey"] = colour == 0
+    atomic_write_json(e["meta"], meta)
+    return _open(e["data"], shape, meta, on_bad_image)
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -304,9 +430,10 @@ def _size_problem(data_path: Path, shape: tuple[int, ...]) -> str | None:
 
 
 def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: tuple[int, ...],
-                    stamps: list[str | None] | None = None) -> CachedImages | None:
+                    stamps: list[str | None] | None = None, *, need_grey: bool = False) -> CachedImages | None:
     """An existing entry of the same family holding every image of ``paths`` with the same file stamps (the
-    smallest such), read through a row map; None when there is none."""
+    smallest such), read through a row map; None when there is none. ``need_grey``: only entries known to
+    hold grey images."""
     if not paths or any(p is None for p in paths) or not folder.is_dir():
         return None
     wanted = set(paths)
@@ -316,7 +443,8 @@ def _covering_entry(folder: Path, family: str, paths: list[str | None], shape: t
             continue
         meta = _read_meta(meta_path)
         if meta is None or meta.get("family") != family or not meta.get("rows") \
-                or tuple(meta["shape"][1:]) != shape[1:] or meta["shape"][0] < len(wanted):
+                or tuple(meta["shape"][1:]) != shape[1:] or meta["shape"][0] < len(wanted) \
+                or (need_grey and meta.get("grey") is not True):
             continue
         candidates.append((meta["shape"][0], meta_path.name, meta_path, meta))
     for n, _, meta_path, meta in sorted(candidates, key=lambda c: (c[0], c[1])):

@@ -20,12 +20,18 @@ from medbench.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 #: bumped when decoding a file gives other pixels (a format's handling, rescaling, inversion, 8-bit
-#: scaling in :func:`to_uint8`): part of the preprocessing cache key, so cached images are decoded again
-DECODER_VERSION = 1
+#: scaling in :func:`to_uint8`): part of the preprocessing cache key, so cached images are decoded again.
+#: 2: JPEGs decoded at reduced scale in the DCT domain when the cache size allows (``reduce_to``)
+DECODER_VERSION = 2
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, *, reduce_to: int | None = None) -> np.ndarray:
     """``[H, W]`` (grey) or ``[H, W, 3]`` (colour) array; dtype uint8, uint16 or float32.
+
+    ``reduce_to``: the image will be reduced; a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (Pillow's ``draft``), the largest reduction keeping both sides at least ``reduce_to`` pixels
+    (the preprocessing cache asks for twice its size: see :func:`medbench.data.cache.build_cache`). Other
+    formats are decoded at full size.
 
     Decoders' warnings about a file (pydicom's "end of file reached", Pillow's
     truncated-file notes) are silenced: a file that decodes is used, one that
@@ -41,7 +47,7 @@ def read_image(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore")
         if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
             return _read_dicom(path)
-        return _read_pillow(path)
+        return _read_pillow(path, reduce_to)
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -50,11 +56,13 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def _read_pillow(path: Path, reduce_to: int | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if reduce_to and im.format == "JPEG":
+                im.draft(im.mode, (reduce_to, reduce_to))  # never below reduce_to on either side
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
                 arr = np.asarray(im, dtype=np.uint16)
@@ -141,9 +149,20 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale any image to uint8: 8-bit passes through, wider types are min-max scaled per image."""
+    """Scale any image to uint8: 8-bit passes through, wider types are min-max scaled per image:
+    ``round((a - min) * (255 / (max - min)))`` in float32.
+
+    16-bit images (PNG, DICOM) go through a lookup table of that same float32 expression for every value
+    between min and max: the same bytes, without float32 copies of a 12-megapixel image."""
     if arr.dtype == np.uint8:
         return arr
+    if arr.dtype == np.uint16:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi <= lo:
+            return np.zeros(arr.shape, dtype=np.uint8)
+        values = np.clip(np.arange(65536, dtype=np.float32), lo, hi)  # only lo..hi occur
+        table = np.round((values - float(lo)) * (255.0 / float(hi - lo))).astype(np.uint8)
+        return table[arr]
     a = arr.astype(np.float32)
     lo, hi = float(a.min()), float(a.max())
     if hi <= lo:

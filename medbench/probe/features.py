@@ -1,9 +1,11 @@
 """Frozen features: a network's pooled vector of each cached image, for the probes.
 
 :func:`embed_rows` is the one place probes read pixels: the evaluation batches of
-:func:`medbench.data.loader.eval_batches` (the cached image resized to the crop, normalised with the
-backbone's mean and std, exactly what fine-tuned runs are evaluated on), through the network in eval
-mode without gradients, pooled by :func:`medbench.backbones.pooling.pooled_features`, as float32.
+:func:`medbench.data.loader.eval_batches` (uint8 rows read ahead and moved to the device, resized to the
+crop, normalised with the backbone's mean and std and a grey 1-channel cache broadcast to the network's
+channels there: exactly what fine-tuned runs are evaluated on), through the network in eval mode without
+gradients, pooled by :func:`medbench.backbones.pooling.pooled_features`, kept on the device until the end,
+as float32.
 
 :func:`extractor_identity` is what fixes the features of an image besides the image itself: backbone,
 init, weights (by content hash), the seed when the init draws random tensors, the pooling, the
@@ -41,8 +43,10 @@ def extractor_identity(*, backbone: str, init: str, weights_sha256: str | None, 
 
 
 def embed_rows(model: "nn.Module", pixels: np.ndarray, rows: np.ndarray, *, crop: int, norm: "Normalization",
-               pooling: str | None, device: str, precision: str = "fp32", batch_size: int = 128) -> np.ndarray:
-    """``[len(rows), D]`` float32 pooled features of the cached images ``rows``."""
+               pooling: str | None, device: str, precision: str = "fp32", batch_size: int = 128,
+               channels: int | None = None, workers: int = 1) -> np.ndarray:
+    """``[len(rows), D]`` float32 pooled features of the cached images ``rows``; ``channels``: the network's
+    input channels (default the cache's), ``workers``: threads reading cache rows."""
     import torch
 
     from medbench.backbones.pooling import pooled_features
@@ -54,14 +58,14 @@ def embed_rows(model: "nn.Module", pixels: np.ndarray, rows: np.ndarray, *, crop
     out = []
     try:
         with torch.no_grad():
-            for x in eval_batches(pixels, rows, crop=crop, norm=norm, batch_size=batch_size):
-                x = x.to(device, non_blocking=True)
+            for x in eval_batches(pixels, rows, crop=crop, norm=norm, batch_size=batch_size, device=device,
+                                  channels=channels, workers=workers):
                 with torch.autocast(device_type=device.split(":")[0], dtype=dtype or torch.float32,
                                     enabled=dtype is not None):
                     f = pooled_features(model, x, pooling)
-                out.append(f.float().cpu())
+                out.append(f.float())  # on the device: no host sync per batch
     finally:
         model.train(was_training)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(out).numpy().astype(np.float32, copy=False)
+    return torch.cat(out).cpu().numpy().astype(np.float32, copy=False)

@@ -56,6 +56,7 @@ class JobSpec:
     locations: Any  # DataLocations
     checkpoints: Any  # CheckpointPolicy
     threads: int | None = None
+    execution: Any = None  # medbench.train.finetune.Execution (layout, compile: in the run key when on)
 
 
 def job_name(request) -> str:
@@ -93,6 +94,7 @@ def _launcher_environment() -> None:
     # SLURM_JOB_ID differs between the elements of an array (submitit's job_id is "<array>_<index>")
     unique = os.environ.get("SLURM_JOB_ID") or "".join(c for c in str(env.job_id) if c.isdigit()) or "0"
     os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(max(1, env.num_tasks // max(1, env.num_nodes))),
                       MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + int(unique) % 20000))
 
 
@@ -102,14 +104,15 @@ def run_job(spec: JobSpec) -> dict:
     from medbench.run.runner import Runner, configure_torch
     from medbench.spec.catalog import Catalog
     from medbench.store import RunStore
-    from medbench.train.distributed import prepare_environment
+    from medbench.train.distributed import cores_per_rank, prepare_environment
 
     main = prepare_environment().is_main
-    configure_torch(spec.threads or os.cpu_count())
+    configure_torch(spec.threads or cores_per_rank())
     started = time.time()
     if main:
         _worker_record(spec, state="running", started=started)
-    runner = Runner(Catalog(spec.tasks_dir), spec.locations, RunStore(spec.out), checkpoints=spec.checkpoints)
+    runner = Runner(Catalog(spec.tasks_dir), spec.locations, RunStore(spec.out), checkpoints=spec.checkpoints,
+                    execution=spec.execution)
     try:
         (outcome,) = runner.run_all([spec.request])
     except BaseException as err:
@@ -228,7 +231,7 @@ def local_sharing(max_concurrent: int | None, threads: int | None, slots: list |
 def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path], locations, checkpoints,
              threads: int | None, max_concurrent: int | None = None, wait: bool = True,
              config: ClusterConfig | None = None, config_path: Path | None = None, message=print,
-             preflight=None, locate=None) -> list:
+             preflight=None, locate=None, execution=None) -> list:
     """Submit one job per request; with ``wait``, return a RunOutcome per request once all ended.
 
     ``preflight()`` (checks of every request) runs once the engine and its parameters are accepted,
@@ -251,7 +254,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
     if launcher == "local":
         max_concurrent, threads = local_sharing(max_concurrent, threads, slots, len(requests), os.cpu_count() or 1)
     specs = [JobSpec(request=r, name=job_name(r), out=Path(out), tasks_dir=list(tasks_dir), locations=locations,
-                     checkpoints=checkpoints, threads=threads) for r in requests]
+                     checkpoints=checkpoints, threads=threads, execution=execution) for r in requests]
     records: dict[str, dict] = {}
 
     def record(spec: JobSpec, **fields) -> None:

@@ -3,7 +3,7 @@
 A run that raises is recorded in its folder as ``result.json`` with
 ``status: "failed"`` (see :func:`failure_record`), and the suite goes on
 (``--fail-fast`` stops it). Errors are classified so the record says what to
-do: ``out-of-memory`` (lower ``--micro-batch``), ``device`` (a CUDA/NCCL
+do: ``out-of-memory`` (``--micro-batch auto`` or a lower ``--micro-batch``), ``device`` (a CUDA/NCCL
 failure: the device may be unusable for later runs too), ``input`` (a
 :class:`~medbench.errors.MedbenchError`: fix the named file or field), or
 ``crash`` (anything else: a bug; the traceback is in the record).
@@ -43,8 +43,9 @@ def classify(err: BaseException) -> tuple[str, str]:
     text = str(err).lower()
     oom_types = tuple(t for t in (_torch_oom_type(),) if t is not None) + (MemoryError,)
     if isinstance(err, oom_types) or any(m in text for m in _OOM_MARKERS):
-        return "out-of-memory", ("the run did not fit in memory: rerun with a smaller --micro-batch (gradient "
-                                 "accumulation keeps the batch size) or a smaller input size")
+        return "out-of-memory", ("the run did not fit in memory: rerun with --micro-batch auto (the largest that "
+                                 "fits, halved on out-of-memory) or a smaller --micro-batch (gradient accumulation "
+                                 "keeps the batch size), or a smaller input size")
     if isinstance(err, RuntimeError) and any(m in text for m in _DEVICE_MARKERS):
         return "device", ("the device failed; later runs on it may fail too: check the GPU (nvidia-smi) "
                           "and rerun the same command to retry the failed runs")

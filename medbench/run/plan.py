@@ -20,16 +20,14 @@ resolution, and a compute estimate per run:
 Time is their sum divided by an assumed sustained rate (``--assume-tflops``;
 default 100, a fair figure for one A100 in bf16 on convolutional nets).
 
-Memory per device (:func:`memory_estimate`): parameters, gradients and SGD
-momentum from the parameter count (4 bytes each in fp32/bf16-autocast; ZeRO
-stage 1 partitions the optimiser state and keeps a partitioned fp32 master
-copy, stage 2 partitions the gradients too), plus the activations autograd
-keeps for the backward pass, *measured*: one training forward at the
-micro-batch and crop size on the meta device, counting the storage of every
-tensor saved for backward once (parameters excluded). No memory is allocated.
-For bf16/fp16 the fp32 measurement is shown as an upper bound (autocast keeps
-part of the activations in 16 bits). Not counted: DeepSpeed's communication
-buckets, the CUDA context (~0.5-1 GB) and allocator fragmentation.
+Memory per device (:func:`medbench.train.memory.memory_estimate`, the model
+``--micro-batch auto`` starts from): parameters, gradients, optimiser state by
+ZeRO stage, and the activations measured on the meta device at the micro-batch
+and crop size (an fp32 upper bound for bf16/fp16). Shown at the requested
+micro-batch (default: the whole per-device batch) and, for ``--micro-batch
+auto``, the micro-batch the model chooses for a device with ``--assume-memory``
+GB free (default 80: one A100/H100; on a machine with a GPU, its free memory).
+The run itself confirms the choice by a trial step (medbench.train.memory).
 """
 
 from __future__ import annotations
@@ -44,6 +42,11 @@ from medbench.errors import MedbenchError
 from medbench.spec import ResolvedTask
 from medbench.spec.catalog import Catalog
 from medbench.train.hyperrule import TrainPlan, make_plan, rule_resolution
+from medbench.train.memory import (  # the memory model lives with training (--micro-batch auto uses it)
+    largest_fitting,
+    memo_backbone,
+    memory_estimate,
+)
 
 
 @dataclass
@@ -90,23 +93,7 @@ class TaskPlan:
         return dict(self.__dict__)
 
 
-def _memo(fn):
-    """Cache a function of a resolved :class:`Backbone` (not hashable: it holds a dict) and plain
-    arguments, keyed on the backbone's name and source."""
-    cache: dict = {}
-
-    def wrapper(bb: Backbone, *args):
-        key = (bb.name, bb.source, *args)
-        if key not in cache:
-            cache[key] = fn(bb, *args)
-        return cache[key]
-
-    wrapper.__doc__ = fn.__doc__
-    wrapper.__name__ = fn.__name__
-    return wrapper
-
-
-@_memo
+@memo_backbone
 def forward_gflops(bb: Backbone, num_outputs: int, channels: int, size: int) -> float:
     """Forward GFLOPs (2 per multiply-add) of one image, counted on the meta device."""
     import torch
@@ -118,62 +105,6 @@ def forward_gflops(bb: Backbone, num_outputs: int, channels: int, size: int) -> 
         with FlopCounterMode(display=False) as counter:
             model(x)
     return counter.get_total_flops() / 1e9
-
-
-@_memo
-def activation_bytes(bb: Backbone, num_outputs: int, channels: int, size: int, batch: int) -> int:
-    """Bytes autograd keeps for backward after one training forward of ``batch`` images of ``size``²:
-    the storages of the tensors saved for backward, each counted once, parameters excluded. Measured on
-    the meta device (shapes and dtypes only, nothing allocated)."""
-    import torch
-
-    with torch.device("meta"):
-        model = bb.build(num_classes=num_outputs, in_chans=channels)
-        x = torch.empty(batch, channels, size, size)
-    model.train()
-    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: "torch.Tensor") -> "torch.Tensor":
-        storage = t.untyped_storage()
-        if storage._cdata not in param_storages:
-            saved[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(saved.values())
-
-
-@_memo
-def parameter_count(bb: Backbone, num_outputs: int, channels: int) -> int:
-    import torch
-
-    with torch.device("meta"):
-        model = bb.build(num_classes=num_outputs, in_chans=channels)
-    return sum(p.numel() for p in model.parameters())
-
-
-def memory_estimate(backbone: Backbone, num_outputs: int, channels: int, crop: int, micro_batch: int, *,
-                    zero_stage: int = 0, precision: str = "fp32", world_size: int = 1) -> dict:
-    """Training memory per device in bytes (see the module docstring for what is counted)."""
-    n = parameter_count(backbone, num_outputs, channels)
-    shard = max(world_size, 1)
-    if precision == "fp16":  # fp16 weights and grads, fp32 master copy held by the optimiser wrapper
-        params, grads, master = 2 * n, 2 * n, 4 * n
-    else:  # fp32, or bf16 through autocast: weights and grads stay fp32
-        params, grads, master = 4 * n, 4 * n, 0
-    momentum = 4 * n
-    if zero_stage >= 1:
-        master = 4 * n // shard  # the partitioned fp32 copy DeepSpeed's ZeRO optimiser steps on
-        momentum //= shard
-    if zero_stage >= 2:
-        grads //= shard
-    activations = activation_bytes(backbone, num_outputs, channels, crop, micro_batch)
-    optimizer = momentum + master
-    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations,
-            "activations_upper_bound": precision != "fp32", "micro_batch": micro_batch,
-            "total": params + grads + optimizer + activations}
 
 
 def _count_splits(task: ResolvedTask, locations: DataLocations) -> dict[str, int]:
@@ -262,10 +193,17 @@ def plan_task(task: ResolvedTask, backbone: Backbone, seeds: int, locations: Dat
     engine = engine or {}
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     per_device = max(1, spec.hyperrule.batch_size // world)
-    micro = min(engine.get("micro_batch") or per_device, per_device)
+    precision, zero_stage = engine.get("precision") or "fp32", engine.get("zero_stage", 0)
+    assumed = engine.get("assume_memory_gb", 80.0) * 1e9
+    auto = largest_fitting(backbone, per_device_batch=per_device, num_outputs=spec.num_outputs,
+                           channels=spec.input.channels, crop=crop, available=assumed, precision=precision,
+                           zero_stage=zero_stage, world_size=world)
+    requested = engine.get("micro_batch")
+    micro = (auto or 1) if requested == "auto" else min(requested or per_device, per_device)
     memory = memory_estimate(backbone, spec.num_outputs, spec.input.channels, crop, micro,
-                             zero_stage=engine.get("zero_stage", 0), precision=engine.get("precision", "fp32"),
-                             world_size=world)
+                             zero_stage=zero_stage, precision=precision, world_size=world)
+    # what --micro-batch auto starts from on a device with that much free memory (None: not even 1 image fits)
+    memory.update(auto_micro_batch=auto, per_device_batch=per_device, assumed_free_bytes=assumed)
     return TaskPlan(task=task.name, dataset=spec.dataset.name, data_status=status,
                     data_path=str(path) if path else None,
                     how_to_get=adapter.how_to_get if status in ("missing", "incomplete") else None,

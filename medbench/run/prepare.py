@@ -17,6 +17,9 @@ from medbench.train.hyperrule import resolve_input
 
 
 class Messages(Protocol):
+    """What preparing data reports: messages, and (optionally, ``work_progress(label, done, total)``) the rows of a
+    preprocessing cache being built, as they complete."""
+
     def message(self, text: str) -> None: ...
 
 
@@ -31,6 +34,11 @@ class PreparedData:
     crop: int
     #: digest of the image files' stamps (medbench.data.fingerprint); None for in-memory pixels
     pixels: str | None = None
+
+    @property
+    def channels(self) -> int:
+        """The network's input channels (the task's); the cache may hold grey images as one channel."""
+        return self.data.task.spec.input.channels
 
     @property
     def fingerprint(self) -> str:
@@ -80,8 +88,11 @@ def prepare_data(task: ResolvedTask, locations: DataLocations, reporter: Message
 
         stamps = file_stamps(data.index.root, row_paths(data.index), locations.pixel_check)
         pixels = stamps_digest(locations.pixel_check, stamps)
+    report = getattr(reporter, "work_progress", None)
+    progress = None if report is None else (
+        lambda done, n: report(f"{task.name}: caching {n:,} images at {resize} px", done, n))
     images = build_cache(data.index, resize, spec.input.channels, on_bad_image=spec.dataset.on_bad_image,
-                         stamps=stamps, notice=reporter.message)
+                         progress=progress, stamps=stamps, notice=reporter.message)
     if images.bad:
         reporter.message(f"{task.name}: {len(images.bad)} unreadable images left out (first: {images.bad[0]['path']})")
     return PreparedData(data=data, images=images, labels=data.index.labels(), resize=resize, crop=crop,

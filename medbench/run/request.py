@@ -66,7 +66,7 @@ class RunRequest:
 
 def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_id: str | None, *,
             plan: dict | None = None, input_geometry: dict | None = None, ood: list | None = None,
-            world_size: int = 1) -> str:
+            world_size: int = 1, execution: dict | None = None) -> str:
     """The run store key: a sha256 of everything that fixes a run's numbers (see :mod:`medbench.store`).
 
     ``request`` has its init resolved. Every field of :class:`RunRequest` enters
@@ -86,7 +86,16 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
     version (a run scored by older scoring code is re-scored from its saved
     predictions instead, see :mod:`medbench.scoring.version`), and the thread
     count (on CPU it changes the last bits of reductions, far below seed
-    noise; recorded as ``device.torch_threads``).
+    noise; recorded as ``device.torch_threads``) and the input path's worker
+    threads (no number changes). ``execution``: the execution options that pick
+    other kernels and so change last bits (channels-last, ``--compile``;
+    :meth:`medbench.train.finetune.Execution.key_fields`), only those that are
+    on: runs with them off (every CPU default) keep the key they had before the
+    options existed. The precision (bf16 autocast, the GPU default) is an
+    engine field of the request. The engine's micro-batch enters as requested:
+    ``auto`` stays ``auto`` (the value it resolves to depends on the device and
+    may be halved during a run, which must keep its key to resume; it is
+    recorded in the run).
     """
     from medbench.train.numerics import TRAINING_NUMERICS
 
@@ -102,6 +111,7 @@ def run_key(request: RunRequest, task: ResolvedTask, fingerprint: str, weights_i
         "input": input_geometry,
         "world_size": world_size,
         "training_numerics": TRAINING_NUMERICS,
+        **({"execution": execution} if execution else {}),
     })
 
 

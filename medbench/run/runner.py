@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -95,14 +96,17 @@ def _prediction_meta(prepared: PreparedData, rows: np.ndarray, extra_columns: li
 
 
 def _agree(dist, *flags: bool) -> tuple[bool, ...]:
-    """Flags true on any rank are true on every rank (one tiny all-reduce; nothing in a single process)."""
+    """Flags true on any rank are true on every rank (one tiny all-reduce of a CPU tensor on the gloo side
+    group: it never waits for the GPU's queued work; nothing in a single process)."""
     if dist.world_size == 1:
         return flags
     import torch
     import torch.distributed as tdist
 
-    t = torch.tensor([int(f) for f in flags], device=dist.device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    from medbench.train.distributed import side_group
+
+    t = torch.tensor([int(f) for f in flags])
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=side_group())
     return tuple(bool(v) for v in t.tolist())
 
 
@@ -151,13 +155,17 @@ class Runner:
 
     def __init__(self, catalog: Catalog, locations: DataLocations, store: RunStore, *,
                  reporter: Reporter | None = None, fail_fast: bool = False,
-                 checkpoints: CheckpointPolicy | None = None):
+                 checkpoints: CheckpointPolicy | None = None, execution=None, memory=None):
         self.catalog = catalog
         self.locations = locations
         self.store = store
         self.reporter = reporter or SilentReporter()
         self.fail_fast = fail_fast
         self.checkpoints = checkpoints or CheckpointPolicy()
+        #: medbench.train.finetune.Execution (layout, compile, loader workers); None: the device's defaults
+        self.execution = execution
+        #: the device's memory for --micro-batch auto (medbench.train.memory.DeviceMemory); None: the real one
+        self.memory = memory
         self.stop = GracefulStop()  # installed (signal handlers) by run_all
         self._prepared: dict[str, PreparedData] = {}
         self._backbones: dict = {}
@@ -194,11 +202,12 @@ class Runner:
         pairs = _ood_label_pairs(task, tgt_task, target.label_map)
         tgt = self.prepared(target.task, resolution)
         src = self.prepared(task.name, resolution)
-        if tgt.images.size != src.images.size or tgt.images.channels != src.images.channels:
-            raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.images.channels}ch, "
-                            f"the task at {src.images.size}px/{src.images.channels}ch; give both the same input "
+        # grey images may be cached with one channel for a 3-channel network: the networks' channels must agree
+        if tgt.images.size != src.images.size or tgt.channels != src.channels:
+            raise DataError(f"OOD target {target.task!r} is cached at {tgt.images.size}px/{tgt.channels}ch, "
+                            f"the task at {src.images.size}px/{src.channels}ch; give both the same input "
                             f"(input: {{resize: {src.images.size}, crop: {src.crop}, channels: "
-                            f"{src.images.channels}}} in {tgt_task.path})", where=str(task.path), field="ood")
+                            f"{src.channels}}} in {tgt_task.path})", where=str(task.path), field="ood")
         return tgt_task, tgt, pairs
 
     def preflight(self, requests: list[RunRequest]) -> None:
@@ -323,7 +332,9 @@ class Runner:
                       plan=_probe_settings(req.protocol) if probe else plan.as_dict(),
                       input_geometry={"resize": prepared.resize, "crop": prepared.crop,
                                       "channels": spec.input.channels},
-                      ood=ood, world_size=1 if probe else world)
+                      ood=ood, world_size=1 if probe else world,
+                      execution=None if probe else
+                      (self.execution or self._execution(prepare_environment())).key_fields())
         run = self.store.run_dir(req.task, req.backbone, init, req.seed, key, variant=req.folder_suffix)
         return req, task, init, prepared, train_rows, variant, plan, key, run
 
@@ -403,6 +414,60 @@ class Runner:
         self.reporter.message(f"{run.path.name}: resuming at step {ckpt.step}")
         return tuner, history, ckpt.step
 
+    def _execution(self, dist):
+        """The run's Execution: the one given, else the device's defaults (channels-last on CUDA)."""
+        from medbench.train.finetune import Execution
+
+        return self.execution if self.execution is not None else Execution.default_for(dist.device)
+
+    def _auto_micro_batch(self, req: RunRequest, spec, backbone, prepared: PreparedData, plan, dist, model, memory,
+                          execution) -> dict:
+        """``--micro-batch auto``: the stored choice for this setting on this device type, or a new one
+        (memory model + trial step, medbench.train.memory) stored in the run store for the next runs."""
+        from medbench.provenance import now_utc
+        from medbench.train.memory import choose_micro_batch
+        from medbench.utils import atomic_write_json, sha256_json
+
+        per_device = plan.batch_size // dist.world_size
+        setting = {"task": req.task, "task_hash": self.catalog.task(req.task).hash, "backbone": req.backbone,
+                   "crop": prepared.crop, "channels": spec.input.channels, "device": memory.describe(),
+                   "precision": req.engine.precision, "zero_stage": req.engine.zero_stage,
+                   "world_size": dist.world_size, "per_device_batch": per_device, "freeze": req.freeze,
+                   "channels_last": execution.channels_last}
+        path = self.store.micro_batch_file(sha256_json(setting)[:24])
+        record = _read_json(path)
+        usable = record is not None and record.get("setting") == setting and isinstance(record.get("micro_batch"), int) \
+            and not isinstance(record["micro_batch"], bool) and 1 <= record["micro_batch"] <= per_device \
+            and per_device % record["micro_batch"] == 0  # else (an edited file) chosen again
+        (missing,) = _agree(dist, not usable)  # every rank reads before any writes; all choose, or none
+        if not missing:
+            model.to(dist.device)
+            memory.attach(model)  # (choose_micro_batch attaches it itself)
+            return {**record, "path": str(path)}
+        choice = choose_micro_batch(model, backbone, per_device_batch=per_device, num_outputs=spec.num_outputs,
+                                    channels=spec.input.channels, crop=prepared.crop, task_type=spec.type,
+                                    device=dist.device, precision=req.engine.precision,
+                                    zero_stage=req.engine.zero_stage, world_size=dist.world_size, memory=memory,
+                                    channels_last=execution.channels_last)
+        micro = _min_over_ranks(dist, choice.micro_batch)  # launched: what fits every rank's device
+        record = {"setting": setting, "micro_batch": micro, "chosen": choice.as_dict(), "chosen_at": now_utc(),
+                  "halved": []}
+        if dist.is_main:
+            atomic_write_json(path, record)
+        self.reporter.message(f"{req.task}: --micro-batch auto chose {micro} ({per_device // micro} accumulation "
+                              f"steps) on {choice.device}")
+        return {**record, "path": str(path)}
+
+    def _record_halving(self, record: dict, micro: int, smaller: int, run: RunDir, where: str, error: str) -> None:
+        """An out-of-memory error at ``micro``: the stored choice becomes ``smaller`` for this and later runs."""
+        from medbench.provenance import now_utc
+        from medbench.utils import atomic_write_json
+
+        record["micro_batch"] = smaller
+        record.setdefault("halved", []).append({"from": micro, "to": smaller, "run": run.path.name, "at": where,
+                                                "error": error, "date": now_utc()})
+        atomic_write_json(Path(record["path"]), {k: v for k, v in record.items() if k != "path"})
+
     def _train_and_write(self, req: RunRequest, run: RunDir, key: str, task: ResolvedTask, init: str,
                          prepared: PreparedData, train_rows: np.ndarray, variant: dict | None, plan, dist,
                          progress: dict, index: int, total: int) -> RunOutcome:
@@ -414,6 +479,7 @@ class Runner:
         from medbench.train.checkpoint import CheckpointClock, CheckpointStore
         from medbench.train.data_parallel import gather_shards, shard, wait_for_all
         from medbench.train.finetune import Finetuner, predict_logits
+        from medbench.train.memory import device_memory, halved, is_out_of_memory
 
         spec = task.spec
         backbone = self.backbone(req.backbone)
@@ -421,24 +487,40 @@ class Runner:
         if dist.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
         built = freeze_info = None
+        execution = self._execution(dist)
+        workers = execution.loader_workers or _loader_workers()
+        auto = req.engine.micro_batch_size == "auto"
+        memory = self.memory or device_memory(dist.device)
+        micro_record: dict = {}  # --micro-batch auto: the stored choice this run trains with
 
         def build():
             nonlocal built, freeze_info
             built = create_model(backbone, num_outputs=spec.num_outputs, in_chans=spec.input.channels,
                                  init=init, weights=req.weights, seed=req.seed)
             freeze_info = _apply_freeze(built.model, backbone, req.freeze)
-            return Finetuner(built.model, plan, spec.type, req.engine, dist, req.seed)
+            engine = req.engine
+            if auto:
+                micro_record.update(self._auto_micro_batch(req, spec, backbone, prepared, plan, dist, built.model,
+                                                           memory, execution))
+                engine = replace(engine, micro_batch_size=micro_record["micro_batch"])
+            else:
+                memory.attach(built.model)
+            return Finetuner(built.model, plan, spec.type, engine, dist, req.seed, execution)
 
         store = CheckpointStore(run.checkpoint_dir, rank=dist.rank, world_size=dist.world_size,
                                 barrier=lambda: _barrier(dist))
-        tuner, history, start = self._resume(run, key, build, dist, store)
-        progress.update(resumed_from_step=start, steps_done=start, checkpoint_step=start or None)
-        self.reporter.run_started(index, total, req, plan.total_steps)
         norm = Normalization(backbone.mean, backbone.std)
         stream = TrainStream(prepared.images.pixels, prepared.labels, train_rows, batch_size=plan.batch_size,
                              crop=prepared.crop, hflip=spec.input.hflip, norm=norm, seed=req.seed,
                              balanced=spec.sampler == "balanced", rank=dist.rank, world_size=dist.world_size,
-                             mixup_alpha=plan.mixup_alpha)  # MixUp over the global batch, any world size
+                             mixup_alpha=plan.mixup_alpha,  # MixUp over the global batch, any world size
+                             channels=spec.input.channels)  # a grey 1-channel cache broadcast on the device
+        tuner = None
+
+        def eval_batch() -> int:
+            """Inference batch: EVAL_BATCH, at most 4 training micro-batches under --micro-batch auto (a forward
+            without autograd keeps far less per image than training; images are independent in eval mode)."""
+            return min(EVAL_BATCH, 4 * tuner.micro) if auto else EVAL_BATCH
 
         def logits_for(rows: np.ndarray, pixels: np.ndarray, crop: int) -> np.ndarray:
             """Logits ``[len(rows), outputs]`` (float32; probabilities are derived in float64 where scores are
@@ -447,8 +529,9 @@ class Runner:
             logits = np.zeros((0, spec.num_outputs), dtype=np.float32)
             if len(mine):
                 logits = predict_logits(tuner.module, eval_batches(pixels, mine, crop=crop, norm=norm,
-                                                                   batch_size=EVAL_BATCH), dist.device,
-                                        req.engine.precision)
+                                                                  batch_size=eval_batch(), device=dist.device,
+                                                                  channels=spec.input.channels, workers=workers),
+                                        dist.device, req.engine.precision)
             return gather_shards(logits, len(rows), dist.world_size)
 
         headline = spec.headline
@@ -468,7 +551,7 @@ class Runner:
             return compute_metrics(preds, [headline]).get(headline)
 
         clock = CheckpointClock(self.checkpoints)
-        can_save = tuner.supports_checkpoints and self.checkpoints.enabled
+        can_save = self.checkpoints.enabled and req.engine.precision != "fp16"  # Finetuner.supports_checkpoints
 
         def after_step(step: int) -> None:
             done = step + 1
@@ -476,6 +559,7 @@ class Runner:
             save, stop = _agree(dist, can_save and clock.due(done), self.stop.requested)
             # a stop always checkpoints (even with periodic checkpoints off): it costs one write
             if tuner.supports_checkpoints and (save or stop):
+                tuner.sync()  # the losses of the steps so far into the history (raises if training diverged)
                 shared, local = tuner.training_state()
                 store.save(done, shared, local, key=key, meta={"history": history.as_dict()})
                 clock.saved()
@@ -486,9 +570,31 @@ class Runner:
                                     f"in {req.task} seed {req.seed} at step {done}/{plan.total_steps}, {saved}")
 
         started = now_utc()
-        history = tuner.fit(stream.iterate(start, plan.total_steps), history=history, evaluate=evaluate_val,
-                            eval_every=plan.eval_every, on_step=self.reporter.step, after_step=after_step,
-                            premixed=True)
+        while True:
+            tuner, history, start = self._resume(run, key, build, dist, store)
+            progress.update(resumed_from_step=start, steps_done=start, checkpoint_step=start or None)
+            if auto and (not history.micro_batch or history.micro_batch[-1]["micro_batch"] != tuner.micro):
+                history.micro_batch.append({"from_step": start, "micro_batch": tuner.micro})
+            self.reporter.run_started(index, total, req, plan.total_steps)
+            try:
+                history = tuner.fit(stream.iterate(start, plan.total_steps, device=dist.device, workers=workers),
+                                    history=history, evaluate=evaluate_val, eval_every=plan.eval_every,
+                                    on_step=self.reporter.step, after_step=after_step, premixed=True)
+                break
+            except Exception as err:
+                smaller = halved(tuner.micro, plan.batch_size // dist.world_size) if auto else None
+                if not (auto and is_out_of_memory(err)) or smaller is None:
+                    raise
+                where = f"step {progress['steps_done'] + 1}"
+                self._record_halving(micro_record, tuner.micro, smaller, run, where, one_line(err))
+                if dist.world_size > 1:  # the other ranks wait in a collective: fail; the rerun uses the halved one
+                    raise
+                failed_micro = tuner.micro
+            # out of the except block, so the exception's frames (holding the failed step's tensors) are gone
+            self.reporter.message(f"{run.path.name}: out of memory at micro-batch {failed_micro} ({where}); "
+                                  f"halved to {smaller}, resuming from the last checkpoint")
+            tuner = built = None
+            release_memory()
 
         # every rank predicts its shard of val, test and each OOD target's test split; rank 0 writes and scores
         # while the others wait on the long-timeout side group (a failure on rank 0 is recorded, then released)
@@ -508,15 +614,19 @@ class Runner:
             if req.similarity:
                 _write_similarity(run, req, init, spec, tuner.module, backbone, test_rows,
                                   lambda rows: eval_batches(prepared.images.pixels, rows, crop=prepared.crop,
-                                                            norm=norm, batch_size=EVAL_BATCH), dist.device)
-            config_extra = {"plan": plan.as_dict(), "engine": asdict(req.engine), "world_size": dist.world_size}
+                                                            norm=norm, batch_size=eval_batch(), device=dist.device,
+                                                            channels=spec.input.channels), dist.device)
+            micro_batch = _micro_batch_record(tuner, history, micro_record)
+            config_extra = {"plan": plan.as_dict(), "engine": asdict(req.engine), "micro_batch": micro_batch,
+                            "execution": execution.as_dict(), "world_size": dist.world_size}
             result_extra = {
                 **({"regime": _regime(req.freeze), "freeze": freeze_info} if req.freeze else {}),
                 "train_seconds": history.seconds,
                 "training": {"resumed_from_step": progress["resumed_from_step"],
-                             "checkpoints": self.checkpoints.describe() if can_save else "off"},
+                             "checkpoints": self.checkpoints.describe() if can_save else "off",
+                             "micro_batch": micro_batch},
             }
-            provenance_extra = {"engine": asdict(req.engine),
+            provenance_extra = {"engine": asdict(req.engine), "execution": execution.as_dict(),
                                 "torch_deterministic": torch.are_deterministic_algorithms_enabled()}
             result = self._write_run(req, run, key, task, init, prepared, train_rows, variant, split_logits, ood_logits,
                                      config_extra=config_extra, result_extra=result_extra,
@@ -631,7 +741,7 @@ class Runner:
                 "data": {"dataset": data.data.index.name, "fingerprint": data.fingerprint,
                          "pixels": data.images.path.name if data.images.path is not None else "in memory",
                          "split": split, "rows": rows_digest(rows), "n": int(len(rows)), "resize": data.images.size,
-                         "crop": crop, "channels": data.images.channels}}
+                         "crop": crop, "channels": data.channels}}  # the network's (a grey cache may hold 1)
         entry = self.feature_store.entry(task=task_name, backbone=backbone.name, split=split, spec=spec,
                                          n_rows=len(rows), world_size=dist.world_size)
         norm = Normalization(backbone.mean, backbone.std)
@@ -658,7 +768,10 @@ class Runner:
                         a, b = entry.part_range(i)
                         entry.write_part(i, embed_rows(model.get(), data.images.pixels, rows[a:b], crop=crop,
                                                        norm=norm, pooling=req.pooling, device=dist.device,
-                                                       precision=req.engine.precision, batch_size=EVAL_BATCH),
+                                                       precision=req.engine.precision, batch_size=EVAL_BATCH,
+                                                       channels=data.channels,
+                                                       workers=self._execution(dist).loader_workers or
+                                                       _loader_workers()),
                                          meta={"rank": dist.rank, "world_size": dist.world_size})
                         computed += b - a
                     usage["embed_seconds"] += time.perf_counter() - started
@@ -919,6 +1032,48 @@ def _write_similarity(run: RunDir, req: RunRequest, init: str, spec, tuned, back
                             methods=methods, device=device)
     title = f"{req.task} · {req.backbone} · {init}" + (f" · freeze {req.freeze}" if req.freeze else "")
     write_run_similarity(run.path, similarity_record(layers, methods, len(rows)), title=title)
+
+
+def _micro_batch_record(tuner, history, auto: dict) -> dict:
+    """The micro-batch a run trained with: per device, the accumulation steps, and for ``--micro-batch auto``
+    the micro-batch from each step on and the stored choice (how it was made, halvings)."""
+    out = {"per_device": tuner.micro, "accumulation": tuner.gas}
+    if auto:
+        out.update(requested="auto", steps=history.micro_batch,
+                   choice={k: v for k, v in auto.items() if k != "path"})
+    return out
+
+
+def _min_over_ranks(dist, value: int) -> int:
+    """The smallest of the ranks' values (on the gloo side group; the value itself in a single process)."""
+    if dist.world_size == 1:
+        return value
+    import torch
+    import torch.distributed as tdist
+
+    from medbench.train.distributed import side_group
+
+    t = torch.tensor([value])
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=side_group())
+    return int(t.item())
+
+
+def _read_json(path) -> dict | None:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, or nested past the interpreter's limit
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _loader_workers() -> int:
+    """Threads copying cache rows for the input path: half of this process's cores, 1 to 4 (each copies
+    several GB/s; docs/performance.md)."""
+    from medbench.train.distributed import cores_per_rank
+
+    return max(1, min(4, cores_per_rank() // 2))
 
 
 def configure_torch(threads: int | None = None, deterministic: bool = True) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -57,8 +58,14 @@ from medbench.predictions import Predictions
 
 #: a finalizer turns linear sums ``[rows, b]`` into named replicate arrays ``[b]``
 Finalizer = Callable[[np.ndarray], dict[str, np.ndarray]]
-#: target number of float64 cells in one chunk of resample weights (~64 MB)
+#: target number of float64 cells in one chunk of resample weights (~64 MB) ...
 CHUNK_CELLS = 8_000_000
+#: ... and in one part of sparse sums (~64 MB; a million rows, AUC groups of a large test set in every subgroup,
+#: take 8 resamples at a time: the sparse product reads scattered rows of the counts, which stay in cache)
+SUMS_CELLS = 8_000_000
+#: the sparse product is split into row blocks computed by this many threads (scipy releases the GIL)
+THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+                     8))
 #: a sum over at least this share of the samples is a dense row (BLAS) ...
 DENSE_MIN_SHARE = 0.2
 #: ... while the dense rows hold at most this many cells (~256 MB)
@@ -134,17 +141,24 @@ class LinearStats:
 
     With ``unit_of`` the columns are resampling units: the entries of one unit in one row are summed
     as they are added (each call adds a block of new rows, sorted by row and unit), so the sparse
-    matrix is assembled without a global sort. Identical count rows (same mask) are shared."""
+    matrix is assembled without a global sort. Identical blocks (the same rows of the same values, e.g.
+    the bins of ECE and of MCE, a label's count in several metrics) are registered once and shared.
 
-    def __init__(self, n: int, unit_of: np.ndarray | None = None, n_units: int | None = None):
+    ``point_only``: only the point sums are kept (:meth:`point_now`; no matrix, no dense rows, no sharing), for
+    scores without resamples; a row's point sum is then added in sample order, as a sparse row's product with
+    unit weights adds it."""
+
+    def __init__(self, n: int, unit_of: np.ndarray | None = None, n_units: int | None = None, *,
+                 point_only: bool = False):
         self.n = n
+        self.point_only = point_only
         self.unit_of = np.arange(n, dtype=np.int64) if unit_of is None else np.asarray(unit_of, dtype=np.int64)
         self.n_units = n if unit_of is None else int(n_units)
         self.n_rows = 0
         self._rows: list[np.ndarray] = []
         self._cols: list[np.ndarray] = []
         self._vals: list[np.ndarray] = []
-        self._count_rows: dict[bytes, int] = {}
+        self._shared: dict[bytes, int] = {}  # content digest of a block -> its first row (identical blocks shared)
         self._dense_ids: list[int] = []
         self._dense_cols: list[np.ndarray] = []
         self._point = np.zeros(64)  # the sums with every sample weighted once, rows [0, n_rows) (grown by doubling)
@@ -157,6 +171,14 @@ class LinearStats:
         samples = np.flatnonzero(row_of >= 0)
         vals = np.asarray(values, dtype=np.float64)
         vals = np.full(samples.size, float(vals)) if vals.ndim == 0 else vals[samples]
+        if self.point_only:
+            self._add_point(np.bincount(row_of[samples], weights=vals, minlength=n_rows)[:n_rows])
+            self.n_rows += n_rows
+            return first
+        digest = _digest(b"rows", np.int64(n_rows).tobytes(), row_of.tobytes(), vals.tobytes())
+        if digest in self._shared:  # the same block again (e.g. ECE and MCE bin the same confidences)
+            return self._shared[digest]
+        self._shared[digest] = first
         key = row_of[samples] * self.n_units + self.unit_of[samples]
         uniq, inv = np.unique(key, return_inverse=True)
         self._rows.append(uniq // self.n_units + first)
@@ -170,13 +192,14 @@ class LinearStats:
         """One row: the weighted sum of ``values`` over the samples where ``mask`` holds. Rows over
         many samples are kept dense (a BLAS product), within a memory budget."""
         mask = np.asarray(mask, dtype=bool)
-        count = np.ndim(values) == 0 and float(values) == 1.0
-        if count:  # a count: share rows over identical masks
-            key = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
-            if key in self._count_rows:
-                return self._count_rows[key]
+        if self.point_only:
+            return self.add_rows(np.where(mask, 0, -1), 1, values)
+        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
+        # identical sums (the same mask and values, e.g. a label's count in several metrics) share one row
+        digest = _digest(b"sum", np.packbits(mask).tobytes(), np.ascontiguousarray(vals[mask]).tobytes())
+        if digest in self._shared:
+            return self._shared[digest]
         if mask.mean() >= DENSE_MIN_SHARE and (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
-            vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
             self._dense_cols.append(np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units))
             self._dense_ids.append(self.n_rows)
             self._add_point(np.array([float(self._dense_cols[-1].sum())]))
@@ -184,8 +207,7 @@ class LinearStats:
             row = self.n_rows - 1
         else:
             row = self.add_rows(np.where(mask, 0, -1), 1, values)
-        if count:
-            self._count_rows[key] = row
+        self._shared[digest] = row
         return row
 
     def point_now(self) -> np.ndarray:
@@ -203,6 +225,8 @@ class LinearStats:
 
     def matrix(self) -> "SumsOperator":
         """The linear map from unit weights ``[units, b]`` to the sums ``[rows, b]``."""
+        if self.point_only:
+            raise ValueError("point-only statistics keep no matrix")
         import scipy.sparse as sp
 
         rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)
@@ -212,10 +236,16 @@ class LinearStats:
         np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
         sparse = sp.csr_matrix((vals, cols, indptr), shape=(self.n_rows, self.n_units))
         dense = np.ascontiguousarray(np.vstack(self._dense_cols)) if self._dense_cols else None
-        return SumsOperator(sparse, dense, np.asarray(self._dense_ids, dtype=np.int64))
+        # row blocks of about equal entries, one per thread (each row is computed as in one product)
+        cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], THREADS + 1)[1:-1]) if indptr[-1] else []
+        bounds = [0, *sorted({int(c) for c in cuts} - {0, self.n_rows}), self.n_rows]
+        blocks = [(a, b, sparse[a:b]) for a, b in zip(bounds, bounds[1:])] if len(bounds) > 2 else []
+        return SumsOperator(sparse, dense, np.asarray(self._dense_ids, dtype=np.int64), blocks)
 
     def point_sums(self, m: "SumsOperator | None" = None) -> np.ndarray:
         """Sums with every sample weighted once, ``[rows, 1]``: each unit weighted by its size."""
+        if self.point_only:
+            return self.point_now()
         m = self.matrix() if m is None else m
         return m @ np.ones((self.n_units, 1))
 
@@ -227,16 +257,42 @@ class SumsOperator:
     sparse: object  # scipy CSR [rows, units]; dense rows are empty here
     dense: np.ndarray | None  # [dense rows, units]
     dense_ids: np.ndarray
+    blocks: list | None = None  # (first row, end row, CSR rows): the sparse product's parallel parts
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.sparse.shape
 
     def __matmul__(self, counts: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.sparse @ counts)
+        out = self.sparse_product(counts)
         if self.dense is not None:
             out[self.dense_ids] = self.dense @ counts
         return out
+
+    def sparse_product(self, counts: np.ndarray) -> np.ndarray:
+        """``[rows, b]``: the sparse rows' sums (the dense rows' left for :attr:`dense`), in parallel row blocks."""
+        if not self.blocks or counts.shape[1] == 1:
+            out = np.asarray(self.sparse @ counts)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            out = np.empty((self.shape[0], counts.shape[1]))
+
+            def product(block) -> None:
+                a, b, rows = block
+                out[a:b] = rows @ counts
+
+            with ThreadPoolExecutor(len(self.blocks)) as pool:
+                list(pool.map(product, self.blocks))
+        return out
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
 
 
 #: a builder registers its rows in ``stats`` and returns the finalizer of its scores
@@ -256,12 +312,14 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
     """Point estimates (unit weights) and, with ``resampling``, replicates of every builder's scores."""
     if resampling is None or resampling.n_resamples == 0 or n == 0:
         resampling = None
-        stats = LinearStats(n)
+        stats = LinearStats(n, point_only=True)  # the point sums are all there is to compute
+        finals = [b(stats) for b in builders]
+        m, point_sums = None, stats.point_now()
     else:
         stats = LinearStats(n, resampling.unit_of, resampling.n_units)
-    finals = [b(stats) for b in builders]
-    m = stats.matrix()
-    point_sums = stats.point_sums(m)
+        finals = [b(stats) for b in builders]
+        m = stats.matrix()
+        point_sums = stats.point_sums(m)
     point: dict[str, float | None] = {}
     for f in finals:
         for key, arr in f(point_sums).items():
@@ -269,13 +327,37 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
             point[key] = v if np.isfinite(v) else None
     replicates: dict[str, list[np.ndarray]] = {}
     if resampling is not None:
-        # a chunk holds counts [units, b] and sums [rows, b]: bound both
-        chunk = max(1, min(resampling.n_resamples, CHUNK_CELLS // max(resampling.n_units, m.shape[0], 1)))
-        for counts in resampling.counts(chunk):
-            sums = np.asarray(m @ counts)
-            for f in finals:
-                for key, arr in f(sums).items():
-                    replicates.setdefault(key, []).append(np.asarray(arr, dtype=np.float64))
+        # a chunk of counts [units, b] and the dense rows' sums (BLAS: faster with more resamples at once); within
+        # it, the sparse sums [rows, b'] of fewer resamples at a time (their scattered reads stay in cache); the
+        # next part's sums are computed in a thread while the finalizers run on this part's
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunk = max(1, min(resampling.n_resamples, CHUNK_CELLS // max(resampling.n_units, 1)))
+        part = max(1, min(chunk, SUMS_CELLS // max(m.shape[0], 1)))
+
+        def parts():
+            for counts in resampling.counts(chunk):
+                dense = m.dense @ counts if m.dense is not None else None
+                for a in range(0, counts.shape[1], part):
+                    yield (np.ascontiguousarray(counts[:, a : a + part]),
+                           None if dense is None else dense[:, a : a + part])
+
+        def sums_of(item) -> np.ndarray:
+            sums = m.sparse_product(item[0])
+            if item[1] is not None:
+                sums[m.dense_ids] = item[1]
+            return sums
+
+        with ThreadPoolExecutor(1) as ahead:
+            items = parts()
+            pending = ahead.submit(sums_of, next(items))
+            while pending is not None:
+                sums = pending.result()
+                following = next(items, None)
+                pending = ahead.submit(sums_of, following) if following is not None else None
+                for f in finals:
+                    for key, arr in f(sums).items():
+                        replicates.setdefault(key, []).append(np.asarray(arr, dtype=np.float64))
     return ScopeResult(point, {k: np.concatenate(v) for k, v in replicates.items()}, resampling)
 
 

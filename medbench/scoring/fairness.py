@@ -108,28 +108,29 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _number(v) -> float:
+    """A binned attribute's value as a number: NaN when missing, infinite (outside every bin) when it is not a
+    number."""
+    if is_missing(v):
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.inf
+
+
 def attribute_groups(values: list, attr: AttributeSpec) -> tuple[np.ndarray, list[str]]:
     """Group name per value and the declared groups of one attribute."""
     if attr.bins is not None:
         edges = attr.bins
         names = [f"[{_fmt(a)}, {_fmt(b)})" for a, b in zip(edges, edges[1:])]
-        out = []
-        for v in values:
-            if is_missing(v):
-                out.append(MISSING)
-                continue
-            try:
-                x = float(v)
-            except (TypeError, ValueError):
-                out.append(OUT_OF_BINS)
-                continue
-            if math.isnan(x):
-                out.append(MISSING)
-                continue
-            i = int(np.searchsorted(edges, x, side="right")) - 1
-            out.append(names[i] if 0 <= i < len(names) else OUT_OF_BINS)
-        extra = [g for g in (OUT_OF_BINS, MISSING) if g in out]
-        return np.asarray(out, dtype=object), names + extra
+        x = np.array([_number(v) for v in values], dtype=np.float64).reshape(-1)  # NaN: missing, inf: not a number
+        code = np.searchsorted(np.asarray(edges, dtype=np.float64), x, side="right") - 1
+        code[(code < 0) | (code >= len(names))] = len(names)  # out of bins (and not a number)
+        code[np.isnan(x)] = len(names) + 1
+        out = np.asarray(names + [OUT_OF_BINS, MISSING], dtype=object)[code]
+        extra = [g for i, g in enumerate((OUT_OF_BINS, MISSING)) if (code == len(names) + i).any()]
+        return out, names + extra
     out = [MISSING if is_missing(v) else str(v) for v in values]
     observed = sorted(set(out) - {MISSING}) + ([MISSING] if MISSING in out else [])
     return np.asarray(out, dtype=object), observed

@@ -21,6 +21,9 @@ Layout under the output folder::
                              killed writer is removed when the run is next claimed (see RunDir.claim)
     features/            the probes' feature cache (see medbench.store.features)
     leaderboard.json
+    micro-batch/<setting>.json   --micro-batch auto: the micro-batch chosen for one (task, backbone, crop,
+                         device type, precision, ZeRO stage, world size, freezing, layout), how (memory
+                         model, trial steps) and every halving after an out-of-memory error
 
 **The key.** ``<key>`` is :func:`medbench.run.request.run_key`: a sha256 of
 everything that fixes the run's numbers: every field of the run request (task,
@@ -29,11 +32,16 @@ cap, engine settings, and any field added later), the task's content hash,
 the data fingerprint of the task and of each OOD target (rows, labels, metadata
 and each image file's stamp: size and mtime, or its sha256 with
 ``--verify-pixels``; see :mod:`medbench.data.fingerprint`), the resolved training
-plan and input geometry, the world size, the training-numerics version and the
-store format. Changing any of them makes a new run; nothing else does
-(checkpoint settings, thread count, output paths, ``medbench.__version__``).
-The code revision (git sha) and library versions are recorded in each result's
-provenance, not in the key.
+plan and input geometry, the world size, the training-numerics version, the
+execution options that pick other kernels when they are on (channels-last,
+``--compile``; absent when off, as on CPU) and the store format. Changing any
+of them makes a new run; nothing else does (checkpoint settings, thread count,
+output paths, ``medbench.__version__``, the input workers, the loss read-back
+interval). The micro-batch enters as requested (a number, ``auto`` or none);
+what ``auto`` chose is recorded in the run and under ``micro-batch/``, so a
+run halved after an out-of-memory error keeps its key and resumes. The code
+revision (git sha), library versions and the device are recorded in each
+result's provenance, not in the key.
 
 **Code changes: two versions.** What a code change invalidates depends on
 what it changes, and two constants say so (bump them in the commit that makes
@@ -346,6 +354,10 @@ class RunStore:
 
     def leaderboard_path(self) -> Path:
         return self.out / "leaderboard.json"
+
+    def micro_batch_file(self, setting_key: str) -> Path:
+        """The ``--micro-batch auto`` choice of one setting on one device type (medbench.run.runner)."""
+        return self.out / "micro-batch" / f"{setting_key}.json"
 
     def runs(self) -> list[RunDir]:
         """Every run folder (complete or not)."""

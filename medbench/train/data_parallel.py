@@ -18,7 +18,8 @@ are per rank and are made global here, after every optimiser step:
   *batch* statistics used in each forward pass stay per micro-batch, exactly
   as in the single-process run with the same micro-batch; a different
   micro-batch changes them (that is the math, not the parallelism).
-* **The logged loss** (``history.json``) is averaged over ranks (:func:`mean_over_ranks`).
+* **The logged loss** (``history.json``) is averaged over ranks (:func:`mean_over_ranks`), for all the steps
+  since the last read at once.
 
 Evaluation (validation during training, test and OOD predictions) is split
 too: each rank predicts a contiguous shard of the rows (:func:`shard`) and
@@ -54,10 +55,11 @@ class RunningStats:
     def begin(self) -> None:
         if self.active:
             self._start = [(bn.running_mean.detach().double().clone(), bn.running_var.detach().double().clone(),
-                            int(bn.num_batches_tracked)) for bn in self.norms]
+                            bn.num_batches_tracked.detach().double().clone()) for bn in self.norms]
 
     @torch.no_grad()
     def end(self) -> None:
+        """Merge the ranks' updates of this step; on the device, without reading anything back to the host."""
         if not self.active:
             return
         import torch.distributed as dist
@@ -70,25 +72,26 @@ class RunningStats:
         offset = 0
         for bn, (m0, v0, n0) in zip(self.norms, self._start):
             c = bn.running_mean.numel()
-            ranks = [(g[offset:offset + c].cpu(), g[offset + c:offset + 2 * c].cpu(),
-                      int(round(float(g[offset + 2 * c])))) for g in gathered]
+            ranks = [(g[offset:offset + c], g[offset + c:offset + 2 * c], g[offset + 2 * c].round()) for g in gathered]
             offset += 2 * c + 1
             mean, var, n = m0, v0, n0
             for m_r, v_r, n_r in ranks:
                 k = n_r - n0  # updates this rank made (0 when the layer is frozen / in eval mode)
-                if k <= 0:
-                    continue
+                made = k > 0
                 if bn.momentum is None:  # cumulative average: add the rank's sums
-                    mean = (mean * n + (m_r * n_r - m0 * n0)) / (n + k)
-                    var = (var * n + (v_r * n_r - v0 * n0)) / (n + k)
+                    denom = torch.where(made, n + k, torch.ones_like(n))
+                    new_mean = (mean * n + (m_r * n_r - m0 * n0)) / denom
+                    new_var = (var * n + (v_r * n_r - v0 * n0)) / denom
                 else:
-                    decay = (1.0 - bn.momentum) ** k
-                    mean = decay * mean + (m_r - decay * m0)
-                    var = decay * var + (v_r - decay * v0)
-                n += k
+                    decay = torch.pow(1.0 - bn.momentum, k)
+                    new_mean = decay * mean + (m_r - decay * m0)
+                    new_var = decay * var + (v_r - decay * v0)
+                mean = torch.where(made, new_mean, mean)
+                var = torch.where(made, new_var, var)
+                n = torch.where(made, n + k, n)
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(var.to(bn.running_var.dtype))
-            bn.num_batches_tracked.fill_(n)
+            bn.num_batches_tracked.copy_(n.to(bn.num_batches_tracked.dtype))
 
 
 def shard(n: int, world_size: int, rank: int) -> slice:
@@ -129,12 +132,13 @@ def wait_for_all(world_size: int) -> None:
         dist.barrier(group=side_group())
 
 
-def mean_over_ranks(value: float, world_size: int, device: str) -> float:
-    """The mean of a per-rank number over all ranks (the number itself in a single process)."""
+def mean_over_ranks(values: torch.Tensor, world_size: int) -> list[float]:
+    """Per-rank numbers (a 1-d tensor, e.g. the losses of some steps) averaged over all ranks, as floats:
+    one all-reduce and one read back to the host for all of them (the numbers themselves in a single process)."""
     if world_size == 1:
-        return value
+        return values.double().cpu().tolist()
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = values.double().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world_size
+    return [v / world_size for v in t.cpu().tolist()]

@@ -69,9 +69,24 @@ def init_process_group(info: DistInfo) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if info.world_size == 1 and info.device == "cpu":
+        _without_shm_comm_op()
     deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps an existing group
     if info.world_size > 1:
         side_group()  # on every rank at its first initialisation, so the collective creation lines up
+
+
+def _without_shm_comm_op() -> None:
+    """A single CPU process does not build DeepSpeed's shared-memory all-reduce op. The CPU accelerator compiles
+    it (a C++ build with the system compiler: about a minute of CPU, on the first run on a machine) whenever its
+    communication backend starts, yet it serves only collectives between ranks (in one process DeepSpeed's
+    ``inference_all_reduce`` returns the tensor as it is, and medbench skips the gradient all-reduce), so it is
+    marked unavailable here, as DeepSpeed marks an op it cannot build. Launched ranks build and use it."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 #: hours a rank waits in :func:`side_group` collectives: the other ranks may be decoding a whole dataset into
@@ -92,6 +107,22 @@ def side_group():
 
         _side_group = dist.new_group(backend="gloo", timeout=timedelta(hours=SIDE_GROUP_TIMEOUT_HOURS))
     return _side_group
+
+
+def cores_per_rank() -> int:
+    """CPU cores this process may use: the cores it is allowed to run on (CPU affinity: taskset, cgroups) shared
+    with the other ranks of its node (LOCAL_WORLD_SIZE from torchrun and medbench's SLURM jobs, LOCAL_SIZE from
+    the deepspeed launcher); under SLURM at most ``SLURM_CPUS_PER_TASK``. Sets torch's threads (``--threads``
+    overrides) and the input path's workers, so launched ranks do not each start a thread per core of the node."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if per_task and per_task.isdigit():
+        return max(1, min(allowed, int(per_task)))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, allowed // max(1, local))
 
 
 def describe_device(info: DistInfo) -> dict:

@@ -10,6 +10,13 @@ DeepSpeed settings made explicit (their defaults would change the maths):
 default (stages 1/2 need ``zero_allow_untested_optimizer`` for SGD), bf16 via
 ``torch_autocast`` (BatchNorm buffers stay fp32). With these, fp32 DeepSpeed
 steps equal the plain loop's bit for bit.
+
+How a run executes is an :class:`Execution`, recorded with the run: the
+channels-last memory layout and ``torch.compile`` (other kernels, so other
+last bits: in the run key when on), how often the logged loss is read back
+from the device and the input workers (no number changes: not in the key). The step loop keeps the loss on the device and
+reads it (one host sync) every ``log_every`` steps, before an evaluation and
+before a checkpoint; on CPU, where nothing runs ahead of the host, every step.
 """
 
 from __future__ import annotations
@@ -40,8 +47,52 @@ class EngineConfig:
     #: when the optimizer state must be partitioned over several devices
     zero_stage: int = 0
     precision: Precision = "fp32"
-    #: per-device micro-batch; the HyperRule batch is reached by gradient accumulation
-    micro_batch_size: int | None = None
+    #: per-device micro-batch; the HyperRule batch is reached by gradient accumulation. None: the whole
+    #: per-device batch; "auto": the largest that fits the device (medbench.train.memory), resolved by the runner.
+    #: As requested (N, "auto" or None) it is part of the run key; an "auto" choice is recorded in the run
+    micro_batch_size: int | str | None = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run executes, recorded with the run (``result.json``, ``provenance.execution``). Channels-last and
+    ``--compile`` pick other kernels (layout, fusion): they change the last bits of a run's numbers, so when on
+    they enter the run key (:meth:`key_fields`; off, the key is what it was before they existed). The loss
+    read-back interval and the input workers never change a number and stay out of it."""
+
+    #: channels-last (NHWC) memory layout of weights and inputs: tensor-core convolutions on GPUs
+    channels_last: bool = False
+    #: ``torch.compile`` the network (in place: parameter names and checkpoints are unchanged)
+    compile: bool = False
+    #: read the logged loss back from the device every N steps (a host sync); None: 1 on CPU, 25 on GPUs
+    log_every: int | None = None
+    #: threads copying cache rows for the input path; None: the runner's share of the cores
+    loader_workers: int | None = None
+
+    @classmethod
+    def default_for(cls, device: str) -> "Execution":
+        """The documented defaults: channels-last on CUDA, contiguous NCHW on CPU (docs/performance.md)."""
+        return cls(channels_last=device.startswith("cuda"))
+
+    def log_interval(self, device: str) -> int:
+        return self.log_every or (1 if not device.startswith("cuda") else 25)
+
+    def as_dict(self) -> dict:
+        return {"channels_last": self.channels_last, "compile": self.compile, "log_every": self.log_every,
+                "loader_workers": self.loader_workers}
+
+    def key_fields(self) -> dict:
+        """The settings of the run key that can change numbers, only those that are on (empty by default, on CPU)."""
+        return {k: True for k in ("channels_last", "compile") if getattr(self, k)}
+
+
+def default_precision(device: str) -> str:
+    """bf16 autocast on CUDA devices that support bf16 (Ampere and later), else fp32 (the CPU default)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32"
 
 
 @dataclass
@@ -54,9 +105,12 @@ class History:
     val_metric: list[float | None] = field(default_factory=list)
     seconds: float = 0.0
     data_wait_seconds: float = 0.0
+    #: the per-device micro-batch from each step on, when ``--micro-batch auto`` chose it (an out-of-memory
+    #: error halves it): ``[{"from_step": 0, "micro_batch": 32}, ...]``; empty for a fixed micro-batch
+    micro_batch: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "step": self.step,
             "loss": self.loss,
             "lr": self.lr,
@@ -65,6 +119,9 @@ class History:
             "seconds": self.seconds,
             "data_wait_seconds": self.data_wait_seconds,
         }
+        if self.micro_batch:
+            out["micro_batch"] = self.micro_batch
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":
@@ -97,6 +154,40 @@ def _agc(model: nn.Module, clip: float) -> None:
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     params = [p for p in model.parameters() if p.grad is not None and id(p) not in head_ids]
     adaptive_clip_grad(params, clip_factor=clip)
+
+
+class _LossLog:
+    """Per-step losses kept on the device until :meth:`flush` reads them all with one host sync (and, launched,
+    one all-reduce averaging them over the ranks); a non-finite loss stops the run there, naming its step."""
+
+    def __init__(self, history: History, on_step: Callable[[int, float], None] | None, dist: DistInfo):
+        self.history = history
+        self.on_step = on_step
+        self.dist = dist
+        self.pending: list[tuple[int, float, torch.Tensor]] = []
+
+    def add(self, step: int, lr: float, loss: torch.Tensor) -> None:
+        self.pending.append((step, lr, loss))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from medbench.train.data_parallel import mean_over_ranks
+
+        pending, self.pending = self.pending, []
+        values = mean_over_ranks(torch.stack([p[2] for p in pending]), self.dist.world_size)
+        for (step, lr, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                if step == 0:  # before any update: the learning rate cannot be the cause
+                    raise MedbenchError(f"loss is {value} at step 0, before any update: the initial network or the "
+                                        "images give non-finite outputs; check the weights (--weights / --init) and "
+                                        "the input", field="--init")
+                raise MedbenchError(f"training diverged at step {step}: loss is {value}", field="hyperrule.base_lr")
+            self.history.step.append(step)
+            self.history.loss.append(value)
+            self.history.lr.append(lr)
+            if self.on_step:
+                self.on_step(step, value)
 
 
 class _TorchEngine:
@@ -156,6 +247,8 @@ def micro_batching(plan: TrainPlan, cfg: EngineConfig, dist: DistInfo) -> tuple[
         raise MedbenchError(f"batch size {plan.batch_size} is not divisible by the world size {dist.world_size}",
                             field="hyperrule.batch_size")
     per_rank = plan.batch_size // dist.world_size
+    if cfg.micro_batch_size == "auto":  # resolved per device by the runner; any divisor of per_rank works
+        return per_rank, 1
     micro = min(cfg.micro_batch_size or per_rank, per_rank)
     if per_rank % micro:
         raise MedbenchError(f"micro-batch {micro} does not divide the per-device batch {per_rank}",
@@ -179,13 +272,23 @@ class Finetuner:
     """Wraps a network in the chosen engine and runs the plan's steps."""
 
     def __init__(self, model: nn.Module, plan: TrainPlan, task_type: str, engine_cfg: EngineConfig, dist: DistInfo,
-                 seed: int):
+                 seed: int, execution: Execution | None = None):
         self.plan = plan
         self.task_type = task_type
         self.cfg = engine_cfg
         self.dist = dist
         self.seed = seed
+        self.execution = execution or Execution()
+        if engine_cfg.micro_batch_size == "auto":
+            raise ValueError("resolve --micro-batch auto (medbench.train.memory.choose_micro_batch) before training")
         self.micro, self.gas = check_engine(plan, engine_cfg, dist)
+        self.memory_format = torch.channels_last if self.execution.channels_last else torch.contiguous_format
+        if self.execution.channels_last and engine_cfg.engine == "deepspeed" and engine_cfg.zero_stage > 0:
+            raise MedbenchError("channels-last needs ZeRO stage 0 (ZeRO keeps the parameters as views of flat "
+                                "buffers); use --no-channels-last or --zero-stage 0", field="--channels-last")
+        if self.execution.compile:
+            model.compile()  # in place: the module, its parameter names and state dict stay as they are
+        self._log: _LossLog | None = None
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen ones (--freeze) stay out
         if not trainable:
             raise MedbenchError("every parameter is frozen; nothing to train", field="--freeze")
@@ -215,6 +318,10 @@ class Finetuner:
             self.optimizer = optimizer
         else:
             raise MedbenchError(f"unknown engine {engine_cfg.engine!r}; expected deepspeed or torch", field="--engine")
+        if self.execution.channels_last:
+            # after DeepSpeed's set-up, which views every parameter as bytes (contiguous only); the parameters
+            # keep their identity (their data is replaced), so the optimiser holds them as before
+            self.engine.module.to(memory_format=torch.channels_last)
 
     @property
     def module(self) -> nn.Module:
@@ -238,57 +345,64 @@ class Finetuner:
         """Run the steps ``batches`` yields; ``after_step(step)`` runs after each optimiser step
         (checkpoints); ``evaluate`` every ``eval_every`` steps and at the end. ``premixed``: the batches
         already carry the plan's MixUp (``TrainStream(mixup_alpha=...)``, the same for any world size)."""
-        from medbench.train.data_parallel import RunningStats, mean_over_ranks
+        from medbench.train.data_parallel import RunningStats
 
         history = history or History()
         device = self.dist.device
         running_stats = RunningStats(self.module, self.dist.world_size)  # BatchNorm buffers as one process's
+        log = self._log = _LossLog(history, on_step, self.dist)
+        log_every = self.execution.log_interval(device)
         self.engine.train()
         t0 = time.perf_counter()
         wait = 0.0
         t_wait = time.perf_counter()
-        for step, x, y in batches:
-            wait += time.perf_counter() - t_wait
-            lr = self.plan.lr_at(step)
-            self._set_lr(lr)
-            if self.plan.mixup_alpha > 0 and not premixed:
-                x, y = mixup(x, y, self.plan.mixup_alpha, np.random.default_rng([self.seed, 3, step, self.dist.rank]))
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            total = 0.0
-            running_stats.begin()
-            for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
-                loss = task_loss(self.task_type, self.engine.forward(xm), ym)
-                if not math.isfinite(loss.item()):
-                    if step == 0:  # before any update: the learning rate cannot be the cause
-                        raise MedbenchError(f"loss is {loss.item()} at step 0, before any update: the initial "
-                                            "network or the images give non-finite outputs; check the weights "
-                                            "(--weights / --init) and the input", field="--init")
-                    raise MedbenchError(f"training diverged at step {step}: loss is {loss.item()}",
-                                        field="hyperrule.base_lr")
-                self.engine.backward(loss)
-                if self.plan.agc_clip is not None and self.engine.is_gradient_accumulation_boundary():
-                    _agc(self.module, self.plan.agc_clip)
-                self.engine.step()
-                total += loss.item() / self.gas
-            running_stats.end()
-            total = mean_over_ranks(total, self.dist.world_size, device)
-            history.step.append(step)
-            history.loss.append(total)
-            history.lr.append(lr)
-            if on_step:
-                on_step(step, total)
-            if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < self.plan.total_steps:
-                self._record_eval(history, step + 1, evaluate)
-            if after_step:
-                after_step(step)
-            t_wait = time.perf_counter()
+        try:
+            for step, x, y in batches:
+                wait += time.perf_counter() - t_wait
+                lr = self.plan.lr_at(step)
+                self._set_lr(lr)
+                if self.plan.mixup_alpha > 0 and not premixed:
+                    x, y = mixup(x, y, self.plan.mixup_alpha,
+                                 np.random.default_rng([self.seed, 3, step, self.dist.rank]))
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                # the step's loss stays on the device (float64, summed as the host summed it before): no sync here
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                running_stats.begin()
+                for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
+                    loss = task_loss(self.task_type, self.engine.forward(xm.contiguous(memory_format=self.memory_format)), ym)
+                    self.engine.backward(loss)
+                    if self.plan.agc_clip is not None and self.engine.is_gradient_accumulation_boundary():
+                        _agc(self.module, self.plan.agc_clip)
+                    self.engine.step()
+                    total = total + loss.detach().double() / self.gas
+                running_stats.end()
+                log.add(step, lr, total)
+                if (step + 1) % log_every == 0:
+                    log.flush()
+                if evaluate is not None and eval_every and (step + 1) % eval_every == 0 \
+                        and step + 1 < self.plan.total_steps:
+                    log.flush()
+                    self._record_eval(history, step + 1, evaluate)
+                if after_step:
+                    after_step(step)
+                t_wait = time.perf_counter()
+            log.flush()
+        finally:
+            self._log = None
         done = history.step[-1] + 1 if history.step else None
         if evaluate is not None and done is not None and (not history.val_step or history.val_step[-1] != done):
             self._record_eval(history, done, evaluate)  # the final evaluation (also when resumed at the end)
         history.seconds += time.perf_counter() - t0
         history.data_wait_seconds += wait
         return history
+
+    def sync(self) -> None:
+        """Read the losses of the steps trained so far into the history (one host sync; on every rank at the
+        same step when launched: the ranks average them). Called before a checkpoint; raises when training
+        diverged."""
+        if self._log is not None:
+            self._log.flush()
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -388,12 +502,17 @@ def predict_logits(model: nn.Module, inputs: Iterable[torch.Tensor], device: str
     model.eval()
     outs = []
     use_autocast = precision == "bf16"
-    for x in inputs:
+    # a network trained channels-last (Execution.channels_last) gets channels-last inputs
+    channels_last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                        for p in model.parameters())
+    for x in inputs:  # device tensors from medbench.data.loader.eval_batches (others are moved)
         x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_autocast):
             out = model(x)
-        outs.append(out.float().cpu())
+        outs.append(out.float())  # kept on the device: one copy to the host at the end, no sync per batch
     model.train(was_training)
     if not outs:
         return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(outs).numpy()
+    return torch.cat(outs).cpu().numpy()
