@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from medbench.backbones import get_backbone
-from medbench.run.plan import (
-    activation_bytes,
-    memory_estimate,
-    parameter_count,
-    plan_runs,
-    validation_passes,
-)
+from medbench.run.plan import plan_runs, validation_passes
+from medbench.train.memory import activation_bytes, memory_estimate, parameter_count
 
 
 def real_saved_bytes(backbone: str, batch: int, size: int, channels: int = 3) -> int:

@@ -115,14 +115,14 @@ def test_transformers_encoder_with_its_normalisation_and_weights(hub) -> None:
 
 
 def test_one_channel_input_is_the_grey_rgb_image_in_the_models_normalisation(hub) -> None:
-    from medbench.data.loader import Normalization, to_model_input
+    from medbench.data.loader import Normalization, normalize
 
     reference, pre = _dino_repo(hub)
     bb = get_backbone("hf/test-org/tiny-dino")
     _, path = preflight(bb, "pretrained", None)
     model = create_model(bb, num_outputs=3, in_chans=1, init="pretrained", weights=path).model.eval()
     grey = np.random.default_rng(0).integers(0, 256, size=(2, 1, 32, 32), dtype=np.uint8)
-    one = to_model_input(grey, Normalization(bb.mean, bb.std))  # what the loader feeds a 1-channel task
+    one = normalize(torch.from_numpy(grey), Normalization(bb.mean, bb.std), channels=1)  # what the loader feeds a 1-channel task
     mean, std = np.array(pre["image_mean"]), np.array(pre["image_std"])
     rgb = torch.tensor((np.repeat(grey, 3, 1) / 255.0 - mean[None, :, None, None]) / std[None, :, None, None],
                        dtype=torch.float32)  # the hand formula: the grey image as RGB, per-channel normalised

@@ -66,7 +66,8 @@ class Options(BaseModel):
 
 
 def read_description(path: Path, kind: str, split: str) -> pl.DataFrame:
-    df = read_csv_checked(path, required=REQUIRED, dataset="cbis-ddsm")
+    # one of up to four case files: a header alone is a set with no cases (all four empty is refused below)
+    df = read_csv_checked(path, required=REQUIRED, dataset="cbis-ddsm", min_rows=0)
     density = next((c for c in ("breast_density", "breast density") if c in df.columns), None)
     ok = pl.col("pathology").str.strip_chars().is_in(list(PATHOLOGY)).fill_null(False)
     bad = df.with_row_index("row").filter(~ok)
@@ -132,6 +133,9 @@ class CbisDdsmAdapter:
                 parts.append(read_description(path, kind, split))
                 sources.append(path)
         rows = pl.concat(parts)
+        if rows.height == 0:
+            raise DataError(f"0 cases in {', '.join(p.name for p in sources)}; expected at least one row",
+                            where=root, field="dataset.options.abnormality")
         rows = rows.with_columns(series=pl.col("image_file").str.split("/").list.first(),
                                  image=pl.col("patient") + "_" + pl.col("side") + "_" + pl.col("view"))
         files = series_files(root, set(rows["series"].to_list()))

@@ -71,7 +71,10 @@ def release_folder(root: Path) -> Path:
 
 
 def read_split(path: Path, split: str, labels: list[str], policy: str) -> pl.DataFrame:
-    df = read_csv_checked(path, required=[*META_COLUMNS, *labels], dataset="chexpert")
+    # train.csv must hold rows; valid.csv may be a header alone (no official test images: the split checks
+    # before training then name the empty split)
+    df = read_csv_checked(path, required=[*META_COLUMNS, *labels], dataset="chexpert",
+                          min_rows=1 if split == "train" else 0)
     rel = df["Path"].str.extract(PATH_RE, 1)
     bad = rel.is_null()
     if bad.any():
