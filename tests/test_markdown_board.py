@@ -114,3 +114,94 @@ def test_markdown_cells_escape_pipes(board: dict) -> None:
     b["entries"][0]["backbone"] = "my|net"
     md = render_markdown(b)
     assert "my\\|net" in md and "| my|net |" not in md
+
+
+def html_tables(page: str) -> dict[str, list[tuple[list[str], list[list[str]]]]]:
+    """The tables of each view of an HTML page as Python's own HTML parser (an independent oracle) reads them:
+    view -> [(headers, rows of cell text)]."""
+    from html.parser import HTMLParser
+
+    views: dict[str, list[tuple[list[str], list[list[str]]]]] = {}
+    state: dict = {"view": None, "cell": None}
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "section" and (a.get("id") or "").startswith("view-"):
+                state["view"] = a["id"][len("view-"):]
+                views[state["view"]] = []
+            elif tag == "table":
+                views[state["view"]].append(([], []))
+            elif tag == "tr" and views.get(state["view"]):
+                state["row"] = []
+            elif tag in ("th", "td"):
+                state["cell"] = []
+
+        def handle_endtag(self, tag):
+            if tag in ("th", "td") and state["cell"] is not None:
+                text = "".join(state["cell"]).strip()
+                (views[state["view"]][-1][0] if tag == "th" else state["row"]).append(text)
+                state["cell"] = None
+            elif tag == "tr" and state.get("row"):
+                views[state["view"]][-1][1].append(state["row"])
+                state["row"] = None
+
+        def handle_data(self, data):
+            if state["cell"] is not None:
+                state["cell"].append(data)
+
+    P(convert_charrefs=True).feed(page)
+    return views
+
+
+def md_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The Markdown tables in ``text``: (headers, rows), cells unescaped (a backslash escape, the entities)."""
+    def unescape(cell: str) -> str:
+        return re.sub(r"\\(.)", r"\1", cell).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+    out: list[tuple[list[str], list[list[str]]]] = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("| ") or line.startswith("|---"):
+            continue
+        cells = [unescape(c.strip().strip("*")) for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            out.append((cells, []))
+        else:
+            out[-1][1].append(cells)
+    return out
+
+
+def test_each_axis_table_shows_the_same_cells_in_html_and_markdown(board: dict) -> None:
+    """One definition per axis table: the HTML page shows every column of the Markdown table with the same text
+    (read back by two independent parsers), plus what only the page has (the source, temperature scaling).
+    The board adds probe protocols and significance blocks to the smoke board so that every view has a table."""
+    b = json.loads(json.dumps(board))
+    b["significance"] = {"test": "paired bootstrap", "alpha": 0.05, "group_by": ["task"]}
+    for e in b["entries"]:
+        e["significance"] = {"best": True, "tied_with_best": False}
+    first = b["entries"][0]
+    first["significance"] = {"best": False, "tied_with_best": True, "reason": "p >= alpha",
+                             "vs_best": {"delta": -0.0125, "ci": {"low": -0.05, "high": 0.025}, "p_value": 0.31}}
+    for protocol, scale in (("linear", 0.9), ("knn", 0.8)):
+        probe = json.loads(json.dumps(first))
+        probe["protocol"] = protocol
+        probe["headline"]["mean"] *= scale
+        b["entries"].append(probe)
+    published = [{**json.loads(json.dumps(first)), "published": True, "citation": "Doe et al. 2024",
+                  "paper": {"target": "Table 2", "column": "AUC"}}]
+    page = html_tables(render_html(b, published))
+    md = render_markdown(b, published)
+    got = sections(md)
+    md_by_view = {"overview": md_tables(md.split("\n## ", 1)[0]),
+                  **{key: md_tables(got[title if key != "shift" else "OOD shift"]) for key, title in VIEWS
+                     if key not in ("overview", "published")},
+                  "published": md_tables(got["Published reference rows (same tasks)"])}
+    for view, md_view in md_by_view.items():
+        html_view = page[view]
+        assert md_view and len(html_view) == len(md_view), view
+        for (h_headers, h_rows), (m_headers, m_rows) in zip(html_view, md_view):
+            assert set(m_headers) <= set(h_headers), (view, m_headers, h_headers)
+            cols = [h_headers.index(h) for h in m_headers]
+            rows = h_rows[:len(m_rows)] if view == "overview" else h_rows  # the page lists published rows too
+            assert [[r[i] for i in cols] for r in rows] == m_rows, view

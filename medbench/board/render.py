@@ -9,6 +9,14 @@ tasks, marked with their citation. A board with several protocols (fine-tuning,
 linear probe, kNN) also gets them side by side: a Markdown section and the HTML
 view ``protocols``, one row per task x backbone x init, one column per protocol.
 
+Each axis table (overview, protocols, significance, calibration, fairness, OOD shift, convergence, data
+efficiency, resolution, published rows, provenance) has one definition, ``*_table(board)``: a
+:class:`Table` of columns and rows of plain cell values with the marks the formats need (best / tied,
+the HTML sort key and class). Two thin renderers consume it: :func:`md_rows` (through :func:`md_table`,
+escaped by :func:`md_cell`) and ``_html_table`` (through the element builder); so both formats show the
+same cells, and the page adds only what Markdown cannot carry (plots, figures, sorting, a column or two the
+Markdown form has in another section: ``Column.html_only``).
+
 The HTML page needs no network: CSS and JS are inline, plots are inline SVG
 (matplotlib) and reliability diagrams base64 PNGs read from the board's own
 run folders (:func:`run_image`: never another path a board lists). Every
@@ -23,6 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +173,266 @@ def published_value(e: dict) -> str:
     return "per label: " + ", ".join(per) if per else "undefined"
 
 
+# --------------------------------------------------------------------------- the axis tables
+#
+# One definition per axis: a function returning a :class:`Table` (columns, and rows of plain values with the
+# marks the formats need). The Markdown renderer (:func:`md_rows`, escaped by :func:`md_cell`) and the HTML
+# renderer (:func:`_html_table`, escaped by the element builder) both consume it; what only the page shows
+# (plots, figures, the sort keys and CSS classes) stays in the HTML renderer on top of the same rows.
+
+#: a cell's mark as Markdown emphasis: the best entry in bold, entries tied with it in italics
+EMPHASIS = {"best": "**", "tied": "*"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell: ``text`` as both formats show it (a value from a board or text the renderer rounded; never
+    markup), ``value`` the HTML sort key (``data-value``), ``cls`` the HTML cell class, ``mark`` the
+    Markdown emphasis (``best`` / ``tied``: :data:`EMPHASIS`)."""
+
+    text: Any
+    value: Any = None
+    cls: str = ""
+    mark: str = ""
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column: ``key`` names it in the HTML page (``data-col``, the ``#sort=`` hash), ``title`` is its
+    header in both formats; ``html_only`` for what the Markdown form leaves to other sections."""
+
+    key: str
+    title: str
+    html_only: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of cells (a plain value stands for ``Cell(value)``), with the HTML row's class and attributes."""
+
+    cells: list[Any]
+    cls: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def cell(self, i: int) -> Cell:
+        c = self.cells[i]
+        return c if isinstance(c, Cell) else Cell(c)
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: list[Column]
+    rows: list[Row]
+
+
+def _columns(*spec: tuple[str, str] | Column) -> list[Column]:
+    return [c if isinstance(c, Column) else Column(*c) for c in spec]
+
+
+def _sort_value(s: Any) -> Any:
+    """The sort key of a summary over seeds (its mean) or of a plain number."""
+    return _m(s) if isinstance(s, dict) else s
+
+
+def _summary(s: Any) -> Cell:
+    """A summary over seeds (mean ± std), sorted on its mean."""
+    return Cell(mean_std(s), _m(s))
+
+
+def _number(v: Any) -> Cell:
+    """A number rounded to :data:`DIGITS`, sorted on its value."""
+    return Cell(num(v), v)
+
+
+_ENTRY = (("task", "task"), ("backbone", "backbone"), ("init", "init"))
+
+
+def _entry(e: dict) -> list[Any]:
+    return [e["task"], e["backbone"], label(e)]
+
+
+def _with(board: dict, key: str) -> list[tuple[dict, Any]]:
+    """The entries holding a block ``key`` (``calibration``, ``convergence``, ...), each with the block."""
+    return [(e, e[key]) for e in board["entries"] if e.get(key)]
+
+
+def overview_table(board: dict) -> Table:
+    """One row per entry: its headline (best in bold, tied with the best in italics), interval, seeds, p vs
+    best, OOD, calibration, temperature scaling and warnings."""
+    rows = []
+    for e in board["entries"]:
+        h = e["headline"]
+        n_seeds = len(e.get("seeds") or [])
+        rows.append(Row([*_entry(e), h["metric"], Cell(mean_std(h), h.get("mean"), "value", mark(e)),
+                         Cell(interval(h), (h.get("ci") or {}).get("low")), Cell(n_seeds, n_seeds),
+                         Cell(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value")),
+                         ood_text(e), ece_text(e), temperature_text(e), warning_codes(e), "this board"],
+                        f"entry {mark(e)}", {"data_key": json.dumps([e["task"], e["backbone"], label(e)])}))
+    return Table(_columns(*_ENTRY, ("metric", "metric"), ("mean", "mean ± std"), ("interval", "interval"),
+                          ("seeds", "seeds"), ("p", "p vs best"), ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"),
+                          ("temperature", "temperature"), ("warnings", "warnings"),
+                          Column("source", "source", html_only=True)), rows)
+
+
+def protocols_table(board: dict) -> Table:
+    """The protocols side by side (:func:`protocol_table`): one row per task x backbone x init, one column per
+    protocol; the best of its task within a protocol marked. No rows for a board of one protocol."""
+    protocols, by_key = protocol_table(board)
+    rows = []
+    for (task, backbone, init), by in by_key:
+        metric = next(iter(by.values()))["headline"]["metric"]
+        cells = [Cell(mean_std(by[p]["headline"]), by[p]["headline"].get("mean"), "value",
+                      "best" if mark(by[p]) == "best" else "") if p in by else Cell("–", None, "value")
+                 for p in protocols]
+        rows.append(Row([task, backbone, init, metric, *cells]))
+    return Table(_columns(*_ENTRY, ("metric", "metric"), *[(p, p) for p in protocols]), rows)
+
+
+def significance_table(board: dict) -> Table:
+    """Each compared entry against the best of its task: paired difference, its interval and p."""
+    rows = []
+    for e, sig in _with(board, "significance"):
+        vs = sig.get("vs_best") or {}
+        ci = vs.get("ci") or {}
+        rows.append(Row([*_entry(e), num(sig["best"]),
+                         num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""),
+                         _number(vs.get("delta")), f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–",
+                         _number(vs.get("p_value"))], mark(e) or None))
+    return Table(_columns(*_ENTRY, ("best", "best"), ("tied", "tied with best"), ("delta", "Δ vs best"),
+                          ("interval", "paired interval"), ("p", "p")), rows)
+
+
+#: the calibration metrics, before and after temperature scaling
+_CALIBRATION = (("ece", "ECE"), ("mce", "MCE"), ("brier", "Brier"), ("nll", "NLL"))
+
+
+def calibration_table(board: dict) -> Table:
+    rows = []
+    for e, cal in _with(board, "calibration"):
+        b, a = cal.get("before") or {}, cal.get("after") or {}
+        rows.append(Row([*_entry(e), *(_summary(s.get(k)) for k, _ in _CALIBRATION for s in (b, a)),
+                         temperature_text(e)]))
+    return Table(_columns(*_ENTRY, *(c for k, title in _CALIBRATION
+                                     for c in ((f"{k}_b", title), (f"{k}_a", f"{title} (T-scaled)"))),
+                          Column("temperature", "temperature scaling", html_only=True)), rows)
+
+
+def fairness_tables(board: dict) -> list[tuple[dict, Table]]:
+    """Per entry with fairness blocks: one row per attribute (worst group, AUC gap, equalized odds and
+    demographic parity differences, each group's size and AUC); an attribute that could not be evaluated
+    says why."""
+    out = []
+    for e in board["entries"]:
+        attrs = (e.get("fairness") or {}).get("attributes") or {}
+        if not attrs:
+            continue
+        rows = []
+        for name, a in attrs.items():
+            if a.get("status") == "unavailable" or (not a.get("groups") and a.get("reason")):
+                rows.append(Row([name, "unavailable", a.get("reason") or "–", "–", "–", "–"]))
+                continue
+            worst = a.get("worst_group")
+            worst = worst.get("auc") if isinstance(worst, dict) else worst
+            groups = "; ".join(
+                f"{g}: n {b.get('n', '–')}, AUC {num(_m(b.get('auc')))}" + (f" ({b['status']})" if b.get("status")
+                                                                            not in (None, "ok") else "")
+                for g, b in (a.get("groups") or {}).items() if isinstance(b, dict))
+            rows.append(Row([name, worst if isinstance(worst, str) else "varies over seeds",
+                             _summary((a.get("gap") or {}).get("auc")), _summary(a.get("equalized_odds_difference")),
+                             _summary(a.get("demographic_parity_difference")), groups or "–"]))
+        out.append((e, Table(_columns(("attribute", "attribute"), ("worst", "worst group (AUC)"), ("gap", "AUC gap"),
+                                      ("eod", "equalized odds diff."), ("dpd", "demographic parity diff."),
+                                      ("groups", "groups")), rows)))
+    return out
+
+
+def shift_matrix_tables(board: dict) -> list[tuple[dict, Table]]:
+    """Per backbone x init of the board's shift matrix: one row per trained-on x evaluated-on cell."""
+    return [(m, Table(_columns(("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
+                               ("value", "value"), ("drop", "drop")),
+                      [Row([c["trained_on"], c["evaluated_on"], c["metric"],
+                            _summary(c["value"]) if isinstance(c["value"], dict) else Cell(num(c["value"])),
+                            _summary(c["drop"]) if c.get("drop") else "–"]) for c in m["cells"]]))
+            for m in board.get("shift_matrix") or []]
+
+
+def shift_entries_table(board: dict) -> Table:
+    """Per entry, OOD target and metric: in-distribution and target values, drop and relative drop."""
+    rows = []
+    for e in board["entries"]:
+        for target, metrics in (e.get("shift") or {}).items():
+            for metric, v in metrics.items():
+                if isinstance(v, dict) and "drop" in v:
+                    rows.append(Row([*_entry(e), target, metric, *(_summary(v.get(k)) for k in (
+                        "in_distribution", "target", "drop", "relative_drop"))]))
+    return Table(_columns(*_ENTRY, ("target", "target"), ("metric", "metric"), ("in", "in distribution"),
+                          ("value", "target value"), ("drop", "drop"), ("relative", "relative drop")), rows)
+
+
+def convergence_table(board: dict) -> Table:
+    rows = []
+    for e, c in _with(board, "convergence"):
+        rows.append(Row([*_entry(e), c.get("metric", ""),
+                         *(Cell(steps_text(c.get(k)), _sort_value(c.get(k)))
+                           for k in ("steps_to_95", "steps_to_99", "total_steps"))]))
+    return Table(_columns(*_ENTRY, ("metric", "validation metric"), ("s95", "steps to 95%"), ("s99", "steps to 99%"),
+                          ("total", "total steps")), rows)
+
+
+def efficiency_table(board: dict) -> Table:
+    """Per entry and kind (``fraction``, ``shots``): one row per point, then the curve's normalized area."""
+    rows = []
+    for e in board["entries"]:
+        for kind, curve in (e.get("data_efficiency") or {}).items():
+            for p in curve["points"]:
+                n = p.get("n_train")
+                rows.append(Row([*_entry(e), kind, _number(p[curve["x"]]),
+                                 Cell(steps_text(n) if isinstance(n, dict) else num(n), _sort_value(n)),
+                                 _summary((p.get("metrics") or {}).get(curve["metric"]))]))
+            rows.append(Row([*_entry(e), f"{kind}: normalized area", "–", "–", _summary(curve.get("area"))]))
+    return Table(_columns(*_ENTRY, ("kind", "kind"), ("x", "x"), ("n_train", "training images"),
+                          ("value", "headline")), rows)
+
+
+def resolution_table(board: dict) -> Table:
+    rows = []
+    for e, res in _with(board, "resolution"):
+        for p in res["points"]:
+            rel = p.get("relative_to_default") or {}
+            rows.append(Row([*_entry(e), Cell(p["crop"], p["crop"]),
+                             _summary((p.get("metrics") or {}).get(res["metric"])), _number(rel.get("delta")),
+                             _number(rel.get("p_value"))]))
+    return Table(_columns(*_ENTRY, ("crop", "crop"), ("value", "headline"), ("delta", "Δ vs default"), ("p", "p")),
+                 rows)
+
+
+def published_table(published: list[dict]) -> Table:
+    """Published reference rows of the board's tasks, with their citation and the paper's row / column."""
+    return Table(_columns(*_ENTRY, ("metric", "metric"), ("value", "mean ± std"), ("citation", "source"),
+                          ("paper", "paper's row / column")),
+                 [Row([*_entry(e), e["headline"]["metric"], Cell(published_value(e), e["headline"].get("mean")),
+                       e.get("citation"),
+                       f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}"],
+                      "published") for e in published])
+
+
+def provenance_table(board: dict) -> Table:
+    rows = []
+    for e in board["entries"]:
+        p = e.get("provenance") or {}
+        rows.append(Row([*_entry(e), p.get("task_version"), str(p.get("task_hash") or "")[:12],
+                         str(p.get("data_fingerprint") or "")[:12], str(p.get("weights_sha256") or "–")[:12],
+                         ", ".join(map(str, p.get("seeds") or [])), (p.get("device") or {}).get("device", "–"),
+                         p.get("medbench_version"), str(p.get("git_sha") or "–")[:12], p.get("date")]))
+    return Table(_columns(*_ENTRY, ("tv", "task version"), ("th", "task hash"), ("data", "data fingerprint"),
+                          ("w", "weights sha256"), ("seeds", "seeds"), ("device", "device"), ("mv", "medbench"),
+                          ("git", "git sha"), ("date", "date")), rows)
+
+
+def libraries_text(board: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (board["provenance"].get("libraries") or {}).items() if v)
+
+
 # --------------------------------------------------------------------------- Markdown
 
 
@@ -228,8 +497,22 @@ def steps_text(s: Any) -> str:
     return text + (f" ± {s['std']:.1f}" if s.get("std") is not None else "")
 
 
+def md_rows(table: Table) -> list[str]:
+    """An axis table as a Markdown table (every cell escaped by :func:`md_cell`; a marked cell emphasized)."""
+    keep = [i for i, c in enumerate(table.columns) if not c.html_only]
+
+    def text(c: Cell) -> Any:
+        return md_emphasis(c.text, EMPHASIS[c.mark]) if c.mark in EMPHASIS else c.text
+
+    return md_table([table.columns[i].title for i in keep], [[text(r.cell(i)) for i in keep] for r in table.rows])
+
+
 def _md_section(title: str, lines: list[str], empty: str) -> list[str]:
     return ["", f"## {title}", "", *(lines or [f"_{empty}_"])]
+
+
+def _md_axis(table: Table) -> list[str]:
+    return md_rows(table) if table.rows else []
 
 
 def render_markdown(board: dict, published: list[dict] | None = None) -> str:
@@ -242,190 +525,63 @@ def render_markdown(board: dict, published: list[dict] | None = None) -> str:
                    f"git {board['provenance'].get('git_sha') or '–'} · format {board['schema']} v{board['schema_version']}"),
            "",
            "Test split; mean ± std over seeds; interval: seed mean over test resamples. **Bold**: best of its task; "
-           "*italics*: not significantly different from the best" + md_cell(_method_note(board)) + ".", ""]
-    rows = []
-    for e in board["entries"]:
-        value = mean_std(e["headline"])
-        m = mark(e)
-        value = md_emphasis(value, "**") if m == "best" else (md_emphasis(value, "*") if m == "tied" else value)
-        rows.append([e["task"], e["backbone"], label(e), e["headline"]["metric"], value, interval(e["headline"]),
-                     len(e.get("seeds") or []), p_text(e), ood_text(e), ece_text(e), temperature_text(e),
-                     warning_codes(e)])
-    out += md_table(["task", "backbone", "init", "metric", "mean ± std", "interval", "seeds", "p vs best",
-                     "OOD (drop)", "ECE → T-scaled", "temperature", "warnings"], rows)
+           "*italics*: not significantly different from the best" + md_cell(_method_note(board)) + ".", "",
+           *md_rows(overview_table(board))]
     warned = [e for e in board["entries"] if e.get("warnings")]
     if warned:
         out += ["", "## Warnings", ""]
         for e in warned:
             out.append(f"* {md_text(e['task'])} · {md_cell(e['backbone'])} · {md_cell(label(e))}:")
             out += [f"  * {md_text(line)}" for line in warning_lines(e)]
-    protocols, prows = protocol_table(board)
+    protocols = protocols_table(board)
     protocol_lines: list[str] = []
-    if protocols:
-        table_rows = []
-        for (task, backbone, init), by in prows:
-            metric = next(iter(by.values()))["headline"]["metric"]
-            cells = []
-            for p in protocols:
-                e = by.get(p)
-                value = mean_std(e["headline"]) if e else "–"
-                cells.append(md_emphasis(value, "**") if e and mark(e) == "best" else value)
-            table_rows.append([task, backbone, init, metric, *cells])
-        protocol_lines = ["Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full training "
-                          "set has one seed: its fit is deterministic). **Bold**: best of its task within the protocol.",
-                          "", *md_table(["task", "backbone", "init", "metric", *protocols], table_rows)]
+    if protocols.rows:
+        protocol_lines = [("Headline metric, mean ± std over seeds (a probe of pre-trained weights on the full "
+                           "training set has one seed: its fit is deterministic). **Bold**: best of its task within "
+                           "the protocol."), "", *md_rows(protocols)]
     out += _md_section("Protocols", protocol_lines, "One protocol in this board: nothing to put side by side.")
     for title, section, empty in (
             ("Significance", _md_significance(board), "One entry per task: nothing to compare."),
-            ("Calibration", _md_calibration(board), "No calibration blocks in this board."),
+            ("Calibration", _md_axis(calibration_table(board)), "No calibration blocks in this board."),
             ("Fairness", _md_fairness(board), "No fairness blocks in this board."),
             ("OOD shift", _md_shift(board), "No OOD targets in this board."),
-            ("Convergence", _md_convergence(board), "No convergence blocks in this board."),
-            ("Data efficiency", _md_efficiency(board), "No data-efficiency runs (--fractions/--shots) in this board."),
-            ("Resolution", _md_resolution(board), "No resolution runs (--resolutions) in this board.")):
+            ("Convergence", _md_axis(convergence_table(board)), "No convergence blocks in this board."),
+            ("Data efficiency", _md_axis(efficiency_table(board)),
+             "No data-efficiency runs (--fractions/--shots) in this board."),
+            ("Resolution", _md_axis(resolution_table(board)), "No resolution runs (--resolutions) in this board.")):
         out += _md_section(title, section, empty)
     if published:
-        out += _md_section("Published reference rows (same tasks)", md_table(
-            ["task", "backbone", "init", "metric", "mean ± std", "source", "paper's row / column"],
-            [[e["task"], e["backbone"], label(e), e["headline"]["metric"], published_value(e), e.get("citation"),
-              f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}"]
-             for e in published]), "")
-    out += _md_section("Provenance", _md_provenance(board), "")
+        out += _md_section("Published reference rows (same tasks)", md_rows(published_table(published)), "")
+    out += _md_section("Provenance", [*md_rows(provenance_table(board)), "",
+                                      "Libraries: " + md_cell(libraries_text(board) or "–")], "")
     return "\n".join(out) + "\n"
 
 
 def _md_significance(board: dict) -> list[str]:
-    rows = []
-    for e in board["entries"]:
-        sig = e.get("significance")
-        if not sig:
-            continue
-        vs = sig.get("vs_best") or {}
-        ci = vs.get("ci") or {}
-        rows.append([e["task"], e["backbone"], label(e), num(sig["best"]),
-                     num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else ""),
-                     num(vs.get("delta")), f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–",
-                     num(vs.get("p_value"))])
-    if not rows:
+    table = significance_table(board)
+    if not table.rows:
         return []
     method = board.get("significance") or {}
     note = md_text(f"Test: {method.get('test')}; alpha = {method.get('alpha')}; grouped by "
                    f"{', '.join(map(str, method.get('group_by') or []))}.") if method else ""
-    return [note, "", *md_table(["task", "backbone", "init", "best", "tied with best", "Δ vs best", "paired interval",
-                                 "p"], rows)]
-
-
-def _md_calibration(board: dict) -> list[str]:
-    rows = []
-    for e in board["entries"]:
-        cal = e.get("calibration")
-        if not cal:
-            continue
-        b, a = cal.get("before") or {}, cal.get("after") or {}
-        rows.append([e["task"], e["backbone"], label(e), *(mean_std(s.get(k)) for s, k in (
-            (b, "ece"), (a, "ece"), (b, "mce"), (a, "mce"), (b, "brier"), (a, "brier"), (b, "nll"), (a, "nll")))])
-    return md_table(["task", "backbone", "init", "ECE", "ECE (T-scaled)", "MCE", "MCE (T-scaled)", "Brier",
-                     "Brier (T-scaled)", "NLL", "NLL (T-scaled)"], rows) if rows else []
+    return [note, "", *md_rows(table)]
 
 
 def _md_fairness(board: dict) -> list[str]:
     out: list[str] = []
-    for e in board["entries"]:
-        attrs = (e.get("fairness") or {}).get("attributes") or {}
-        if not attrs:
-            continue
-        rows = []
-        for name, a in attrs.items():
-            if a.get("status") == "unavailable" or (not a.get("groups") and a.get("reason")):
-                rows.append([name, "unavailable", a.get("reason") or "–", "–", "–", "–"])
-                continue
-            worst = a.get("worst_group")
-            worst = worst.get("auc") if isinstance(worst, dict) else worst
-            groups = "; ".join(
-                f"{g}: n {b.get('n', '–')}, AUC {num(_m(b.get('auc')))}" + (f" ({b['status']})" if b.get("status")
-                                                                            not in (None, "ok") else "")
-                for g, b in (a.get("groups") or {}).items() if isinstance(b, dict))
-            rows.append([name, worst if isinstance(worst, str) else "varies over seeds",
-                         mean_std((a.get("gap") or {}).get("auc")), mean_std(a.get("equalized_odds_difference")),
-                         mean_std(a.get("demographic_parity_difference")), groups or "–"])
-        out += ["", f"### {md_text(e['task'])} · {md_text(e['backbone'])} ({md_text(label(e))})", "",
-                *md_table(["attribute", "worst group (AUC)", "AUC gap", "equalized odds diff.",
-                           "demographic parity diff.", "groups"], rows)]
-    return out[1:] if out else []
+    for e, table in fairness_tables(board):
+        out += ["", f"### {md_text(e['task'])} · {md_text(e['backbone'])} ({md_text(label(e))})", "", *md_rows(table)]
+    return out[1:]
 
 
 def _md_shift(board: dict) -> list[str]:
     out: list[str] = []
-    for m in board.get("shift_matrix") or []:
-        rows = [[c["trained_on"], c["evaluated_on"], c["metric"],
-                 mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]),
-                 mean_std(c["drop"]) if c.get("drop") else "–"] for c in m["cells"]]
-        out += ["", f"### {md_text(m['backbone'])} ({md_text(m['init'])})", "",
-                *md_table(["trained on", "evaluated on", "metric", "value", "drop"], rows)]
-    rows = []
-    for e in board["entries"]:
-        for target, metrics in (e.get("shift") or {}).items():
-            for metric, v in metrics.items():
-                if isinstance(v, dict) and "drop" in v:
-                    rows.append([e["task"], e["backbone"], label(e), target, metric, mean_std(v.get("in_distribution")),
-                                 mean_std(v.get("target")), mean_std(v.get("drop")), mean_std(v.get("relative_drop"))])
-    if rows:
-        out += ["", "### Per entry", "", *md_table(["task", "backbone", "init", "target", "metric", "in distribution",
-                                                    "target value", "drop", "relative drop"], rows)]
-    return out[1:] if out else []
-
-
-def _md_convergence(board: dict) -> list[str]:
-    rows = []
-    for e in board["entries"]:
-        c = e.get("convergence")
-        if not c:
-            continue
-        rows.append([e["task"], e["backbone"], label(e), c.get("metric", ""), steps_text(c.get("steps_to_95")),
-                     steps_text(c.get("steps_to_99")), steps_text(c.get("total_steps"))])
-    return md_table(["task", "backbone", "init", "validation metric", "steps to 95%", "steps to 99%", "total steps"],
-                    rows) if rows else []
-
-
-def _md_efficiency(board: dict) -> list[str]:
-    rows = []
-    for e in board["entries"]:
-        for kind, curve in (e.get("data_efficiency") or {}).items():
-            for p in curve["points"]:
-                s = (p.get("metrics") or {}).get(curve["metric"])
-                n = p.get("n_train")
-                rows.append([e["task"], e["backbone"], label(e), kind, num(p[curve["x"]]),
-                             steps_text(n) if isinstance(n, dict) else num(n), mean_std(s)])
-            rows.append([e["task"], e["backbone"], label(e), f"{kind}: normalized area", "–", "–",
-                         mean_std(curve.get("area"))])
-    return md_table(["task", "backbone", "init", "kind", "x", "training images", "headline"], rows) if rows else []
-
-
-def _md_resolution(board: dict) -> list[str]:
-    rows = []
-    for e in board["entries"]:
-        res = e.get("resolution")
-        if not res:
-            continue
-        for p in res["points"]:
-            rel = p.get("relative_to_default") or {}
-            rows.append([e["task"], e["backbone"], label(e), p["crop"], mean_std((p.get("metrics") or {}).get(res["metric"])),
-                         num(rel.get("delta")), num(rel.get("p_value"))])
-    return md_table(["task", "backbone", "init", "crop", "headline", "Δ vs default", "p"], rows) if rows else []
-
-
-def _md_provenance(board: dict) -> list[str]:
-    rows = []
-    for e in board["entries"]:
-        p = e.get("provenance") or {}
-        rows.append([e["task"], e["backbone"], label(e), p.get("task_version"), (p.get("task_hash") or "")[:12],
-                     (p.get("data_fingerprint") or "")[:12], (p.get("weights_sha256") or "–")[:12],
-                     ", ".join(map(str, p.get("seeds") or [])), (p.get("device") or {}).get("device", "–"),
-                     p.get("medbench_version"), (p.get("git_sha") or "–")[:12], p.get("date")])
-    libs = board["provenance"].get("libraries") or {}
-    return [*md_table(["task", "backbone", "init", "task version", "task hash", "data fingerprint", "weights sha256",
-                       "seeds", "device", "medbench", "git sha", "date"], rows),
-            "", "Libraries: " + md_cell(", ".join(f"{k} {v}" for k, v in libs.items() if v) or "–")]
+    for m, table in shift_matrix_tables(board):
+        out += ["", f"### {md_text(m['backbone'])} ({md_text(m['init'])})", "", *md_rows(table)]
+    entries = shift_entries_table(board)
+    if entries.rows:
+        out += ["", "### Per entry", "", *md_rows(entries)]
+    return out[1:]
 
 
 # --------------------------------------------------------------------------- the regression gate's report
@@ -593,33 +749,23 @@ def _note(*content: Any) -> Markup:
     return el("p", {"class": "note"}, *content)
 
 
+def _html_table(table: Table, *, table_id: str = "", extra: list[Row] | None = None) -> Markup:
+    """An axis table (and ``extra`` rows only the page shows) as a sortable HTML table: every cell through the
+    element builder, with its sort key and class."""
+    rows = [_tr([_td(c.text, c.value, c.cls) for c in map(r.cell, range(len(r.cells)))], r.cls, **r.attrs)
+            for r in [*table.rows, *(extra or [])]]
+    return _table([(c.key, c.title) for c in table.columns], rows, table_id=table_id)
+
+
 def _overview(board: dict, published: list[dict]) -> Markup:
-    headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
-               ("mean", "mean ± std"), ("interval", "interval"), ("seeds", "seeds"), ("p", "p vs best"),
-               ("ood", "OOD (drop)"), ("ece", "ECE → T-scaled"), ("temperature", "temperature"),
-               ("warnings", "warnings"), ("source", "source")]
-    rows = []
-    for e in board["entries"]:
-        h = e["headline"]
-        ci = h.get("ci") or {}
-        n_seeds = len(e.get("seeds") or [])
-        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(h["metric"]),
-                         _td(mean_std(h), h.get("mean"), "value"), _td(interval(h), ci.get("low")),
-                         _td(n_seeds, n_seeds),
-                         _td(p_text(e), ((e.get("significance") or {}).get("vs_best") or {}).get("p_value")),
-                         _td(ood_text(e)), _td(ece_text(e)), _td(temperature_text(e)), _td(warning_codes(e)),
-                         _td("this board")],
-                        f"entry {mark(e)}", data_key=json.dumps([e["task"], e["backbone"], label(e)])))
-    for e in published:
-        h = e["headline"]
-        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(h["metric"]),
-                         _td(published_value(e), h.get("mean"), "value"), _td("–"), _td(h.get("n") or "–", h.get("n")),
-                         _td("–"), _td("–"), _td("–"), _td("–"), _td("–"), _td(f"published: {e.get('citation')}")],
-                        "published"))
+    dash = ["–"] * 5
+    extra = [Row([*_entry(e), e["headline"]["metric"], Cell(published_value(e), e["headline"].get("mean"), "value"),
+                  "–", Cell(e["headline"].get("n") or "–", e["headline"].get("n")), *dash,
+                  f"published: {e.get('citation')}"], "published") for e in published]
     note = _note("Test split. mean ± std over seeds (ddof=1); interval: percentile interval of the seed mean over "
                  "test resamples. ", el("b", None, "Bold"), ": best entry of its task; ", el("i", None, "italics"),
                  f": not significantly different from the best{_method_note(board)}. Click a header to sort.")
-    return fragment(note, _table(headers, rows, table_id="board-table"), _warnings(board))
+    return fragment(note, _html_table(overview_table(board), table_id="board-table", extra=extra), _warnings(board))
 
 
 def _warnings(board: dict) -> Markup | None:
@@ -634,28 +780,16 @@ def _warnings(board: dict) -> Markup | None:
     return fragment(el("h3", None, "Warnings"), el("ul", {"class": "warnings"}, items))
 
 
+
 def _significance(board: dict) -> Markup:
-    headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("best", "best"), ("tied", "tied with best"),
-               ("delta", "Δ vs best"), ("interval", "paired interval"), ("p", "p")]
-    rows = []
-    for e in board["entries"]:
-        sig = e.get("significance")
-        if not sig:
-            continue
-        vs = sig.get("vs_best") or {}
-        ci = vs.get("ci") or {}
-        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(num(sig["best"])),
-                         _td(num(sig["tied_with_best"]) + (f" ({sig['reason']})" if sig.get("reason") else "")),
-                         _td(num(vs.get("delta")), vs.get("delta")),
-                         _td(f"[{num(ci.get('low'))}, {num(ci.get('high'))}]" if ci else "–"),
-                         _td(num(vs.get("p_value")), vs.get("p_value"))], mark(e) or None))
+    table = significance_table(board)
     method = board.get("significance")
     if method:
         note = _note(f"Test: {method['test']}; alpha = {method['alpha']}; grouped by "
                      f"{', '.join(map(str, method['group_by']))}.")
     else:
         note = _note("One entry per task: nothing to compare.")
-    return fragment(note, _table(headers, rows) if rows else None)
+    return fragment(note, _html_table(table) if table.rows else None)
 
 
 #: a reliability diagram larger than this is not embedded (ours are tens of KB)
@@ -726,45 +860,21 @@ def _reliability_images(e: dict, limit: int = 1, consider: int = 10) -> list[Mar
 def _calibration(board: dict) -> Markup:
     from medbench.board.plots import calibration_bars
 
-    headers = [("task", "task"), ("backbone", "backbone"), ("init", "init"), ("ece_b", "ECE"), ("ece_a", "ECE (T-scaled)"),
-               ("brier_b", "Brier"), ("nll_b", "NLL"), ("temperature", "temperature scaling")]
-    rows = []
-    imgs: list[Markup] = []
-    for e in board["entries"]:
-        cal = e.get("calibration")
-        if not cal:
-            continue
-        b, a = cal.get("before") or {}, cal.get("after") or {}
-        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e))]
-                        + [_td(mean_std(s.get(k)), _m(s.get(k))) for s, k in ((b, "ece"), (a, "ece"), (b, "brier"), (b, "nll"))]
-                        + [_td(temperature_text(e))]))
-        imgs += _reliability_images(e)
-    if not rows:
+    table = calibration_table(board)
+    if not table.rows:
         return _note("No calibration blocks in this board.")
-    return fragment(_table(headers, rows), el("div", {"class": "plots"}, calibration_bars(board["entries"]), imgs))
+    imgs = [img for e in board["entries"] if e.get("calibration") for img in _reliability_images(e)]
+    return fragment(_html_table(table), el("div", {"class": "plots"}, calibration_bars(board["entries"]), imgs))
 
 
 def _fairness(board: dict) -> Markup:
     from medbench.board.plots import fairness_groups
 
     parts = []
-    for e in board["entries"]:
-        attrs = ((e.get("fairness") or {}).get("attributes") or {})
-        if not attrs:
-            continue
-        headers = [("attribute", "attribute"), ("worst", "worst group"), ("gap", "AUC gap"), ("eod", "equalized odds diff."),
-                   ("groups", "groups (AUC)")]
-        rows = []
-        for name, a in attrs.items():
-            worst = (a.get("worst_group") or {}).get("auc") if isinstance(a.get("worst_group"), dict) else a.get("worst_group")
-            groups = ", ".join(f"{g}: {num(_m(b.get('auc')))}" for g, b in (a.get("groups") or {}).items()
-                               if isinstance(b, dict))
-            rows.append(_tr([_td(name), _td(worst if isinstance(worst, str) else "varies"),
-                             _td(mean_std((a.get("gap") or {}).get("auc")), _m((a.get("gap") or {}).get("auc"))),
-                             _td(mean_std(a.get("equalized_odds_difference")), _m(a.get("equalized_odds_difference"))),
-                             _td(groups)]))
+    for e, table in fairness_tables(board):
+        attrs = e["fairness"]["attributes"]
         plots = [fairness_groups(e, n) for n in list(attrs)[:3]]
-        parts.append(fragment(el("h3", None, f"{e['task']} · {e['backbone']} ({label(e)})"), _table(headers, rows),
+        parts.append(fragment(el("h3", None, f"{e['task']} · {e['backbone']} ({label(e)})"), _html_table(table),
                               el("div", {"class": "plots"}, plots)))
     return fragment(parts) if parts else _note("No fairness blocks in this board.")
 
@@ -772,114 +882,53 @@ def _fairness(board: dict) -> Markup:
 def _shift(board: dict) -> Markup:
     from medbench.board.plots import shift_heatmap
 
-    parts = []
-    for m in board.get("shift_matrix") or []:
-        rows = [_tr([_td(c["trained_on"]), _td(c["evaluated_on"]), _td(c["metric"]),
-                     _td(mean_std(c["value"]) if isinstance(c["value"], dict) else num(c["value"]), _m(c["value"])),
-                     _td(mean_std(c["drop"]), _m(c["drop"])) if c.get("drop") else _td("–")]) for c in m["cells"]]
-        parts.append(fragment(el("h3", None, f"{m['backbone']} ({m['init']})"),
-                              el("div", {"class": "plots"}, shift_heatmap(m)),
-                              _table([("trained", "trained on"), ("evaluated", "evaluated on"), ("metric", "metric"),
-                                      ("value", "value"), ("drop", "drop")], rows)))
+    parts = [fragment(el("h3", None, f"{m['backbone']} ({m['init']})"), el("div", {"class": "plots"}, shift_heatmap(m)),
+                      _html_table(table)) for m, table in shift_matrix_tables(board)]
+    entries = shift_entries_table(board)
+    if entries.rows:
+        parts.append(fragment(el("h3", None, "Per entry"), _html_table(entries)))
     return fragment(parts) if parts else _note("No OOD targets in this board.")
 
 
 def _convergence(board: dict) -> Markup:
-    rows = []
-    for e in board["entries"]:
-        c = e.get("convergence")
-        if not c:
-            continue
-        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(c.get("metric", "")),
-                         _td(mean_std(c.get("steps_to_95")), _m(c.get("steps_to_95"))),
-                         _td(mean_std(c.get("steps_to_99")), _m(c.get("steps_to_99"))),
-                         _td(c.get("total_steps", "–"), c.get("total_steps"))]))
-    if not rows:
-        return _note("No convergence blocks in this board.")
-    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "validation metric"),
-                   ("s95", "steps to 95%"), ("s99", "steps to 99%"), ("total", "total steps")], rows)
+    table = convergence_table(board)
+    return _html_table(table) if table.rows else _note("No convergence blocks in this board.")
 
 
 def _efficiency(board: dict) -> Markup:
     from medbench.board.plots import efficiency_curves
 
-    plots = [efficiency_curves(board["entries"], k) for k in ("fraction", "shots")]
-    rows = []
-    for e in board["entries"]:
-        for kind, curve in (e.get("data_efficiency") or {}).items():
-            for p in curve["points"]:
-                s = (p.get("metrics") or {}).get(curve["metric"])
-                rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(kind), _td(p[curve["x"]], p[curve["x"]]),
-                                 _td(mean_std(s), _m(s))]))
-            rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(f"{kind}: normalized area"), _td("–"),
-                             _td(mean_std(curve.get("area")), _m(curve.get("area")))]))
-    if not rows:
+    table = efficiency_table(board)
+    if not table.rows:
         return _note("No data-efficiency runs (--fractions/--shots) in this board.")
-    return fragment(el("div", {"class": "plots"}, plots), _table(
-        [("task", "task"), ("backbone", "backbone"), ("kind", "kind"), ("x", "x"), ("value", "headline")], rows))
+    plots = [efficiency_curves(board["entries"], k) for k in ("fraction", "shots")]
+    return fragment(el("div", {"class": "plots"}, plots), _html_table(table))
 
 
 def _resolution(board: dict) -> Markup:
-    rows = []
-    for e in board["entries"]:
-        res = e.get("resolution")
-        if not res:
-            continue
-        for p in res["points"]:
-            s = (p.get("metrics") or {}).get(res["metric"])
-            rel = (p.get("relative_to_default") or {})
-            rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(p["crop"], p["crop"]), _td(mean_std(s), _m(s)),
-                             _td(num(rel.get("delta")), rel.get("delta")), _td(num(rel.get("p_value")), rel.get("p_value"))]))
-    if not rows:
-        return _note("No resolution runs (--resolutions) in this board.")
-    return _table([("task", "task"), ("backbone", "backbone"), ("crop", "crop"), ("value", "headline"),
-                   ("delta", "Δ vs default"), ("p", "p")], rows)
+    table = resolution_table(board)
+    return _html_table(table) if table.rows else _note("No resolution runs (--resolutions) in this board.")
 
 
 def _protocols(board: dict) -> Markup:
-    protocols, rows = protocol_table(board)
-    if not protocols:
+    table = protocols_table(board)
+    if not table.rows:
         return _note("One protocol in this board. ", el("code", None, "medbench run --protocol finetune,linear,knn"),
                      " evaluates a backbone by fine-tuning, a linear probe and kNN on frozen features.")
-    out = []
-    for (task, backbone, init), by in rows:
-        metric = next(iter(by.values()))["headline"]["metric"]
-        cells = [_td(mean_std(by[p]["headline"]) if p in by else "–",
-                     by[p]["headline"].get("mean") if p in by else None, "value") for p in protocols]
-        out.append(_tr([_td(task), _td(backbone), _td(init), _td(metric), *cells]))
     note = _note("The headline metric of each protocol (mean ± std over seeds): full fine-tuning, a linear probe and "
                  "kNN on frozen features. A probe of pre-trained weights on the full training set has one seed (its "
                  "fit is deterministic).")
-    return fragment(note, _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
-                                  *[(p, p) for p in protocols]], out))
+    return fragment(note, _html_table(table))
 
 
 def _published(published: list[dict]) -> Markup:
     if not published:
         return _note("No published rows for these tasks (or --published not given).")
-    rows = [_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(e["headline"]["metric"]),
-                 _td(published_value(e), e["headline"].get("mean")), _td(e.get("citation")),
-                 _td(f"{(e.get('paper') or {}).get('target', '')} / {(e.get('paper') or {}).get('column', '')}")],
-                "published") for e in published]
-    return _table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("metric", "metric"),
-                   ("value", "mean ± std"), ("citation", "citation"), ("paper", "paper's row / column")], rows)
+    return _html_table(published_table(published))
 
 
 def _provenance(board: dict) -> Markup:
-    rows = []
-    for e in board["entries"]:
-        p = e.get("provenance") or {}
-        rows.append(_tr([_td(e["task"]), _td(e["backbone"]), _td(label(e)), _td(p.get("task_version")),
-                         _td(str(p.get("task_hash") or "")[:12]), _td(str(p.get("data_fingerprint") or "")[:12]),
-                         _td(str(p.get("weights_sha256") or "–")[:12]), _td(", ".join(map(str, p.get("seeds") or []))),
-                         _td((p.get("device") or {}).get("device", "–")), _td(p.get("medbench_version")),
-                         _td(str(p.get("git_sha") or "–")[:12]), _td(p.get("date"))]))
-    libs = board["provenance"].get("libraries") or {}
-    return fragment(_table([("task", "task"), ("backbone", "backbone"), ("init", "init"), ("tv", "task version"),
-                            ("th", "task hash"), ("data", "data fingerprint"), ("w", "weights sha256"),
-                            ("seeds", "seeds"), ("device", "device"), ("mv", "medbench"), ("git", "git sha"),
-                            ("date", "date")], rows),
-                    _note("Libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v)))
+    return fragment(_html_table(provenance_table(board)), _note("Libraries: " + libraries_text(board)))
 
 
 def render_html(board: dict, published: list[dict] | None = None, title: str = "medbench leaderboard") -> str:
