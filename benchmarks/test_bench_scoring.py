@@ -140,7 +140,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
     _split(N, 0, 1.2, NAMES, "T").save(run.prediction_file("test"))
     _split(N_VAL, 1, 1.2, NAMES, "V").save(run.prediction_file("val"))
     _split(N_OOD, 2, 0.8, NAMES[:OOD_LABELS], "O").save(run.prediction_file(f"ood-{OOD}"))
-    spec = {"task": "bench", "version": 1, "type": "multilabel", "labels": NAMES, "metrics": METRICS,
+    spec = {"task": "bench", "version": 1, "family": "bench", "dataset": {"name": "bench", "adapter": "synthetic"},
+            "type": "multilabel", "labels": NAMES, "metrics": METRICS,
             "headline": "auc",
             "attributes": [{"name": "sex"}, {"name": "age_group", "column": "age", "bins": AGE_BINS}],
             "scoring": {"bootstrap": RESAMPLES, "min_group_size": MIN_GROUP}}
