@@ -18,12 +18,7 @@ from medbench.train.hyperrule import make_plan
 PLAN = make_plan(100, HyperRuleSpec(batch_size=8, base_lr=0.5, schedule=[2, 4, 6, 7, 8]))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batches(start: int, stop: int, poison: int | None = None):

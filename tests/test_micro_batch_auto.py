@@ -27,12 +27,7 @@ from medbench.train.finetune import EngineConfig
 from medbench.train.memory import MARGIN, choose_micro_batch, divisors, halved, memory_estimate, trial_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SimulatedDevice:

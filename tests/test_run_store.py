@@ -28,12 +28,7 @@ from medbench.train.hyperrule import make_plan
 from medbench.utils import atomic_path, atomic_write_text
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny steps: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ exact resume at the engine level
