@@ -239,7 +239,7 @@ class LinearStats:
         # row blocks of about equal entries, one per thread (each row is computed as in one product)
         cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], THREADS + 1)[1:-1]) if indptr[-1] else []
         bounds = [0, *sorted({int(c) for c in cuts} - {0, self.n_rows}), self.n_rows]
-        blocks = [(a, b, sparse[a:b]) for a, b in zip(bounds, bounds[1:])] if len(bounds) > 2 else []
+        blocks = list(zip(bounds, bounds[1:])) if len(bounds) > 2 else []
         return SumsOperator(sparse, dense, np.asarray(self._dense_ids, dtype=np.int64), blocks)
 
     def point_sums(self, m: "SumsOperator | None" = None) -> np.ndarray:
@@ -257,7 +257,7 @@ class SumsOperator:
     sparse: object  # scipy CSR [rows, units]; dense rows are empty here
     dense: np.ndarray | None  # [dense rows, units]
     dense_ids: np.ndarray
-    blocks: list | None = None  # (first row, end row, CSR rows): the sparse product's parallel parts
+    blocks: list | None = None  # (first row, end row): the sparse product's parallel parts
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -269,22 +269,51 @@ class SumsOperator:
             out[self.dense_ids] = self.dense @ counts
         return out
 
-    def sparse_product(self, counts: np.ndarray) -> np.ndarray:
-        """``[rows, b]``: the sparse rows' sums (the dense rows' left for :attr:`dense`), in parallel row blocks."""
-        if not self.blocks or counts.shape[1] == 1:
-            out = np.asarray(self.sparse @ counts)
+    def sparse_product(self, counts: np.ndarray, out: np.ndarray | None = None, pool=None) -> np.ndarray:
+        """``[rows, b]``: the sparse rows' sums (the dense rows' left for :attr:`dense`), in parallel row blocks
+        (``pool``: an executor to run them in, else threads of its own), written into ``out`` when given (a
+        C-contiguous ``[rows, b]`` array, reused across calls: a fresh 64 MB result per call cost more in page
+        faults than the product itself)."""
+        if counts.shape[1] == 1:  # one vector: scipy's matrix-vector kernel, as always
+            result = np.asarray(self.sparse @ counts)
+            if out is None:
+                return result
+            out[...] = result
+            return out
+        counts = np.ascontiguousarray(counts, dtype=np.float64)
+        if out is None:
+            out = np.empty((self.shape[0], counts.shape[1]))
+        if not self.blocks:
+            self._rows_product(0, self.shape[0], counts, out)
+        elif pool is not None:
+            list(pool.map(lambda ab: self._rows_product(*ab, counts, out), self.blocks))
         else:
             from concurrent.futures import ThreadPoolExecutor
 
-            out = np.empty((self.shape[0], counts.shape[1]))
-
-            def product(block) -> None:
-                a, b, rows = block
-                out[a:b] = rows @ counts
-
-            with ThreadPoolExecutor(len(self.blocks)) as pool:
-                list(pool.map(product, self.blocks))
+            with ThreadPoolExecutor(len(self.blocks)) as own:
+                list(own.map(lambda ab: self._rows_product(*ab, counts, out), self.blocks))
         return out
+
+    def _rows_product(self, a: int, b: int, counts: np.ndarray, out: np.ndarray) -> None:
+        """``out[a:b] = sparse[a:b] @ counts``: scipy's CSR kernel for several vectors (the one ``sparse @ counts``
+        runs, each row's entries added in the same order) accumulating in place into the zeroed rows."""
+        y = out[a:b]
+        kernel = _csr_matvecs()
+        if kernel is None or not y.flags.c_contiguous:
+            y[...] = self.sparse[a:b] @ counts
+            return
+        m = self.sparse
+        y.fill(0.0)
+        kernel(b - a, m.shape[1], counts.shape[1], m.indptr[a : b + 1], m.indices, m.data, counts.ravel(), y.reshape(-1))
+
+
+def _csr_matvecs():
+    """scipy's in-place CSR-times-dense kernel (``y += A @ X``), or None where this scipy lacks it."""
+    try:
+        from scipy.sparse._sparsetools import csr_matvecs
+    except ImportError:  # pragma: no cover - a scipy without the private kernel: the public product
+        return None
+    return csr_matvecs
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -328,12 +357,15 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
     replicates: dict[str, list[np.ndarray]] = {}
     if resampling is not None:
         # a chunk of counts [units, b] and the dense rows' sums (BLAS: faster with more resamples at once); within
-        # it, the sparse sums [rows, b'] of fewer resamples at a time (their scattered reads stay in cache); the
-        # next part's sums are computed in a thread while the finalizers run on this part's
+        # it, the sparse sums [rows, b'] of fewer resamples at a time (their scattered reads stay in cache). The next
+        # part (its counts, dense sums and sparse sums) is computed in a thread while the finalizers run on this
+        # part's, into the other of two reused buffers; the finalizers' values are copied out of the buffer
         from concurrent.futures import ThreadPoolExecutor
 
         chunk = max(1, min(resampling.n_resamples, CHUNK_CELLS // max(resampling.n_units, 1)))
         part = max(1, min(chunk, SUMS_CELLS // max(m.shape[0], 1)))
+        rows = m.shape[0]
+        buffers = [np.empty(rows * part), np.empty(rows * part)]
 
         def parts():
             for counts in resampling.counts(chunk):
@@ -342,22 +374,30 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
                     yield (np.ascontiguousarray(counts[:, a : a + part]),
                            None if dense is None else dense[:, a : a + part])
 
-        def sums_of(item) -> np.ndarray:
-            sums = m.sparse_product(item[0])
+        items = parts()
+
+        def next_sums(buffer: np.ndarray) -> np.ndarray | None:
+            item = next(items, None)
+            if item is None:
+                return None
+            sums = m.sparse_product(item[0], buffer[: rows * item[0].shape[1]].reshape(rows, item[0].shape[1]),
+                                    pool=blocks)
             if item[1] is not None:
                 sums[m.dense_ids] = item[1]
             return sums
 
-        with ThreadPoolExecutor(1) as ahead:
-            items = parts()
-            pending = ahead.submit(sums_of, next(items))
-            while pending is not None:
+        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, len(m.blocks or ()))) as blocks:
+            turn = 0
+            pending = ahead.submit(next_sums, buffers[turn])
+            while True:
                 sums = pending.result()
-                following = next(items, None)
-                pending = ahead.submit(sums_of, following) if following is not None else None
+                if sums is None:
+                    break
+                turn = 1 - turn
+                pending = ahead.submit(next_sums, buffers[turn])
                 for f in finals:
                     for key, arr in f(sums).items():
-                        replicates.setdefault(key, []).append(np.asarray(arr, dtype=np.float64))
+                        replicates.setdefault(key, []).append(np.array(arr, dtype=np.float64))
     return ScopeResult(point, {k: np.concatenate(v) for k, v in replicates.items()}, resampling)
 
 
