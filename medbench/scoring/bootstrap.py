@@ -110,20 +110,27 @@ class Resampling:
     def rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(self.scope.encode())])
 
-    def counts(self, chunk: int | None = None) -> Iterator[np.ndarray]:
-        """Resample counts per unit, ``[n_units, b]`` float64, in chunks; the stream does not
-        depend on the chunk size."""
+    def counts(self, chunk: int | None = None, *, reuse: bool = False) -> Iterator[np.ndarray]:
+        """Resample counts per unit, ``[n_units, b]`` float64 (C-contiguous), in chunks; the stream does not
+        depend on the chunk size. With ``reuse`` every chunk is written into the same array (valid until the
+        next one is drawn): no fresh pages per chunk, which the kernel must zero first."""
         k = self.n_units
         if chunk is None:
             chunk = max(1, min(self.n_resamples, CHUNK_CELLS // max(k, 1)))
         rng = self.rng()
         done = 0
+        by_resample = by_unit = None
         while done < self.n_resamples:
             b = min(chunk, self.n_resamples - done)
-            draws = rng.integers(0, k, size=(b, k), dtype=np.uint32).astype(np.int64)
-            draws += (np.arange(b, dtype=np.int64) * k)[:, None]
-            counts = np.bincount(draws.ravel(), minlength=b * k).reshape(b, k)
-            yield np.ascontiguousarray(counts.T, dtype=np.float64)
+            draws = rng.integers(0, k, size=(b, k), dtype=np.uint32)
+            if by_resample is None or not reuse:
+                by_resample, by_unit = np.empty((b, k)), np.empty(b * k)
+            rows = by_resample[:b]
+            for j in range(b):  # the units drawn in resample j, counted
+                rows[j] = np.bincount(draws[j], minlength=k)
+            counts = by_unit[: k * b].reshape(k, b)
+            np.copyto(counts, rows.T)
+            yield counts
             done += b
 
     def sample_indices(self, counts_column: np.ndarray) -> np.ndarray:
@@ -175,7 +182,7 @@ class LinearStats:
             self._add_point(np.bincount(row_of[samples], weights=vals, minlength=n_rows)[:n_rows])
             self.n_rows += n_rows
             return first
-        digest = _digest(b"rows", np.int64(n_rows).tobytes(), row_of.tobytes(), vals.tobytes())
+        digest = _digest(b"rows", np.int64(n_rows).tobytes(), row_of, vals)
         if digest in self._shared:  # the same block again (e.g. ECE and MCE bin the same confidences)
             return self._shared[digest]
         self._shared[digest] = first
@@ -196,7 +203,7 @@ class LinearStats:
             return self.add_rows(np.where(mask, 0, -1), 1, values)
         vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
         # identical sums (the same mask and values, e.g. a label's count in several metrics) share one row
-        digest = _digest(b"sum", np.packbits(mask).tobytes(), np.ascontiguousarray(vals[mask]).tobytes())
+        digest = _digest(b"sum", np.packbits(mask), vals[mask])
         if digest in self._shared:
             return self._shared[digest]
         if mask.mean() >= DENSE_MIN_SHARE and (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
@@ -316,11 +323,13 @@ def _csr_matvecs():
     return csr_matvecs
 
 
-def _digest(*parts: bytes) -> bytes:
+def _digest(*parts) -> bytes:
+    """sha256 of byte strings and arrays (read in place, not copied), each prefixed by its length."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
+        view = memoryview(np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part)
+        h.update(view.nbytes.to_bytes(8, "little"))
+        h.update(view.cast("B"))
     return h.digest()
 
 
@@ -368,7 +377,7 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
         buffers = [np.empty(rows * part), np.empty(rows * part)]
 
         def parts():
-            for counts in resampling.counts(chunk):
+            for counts in resampling.counts(chunk, reuse=True):
                 dense = m.dense @ counts if m.dense is not None else None
                 for a in range(0, counts.shape[1], part):
                     yield (np.ascontiguousarray(counts[:, a : a + part]),
