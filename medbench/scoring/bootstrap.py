@@ -162,36 +162,46 @@ class LinearStats:
         self.unit_of = np.arange(n, dtype=np.int64) if unit_of is None else np.asarray(unit_of, dtype=np.int64)
         self.n_units = n if unit_of is None else int(n_units)
         self.n_rows = 0
-        self._rows: list[np.ndarray] = []
+        self._row_counts: list[tuple[int, np.ndarray]] = []  # (first row, entries per row) of each sparse block
         self._cols: list[np.ndarray] = []
         self._vals: list[np.ndarray] = []
         self._shared: dict[bytes, int] = {}  # content digest of a block -> its first row (identical blocks shared)
         self._dense_ids: list[int] = []
-        self._dense_cols: list[np.ndarray] = []
+        self._dense: np.ndarray | None = None  # the dense rows, filled in place (pages touched as rows are added)
         self._point = np.zeros(64)  # the sums with every sample weighted once, rows [0, n_rows) (grown by doubling)
 
     def add_rows(self, row_of: np.ndarray, n_rows: int, values: np.ndarray | float = 1.0) -> int:
         """``n_rows`` new rows; sample ``i`` adds ``values[i]`` to row ``row_of[i]`` (``-1``: to none).
         Returns the index of the first new row."""
-        first = self.n_rows
         row_of = np.asarray(row_of, dtype=np.int64)
         samples = np.flatnonzero(row_of >= 0)
         vals = np.asarray(values, dtype=np.float64)
-        vals = np.full(samples.size, float(vals)) if vals.ndim == 0 else vals[samples]
+        return self.add_rows_at(samples, row_of[samples], n_rows, vals if vals.ndim == 0 else vals[samples])
+
+    def add_rows_at(self, samples: np.ndarray, rows: np.ndarray, n_rows: int, values: np.ndarray | float = 1.0
+                    ) -> int:
+        """:meth:`add_rows` given only the samples that add to a row (ascending sample indices), their rows and
+        values: sample ``samples[j]`` adds ``values[j]`` to row ``rows[j]``. Returns the index of the first new
+        row."""
+        first = self.n_rows
+        samples = np.asarray(samples, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        vals = np.asarray(values, dtype=np.float64)
+        vals = np.full(samples.size, float(vals)) if vals.ndim == 0 else vals
         if self.point_only:
-            self._add_point(np.bincount(row_of[samples], weights=vals, minlength=n_rows)[:n_rows])
+            self._add_point(np.bincount(rows, weights=vals, minlength=n_rows)[:n_rows])
             self.n_rows += n_rows
             return first
-        digest = _digest(b"rows", np.int64(n_rows).tobytes(), row_of, vals)
+        digest = _digest(b"rows", np.int64(n_rows).tobytes(), samples, rows, vals)
         if digest in self._shared:  # the same block again (e.g. ECE and MCE bin the same confidences)
             return self._shared[digest]
         self._shared[digest] = first
-        key = row_of[samples] * self.n_units + self.unit_of[samples]
+        key = rows * self.n_units + self.unit_of[samples]
         uniq, inv = np.unique(key, return_inverse=True)
-        self._rows.append(uniq // self.n_units + first)
+        self._row_counts.append((first, np.bincount(uniq // self.n_units, minlength=n_rows)[:n_rows]))
         self._cols.append(uniq % self.n_units)
         self._vals.append(np.bincount(inv, weights=vals, minlength=uniq.size))
-        self._add_point(np.bincount(row_of[samples], weights=vals, minlength=n_rows)[:n_rows])
+        self._add_point(np.bincount(rows, weights=vals, minlength=n_rows)[:n_rows])
         self.n_rows += n_rows
         return first
 
@@ -207,9 +217,12 @@ class LinearStats:
         if digest in self._shared:
             return self._shared[digest]
         if mask.mean() >= DENSE_MIN_SHARE and (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
-            self._dense_cols.append(np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units))
+            if self._dense is None:  # reserved at the budget; only the rows written are ever touched
+                self._dense = np.empty((max(1, DENSE_CELLS // max(self.n_units, 1)), self.n_units))
+            row_values = self._dense[len(self._dense_ids)]
+            row_values[...] = np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units)
             self._dense_ids.append(self.n_rows)
-            self._add_point(np.array([float(self._dense_cols[-1].sum())]))
+            self._add_point(np.array([float(row_values.sum())]))
             self.n_rows += 1
             row = self.n_rows - 1
         else:
@@ -236,13 +249,22 @@ class LinearStats:
             raise ValueError("point-only statistics keep no matrix")
         import scipy.sparse as sp
 
-        rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)
-        cols = np.concatenate(self._cols) if self._cols else np.zeros(0, np.int64)
-        vals = np.concatenate(self._vals) if self._vals else np.zeros(0)
-        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
+        per_row = np.zeros(self.n_rows, dtype=np.int64)
+        for first, counts in self._row_counts:
+            per_row[first : first + counts.size] = counts
+        nnz = int(per_row.sum())
+        index = np.int32 if max(nnz, self.n_units, self.n_rows) < np.iinfo(np.int32).max else np.int64
+        cols = np.empty(nnz, dtype=index)
+        vals = np.empty(nnz)
+        at = 0
+        for c, v in zip(self._cols, self._vals):  # the blocks in row order (a shared block adds none)
+            cols[at : at + c.size] = c
+            vals[at : at + v.size] = v
+            at += c.size
+        indptr = np.zeros(self.n_rows + 1, dtype=index)
+        np.cumsum(per_row, out=indptr[1:])
         sparse = sp.csr_matrix((vals, cols, indptr), shape=(self.n_rows, self.n_units))
-        dense = np.ascontiguousarray(np.vstack(self._dense_cols)) if self._dense_cols else None
+        dense = self._dense[: len(self._dense_ids)] if self._dense_ids else None
         # row blocks of about equal entries, one per thread (each row is computed as in one product)
         cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], THREADS + 1)[1:-1]) if indptr[-1] else []
         bounds = [0, *sorted({int(c) for c in cuts} - {0, self.n_rows}), self.n_rows]

@@ -72,27 +72,26 @@ def auc_rows(stats: LinearStats, y: np.ndarray, p: np.ndarray, mask: np.ndarray 
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
     if n_pos == 0 or n_neg == 0:
         return lambda sums: np.full(sums.shape[1], np.nan)
-    # the smaller class defines the groups; with negatives as the query class, scores are negated
+    # the smaller class defines the groups; with negatives as the query class, scores are negated. Only the
+    # scored samples (``valid``) are looked at: the rows hold those alone, in sample order
+    idx = np.flatnonzero(valid)
+    yv, sv = y[idx], p[idx]
     if n_pos <= n_neg:
-        query, ref, score = pos, neg, p
+        query, score = yv == 1, sv
     else:
-        query, ref, score = neg, pos, -p
+        query, score = yv == 0, -sv
+    ref = ~query
     groups = np.unique(score[query])
     k = groups.size
-    n = y.shape[0]
-    q_row = np.full(n, -1, np.int64)
-    q_row[query] = np.searchsorted(groups, score[query])
     g = np.searchsorted(groups, score, side="left")
     at = np.minimum(g, k - 1)
     tied = ref & (g < k) & (groups[at] == score)
     before = ref & (g < k) & ~tied
-    b_row = np.where(before, g, -1)
-    t_row = np.where(tied, g, -1)
-    q0 = stats.add_rows(q_row, k)
-    b0 = stats.add_rows(b_row, k)
+    q0 = stats.add_rows_at(idx[query], g[query], k)
+    b0 = stats.add_rows_at(idx[before], g[before], k)
     has_ties = bool(tied.any())
-    t0 = stats.add_rows(t_row, k) if has_ties else -1
-    r_total = stats.add_sum(ref)
+    t0 = stats.add_rows_at(idx[tied], g[tied], k) if has_ties else -1
+    r_total = stats.add_sum(neg if n_pos <= n_neg else pos)
 
     def finalize(sums: np.ndarray) -> np.ndarray:
         q = sums[q0 : q0 + k]
