@@ -250,11 +250,15 @@ def grouping_rows(stats: LinearStats, test: Predictions, grouping: Grouping, sco
     rates: dict[int, dict[str, dict]] = {k: {} for k in decided}  # label -> group -> rate finalizers
     for g in scored:
         mask = grouping.group_of == g
-        scores[g] = {"auc": auc_finalizer(stats, test, mask), "accuracy": accuracy_finalizer(stats, test, mask),
-                     "balanced_accuracy": balanced_accuracy_finalizer(stats, test, mask)}
+        preds, yg, dg = test, y, d
+        if stats.point_only:  # point sums only: over the group's own images, in sample order (the same sums)
+            rows = np.flatnonzero(mask)
+            preds, yg, dg, mask = test.take(rows), y[rows], d[rows], np.ones(rows.size, dtype=bool)
+        scores[g] = {"auc": auc_finalizer(stats, preds, mask), "accuracy": accuracy_finalizer(stats, preds, mask),
+                     "balanced_accuracy": balanced_accuracy_finalizer(stats, preds, mask)}
         for k in decided:
-            if (~np.isnan(y[:, k]) & mask).any():  # groups with labelled images of this label
-                rates[k][g] = _rate_rows(stats, y[:, k], d[:, k], mask)
+            if (~np.isnan(yg[:, k]) & mask).any():  # groups with labelled images of this label
+                rates[k][g] = _rate_rows(stats, yg[:, k], dg[:, k], mask)
     point = stats.point_now()
 
     def ok(value) -> bool:
