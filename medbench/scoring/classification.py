@@ -93,16 +93,22 @@ def auc_rows(stats: LinearStats, y: np.ndarray, p: np.ndarray, mask: np.ndarray 
     t0 = stats.add_rows_at(idx[tied], g[tied], k) if has_ties else -1
     r_total = stats.add_sum(neg if n_pos <= n_neg else pos)
 
+    ones = np.ones(k)
+
+    # Every sum here is a whole number of images (resample counts times 1), and so is every product and partial
+    # sum below (at most n_query * n_ref, exact in float64 up to 2**53): the order of the additions cannot
+    # change a bit, so the numerator is split into two products and the totals taken by a BLAS product.
     def finalize(sums: np.ndarray) -> np.ndarray:
         q = sums[q0 : q0 + k]
         below = sums[b0 : b0 + k]
         if has_ties:
             t = sums[t0 : t0 + k]
-            cum = np.cumsum(below + t, axis=0)
-            num = np.einsum("gb,gb->b", q, cum - 0.5 * t)
+            cum = below + t
+            np.add.accumulate(cum, axis=0, out=cum)
+            num = np.einsum("gb,gb->b", q, cum) - 0.5 * np.einsum("gb,gb->b", q, t)
         else:
             num = np.einsum("gb,gb->b", q, np.cumsum(below, axis=0))
-        return ratio(num, q.sum(0) * sums[r_total])
+        return ratio(num, (ones @ q) * sums[r_total])
 
     return finalize
 
