@@ -237,7 +237,7 @@ ORACLES = {
 class UnitResampling(Resampling):
     """One 'resample' that draws every unit once: the bootstrap form at unit weights."""
 
-    def counts(self, chunk=None):
+    def counts(self, chunk=None, *, reuse=False):
         yield np.ones((self.n_units, 1))
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -184,53 +185,71 @@ def score_run(run: RunDir, overrides: dict | None = None, *, images: dict[str, b
 
     ood_targets: dict[str, tuple] = {}
     ood_metrics = shift_metrics(metrics)
-    for record in config.get("ood_targets", []):
-        name = record["name"]
-        preds = load_predictions(run, f"ood-{name}", required=not record.get("skipped"))
-        if preds is None:
-            continue
-        res = Resampling.of(preds, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope=f"ood:{name}") \
-            if cfg.bootstrap else None
-        point, reps = score_scope(preds, ood_metrics, cfg, res, ("ood", name))
-        out["ood"][name] = _ordered({k[2]: v for k, v in point.items()}, ood_metrics)
-        replicates.update(reps)
-        if res is not None:
-            out["scoring"]["resampling"][f"ood:{name}"] = res.describe()
-        ood_targets[name] = (preds, out["ood"][name], record)
-        out["labels"].setdefault("ood", {})[name] = preds.label_counts()
-        loaded[f"ood-{name}"] = preds
+    # Independent parts run in one side thread while the main thread prepares and scores the test scope: each
+    # OOD target's scope, then the reliability diagram. Every part computes alone what it computes in turn (no
+    # shared state), so the numbers cannot depend on the scheduling; numpy and scipy release the GIL in their
+    # loops, which lets the two cores work at once.
+    side = ThreadPoolExecutor(1)
+    try:
+        pending = []
+        for record in config.get("ood_targets", []):
+            name = record["name"]
+            preds = load_predictions(run, f"ood-{name}", required=not record.get("skipped"))
+            if preds is None:
+                continue
+            res = Resampling.of(preds, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope=f"ood:{name}") \
+                if cfg.bootstrap else None
+            pending.append((name, preds, record, res,
+                            side.submit(score_scope, preds, ood_metrics, cfg, res, ("ood", name))))
+            out["labels"].setdefault("ood", {})[name] = preds.label_counts()
+            loaded[f"ood-{name}"] = preds
 
-    if test is not None:
-        loaded["test"] = test
-        out["labels"]["test"] = test.label_counts()
-        cal_values, builders, calibrated = calibration_axis(test, val, cfg)
-        out["calibration"] = cal_values
-        fair_values, fair_builders = fairness_axis(test, val, attributes, cfg)
-        if fair_values is not None:
-            out["fairness"] = fair_values
-            builders += fair_builders
-        shift_loops: list = []
-        if ood_targets:
-            shift_values, shift_builders, shift_loops = shift_axis(test, ood_targets, ood_metrics, cfg)
-            out["shift"] = shift_values
-            builders += shift_builders
-        res = Resampling.of(test, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope="test") \
-            if cfg.bootstrap else None
-        point, reps = score_scope(test, metrics, cfg, res, ("test",), builders)
-        out["test"] = _ordered({k[1]: v for k, v in point.items() if k[0] == "test"}, metrics)
-        replicates.update(reps)
-        for prefix, id_preds, loops in shift_loops:  # in-distribution side of metrics without a linear form
-            _, lr = loop_values(id_preds, loops, cfg, res)
-            replicates.update({(*prefix, k, "in_distribution"): v for k, v in lr.items()})
-        if res is not None:
-            out["scoring"]["resampling"]["test"] = res.describe()
-        if "shift" in out:
-            replicates.update(drop_replicates(replicates, out["shift"]))
-        png = _reliability(test, calibrated, cfg, config)
-        if png:
-            out["calibration"]["reliability_diagram"] = RELIABILITY
-            if images is not None:
-                images[RELIABILITY] = png
+        def ood_scores() -> None:
+            for name, preds, record, res, scored in pending:
+                point, reps = scored.result()
+                out["ood"][name] = _ordered({k[2]: v for k, v in point.items()}, ood_metrics)
+                replicates.update(reps)
+                if res is not None:
+                    out["scoring"]["resampling"][f"ood:{name}"] = res.describe()
+                ood_targets[name] = (preds, out["ood"][name], record)
+
+        if test is None:
+            ood_scores()
+        else:
+            loaded["test"] = test
+            out["labels"]["test"] = test.label_counts()
+            cal_values, builders, calibrated = calibration_axis(test, val, cfg)
+            out["calibration"] = cal_values
+            png = side.submit(_reliability, test, calibrated, cfg, config)
+            fair_values, fair_builders = fairness_axis(test, val, attributes, cfg)
+            if fair_values is not None:
+                out["fairness"] = fair_values
+                builders += fair_builders
+            ood_scores()
+            shift_loops: list = []
+            if ood_targets:
+                shift_values, shift_builders, shift_loops = shift_axis(test, ood_targets, ood_metrics, cfg)
+                out["shift"] = shift_values
+                builders += shift_builders
+            res = Resampling.of(test, n_resamples=cfg.bootstrap, seed=cfg.bootstrap_seed, scope="test") \
+                if cfg.bootstrap else None
+            point, reps = score_scope(test, metrics, cfg, res, ("test",), builders)
+            out["test"] = _ordered({k[1]: v for k, v in point.items() if k[0] == "test"}, metrics)
+            replicates.update(reps)
+            for prefix, id_preds, loops in shift_loops:  # in-distribution side of metrics without a linear form
+                _, lr = loop_values(id_preds, loops, cfg, res)
+                replicates.update({(*prefix, k, "in_distribution"): v for k, v in lr.items()})
+            if res is not None:
+                out["scoring"]["resampling"]["test"] = res.describe()
+            if "shift" in out:
+                replicates.update(drop_replicates(replicates, out["shift"]))
+            png = png.result()
+            if png:
+                out["calibration"]["reliability_diagram"] = RELIABILITY
+                if images is not None:
+                    images[RELIABILITY] = png
+    finally:
+        side.shutdown(wait=True, cancel_futures=True)
 
     has_history = (run.path / HISTORY).is_file()
     if has_history:
