@@ -212,3 +212,51 @@ def test_identical_blocks_are_shared_and_chunks_and_threads_change_no_bit(monkey
             assert split.replicates[f"ece/l{j}"][b] == pytest.approx(ECE(bins=15).measure(pp, yy), abs=1e-9)
             assert split.replicates[f"mce/l{j}"][b] == pytest.approx(MCE(bins=15).measure(pp, yy), abs=1e-9)
             assert split.replicates[f"brier/l{j}"][b] == pytest.approx(brier_score_loss(yy, p[keep, j]), abs=1e-12)
+
+
+def test_reused_buffers_give_the_exact_auc_of_every_resample(monkeypatch) -> None:
+    """The sums of several resamples at a time go to two reused buffers (and the counts to one reused array):
+    every AUC replicate is then still the correctly rounded Mann-Whitney fraction of its resample, computed here
+    exactly in integers (the AUC's sums are whole numbers, so no order of additions may change a bit), with one
+    thread or two, and the resample counts are the stream drawn from the generator one resample at a time."""
+    from fractions import Fraction
+
+    import medbench.scoring.bootstrap as bs
+
+    rng = np.random.default_rng(11)
+    n, k = 300, 3
+    y = (rng.random((n, k)) < np.array([0.1, 0.4, 0.7])).astype(float)
+    y[rng.random((n, k)) < 0.05] = np.nan
+    p = np.round(rng.random((n, k)), 1)  # many ties
+    preds = _preds(y, p, "multilabel", [f"p{i // 2}" for i in range(n)])
+    res = Resampling.of(preds, n_resamples=25, seed=4, scope="test")
+    draws = res.rng().integers(0, res.n_units, size=(25, res.n_units), dtype=np.uint32)
+    expected = np.stack([np.bincount(d, minlength=res.n_units) for d in draws], axis=1).astype(float)
+    reused = [c.copy() for c in res.counts(chunk=6, reuse=True)]
+    assert np.array_equal(np.hstack(reused), expected) and np.array_equal(np.hstack(list(res.counts())), expected)
+
+    cfg = ScoringSpec()
+    monkeypatch.setattr(bs, "CHUNK_CELLS", 6 * res.n_units)  # chunks of 6 resamples
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(bs, "THREADS", threads)
+        stats_rows = LinearStats(n, res.unit_of, res.n_units)
+        get_metric("auc").builder(preds, cfg)(stats_rows)
+        monkeypatch.setattr(bs, "SUMS_CELLS", 4 * stats_rows.n_rows)  # parts of 4 resamples: 4, 2 in a chunk
+        runs.append(evaluate(n, [get_metric("auc").builder(preds, cfg)], res).replicates)
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert np.array_equal(runs[0][key], runs[1][key], equal_nan=True), key
+    for b in range(25):
+        w = expected[res.unit_of, b].astype(np.int64)  # each image weighted by its patient's count
+        for j in range(k):
+            keep = ~np.isnan(y[:, j])
+            pos, neg = keep & (y[:, j] == 1), keep & (y[:, j] == 0)
+            wp, wn = w[pos], w[neg]
+            above = (p[pos, j][:, None] > p[neg, j][None, :]).astype(np.int64)
+            tied = (p[pos, j][:, None] == p[neg, j][None, :]).astype(np.int64)
+            twice = int(wp @ (2 * above + tied) @ wn)
+            total = 2 * int(wp.sum()) * int(wn.sum())
+            exact = float(Fraction(twice, total)) if total else np.nan
+            got = runs[0][f"auc/l{j}"][b]
+            assert (np.isnan(got) and np.isnan(exact)) or got == exact, (b, j, got, exact)
