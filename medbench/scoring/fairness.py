@@ -373,8 +373,11 @@ def score_grouping(grouping: Grouping, groups: dict[str, dict], point: dict[tupl
 # --------------------------------------------------------------------------- the axis
 
 
-def fairness_axis(test: Predictions, val: Predictions | None, attributes: list[AttributeSpec], config: ScoringSpec):
-    """(values, builders): point values of every grouping and replicate builders of single attributes."""
+def fairness_axis(test: Predictions, val: Predictions | None, attributes: list[AttributeSpec], config: ScoringSpec,
+                  *, defer: bool = False):
+    """(values, builders): point values of every grouping and replicate builders of single attributes. With
+    ``defer`` the values come as a function computing them (``values()``), to be run while the replicates are
+    (the point values of every grouping and intersection are independent of the bootstrap)."""
     if not attributes:
         return None, []
     multiclass = test.task_type == "multiclass"
@@ -409,18 +412,24 @@ def fairness_axis(test: Predictions, val: Predictions | None, attributes: list[A
     }
     tables = {g.name: group_sizes(g, config) for g in gs}
     scored = {name: [g for g, e in t.items() if e["status"] == "ok"] for name, t in tables.items()}
-    decided = [name for k, name in enumerate(test.label_names) if has_decision[k]]
-    every = [_builder(test, g, scored[g.name], d, has_decision) for g in gs if scored[g.name]]
-    point = evaluate(len(test), every, None).point  # the point values: the finalizers at unit weights
-    y = test.y_true()
-    builders = []
-    for g in gs:
-        mine = {k[3:]: v for k, v in point.items() if k[2] == g.name}
-        values["attributes"][g.name] = score_grouping(g, tables[g.name], mine, y, test.label_names, decided,
-                                                      test.task_type)
-        if len(g.attributes) == 1 and scored[g.name]:
-            builders.append(_builder(test, g, scored[g.name], d, has_decision, replicates=True))
-    return values, builders
+    builders = [_builder(test, g, scored[g.name], d, has_decision, replicates=True) for g in gs
+                if len(g.attributes) == 1 and scored[g.name]]
+
+    def point_values() -> dict:
+        """``values`` completed with every grouping's point values (the finalizers at unit weights)."""
+        decided = [name for k, name in enumerate(test.label_names) if has_decision[k]]
+        every = [_builder(test, g, scored[g.name], d, has_decision) for g in gs if scored[g.name]]
+        point = evaluate(len(test), every, None).point
+        y = test.y_true()
+        for g in gs:
+            mine = {k[3:]: v for k, v in point.items() if k[2] == g.name}
+            values["attributes"][g.name] = score_grouping(g, tables[g.name], mine, y, test.label_names, decided,
+                                                          test.task_type)
+        return values
+
+    if not defer:
+        return point_values(), builders
+    return point_values, builders
 
 
 def _builder(test, grouping, scored, d, has_decision, replicates: bool = False):

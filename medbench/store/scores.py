@@ -221,9 +221,10 @@ def score_run(run: RunDir, overrides: dict | None = None, *, images: dict[str, b
             cal_values, builders, calibrated = calibration_axis(test, val, cfg)
             out["calibration"] = cal_values
             png = side.submit(_reliability, test, calibrated, cfg, config)
-            fair_values, fair_builders = fairness_axis(test, val, attributes, cfg)
+            fair_values, fair_builders = fairness_axis(test, val, attributes, cfg, defer=True)
             if fair_values is not None:
-                out["fairness"] = fair_values
+                out["fairness"] = None  # its place among the axes; the point values are computed beside
+                fair_values = side.submit(fair_values)
                 builders += fair_builders
             ood_scores()
             shift_loops: list = []
@@ -243,6 +244,8 @@ def score_run(run: RunDir, overrides: dict | None = None, *, images: dict[str, b
                 out["scoring"]["resampling"]["test"] = res.describe()
             if "shift" in out:
                 replicates.update(drop_replicates(replicates, out["shift"]))
+            if fair_values is not None:
+                out["fairness"] = fair_values.result()
             png = png.result()
             if png:
                 out["calibration"]["reliability_diagram"] = RELIABILITY
