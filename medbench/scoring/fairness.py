@@ -63,7 +63,8 @@ component undefined at the point is left out of both (see
 :mod:`medbench.scoring.bootstrap`). Gaps are absolute (max - min), so their
 intervals sit above 0 by construction; compare the groups' own intervals to
 judge a difference. Intersections are reported with point values only (no
-bootstrap: their groups are small).
+bootstrap: their groups are small). Point values are built over each group's own images (the same sums,
+added in the same sample order, as through a mask over the whole test set).
 
 An attribute with a single observed value (e.g. one site) is reported but
 not crossed with the others (its intersections would repeat their groups).

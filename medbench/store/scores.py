@@ -157,7 +157,9 @@ def score_scope(preds: Predictions, metrics: list[str], cfg: ScoringSpec, resamp
 def score_run(run: RunDir, overrides: dict | None = None, *, images: dict[str, bytes] | None = None
               ) -> tuple[dict, dict[tuple, np.ndarray]]:
     """(metrics.json content, replicates by value path) of ``run``; nothing is written. ``images`` (when
-    given) receives the figures to write: relative path -> PNG bytes."""
+    given) receives the figures to write: relative path -> PNG bytes. The OOD scopes, the reliability diagram
+    and the fairness point values are computed in a side thread beside the test scope (independent parts: the
+    same numbers in any scheduling)."""
     import medbench
     from medbench.scoring.calibration import calibration_axis
     from medbench.scoring.checks import score_warnings
