@@ -399,11 +399,14 @@ def evaluate(n: int, builders: Sequence[Builder], resampling: Resampling | None)
         buffers = [np.empty(rows * part), np.empty(rows * part)]
 
         def parts():
+            part_counts = np.empty(resampling.n_units * part)  # one part's counts, reused (consumed in turn)
             for counts in resampling.counts(chunk, reuse=True):
                 dense = m.dense @ counts if m.dense is not None else None
                 for a in range(0, counts.shape[1], part):
-                    yield (np.ascontiguousarray(counts[:, a : a + part]),
-                           None if dense is None else dense[:, a : a + part])
+                    cols = counts[:, a : a + part]
+                    here = part_counts[: cols.size].reshape(cols.shape)
+                    np.copyto(here, cols)
+                    yield here, None if dense is None else dense[:, a : a + part]
 
         items = parts()
 
