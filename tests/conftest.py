@@ -36,8 +36,9 @@ def _share_the_cores() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = str(max(1, cores // workers))
+    from medbench.utils import usable_cores  # light: no torch, no NumPy
+
+    share = str(max(1, usable_cores() // workers))
     os.environ.setdefault("OMP_NUM_THREADS", share)
     os.environ.setdefault("MEDBENCH_THREADS", share)
 
