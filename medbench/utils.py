@@ -61,6 +61,16 @@ def writer_gone(name: str) -> bool | None:
     return False
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, cgroups, a SLURM allocation), else the machine's
+    count. The one rule for every thread and worker count medbench chooses (torch's threads per rank, the cache
+    build's workers, local jobs sharing a machine, the bootstrap's product)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def safe_name(name: str) -> str:
     """A name as one path component: ``timm/resnet50`` -> ``timm--resnet50``, ``transfusion:1`` -> ``transfusion-1``."""
     return name.replace("/", "--").replace(":", "-")

@@ -25,6 +25,27 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MEDBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker's threads are its share of the cores: torch's and BLAS's in this process
+    (``OMP_NUM_THREADS``, read when torch and NumPy load, hence at import of this file), and every ``medbench``
+    command it starts (``MEDBENCH_THREADS``, the default of ``--threads``), launched ranks included. Two workers
+    each starting a thread per core on 2 cores made every training test several times slower (OpenMP threads
+    spin-wait on a core the other worker holds: the real-data transfusion test took 368 s in the suite and 40-53 s
+    alone; two copies of its command at once took 308 s with 2 threads each, 95 s with one). A variable the user
+    set stands."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    from medbench.utils import usable_cores  # light: no torch, no NumPy
+
+    share = str(max(1, usable_cores() // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", share)
+    os.environ.setdefault("MEDBENCH_THREADS", share)
+
+
+_share_the_cores()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Caches go to a session folder (synthetic data is regenerated once per session);

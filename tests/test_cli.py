@@ -75,6 +75,21 @@ def test_same_command_twice_gives_identical_metrics(tmp_path: Path) -> None:
         ["smoke-covidx"]
 
 
+def test_medbench_threads_is_the_default_of_threads(tmp_path: Path) -> None:
+    """MEDBENCH_THREADS sets torch's threads of a run (the test workers use it to share the cores), --threads
+    overrides it, and a bad value is one line naming the variable."""
+    base = ["run", "--backbone", "cbr-tiny", "--task", "smoke-tb", "--seeds", "1", "--max-steps", "1"]
+    for name, env, extra, expected in (("env", {"MEDBENCH_THREADS": "1"}, [], 1),
+                                       ("flag", {"MEDBENCH_THREADS": "1"}, ["--threads", "2"], 2)):
+        proc = run_cli(*base, *extra, "--out", str(tmp_path / name), env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (result,) = (tmp_path / name / "runs").glob("*/*/*/result.json")
+        assert json.loads(result.read_text())["provenance"]["device"]["torch_threads"] == expected, name
+    proc = run_cli(*base, "--out", str(tmp_path / "bad"), env={"MEDBENCH_THREADS": "0"})
+    assert proc.returncode == 2 and "MEDBENCH_THREADS" in proc.stderr and "--threads" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "bad").exists()
+
+
 def test_real_bit_architecture_runs(tmp_path: Path) -> None:
     proc = run_cli("run", "--backbone", "bit-m-r50x1", "--init", "random", "--task", "smoke-tb", "--max-steps", "2",
                    "--seeds", "1", "--out", str(tmp_path))

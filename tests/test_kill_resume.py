@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 from tiny_tasks import RUNS, STEPS_PER_RUN, write_tiny_tasks
 
 
@@ -74,8 +74,8 @@ def start_suite(args: list[str]) -> subprocess.Popen:
 
 
 def run_suite(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medbench.cli", *args], capture_output=True, text=True,
-                          env=suite_env(), cwd=REPO, timeout=600)
+    """The suite to its end: a command of its own (conftest.run_cli), as the killed ones are."""
+    return run_cli(*args, cwd=REPO, timeout=600)
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 240) -> bool:

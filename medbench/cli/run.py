@@ -49,7 +49,7 @@ def run(
     zero_stage: int = typer.Option(0, "--zero-stage", min=0, max=2, help="DeepSpeed ZeRO stage."),
     precision: Optional[PrecisionChoice] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (CUDA). Default: bf16 autocast (fp32 BatchNorm) on GPUs that support it, else fp32; always fp32 on CPU."),
     micro_batch: Optional[str] = typer.Option(None, "--micro-batch", help="Per-device micro-batch N (gradient accumulation keeps the batch) or 'auto': the largest that fits the device, confirmed by a trial step, halved on an out-of-memory error. Default: auto on GPUs, the whole batch on CPU."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: this process's share of the cores: launched ranks of a node split them)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, envvar="MEDBENCH_THREADS", show_envvar=True, help="CPU threads for torch (default: this process's share of the cores: launched ranks of a node split them; set MEDBENCH_THREADS when several processes share a machine)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network (docs/performance.md)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Channels-last memory layout (default: on GPUs)."),
     assume_memory: float = typer.Option(80.0, "--assume-memory", min=0.001, max=1e9, callback=finite, help="GB free per device for --dry-run's --micro-batch auto (default 80)."),

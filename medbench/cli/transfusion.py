@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,7 +30,7 @@ def transfusion(
     tasks_dir: Optional[List[Path]] = TASKS_DIR_OPT,
     engine: EngineChoice = typer.Option(EngineChoice.deepspeed, "--engine", help="deepspeed, or plain torch (explicit only)."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, max=MAX_BATCH, help="Per-device micro-batch (gradient accumulation)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, envvar="MEDBENCH_THREADS", show_envvar=True, help="CPU threads for torch (default: this process's share of the cores, as for run)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed run."),
     allow_outside_data_root: bool = ALLOW_OUTSIDE_OPT,
 ) -> None:
@@ -73,7 +72,9 @@ def _transfusion(*, tasks, backbones, inits, weights, freeze, similarity, seeds,
         catalog.task(t)
     bbs = split_list(backbones, DEFAULT_BACKBONES, "backbones")
     locations = DataLocations.from_cli(data_root, data, allow_outside_root=allow_outside_data_root)
-    configure_torch(threads or os.cpu_count())
+    from medbench.train.distributed import cores_per_rank
+
+    configure_torch(threads or cores_per_rank())
     check_writable(out)
     failed = []
     with progress_reporter() as reporter:

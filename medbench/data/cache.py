@@ -48,6 +48,7 @@ from medbench.utils import (
     atomic_write_json,
     atomic_write_text,
     sha256_json,
+    usable_cores,
     writer_gone,
     writer_tag,
 )
@@ -172,14 +173,6 @@ def cache_key(index: DatasetIndex, size: int, channels: int, *, source: dict | N
     paths = row_paths(index) if paths is None else paths
     rows = hashlib.sha256(json.dumps(paths if stamps is None else [paths, stamps]).encode()).hexdigest()
     return sha256_json({"family": _family(source, size, channels), "rows": rows, "n": len(paths)})[:24]
-
-
-def _cores() -> int:
-    """Cores this process may run on (CPU affinity: taskset, cgroups, a SLURM allocation)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def is_grey(img: np.ndarray) -> bool:
@@ -337,7 +330,7 @@ def _build(index: DatasetIndex, size: int, channels: int, *, on_bad_image: str, 
     tmp_path = folder / f"{key}.u8.{uuid.uuid4().hex}.{writer_tag()}.partial"
     _allocate(tmp_path, int(np.prod(shape)))
     # in-memory pixels are resized in this process: worker processes would each receive a pickled copy
-    workers = 1 if index.pixels is not None else (workers or _cores())
+    workers = 1 if index.pixels is not None else (workers or usable_cores())
     chunk = max(8, min(256, n // (workers * 16) if n else 8))  # small chunks: even load, frequent progress
     jobs = [(str(tmp_path), shape, s, min(n, s + chunk), size, grey_only) for s in range(0, n, chunk)]
     bad: list[dict] = []

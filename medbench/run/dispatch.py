@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from medbench.errors import UsageError
-from medbench.utils import atomic_write_json, sha256_json
+from medbench.utils import atomic_write_json, sha256_json, usable_cores
 
 LAUNCHERS = ("inline", "local", "slurm")
 JOBS = "jobs"
@@ -252,7 +252,7 @@ def dispatch(requests: list, *, launcher: str, out: Path, tasks_dir: list[Path],
         preflight()
     slots = _gpu_slots(executor) if launcher == "local" else None
     if launcher == "local":
-        max_concurrent, threads = local_sharing(max_concurrent, threads, slots, len(requests), os.cpu_count() or 1)
+        max_concurrent, threads = local_sharing(max_concurrent, threads, slots, len(requests), usable_cores())
     specs = [JobSpec(request=r, name=job_name(r), out=Path(out), tasks_dir=list(tasks_dir), locations=locations,
                      checkpoints=checkpoints, threads=threads, execution=execution) for r in requests]
     records: dict[str, dict] = {}

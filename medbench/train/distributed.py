@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from medbench.utils import usable_cores
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -114,10 +116,7 @@ def cores_per_rank() -> int:
     with the other ranks of its node (LOCAL_WORLD_SIZE from torchrun and medbench's SLURM jobs, LOCAL_SIZE from
     the deepspeed launcher); under SLURM at most ``SLURM_CPUS_PER_TASK``. Sets torch's threads (``--threads``
     overrides) and the input path's workers, so launched ranks do not each start a thread per core of the node."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
+    allowed = usable_cores()
     per_task = os.environ.get("SLURM_CPUS_PER_TASK")
     if per_task and per_task.isdigit():
         return max(1, min(allowed, int(per_task)))
