@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -55,6 +54,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from medbench.predictions import Predictions
+from medbench.utils import usable_cores
 
 #: a finalizer turns linear sums ``[rows, b]`` into named replicate arrays ``[b]``
 Finalizer = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -64,8 +64,7 @@ CHUNK_CELLS = 8_000_000
 #: take 8 resamples at a time: the sparse product reads scattered rows of the counts, which stay in cache)
 SUMS_CELLS = 8_000_000
 #: the sparse product is split into row blocks computed by this many threads (scipy releases the GIL)
-THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
-                     8))
+THREADS = max(1, min(usable_cores(), 8))
 #: a sum over at least this share of the samples is a dense row (BLAS) ...
 DENSE_MIN_SHARE = 0.2
 #: ... while the dense rows hold at most this many cells (~256 MB)
