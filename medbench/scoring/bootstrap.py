@@ -208,24 +208,27 @@ class LinearStats:
         """One row: the weighted sum of ``values`` over the samples where ``mask`` holds. Rows over
         many samples are kept dense (a BLAS product), within a memory budget."""
         mask = np.asarray(mask, dtype=bool)
+        samples = np.flatnonzero(mask)
+        given = np.asarray(values, dtype=np.float64)
+        vals = np.full(samples.size, float(given)) if given.ndim == 0 else np.broadcast_to(given, mask.shape)[samples]
         if self.point_only:
-            return self.add_rows(np.where(mask, 0, -1), 1, values)
-        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), mask.shape)
+            return self.add_rows_at(samples, np.zeros(samples.size, dtype=np.int64), 1, vals)
         # identical sums (the same mask and values, e.g. a label's count in several metrics) share one row
-        digest = _digest(b"sum", np.packbits(mask), vals[mask])
+        digest = _digest(b"sum", np.packbits(mask), vals)
         if digest in self._shared:
             return self._shared[digest]
-        if mask.mean() >= DENSE_MIN_SHARE and (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
+        if samples.size / max(mask.size, 1) >= DENSE_MIN_SHARE and \
+                (len(self._dense_ids) + 1) * self.n_units <= DENSE_CELLS:
             if self._dense is None:  # reserved at the budget; only the rows written are ever touched
                 self._dense = np.empty((max(1, DENSE_CELLS // max(self.n_units, 1)), self.n_units))
             row_values = self._dense[len(self._dense_ids)]
-            row_values[...] = np.bincount(self.unit_of[mask], weights=vals[mask], minlength=self.n_units)
+            row_values[...] = np.bincount(self.unit_of[samples], weights=vals, minlength=self.n_units)
             self._dense_ids.append(self.n_rows)
             self._add_point(np.array([float(row_values.sum())]))
             self.n_rows += 1
             row = self.n_rows - 1
         else:
-            row = self.add_rows(np.where(mask, 0, -1), 1, values)
+            row = self.add_rows_at(samples, np.zeros(samples.size, dtype=np.int64), 1, vals)
         self._shared[digest] = row
         return row
 
