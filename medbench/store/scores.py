@@ -188,7 +188,7 @@ def score_run(run: RunDir, overrides: dict | None = None, *, images: dict[str, b
     ood_targets: dict[str, tuple] = {}
     ood_metrics = shift_metrics(metrics)
     # Independent parts run in one side thread while the main thread prepares and scores the test scope: each
-    # OOD target's scope, then the reliability diagram. Every part computes alone what it computes in turn (no
+    # OOD target's scope, the reliability diagram, the fairness point values. Every part computes alone what it computes in turn (no
     # shared state), so the numbers cannot depend on the scheduling; numpy and scipy release the GIL in their
     # loops, which lets the two cores work at once.
     side = ThreadPoolExecutor(1)
