@@ -73,7 +73,8 @@ def test_build_cache_once(benchmark, dataset: DatasetIndex, tmp_path_factory: py
         return build_cache(dataset, SIZE, CHANNELS, root=tmp_path_factory.mktemp("cache-build"), workers=1)
 
     images = benchmark.pedantic(build, rounds=2, iterations=1)
-    assert images.pixels.shape == (N_IMAGES, CHANNELS, SIZE, SIZE) and images.ok.all()
+    # grey radiographs are cached with one channel for a 3-channel network (issue 19: a third of the bytes)
+    assert images.pixels.shape == (N_IMAGES, 1, SIZE, SIZE) and images.ok.all()
 
 
 def decoding_epoch(dataset: DatasetIndex) -> int:
