@@ -45,6 +45,7 @@ docs/metrics.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import zlib
@@ -316,13 +317,11 @@ class SumsOperator:
             out = np.empty((self.shape[0], counts.shape[1]))
         if not self.blocks:
             self._rows_product(0, self.shape[0], counts, out)
-        elif pool is not None:
-            list(pool.map(lambda ab: self._rows_product(*ab, counts, out), self.blocks))
-        else:
-            from concurrent.futures import ThreadPoolExecutor
+            return out
+        from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(len(self.blocks)) as own:
-                list(own.map(lambda ab: self._rows_product(*ab, counts, out), self.blocks))
+        with contextlib.nullcontext(pool) if pool is not None else ThreadPoolExecutor(len(self.blocks)) as runner:
+            list(runner.map(lambda ab: self._rows_product(*ab, counts, out), self.blocks))
         return out
 
     def _rows_product(self, a: int, b: int, counts: np.ndarray, out: np.ndarray) -> None:
